@@ -1,0 +1,704 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""gmem-emu's core: typed views over the shared-memory tables and the fast path.
+
+The layout is defined once, in layout.h.  The supervisor uses the write-side
+accessors; workers use only the fast path (access/access_batch), their own
+mailbox and signal plumbing.  No policy lives here.
+"""
+from libc.stdint cimport uint8_t, uint32_t, int32_t, uint64_t, int64_t
+from libc.string cimport memset, memcpy
+from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from cpython.exc cimport PyErr_CheckSignals
+
+cdef extern from "layout.h":
+    uint64_t EMU_MAGIC
+    int EMU_VERSION, EMU_PAGE_SHIFT, EMU_PAGE_SIZE, EMU_PTRS, EMU_MB_RING, EMU_COMM_LEN
+    uint64_t EMU_PTE_PRESENT, EMU_PTE_RW, EMU_PTE_USER, EMU_PTE_ACCESSED, EMU_PTE_DIRTY
+    uint64_t EMU_PTE_PSE, EMU_PTE_PFN_MASK, EMU_PTE_HWPOISON
+    int EMU_TASK_FREE, EMU_TASK_ALIVE, EMU_TASK_DEAD
+    ctypedef struct emu_frame:
+        uint64_t flags
+        int32_t refcount
+        int32_t mapcount
+        uint64_t head
+        uint32_t order
+        uint32_t mapping
+        uint64_t index
+        uint64_t private_
+    ctypedef struct emu_siginfo:
+        int32_t signo, code, errno_, pid
+        uint64_t addr
+        int32_t addr_lsb
+        uint64_t seq, ts_ns
+    ctypedef struct emu_task:
+        int32_t tid, tgid, state, mm
+        uint32_t mce_flags
+        int32_t exit_sig, group_exit_sig
+        uint64_t rcu_epoch
+        uint32_t mb_head, mb_tail
+        uint64_t handled_ns, handled_count
+        char comm[16]
+        emu_siginfo mb[16]
+    ctypedef struct emu_mm:
+        uint64_t pgd
+        int32_t users, state
+    ctypedef struct emu_event:
+        uint64_t seq, ts_ns
+        int32_t type, tid
+        uint64_t a, b, c
+    ctypedef struct emu_header:
+        uint64_t magic, version, core_size, phys_size
+        uint64_t nframes, ntasks, nmms, npt, nevents
+        uint64_t off_frames, off_hwerr, off_tasks, off_mms, off_pt, off_events
+        uint64_t epoch
+        int64_t supervisor_pid
+        uint64_t event_head
+        uint64_t shutdown
+
+cdef extern from "fastpath.h":
+    int EMU_ACC_OK, EMU_ACC_FAULT, EMU_ACC_MCE, EMU_ACC_BADPFN
+    ctypedef struct emu_ctx:
+        emu_header *hdr
+        emu_frame *frames
+        uint8_t *hwerr
+        emu_task *tasks
+        emu_mm *mms
+        uint64_t *pt
+        emu_event *events
+        uint8_t *phys
+        uint64_t nframes, npt, ntasks
+    uint64_t *emu_walk(const emu_ctx *c, uint64_t pgd, uint64_t va, int *level) nogil
+    uint64_t emu_now_ns() nogil
+    size_t emu_access(emu_ctx *c, emu_task *t, uint64_t pgd, uint64_t va, uint8_t *buf,
+                      size_t n, int write, int *status, uint64_t *xva, uint64_t *xpfn) nogil
+    size_t emu_access_batch(emu_ctx *c, emu_task *t, uint64_t pgd, const uint64_t *addrs,
+                            size_t start, size_t m, size_t size, uint8_t *buf, int write,
+                            int *status, uint64_t *xva, uint64_t *xpfn, size_t *partial) nogil
+    size_t emu_plain_c_loop(const emu_ctx *c, uint64_t pgd, const uint64_t *addrs, size_t m,
+                            size_t size, uint8_t *buf) nogil
+
+cdef extern from "sigrec.h":
+    emu_task *emu_self_task
+    int emu_supervisor_pid
+    int emu_lpop(emu_siginfo *out)
+    int emu_mb_drain()
+    int emu_install_sigbus()
+    int emu_install_group_exit(int sig)
+    int emu_raise_self(int signo, int code, uint64_t addr, int lsb)
+    int emu_tgkill(int tgid, int tid, int sig)
+
+# ---- small atomic helpers ----
+cdef extern from *:
+    """
+    static inline uint64_t emu_ld64(uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+    static inline void emu_st64(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+    static inline uint64_t emu_xchg64(uint64_t *p, uint64_t v) { return __atomic_exchange_n(p, v, __ATOMIC_ACQ_REL); }
+    static inline uint64_t emu_and64(uint64_t *p, uint64_t v) { return __atomic_fetch_and(p, v, __ATOMIC_ACQ_REL); }
+    static inline uint32_t emu_ld32(uint32_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+    static inline void emu_st32(uint32_t *p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+    static inline void emu_sti32(int32_t *p, int32_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+    static inline void emu_st8(uint8_t *p, uint8_t v) { __atomic_store_n(p, v, __ATOMIC_SEQ_CST); }
+    static inline uint64_t emu_ld_epoch(emu_header *h) { return __atomic_load_n(&h->epoch, __ATOMIC_SEQ_CST); }
+    static inline void emu_st_epoch(emu_header *h, uint64_t v) { __atomic_store_n(&h->epoch, v, __ATOMIC_SEQ_CST); }
+    static inline uint64_t emu_ld_task_epoch(emu_task *t) { return __atomic_load_n(&t->rcu_epoch, __ATOMIC_SEQ_CST); }
+    """
+    uint64_t emu_ld64(uint64_t *p) nogil
+    void emu_st64(uint64_t *p, uint64_t v) nogil
+    uint64_t emu_xchg64(uint64_t *p, uint64_t v) nogil
+    uint64_t emu_and64(uint64_t *p, uint64_t v) nogil
+    uint32_t emu_ld32(uint32_t *p) nogil
+    void emu_st32(uint32_t *p, uint32_t v) nogil
+    void emu_sti32(int32_t *p, int32_t v) nogil
+    void emu_st8(uint8_t *p, uint8_t v) nogil
+    uint64_t emu_ld_epoch(emu_header *h) nogil
+    void emu_st_epoch(emu_header *h, uint64_t v) nogil
+    uint64_t emu_ld_task_epoch(emu_task *t) nogil
+
+
+# ---- constants exported to Python (the layout's one definition is layout.h) ----
+PAGE_SHIFT = EMU_PAGE_SHIFT
+PAGE_SIZE = EMU_PAGE_SIZE
+PTRS_PER_TABLE = EMU_PTRS
+MB_RING = EMU_MB_RING
+PTE_PRESENT = EMU_PTE_PRESENT
+PTE_RW = EMU_PTE_RW
+PTE_USER = EMU_PTE_USER
+PTE_ACCESSED = EMU_PTE_ACCESSED
+PTE_DIRTY = EMU_PTE_DIRTY
+PTE_PSE = EMU_PTE_PSE
+PTE_PFN_MASK = EMU_PTE_PFN_MASK
+PTE_HWPOISON = EMU_PTE_HWPOISON
+TASK_FREE = EMU_TASK_FREE
+TASK_ALIVE = EMU_TASK_ALIVE
+TASK_DEAD = EMU_TASK_DEAD
+ACC_OK = EMU_ACC_OK
+ACC_FAULT = EMU_ACC_FAULT
+ACC_MCE = EMU_ACC_MCE
+ACC_BADPFN = EMU_ACC_BADPFN
+
+cdef inline uint64_t _align(uint64_t x, uint64_t a):
+    return (x + a - 1) & ~(a - 1)
+
+
+def layout(uint64_t nframes, uint64_t ntasks, uint64_t nmms, uint64_t npt, uint64_t nevents):
+    """Offsets and sizes of the core segment: the one computation of the layout."""
+    cdef uint64_t off = _align(sizeof(emu_header), 4096)
+    d = {"off_frames": off}
+    off = _align(off + nframes * sizeof(emu_frame), 4096)
+    d["off_hwerr"] = off
+    off = _align(off + nframes, 4096)
+    d["off_tasks"] = off
+    off = _align(off + ntasks * sizeof(emu_task), 4096)
+    d["off_mms"] = off
+    off = _align(off + nmms * sizeof(emu_mm), 4096)
+    d["off_pt"] = off
+    off = _align(off + npt * EMU_PTRS * 8, 4096)
+    d["off_events"] = off
+    off = _align(off + nevents * sizeof(emu_event), 4096)
+    d["core_size"] = off
+    d["phys_size"] = nframes * EMU_PAGE_SIZE
+    d["sizeof_frame"] = sizeof(emu_frame)
+    d["sizeof_task"] = sizeof(emu_task)
+    d["sizeof_mm"] = sizeof(emu_mm)
+    d["sizeof_event"] = sizeof(emu_event)
+    d["sizeof_siginfo"] = sizeof(emu_siginfo)
+    d["off_task_rcu_epoch"] = <size_t>&(<emu_task *>0).rcu_epoch
+    d["off_mm_pgd"] = <size_t>&(<emu_mm *>0).pgd
+    return d
+
+
+cdef class Core:
+    """Both segments mapped MAP_SHARED into this process."""
+    cdef emu_ctx c
+    cdef uint8_t *core_base
+    cdef uint8_t *phys_base
+    cdef readonly size_t core_size, phys_size
+    cdef readonly bint owner
+    cdef object _pt_free        # supervisor only: free page-table pages
+    cdef uint64_t _pt_next
+
+    def __cinit__(self, int core_fd, size_t core_size, int phys_fd, size_t phys_size):
+        cdef void *p
+        self.core_base = NULL
+        self.phys_base = NULL
+        p = mmap(NULL, core_size, PROT_READ | PROT_WRITE, MAP_SHARED, core_fd, 0)
+        if p == MAP_FAILED:
+            raise OSError("mmap of the core segment failed")
+        self.core_base = <uint8_t *>p
+        self.core_size = core_size
+        p = mmap(NULL, phys_size, PROT_READ | PROT_WRITE, MAP_SHARED, phys_fd, 0)
+        if p == MAP_FAILED:
+            munmap(self.core_base, core_size)
+            self.core_base = NULL
+            raise OSError("mmap of the phys segment failed")
+        self.phys_base = <uint8_t *>p
+        self.phys_size = phys_size
+        self._pt_free = []
+        self._pt_next = 1
+
+    def __dealloc__(self):
+        if self.core_base != NULL:
+            munmap(self.core_base, self.core_size)
+        if self.phys_base != NULL:
+            munmap(self.phys_base, self.phys_size)
+
+    cdef void _bind(self):
+        cdef emu_header *h = <emu_header *>self.core_base
+        self.c.hdr = h
+        self.c.frames = <emu_frame *>(self.core_base + h.off_frames)
+        self.c.hwerr = self.core_base + h.off_hwerr
+        self.c.tasks = <emu_task *>(self.core_base + h.off_tasks)
+        self.c.mms = <emu_mm *>(self.core_base + h.off_mms)
+        self.c.pt = <uint64_t *>(self.core_base + h.off_pt)
+        self.c.events = <emu_event *>(self.core_base + h.off_events)
+        self.c.phys = self.phys_base
+        self.c.nframes = h.nframes
+        self.c.npt = h.npt
+        self.c.ntasks = h.ntasks
+
+    def format(self, uint64_t nframes, uint64_t ntasks, uint64_t nmms, uint64_t npt,
+               uint64_t nevents, int64_t supervisor_pid):
+        """Supervisor: write the header of a fresh core segment."""
+        cdef emu_header *h = <emu_header *>self.core_base
+        d = layout(nframes, ntasks, nmms, npt, nevents)
+        if d["core_size"] > self.core_size or d["phys_size"] > self.phys_size:
+            raise ValueError("segments too small for the layout")
+        memset(h, 0, sizeof(emu_header))
+        h.version = EMU_VERSION
+        h.core_size = d["core_size"]
+        h.phys_size = d["phys_size"]
+        h.nframes, h.ntasks, h.nmms, h.npt, h.nevents = nframes, ntasks, nmms, npt, nevents
+        h.off_frames, h.off_hwerr, h.off_tasks = d["off_frames"], d["off_hwerr"], d["off_tasks"]
+        h.off_mms, h.off_pt, h.off_events = d["off_mms"], d["off_pt"], d["off_events"]
+        h.epoch = 1
+        h.supervisor_pid = supervisor_pid
+        h.magic = EMU_MAGIC
+        self._bind()
+        self.owner = True
+
+    def attach(self):
+        """Worker: bind to a segment the supervisor formatted."""
+        cdef emu_header *h = <emu_header *>self.core_base
+        if h.magic != EMU_MAGIC or h.version != EMU_VERSION:
+            raise OSError("not a gmem-emu core segment")
+        self._bind()
+
+    # ------------------------------------------------------------ header
+    @property
+    def nframes(self):
+        return self.c.nframes
+
+    @property
+    def ntasks(self):
+        return self.c.ntasks
+
+    @property
+    def nmms(self):
+        return self.c.hdr.nmms
+
+    @property
+    def npt(self):
+        return self.c.npt
+
+    @property
+    def supervisor_pid(self):
+        return self.c.hdr.supervisor_pid
+
+    @property
+    def epoch(self):
+        return emu_ld_epoch(self.c.hdr)
+
+    @property
+    def shutdown(self):
+        return self.c.hdr.shutdown
+
+    def set_shutdown(self):
+        """Supervisor: mark an orderly exit, so workers' watchdogs let their process live."""
+        self.c.hdr.shutdown = 1
+
+    def epoch_bump(self):
+        """Supervisor: close a grace period; returns the epoch that was current."""
+        cdef uint64_t e = self.c.hdr.epoch
+        emu_st_epoch(self.c.hdr, e + 1)
+        return e
+
+    def quiescent_since(self, uint64_t epoch):
+        """True when no task is still inside a read section begun at or before `epoch`."""
+        cdef uint64_t i, e
+        for i in range(self.c.ntasks):
+            e = emu_ld_task_epoch(&self.c.tasks[i])
+            if e != 0 and e <= epoch:
+                return False
+        return True
+
+    # ------------------------------------------------------------ frames
+    def frame(self, uint64_t pfn):
+        cdef emu_frame *f = &self.c.frames[pfn]
+        return (f.flags, f.refcount, f.mapcount, f.head, f.order, f.mapping, f.index, f.private_)
+
+    def flags(self, uint64_t pfn):
+        return self.c.frames[pfn].flags
+
+    def set_flags(self, uint64_t pfn, uint64_t flags):
+        self.c.frames[pfn].flags = flags
+
+    def test_set_flag(self, uint64_t pfn, uint64_t bit):
+        cdef uint64_t old = self.c.frames[pfn].flags
+        self.c.frames[pfn].flags = old | bit
+        return (old & bit) != 0
+
+    def test_clear_flag(self, uint64_t pfn, uint64_t bit):
+        cdef uint64_t old = self.c.frames[pfn].flags
+        self.c.frames[pfn].flags = old & ~bit
+        return (old & bit) != 0
+
+    def refcount(self, uint64_t pfn):
+        return self.c.frames[pfn].refcount
+
+    def ref_add(self, uint64_t pfn, int d):
+        self.c.frames[pfn].refcount += d
+        return self.c.frames[pfn].refcount
+
+    def mapcount(self, uint64_t pfn):
+        return self.c.frames[pfn].mapcount
+
+    def map_add(self, uint64_t pfn, int d):
+        self.c.frames[pfn].mapcount += d
+        return self.c.frames[pfn].mapcount
+
+    def head(self, uint64_t pfn):
+        return self.c.frames[pfn].head
+
+    def order(self, uint64_t pfn):
+        return self.c.frames[pfn].order
+
+    def mapping(self, uint64_t pfn):
+        return self.c.frames[pfn].mapping
+
+    def index(self, uint64_t pfn):
+        return self.c.frames[pfn].index
+
+    def set_private(self, uint64_t pfn, uint64_t v):
+        self.c.frames[pfn].private_ = v
+
+    def set_folio(self, uint64_t head, uint32_t order, uint64_t flags, int refcount,
+                  uint32_t mapping, uint64_t index):
+        """Make [head, head + 2**order) one folio; tail frames point at the head."""
+        cdef uint64_t i, n = 1ULL << order
+        cdef emu_frame *f
+        for i in range(n):
+            f = &self.c.frames[head + i]
+            f.head = head
+            f.order = order if i == 0 else 0
+            f.mapping = mapping
+            f.index = index + i
+            f.mapcount = 0
+            f.private_ = 0
+            if i == 0:
+                f.flags = flags
+                f.refcount = refcount
+            else:
+                f.flags = flags & 0  # tail pages carry no folio flags
+                f.refcount = 0
+
+    def set_mapping(self, uint64_t head, uint32_t mapping, uint64_t index):
+        cdef uint64_t i, n = 1ULL << self.c.frames[head].order
+        for i in range(n):
+            self.c.frames[head + i].mapping = mapping
+            self.c.frames[head + i].index = index + i
+
+    def hwerr(self, uint64_t pfn):
+        return self.c.hwerr[pfn]
+
+    def set_hwerr(self, uint64_t pfn, uint8_t v):
+        emu_st8(&self.c.hwerr[pfn], v)
+
+    # ------------------------------------------------------------ physmem
+    def phys_read(self, uint64_t pfn, size_t off, size_t n):
+        return PyBytes_FromStringAndSize(<char *>self.phys_base + (pfn << EMU_PAGE_SHIFT) + off, n)
+
+    def phys_write(self, uint64_t pfn, size_t off, const uint8_t[::1] data):
+        if data.shape[0]:
+            memcpy(self.phys_base + (pfn << EMU_PAGE_SHIFT) + off, &data[0], data.shape[0])
+
+    def phys_zero(self, uint64_t pfn, uint64_t npages=1):
+        memset(self.phys_base + (pfn << EMU_PAGE_SHIFT), 0, npages << EMU_PAGE_SHIFT)
+
+    def phys_copy(self, uint64_t dst, uint64_t src, uint64_t npages=1):
+        memcpy(self.phys_base + (dst << EMU_PAGE_SHIFT), self.phys_base + (src << EMU_PAGE_SHIFT),
+               npages << EMU_PAGE_SHIFT)
+
+    # ------------------------------------------------------------ page tables
+    def pt_alloc(self):
+        """Supervisor: a zeroed page-table page (index into the pool)."""
+        cdef uint64_t idx
+        if self._pt_free:
+            idx = self._pt_free.pop()
+        else:
+            if self._pt_next >= self.c.npt:
+                raise MemoryError("page-table pool exhausted")
+            idx = self._pt_next
+            self._pt_next += 1
+        memset(self.c.pt + idx * EMU_PTRS, 0, EMU_PTRS * 8)
+        return idx
+
+    def pt_release(self, idxs):
+        """Supervisor: return page-table pages whose grace period has ended."""
+        self._pt_free.extend(idxs)
+
+    @property
+    def pt_used(self):
+        return self._pt_next - 1 - len(self._pt_free)
+
+    def walk(self, uint64_t pgd, uint64_t va):
+        """(entry, level) of the entry that decides va; level 1=PTE, 2=PMD, 3=PUD, 4=PGD."""
+        cdef int level = 0
+        cdef uint64_t *slot = emu_walk(&self.c, pgd, va, &level)
+        if slot == NULL:
+            return (0, 0)
+        return (emu_ld64(slot), level)
+
+    cdef uint64_t *_slot(self, uint64_t pgd, uint64_t va, int level, bint alloc) except? NULL:
+        cdef uint64_t *tbl = self.c.pt + pgd * EMU_PTRS
+        cdef uint64_t *slot
+        cdef uint64_t e, idx
+        cdef int lvl, shift = 39
+        for lvl in range(4, level - 1, -1):
+            slot = tbl + ((va >> shift) & (EMU_PTRS - 1))
+            if lvl == level:
+                return slot
+            e = slot[0]
+            if not (e & EMU_PTE_PRESENT):
+                if not alloc:
+                    return NULL
+                idx = self.pt_alloc()
+                emu_st64(slot, (idx << EMU_PAGE_SHIFT) | EMU_PTE_PRESENT | EMU_PTE_RW | EMU_PTE_USER)
+                e = slot[0]
+            elif e & EMU_PTE_PSE:
+                raise ValueError("a huge leaf is in the way")
+            tbl = self.c.pt + ((e & EMU_PTE_PFN_MASK) >> EMU_PAGE_SHIFT) * EMU_PTRS
+            shift -= 9
+        return NULL
+
+    def pte_set(self, uint64_t pgd, uint64_t va, uint64_t entry, int level=1):
+        """Supervisor: install a leaf (or hwpoison) entry at `level`, allocating tables."""
+        cdef uint64_t *slot = self._slot(pgd, va, level, True)
+        emu_st64(slot, entry)
+
+    def pte_get(self, uint64_t pgd, uint64_t va, int level=1):
+        cdef uint64_t *slot = self._slot(pgd, va, level, False)
+        return 0 if slot == NULL else emu_ld64(slot)
+
+    def pte_xchg(self, uint64_t pgd, uint64_t va, uint64_t entry, int level=1):
+        """Supervisor: ptep_get_and_clear-style exchange; returns the old entry with
+        the final A/D bits the CPUs set."""
+        cdef uint64_t *slot = self._slot(pgd, va, level, entry != 0)
+        if slot == NULL:
+            return 0
+        return emu_xchg64(slot, entry)
+
+    def pte_clear_ad(self, uint64_t pgd, uint64_t va, uint64_t bits, int level=1):
+        """Supervisor: atomically clear A/D bits (folio_mkclean); returns the old entry."""
+        cdef uint64_t *slot = self._slot(pgd, va, level, False)
+        if slot == NULL:
+            return 0
+        return emu_and64(slot, ~bits)
+
+    def pt_scan(self, uint64_t pgd, uint64_t start, uint64_t end):
+        """Supervisor: list of (va, entry, level) for every non-zero leaf in [start, end)."""
+        out = []
+        cdef uint64_t va = start, e, step
+        cdef int level
+        cdef uint64_t *slot
+        while va < end:
+            slot = emu_walk(&self.c, pgd, va, &level)
+            step = 1ULL << (12 + 9 * (level - 1))
+            if slot != NULL:
+                e = emu_ld64(slot)
+                if e != 0 and (level == 1 or (e & EMU_PTE_PSE) or (e & EMU_PTE_HWPOISON)):
+                    out.append((va & ~(step - 1), e, level))
+            va = (va & ~(step - 1)) + step
+        return out
+
+    def pt_tables(self, uint64_t pgd):
+        """Supervisor: every page-table page reachable from pgd (for teardown)."""
+        out = [pgd]
+        self._collect(pgd, 4, out)
+        return out
+
+    cdef void _collect(self, uint64_t tbl, int level, list out):
+        cdef uint64_t i, e, idx
+        if level == 1:
+            return
+        for i in range(EMU_PTRS):
+            e = self.c.pt[tbl * EMU_PTRS + i]
+            if (e & EMU_PTE_PRESENT) and not (e & EMU_PTE_PSE):
+                idx = (e & EMU_PTE_PFN_MASK) >> EMU_PAGE_SHIFT
+                out.append(idx)
+                self._collect(idx, level - 1, out)
+
+    # ------------------------------------------------------------ tasks & mms
+    def task_init(self, int slot, int tid, int tgid, int mm, bytes comm):
+        cdef emu_task *t = &self.c.tasks[slot]
+        memset(t, 0, sizeof(emu_task))
+        t.tid, t.tgid, t.mm = tid, tgid, mm
+        memcpy(t.comm, <char *>comm, min(len(comm), 15))
+        emu_sti32(&t.state, EMU_TASK_ALIVE)
+
+    def task_set(self, int slot, str field, int64_t v):
+        cdef emu_task *t = &self.c.tasks[slot]
+        if field == "state":
+            t.state = <int32_t>v
+        elif field == "mce_flags":
+            t.mce_flags = <uint32_t>v
+        elif field == "group_exit_sig":
+            t.group_exit_sig = <int32_t>v
+        elif field == "rcu_epoch":
+            t.rcu_epoch = <uint64_t>v
+        elif field == "tgid":
+            t.tgid = <int32_t>v
+        else:
+            raise KeyError(field)
+
+    def task(self, int slot):
+        cdef emu_task *t = &self.c.tasks[slot]
+        return {"tid": t.tid, "tgid": t.tgid, "state": t.state, "mm": t.mm,
+                "mce_flags": t.mce_flags, "exit_sig": t.exit_sig, "rcu_epoch": t.rcu_epoch,
+                "mb_head": t.mb_head, "mb_tail": t.mb_tail, "handled_ns": t.handled_ns,
+                "handled_count": t.handled_count,
+                "comm": t.comm[:15].split(b"\0", 1)[0].decode(errors="replace")}
+
+    def task_exit_sig(self, int slot):
+        return self.c.tasks[slot].exit_sig
+
+    def sig_pending(self, int slot):
+        """True while a mailbox record waits for the task to dequeue it."""
+        cdef emu_task *t = &self.c.tasks[slot]
+        return emu_ld32(&t.mb_tail) != t.mb_head
+
+    def mb_post(self, int slot, int signo, int code, uint64_t addr, int lsb, int pid,
+                uint64_t seq):
+        """Supervisor: queue one siginfo record; False if the ring is full."""
+        cdef emu_task *t = &self.c.tasks[slot]
+        cdef uint32_t h = t.mb_head
+        cdef emu_siginfo *r
+        if h - emu_ld32(&t.mb_tail) >= EMU_MB_RING:
+            return False
+        r = &t.mb[h % EMU_MB_RING]
+        memset(r, 0, sizeof(emu_siginfo))
+        r.signo, r.code, r.addr, r.addr_lsb, r.pid, r.seq = signo, code, addr, lsb, pid, seq
+        r.ts_ns = emu_now_ns()
+        emu_st32(&t.mb_head, h + 1)
+        return True
+
+    def mm_init(self, int slot, uint64_t pgd):
+        cdef emu_mm *m = &self.c.mms[slot]
+        m.pgd = pgd
+        m.users = 1
+        m.state = 1
+
+    def mm_clear(self, int slot):
+        memset(&self.c.mms[slot], 0, sizeof(emu_mm))
+
+    def mm_pgd(self, int slot):
+        return self.c.mms[slot].pgd
+
+    # ------------------------------------------------------------ events
+    def ev_post(self, int type, int tid, uint64_t a=0, uint64_t b=0, uint64_t c=0):
+        cdef emu_header *h = self.c.hdr
+        cdef uint64_t seq = h.event_head
+        cdef emu_event *e = &self.c.events[seq % h.nevents]
+        e.seq, e.ts_ns, e.type, e.tid, e.a, e.b, e.c = seq, emu_now_ns(), type, tid, a, b, c
+        h.event_head = seq + 1
+        return seq
+
+    def ev_read(self, uint64_t since=0):
+        """(next_seq, [(seq, ts_ns, type, tid, a, b, c), ...]) still in the ring."""
+        cdef emu_header *h = self.c.hdr
+        cdef uint64_t head = h.event_head, lo, s
+        cdef emu_event *e
+        lo = head - h.nevents if head > h.nevents else 0
+        if since > lo:
+            lo = since
+        out = []
+        for s in range(lo, head):
+            e = &self.c.events[s % h.nevents]
+            out.append((e.seq, e.ts_ns, e.type, e.tid, e.a, e.b, e.c))
+        return head, out
+
+    # ------------------------------------------------------------ worker: the CPU
+    def access_read(self, int slot, uint64_t pgd, uint64_t va, uint8_t[::1] buf):
+        """Copy len(buf) bytes of user memory at va into buf.
+        Returns (done, status, xva, xpfn)."""
+        cdef int status = 0
+        cdef uint64_t xva = 0, xpfn = 0
+        cdef size_t done, n = buf.shape[0]
+        if n == 0:
+            return (0, EMU_ACC_OK, 0, 0)
+        with nogil:
+            done = emu_access(&self.c, &self.c.tasks[slot], pgd, va, &buf[0], n, 0,
+                              &status, &xva, &xpfn)
+        return (done, status, xva, xpfn)
+
+    def access_write(self, int slot, uint64_t pgd, uint64_t va, const uint8_t[::1] buf):
+        """Copy buf into user memory at va.  Returns (done, status, xva, xpfn)."""
+        cdef int status = 0
+        cdef uint64_t xva = 0, xpfn = 0
+        cdef size_t done, n = buf.shape[0]
+        if n == 0:
+            return (0, EMU_ACC_OK, 0, 0)
+        with nogil:
+            done = emu_access(&self.c, &self.c.tasks[slot], pgd, va, <uint8_t *>&buf[0], n, 1,
+                              &status, &xva, &xpfn)
+        return (done, status, xva, xpfn)
+
+    def access_batch(self, int slot, uint64_t pgd, const uint64_t[::1] addrs, size_t start,
+                     size_t size, const uint8_t[::1] buf, bint write):
+        """`size` bytes at each address from addrs[start:], packed in buf.
+        Returns (next_index, status, xva, xpfn, partial_bytes)."""
+        cdef int status = 0
+        cdef uint64_t xva = 0, xpfn = 0
+        cdef size_t nxt, partial = 0, m = addrs.shape[0]
+        if m == 0 or start >= m:
+            return (m, EMU_ACC_OK, 0, 0, 0)
+        if <size_t>buf.shape[0] < m * size:
+            raise ValueError("buffer too small")
+        with nogil:
+            nxt = emu_access_batch(&self.c, &self.c.tasks[slot], pgd, &addrs[0], start, m,
+                                   size, <uint8_t *>&buf[0], write, &status, &xva, &xpfn, &partial)
+        return (nxt, status, xva, xpfn, partial)
+
+    def plain_c_loop(self, uint64_t pgd, const uint64_t[::1] addrs, size_t size, uint8_t[::1] buf):
+        """Benchmark baseline: the same lookup and copy, nothing else."""
+        cdef size_t r
+        with nogil:
+            r = emu_plain_c_loop(&self.c, pgd, &addrs[0], addrs.shape[0], size, &buf[0])
+        return r
+
+    def views(self):
+        """Raw memoryviews of (core, phys) for the pure-Python reference and tests."""
+        return (memoryview(<uint8_t[:self.core_size]> self.core_base),
+                memoryview(<uint8_t[:self.phys_size]> self.phys_base))
+
+    # ------------------------------------------------------------ worker: signals
+    def bind_self(self, int slot):
+        """Worker: this process is task `slot`; the signal handler uses its mailbox."""
+        global emu_self_task, emu_supervisor_pid
+        emu_self_task = &self.c.tasks[slot]
+        emu_supervisor_pid = <int>self.c.hdr.supervisor_pid
+
+    def note_handled(self, int slot):
+        """Worker: stamp the end of a SIGBUS handler (observability and benchmarks)."""
+        cdef emu_task *t = &self.c.tasks[slot]
+        t.handled_ns = emu_now_ns()
+        t.handled_count += 1
+
+    def set_exit_sig(self, int slot, int sig):
+        self.c.tasks[slot].exit_sig = sig
+
+
+def unbind_self():
+    """After fork: this process is no task (yet); never touch the parent's mailbox."""
+    global emu_self_task
+    emu_self_task = NULL
+
+
+def install_sigbus():
+    """Install the C SA_SIGINFO recorder for SIGBUS (after signal.signal(SIGBUS, py))."""
+    if emu_install_sigbus() != 0:
+        raise OSError("sigaction(SIGBUS) failed")
+
+
+def install_group_exit(int sig):
+    if emu_install_group_exit(sig) != 0:
+        raise OSError("sigaction failed")
+
+
+def pop_siginfo():
+    """Next recorded siginfo as a tuple (signo, code, errno, pid, addr, addr_lsb, ts_ns), or None."""
+    cdef emu_siginfo r
+    if not emu_lpop(&r):
+        return None
+    return (r.signo, r.code, r.errno_, r.pid, r.addr, r.addr_lsb, r.ts_ns)
+
+
+def raise_self(int signo, int code, uint64_t addr, int lsb, bint check=True):
+    """Raise a kernel-style signal on the calling thread; run Python handlers now."""
+    cdef int r = emu_raise_self(signo, code, addr, lsb)
+    if r < 0:
+        raise OSError(-r, "rt_tgsigqueueinfo failed")
+    if check:
+        PyErr_CheckSignals()
+        # A pending exception from a handler propagates from here.
+
+
+def tgkill(int tgid, int tid, int sig):
+    """Thread-directed doorbell; returns 0 or -errno."""
+    return emu_tgkill(tgid, tid, sig)
+
+
+def now_ns():
+    return emu_now_ns()
+
+

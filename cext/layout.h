@@ -1,0 +1,115 @@
+/*
+ * The one definition of gmem-emu's shared-memory layout.
+ *
+ * Two POSIX shm segments per supervisor:
+ *   core:  emu_header | emu_frame[nframes] | hwerr[nframes] | emu_task[ntasks]
+ *          | emu_mm[nmms] | page-table pages[npt][512] | emu_event[nevents]
+ *   phys:  frame contents, nframes * 4096 bytes ("physical memory")
+ *
+ * Only the supervisor (the emulated kernel) writes these tables.  Workers (the
+ * emulated CPUs) read them lock-free and write exactly three things, all with
+ * atomics: the accessed/dirty bits of leaf page-table entries, their own
+ * rcu_epoch word, and the tail of their own siginfo mailbox.
+ *
+ * Everything is sized at supervisor start and never shrunk while mapped.
+ */
+#ifndef EMU_LAYOUT_H
+#define EMU_LAYOUT_H
+#include <stdint.h>
+
+#define EMU_MAGIC        0x756d652d6d656d67ULL   /* "gmem-emu" */
+#define EMU_VERSION      1
+#define EMU_PAGE_SHIFT   12
+#define EMU_PAGE_SIZE    4096
+#define EMU_PTRS         512        /* entries per page-table page */
+#define EMU_MB_RING      16         /* siginfo records per task mailbox */
+#define EMU_COMM_LEN     16
+
+/* ---- page-table entries (x86-64 bit positions) ---- */
+#define EMU_PTE_PRESENT  (1ULL << 0)
+#define EMU_PTE_RW       (1ULL << 1)
+#define EMU_PTE_USER     (1ULL << 2)
+#define EMU_PTE_ACCESSED (1ULL << 5)
+#define EMU_PTE_DIRTY    (1ULL << 6)
+#define EMU_PTE_PSE      (1ULL << 7)    /* huge leaf at PMD (2M) or PUD (1G) level */
+#define EMU_PTE_PFN_MASK 0x000ffffffffff000ULL
+/* non-present entries: a hwpoison swap entry keeps the pfn in the pfn field */
+#define EMU_PTE_HWPOISON (1ULL << 62)
+
+/* ---- struct page / struct folio (the head frame carries the folio fields) ---- */
+typedef struct {
+    uint64_t flags;      /* EMU_PG_* */
+    int32_t  refcount;   /* _refcount */
+    int32_t  mapcount;   /* number of PTE mappings (_mapcount + 1) */
+    uint64_t head;       /* pfn of the folio head (== own pfn for a head) */
+    uint32_t order;      /* folio order, valid on the head */
+    uint32_t mapping;    /* owning inode number, 0 = anonymous / none */
+    uint64_t index;      /* page offset in the mapping */
+    uint64_t private_;   /* per-subsystem data (hugetlb raw poison count, ...) */
+} emu_frame;
+
+/* ---- one siginfo record, as the kernel would fill siginfo_t ---- */
+typedef struct {
+    int32_t  signo;
+    int32_t  code;
+    int32_t  errno_;
+    int32_t  pid;
+    uint64_t addr;
+    int32_t  addr_lsb;
+    int32_t  pad;
+    uint64_t seq;
+    uint64_t ts_ns;      /* CLOCK_MONOTONIC when the kernel generated it */
+} emu_siginfo;
+
+/* ---- one emulated thread ---- */
+#define EMU_TASK_FREE    0
+#define EMU_TASK_ALIVE   1
+#define EMU_TASK_DEAD    2
+typedef struct {
+    int32_t  tid;             /* the worker's real pid */
+    int32_t  tgid;            /* the main thread's pid */
+    int32_t  state;
+    int32_t  mm;              /* emu_mm slot */
+    uint32_t mce_flags;       /* PF_MCE_PROCESS | PF_MCE_EARLY (mirror, for status) */
+    int32_t  exit_sig;        /* set by the worker right before it dies of a signal */
+    int32_t  group_exit_sig;  /* set by the supervisor before the group-exit doorbell */
+    int32_t  pad;
+    uint64_t rcu_epoch;       /* 0 = quiescent, else header.epoch seen at access start */
+    uint32_t mb_head;         /* written by the supervisor */
+    uint32_t mb_tail;         /* written by the worker's signal handler (dequeue) */
+    uint64_t handled_ns;      /* worker: CLOCK_MONOTONIC after its last SIGBUS handler */
+    uint64_t handled_count;
+    char     comm[EMU_COMM_LEN];
+    emu_siginfo mb[EMU_MB_RING];
+} emu_task;
+
+/* ---- one mm_struct ---- */
+typedef struct {
+    uint64_t pgd;             /* page-table page index of the top level, 0 = none */
+    int32_t  users;
+    int32_t  state;
+    uint64_t pad;
+} emu_mm;
+
+/* ---- one trace event ---- */
+typedef struct {
+    uint64_t seq;
+    uint64_t ts_ns;
+    int32_t  type;
+    int32_t  tid;
+    uint64_t a, b, c;
+} emu_event;
+
+typedef struct {
+    uint64_t magic, version;
+    uint64_t core_size, phys_size;
+    uint64_t nframes, ntasks, nmms, npt, nevents;
+    uint64_t off_frames, off_hwerr, off_tasks, off_mms, off_pt, off_events;
+    uint64_t epoch;           /* global epoch for deferred frame reuse (TLB shootdown) */
+    int64_t  supervisor_pid;
+    uint64_t event_head;      /* next event seq */
+    uint64_t shutdown;        /* set before an orderly supervisor exit */
+    uint64_t pad[3];
+} emu_header;
+
+#endif

@@ -1,0 +1,130 @@
+"""Supervisor configuration: an embedded default, overridden by a TOML file, then flags."""
+from __future__ import annotations
+
+import copy
+import re
+import tomllib
+
+DEFAULT_TOML = """
+# gmem-emu supervisor defaults
+[memory]
+ram = "512M"                 # emulated physical memory (frames of 4 KiB)
+
+[hugepages]                  # HugeTLB pools reserved at boot
+"2M" = 0
+"1G" = 0
+
+[kernel]
+policy = "mf-delayed-fix"    # v6.18 | mf-delayed-fix | path/to/file.py:Class
+madvise_action_required = true   # MADV_HWPOISON passes MF_ACTION_REQUIRED (Linux >= 6.11)
+
+[sysctl]
+"vm.memory_failure_early_kill" = 0
+"vm.memory_failure_recovery" = 1
+"vm.enable_soft_offline" = 1
+
+[limits]
+tasks = 256                  # emulated threads
+mms = 128                    # emulated processes
+events = 65536               # trace ring entries
+"""
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.I)
+_MUL = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+class ConfigError(ValueError):
+    """A one-line error naming the field."""
+
+
+def parse_size(field: str, v) -> int:
+    if isinstance(v, int) and not isinstance(v, bool):
+        n = v
+    elif isinstance(v, str) and _SIZE.match(v):
+        m = _SIZE.match(v)
+        n = int(m.group(1)) * _MUL[m.group(2).upper()]
+    else:
+        raise ConfigError("%s: expected a size like 512M, got %r" % (field, v))
+    if n <= 0:
+        raise ConfigError("%s: must be positive" % field)
+    return n
+
+
+def default() -> dict:
+    return tomllib.loads(DEFAULT_TOML)
+
+
+def load_file(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise ConfigError("config: cannot read %s: %s" % (path, e.strerror)) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError("config: %s: %s" % (path, e)) from None
+
+
+def merge(base: dict, over: dict, where: str = "") -> dict:
+    out = copy.deepcopy(base)
+    for key, val in over.items():
+        name = "%s.%s" % (where, key) if where else key
+        if key not in out:
+            raise ConfigError("%s: unknown setting" % name)
+        if isinstance(out[key], dict):
+            if not isinstance(val, dict):
+                raise ConfigError("%s: expected a table" % name)
+            out[key] = merge(out[key], val, name)
+        else:
+            out[key] = val
+    return out
+
+
+def build(file: str | None = None, ram=None, hugepages=None, policy=None, sysctl=None,
+          madvise_action_required=None) -> dict:
+    """The effective configuration, validated; raises ConfigError."""
+    cfg = default()
+    if file:
+        cfg = merge(cfg, load_file(file))
+    if ram is not None:
+        cfg["memory"]["ram"] = ram
+    if hugepages:
+        if not isinstance(hugepages, dict):
+            raise ConfigError("hugepages: expected a mapping like {'2M': 64}")
+        for key, val in hugepages.items():
+            if key not in cfg["hugepages"]:
+                raise ConfigError("hugepages.%s: unknown page size (2M or 1G)" % key)
+            cfg["hugepages"][key] = val
+    if policy is not None:
+        cfg["kernel"]["policy"] = policy
+    if madvise_action_required is not None:
+        cfg["kernel"]["madvise_action_required"] = madvise_action_required
+    for key, val in (sysctl or {}).items():
+        if key not in cfg["sysctl"]:
+            raise ConfigError("sysctl.%s: unknown sysctl" % key)
+        cfg["sysctl"][key] = val
+    return validate(cfg)
+
+
+def validate(cfg: dict) -> dict:
+    ram = parse_size("memory.ram", cfg["memory"]["ram"])
+    if ram % 4096 or ram < (4 << 20):
+        raise ConfigError("memory.ram: must be a multiple of 4K and at least 4M")
+    if ram > (64 << 30):
+        raise ConfigError("memory.ram: at most 64G")
+    cfg["memory"]["ram_bytes"] = ram
+    for key, val in cfg["hugepages"].items():
+        if not isinstance(val, int) or isinstance(val, bool) or val < 0:
+            raise ConfigError("hugepages.%s: expected a count >= 0" % key)
+    if not isinstance(cfg["kernel"]["madvise_action_required"], bool):
+        raise ConfigError("kernel.madvise_action_required: expected true or false")
+    pol = cfg["kernel"]["policy"]
+    if not isinstance(pol, str) and not isinstance(pol, type):
+        raise ConfigError("kernel.policy: expected a preset name or path.py:Class")
+    for key, val in cfg["sysctl"].items():
+        if not isinstance(val, int) or isinstance(val, bool):
+            raise ConfigError("sysctl.%s: expected an integer" % key)
+    for key in ("tasks", "mms", "events"):
+        val = cfg["limits"][key]
+        if not isinstance(val, int) or isinstance(val, bool) or not 1 <= val <= 1 << 20:
+            raise ConfigError("limits.%s: expected an integer 1..1048576" % key)
+    return cfg

@@ -1,0 +1,402 @@
+"""The supervisor: the emulated kernel behind a QMP-like JSON-lines unix socket.
+
+One thread, one selector.  Each worker connection is one emulated thread,
+identified by SO_PEERCRED; a connection that never attaches is a control
+client (the CLI, a test's host handle).  Worker deaths are seen as EOF and,
+as a backstop, by polling psutil.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import struct
+import time
+
+import psutil
+
+from . import _core as C
+from . import config as cfgmod
+from . import shm
+from . import uapi as u
+from .kernel import Kernel, KernelPanic
+from .kernel.syscalls import HOSTCALLS, SYSCALLS
+
+log = logging.getLogger("emu.daemon")
+
+VERSION = "0.1.0"
+SIG_GROUP_EXIT = signal.SIGRTMIN + 6        # worker doorbell: die like the rest of the group
+GROUP_EXIT_GRACE = 1.0
+
+
+class Conn:
+    __slots__ = ("sock", "pid", "uid", "rbuf", "task", "closed")
+
+    def __init__(self, sock, pid, uid):
+        self.sock, self.pid, self.uid = sock, pid, uid
+        self.rbuf = b""
+        self.task = None
+        self.closed = False
+
+
+class Supervisor:
+    def __init__(self, cfg: dict, sock_path: str, owner_pid: int | None = None,
+                 pidfile: str | None = None):
+        self.cfg = cfg
+        self.sock_path = sock_path
+        self.owner_pid = owner_pid
+        self.pidfile = pidfile
+        self.sel = selectors.DefaultSelector()
+        self.conns: dict[int, Conn] = {}
+        self.stopping = False
+        self.kill_deadline: dict[int, float] = {}
+        self._pidfd = None
+        self.segs = None
+        self.listener = None
+
+    # ------------------------------------------------------------ lifecycle
+    def boot(self) -> None:
+        if self.pidfile:
+            self._pidfd = os.open(self.pidfile, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(self._pidfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise SystemExit("emu daemon: already running (pid file %s is locked)"
+                                 % self.pidfile) from None
+            os.ftruncate(self._pidfd, 0)
+            os.write(self._pidfd, b"%d\n" % os.getpid())
+        shm.cleanup()                                   # leftovers of dead supervisors
+        ram = self.cfg["memory"]["ram_bytes"]
+        nframes = ram >> 12
+        lim = self.cfg["limits"]
+        npt = 4096 + nframes // 128
+        self.segs = shm.Segments.create(nframes, lim["tasks"], lim["mms"], npt, lim["events"])
+        self.core = self.segs.core
+        k = self.cfg["kernel"]
+        self.kernel = Kernel(self.core, nframes, policy=k["policy"], sysctl=self.cfg["sysctl"],
+                             madvise_action_required=k["madvise_action_required"])
+        if any(self.cfg["hugepages"].values()):
+            from .kernel.hugetlb import HugeTLB
+            self.kernel.hugetlb = HugeTLB(self.kernel, self.cfg["hugepages"])
+        if os.path.exists(self.sock_path):
+            os.unlink(self.sock_path)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            self.listener.bind(self.sock_path)
+        finally:
+            os.umask(old)
+        self.listener.listen(128)
+        self.listener.setblocking(False)
+        self.sel.register(self.listener, selectors.EVENT_READ, None)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        signal.set_wakeup_fd(self._wake_w)
+        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(s, self._on_signal)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+
+    def _on_signal(self, signum, frame):
+        self.stopping = True
+
+    def serve_forever(self, ready_fd: int | None = None) -> None:
+        if ready_fd is not None:
+            os.write(ready_fd, b"ready %s\n" % self.sock_path.encode())
+            os.close(ready_fd)
+        last_tick = 0.0
+        try:
+            while not self.stopping:
+                for key, _ in self.sel.select(timeout=0.1):
+                    if key.data is None:
+                        self._accept()
+                    elif key.data == "wake":
+                        try:
+                            os.read(self._wake_r, 512)
+                        except BlockingIOError:
+                            pass
+                    else:
+                        self._readable(key.data)
+                now = time.monotonic()
+                if now - last_tick >= 0.1:
+                    last_tick = now
+                    self._supervise()
+        except KernelPanic as e:
+            log.error("kernel panic: %s", e)
+        finally:
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        if self.segs is None:
+            return
+        self.core.set_shutdown()
+        victims = []
+        for t in list(self.kernel.tasks.values()):
+            if t.tid != self.owner_pid and t.tid != os.getpid():
+                victims.append(t.tid)
+        self._stop_pids(victims)
+        for c in list(self.conns.values()):
+            self._close(c, dead=False)
+        try:
+            self.listener.close()
+            os.unlink(self.sock_path)
+        except OSError:
+            pass
+        self.segs.unlink()
+        self.segs = None
+        if self.pidfile:
+            try:
+                os.unlink(self.pidfile)
+            except OSError:
+                pass
+        signal.set_wakeup_fd(-1)
+
+    @staticmethod
+    def _stop_pids(pids) -> None:
+        procs = []
+        for pid in pids:
+            try:
+                p = psutil.Process(pid)
+                p.kill()
+                procs.append(p)
+            except psutil.Error:
+                pass
+        psutil.wait_procs(procs, timeout=2)
+
+    # ------------------------------------------------------------ connections
+    def _accept(self) -> None:
+        try:
+            sock, _ = self.listener.accept()
+        except BlockingIOError:
+            return
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, _gid = struct.unpack("3i", creds)
+        if uid != os.getuid():
+            log.warning("refusing uid %d (pid %d)", uid, pid)
+            sock.close()
+            return
+        sock.setblocking(True)
+        c = Conn(sock, pid, uid)
+        self.conns[sock.fileno()] = c
+        self.sel.register(sock, selectors.EVENT_READ, c)
+        self._send(c, {"QMP": {"version": VERSION, "capabilities": []}})
+
+    def _readable(self, c: Conn) -> None:
+        try:
+            data = c.sock.recv(1 << 20)
+        except OSError:
+            data = b""
+        if not data:
+            self._close(c, dead=True)
+            return
+        c.rbuf += data
+        while b"\n" in c.rbuf and not c.closed:
+            line, c.rbuf = c.rbuf.split(b"\n", 1)
+            if line.strip():
+                self._handle(c, line)
+
+    def _send(self, c: Conn, obj) -> None:
+        try:
+            c.sock.sendall(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
+        except OSError:
+            pass
+
+    def _close(self, c: Conn, dead: bool) -> None:
+        if c.closed:
+            return
+        c.closed = True
+        try:
+            self.sel.unregister(c.sock)
+        except (KeyError, ValueError):
+            pass
+        self.conns.pop(c.sock.fileno(), None)
+        c.sock.close()
+        t = c.task
+        if t is not None and t.alive and dead and self.segs is not None:
+            self._task_died(t)
+
+    # ------------------------------------------------------------ requests
+    def _handle(self, c: Conn, line: bytes) -> None:
+        rid = None
+        k = self.kernel
+        try:
+            req = json.loads(line)
+            if not isinstance(req, dict):
+                raise ValueError("request: expected an object")
+            rid = req.get("id")
+            name = req.get("execute")
+            args = req.get("arguments") or {}
+            if not isinstance(args, dict):
+                raise ValueError("arguments: expected an object")
+            fn = SYSCALLS.get(name)
+            if fn is not None:
+                t = c.task
+                if t is None or not t.alive:
+                    raise OSError(u.ESRCH, "%s: this connection is not an attached thread" % name)
+                k.current = t
+                try:
+                    ret = fn(k, t, args)
+                finally:
+                    k.current = None
+                sigs = t.reply_sigs
+                if sigs:
+                    t.reply_sigs = []
+                    self._send(c, {"id": rid, "return": ret, "sigs": sigs})
+                else:
+                    self._send(c, {"id": rid, "return": ret})
+                return
+            fn = HOSTCALLS.get(name)
+            if fn is not None:
+                ret = fn(k, args)
+            elif name == "attach":
+                ret = self._attach(c, args)
+            elif name == "exit":
+                if c.task is not None:
+                    c.task.clean_exit = True
+                ret = 0
+            elif name == "shutdown":
+                self.stopping = True
+                ret = 0
+            elif name == "segments":
+                ret = {"names": list(self.segs.names), "pid": os.getpid()}
+            else:
+                raise OSError(u.ENOSYS, "unknown command %r" % (name,))
+            self._send(c, {"id": rid, "return": ret})
+        except KernelPanic:
+            raise
+        except OSError as e:
+            err = e.errno if isinstance(e.errno, int) else u.EINVAL
+            if c.task is not None:
+                c.task.reply_sigs = []
+            self._send(c, {"id": rid, "error": {"class": "OSError", "errno": err,
+                                                "desc": e.strerror or os.strerror(err)}})
+        except (ValueError, TypeError, KeyError) as e:
+            self._send(c, {"id": rid, "error": {"class": "GenericError", "errno": u.EINVAL,
+                                                "desc": str(e)}})
+        except MemoryError as e:
+            self._send(c, {"id": rid, "error": {"class": "OSError", "errno": u.ENOMEM,
+                                                "desc": str(e) or "out of memory"}})
+
+    def _attach(self, c: Conn, a: dict):
+        if c.task is not None:
+            raise OSError(u.EBUSY, "already attached")
+        k = self.kernel
+        kind = a.get("kind", "process")
+        comm = a.get("comm") or "emu"
+        if not isinstance(comm, str):
+            raise OSError(u.EINVAL, "comm")
+        if c.pid in k.tasks:
+            raise OSError(u.EEXIST, "pid %d is already a task" % c.pid)
+        if kind == "process":
+            t = k.new_process(c.pid, comm)
+        elif kind in ("clone", "fork"):
+            parent = k.tasks.get(a.get("parent"))
+            if parent is None or not parent.alive:
+                raise OSError(u.ESRCH, "parent task")
+            t = (k.clone if kind == "clone" else k.fork)(parent, c.pid, comm)
+        else:
+            raise OSError(u.EINVAL, "kind: process, clone or fork")
+        t.conn = c
+        c.task = t
+        return {"slot": t.slot, "tid": t.tid, "tgid": t.tgid, "pgd": t.process.mm.pgd,
+                "segments": list(self.segs.names), "supervisor_pid": os.getpid(),
+                "mce_flags": t.flags, "group_exit_sig": int(SIG_GROUP_EXIT)}
+
+    # ------------------------------------------------------------ supervision
+    def _task_died(self, t) -> None:
+        """A worker is gone.  A clean exit is a thread exit; a death by signal takes
+        its thread group with it (exit_group), as Linux does."""
+        k = self.kernel
+        proc = t.process
+        group = not t.clean_exit or t.tid == proc.tgid
+        sig = self.core.task_exit_sig(t.slot) or (0 if t.clean_exit else u.SIGKILL)
+        k.exit_task(t)
+        k.trace("exit", tid=t.tid, sig=sig, clean=t.clean_exit)
+        if group:
+            for th in proc.threads:
+                if th.alive and th.tid not in self.kill_deadline:
+                    gsig = sig or u.SIGKILL
+                    self.core.task_set(th.slot, "group_exit_sig", gsig)
+                    C.tgkill(th.tid, th.tid, int(SIG_GROUP_EXIT))
+                    self.kill_deadline[th.tid] = time.monotonic() + GROUP_EXIT_GRACE
+        k.tick()
+
+    def _supervise(self) -> None:
+        k = self.kernel
+        now = time.monotonic()
+        for t in list(k.tasks.values()):
+            if not _pid_alive(t.tid):
+                if t.conn is not None:
+                    self._close(t.conn, dead=True)
+                elif t.alive:
+                    self._task_died(t)
+        for tid, when in list(self.kill_deadline.items()):
+            if not _pid_alive(tid):
+                del self.kill_deadline[tid]
+            elif now >= when:
+                try:
+                    os.kill(tid, signal.SIGKILL)
+                except OSError:
+                    pass
+                del self.kill_deadline[tid]
+        if self.owner_pid is not None and not _pid_alive(self.owner_pid):
+            self.stopping = True
+        k.tick()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def run(cfg: dict, sock_path: str, owner_pid: int | None = None, pidfile: str | None = None,
+        ready_fd: int | None = None) -> None:
+    sup = Supervisor(cfg, sock_path, owner_pid, pidfile)
+    try:
+        sup.boot()
+    except BaseException:
+        sup.shutdown()
+        raise
+    sup.serve_forever(ready_fd)
+
+
+def spawn_private(cfg: dict) -> tuple[int, str]:
+    """Fork a private supervisor owned by this process; returns (pid, socket)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                  # the supervisor
+        try:
+            os.close(r)
+            os.setpgid(0, 0)
+            for s in (signal.SIGBUS, signal.SIGUSR1, signal.SIGUSR2):
+                signal.signal(s, signal.SIG_DFL)
+            path = os.path.join(shm.runtime_dir(), "priv-%d.sock" % os.getpid())
+            run(cfg, path, owner_pid=os.getppid(), ready_fd=w)
+            code = 0
+        except SystemExit as e:
+            os.write(w, ("error %s\n" % e).encode())
+            code = 1
+        except BaseException as e:
+            try:
+                os.write(w, ("error %s: %s\n" % (type(e).__name__, e)).encode())
+            except OSError:
+                pass
+            code = 1
+        os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        line = f.readline().decode().strip()
+    if not line.startswith("ready "):
+        os.waitpid(pid, 0)
+        raise RuntimeError("supervisor failed to start: %s" % (line or "no output"))
+    return pid, line[6:]
+
+
+def config_from(**kw) -> dict:
+    return cfgmod.build(**kw)

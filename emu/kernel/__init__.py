@@ -1,0 +1,211 @@
+"""The emulated kernel: runs in the supervisor, the only writer of the core tables."""
+from __future__ import annotations
+
+import collections
+import time
+
+from .. import _core as C
+from .fs import Inode
+from .kvm import KVM
+from .memory_failure import MemoryFailure
+from .mm import MM, Mm
+from .page_alloc import PG_hwpoison, BuddyAllocator
+from .policies import load as load_policy
+from .sched import Process, Task
+from .signal import Signals
+
+SYSCTL_DEFAULTS = {
+    "vm.memory_failure_early_kill": 0,
+    "vm.memory_failure_recovery": 1,
+    "vm.enable_soft_offline": 1,
+}
+SYSCTL_RANGE = {
+    "vm.memory_failure_early_kill": (0, 1),
+    "vm.memory_failure_recovery": (0, 1),
+    "vm.enable_soft_offline": (0, 3),
+}
+
+
+class KernelPanic(SystemExit):
+    pass
+
+
+class Kernel:
+    def __init__(self, core, nframes: int, policy="mf-delayed-fix", sysctl=None,
+                 madvise_action_required: bool = True):
+        self.core = core
+        self.nframes = nframes
+        self.policy = load_policy(policy)
+        self.sysctl = dict(SYSCTL_DEFAULTS)
+        for key, val in (sysctl or {}).items():
+            self.set_sysctl(key, val)
+        self.madvise_action_required = madvise_action_required   # MF_ACTION_REQUIRED since ~6.11
+        self.boot_ns = time.monotonic_ns()
+        self.dmesg_lines: collections.deque[str] = collections.deque(maxlen=20000)
+        self.events: collections.deque[dict] = collections.deque(maxlen=50000)
+        self.event_seq = 0
+        self.current: Task | None = None
+        self.buddy = BuddyAllocator(core, nframes)
+        self.mm = MM(self)
+        self.signals = Signals(self)
+        self.memory_failure = MemoryFailure(self)
+        self.kvm = KVM(self)
+        self.hugetlb = None
+        self.inodes: dict[int, Inode] = {}
+        self._next_ino = 1
+        self.tasks: dict[int, Task] = {}              # tid -> task
+        self._free_slots = list(range(core.ntasks - 1, -1, -1))
+        self._free_mm = list(range(core.nmms - 1, -1, -1))
+        self._pt_pending: collections.deque = collections.deque()
+        self.log("Linux version 6.18.0-gmem-emu (policy %s)" % self.policy.name)
+
+    # ------------------------------------------------------------ logging and tracing
+    def log(self, msg: str) -> None:
+        t = (time.monotonic_ns() - self.boot_ns) / 1e9
+        self.dmesg_lines.append("[%12.6f] %s" % (t, msg))
+
+    def trace(self, type_: str, **kw) -> None:
+        self.event_seq += 1
+        ev = {"seq": self.event_seq, "ts_ns": time.monotonic_ns(), "type": type_}
+        ev.update(kw)
+        self.events.append(ev)
+        self.core.ev_post(hash(type_) & 0x7FFFFFFF, kw.get("tid", 0) or 0,
+                          int(kw.get("pfn", 0) or 0), int(kw.get("addr", 0) or 0), 0)
+
+    def panic(self, msg: str) -> None:
+        self.log("Kernel panic - not syncing: " + msg)
+        raise KernelPanic(msg)
+
+    def set_sysctl(self, key: str, val) -> None:
+        import errno
+
+        if key not in SYSCTL_DEFAULTS:
+            raise OSError(errno.ENOENT, "no such sysctl: %s" % key)
+        lo, hi = SYSCTL_RANGE[key]
+        if not isinstance(val, int) or isinstance(val, bool) or not lo <= val <= hi:
+            raise OSError(errno.EINVAL, "%s: value out of range %d..%d" % (key, lo, hi))
+        self.sysctl[key] = val
+
+    # ------------------------------------------------------------ objects
+    def new_inode(self, ops, name: str) -> Inode:
+        ino = self._next_ino
+        self._next_ino += 1
+        inode = Inode(ino, ops, name, nlink=1)
+        self.inodes[ino] = inode
+        return inode
+
+    def processes(self) -> list[Process]:
+        seen, out = set(), []
+        for t in self.tasks.values():
+            p = t.process
+            if id(p) not in seen and t.alive:
+                seen.add(id(p))
+                out.append(p)
+        out.sort(key=lambda p: p.tgid)
+        return out
+
+    def _new_mm(self) -> Mm:
+        if not self._free_mm:
+            raise OSError(12, "too many processes")
+        slot = self._free_mm.pop()
+        pgd = self.core.pt_alloc()
+        self.core.mm_init(slot, pgd)
+        return Mm(slot, pgd)
+
+    def _new_task(self, tid: int, comm: str, proc: Process, flags: int = 0) -> Task:
+        if tid in self.tasks:
+            raise OSError(17, "task %d exists" % tid)
+        if not self._free_slots:
+            raise OSError(11, "too many threads")
+        slot = self._free_slots.pop()
+        t = Task(tid, slot, comm[:15], proc, flags)
+        self.core.task_init(slot, tid, proc.tgid, proc.mm.slot, comm.encode()[:15])
+        self.core.task_set(slot, "mce_flags", flags)
+        proc.threads.append(t)
+        self.tasks[tid] = t
+        self.trace("task_new", tid=tid, tgid=proc.tgid, comm=t.comm)
+        return t
+
+    def new_process(self, tid: int, comm: str) -> Task:
+        proc = Process(tid, self._new_mm(), comm)
+        return self._new_task(tid, comm, proc)
+
+    def clone(self, parent: Task, tid: int, comm: str) -> Task:
+        return self._new_task(tid, comm, parent.process, parent.flags)
+
+    def fork(self, parent: Task, tid: int, comm: str) -> Task:
+        proc = Process(tid, self._new_mm(), comm)
+        self.mm.dup_mmap(parent.process.mm, proc.mm)
+        for fd, f in parent.process.files.items():
+            proc.files[fd] = f.get()
+        return self._new_task(tid, comm, proc, parent.flags)
+
+    def exit_task(self, t: Task) -> None:
+        """do_exit: the last thread of a process tears its mm down and its files."""
+        if not t.alive:
+            return
+        t.alive = False
+        self.core.task_set(t.slot, "state", C.TASK_DEAD)
+        self.core.task_set(t.slot, "rcu_epoch", 0)
+        proc = t.process
+        self.tasks.pop(t.tid, None)
+        self._free_slots.append(t.slot)
+        self.trace("task_exit", tid=t.tid, tgid=proc.tgid)
+        if not any(th.alive for th in proc.threads):
+            self.mm.exit_mmap(proc.mm)
+            self._free_mm.append(proc.mm.slot)
+            for f in list(proc.files.values()):
+                f.put(self)
+            proc.files.clear()
+
+    def defer_pt_free(self, tables) -> None:
+        self._pt_pending.append((self.core.epoch_bump(), list(tables)))
+
+    def tick(self) -> None:
+        """Periodic housekeeping: finish grace periods."""
+        self.buddy.reclaim()
+        while self._pt_pending and self.core.quiescent_since(self._pt_pending[0][0]):
+            self.core.pt_release(self._pt_pending.popleft()[1])
+
+    # ------------------------------------------------------------ observability
+    def meminfo(self) -> dict:
+        total = self.nframes * 4
+        return {
+            "MemTotal": total,
+            "MemFree": self.buddy.nr_free * 4,
+            "HardwareCorrupted": self.memory_failure.num_poisoned_pages * 4,
+            "HugePages_Total": 0, "HugePages_Free": 0, "HugePages_Rsvd": 0,
+            "HugePages_Surp": 0, "Hugepagesize": 2048, "Hugetlb": 0,
+            **(self.hugetlb.meminfo() if self.hugetlb else {}),
+        }
+
+    def kpageflags(self, pfn: int) -> int:
+        from .. import uapi as u
+        from . import page_alloc as P
+
+        if pfn < 0 or pfn >= self.nframes:
+            return 1 << u.KPF_NOPAGE
+        core = self.core
+        fl = core.flags(pfn)
+        head = core.head(pfn)
+        hfl = core.flags(head)
+        bits = 0
+        table = ((P.PG_locked, u.KPF_LOCKED), (P.PG_referenced, u.KPF_REFERENCED),
+                 (P.PG_uptodate, u.KPF_UPTODATE), (P.PG_dirty, u.KPF_DIRTY),
+                 (P.PG_lru, u.KPF_LRU), (P.PG_active, u.KPF_ACTIVE), (P.PG_slab, u.KPF_SLAB),
+                 (P.PG_writeback, u.KPF_WRITEBACK), (P.PG_buddy, u.KPF_BUDDY),
+                 (P.PG_anon, u.KPF_ANON), (P.PG_swapcache, u.KPF_SWAPCACHE),
+                 (P.PG_swapbacked, u.KPF_SWAPBACKED), (P.PG_unevictable, u.KPF_UNEVICTABLE),
+                 (P.PG_hugetlb, u.KPF_HUGE))
+        for pg, kpf in table:
+            if hfl & pg:
+                bits |= 1 << kpf
+        if fl & PG_hwpoison:
+            bits |= 1 << u.KPF_HWPOISON
+        if core.mapcount(pfn) > 0:
+            bits |= 1 << u.KPF_MMAP
+        if core.order(head) > 0:
+            bits |= 1 << (u.KPF_COMPOUND_HEAD if pfn == head else u.KPF_COMPOUND_TAIL)
+        if fl & P.PG_reserved:
+            bits |= 1 << 32                  # KPF_RESERVED
+        return bits

@@ -1,0 +1,168 @@
+"""Files, inodes and the page cache (include/linux/fs.h, mm/filemap.c, mm/truncate.c).
+
+An inode's `ops` is its file system: shmem (memfd), guest_memfd, ... Each one
+supplies the address_space and file operations the generic code calls.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .. import _core as C
+from .. import uapi as u
+from .mm import PAGE_SHIFT, PAGE_SIZE
+from .page_alloc import PG_dirty, PG_hwpoison
+
+
+@dataclass(eq=False)
+class Inode:
+    ino: int
+    ops: FileOps
+    name: str
+    size: int = 0
+    flags: int = 0
+    pages: dict[int, int] = field(default_factory=dict)   # index -> folio head pfn
+    i_mmap: set = field(default_factory=set)              # VMAs mapping this file
+    wb_err: int = 0                                       # mapping_set_error
+    nlink: int = 0                                        # open files + bindings
+    private: dict = field(default_factory=dict)           # per-fs data
+
+    def folio_at(self, core, index: int) -> int | None:
+        """filemap_get_folio: the head pfn of the folio covering index."""
+        pfn = self.pages.get(index)
+        return None if pfn is None else core.head(pfn)
+
+
+@dataclass(eq=False)
+class File:
+    inode: Inode
+    refs: int = 1
+
+    def get(self) -> File:
+        self.refs += 1
+        return self
+
+    def put(self, k) -> None:
+        self.refs -= 1
+        if self.refs == 0:
+            self.inode.ops.release(k, self.inode)
+
+
+class FileOps:
+    """Defaults: what a file system that does not implement an operation returns."""
+
+    name = "file"
+    writeback = False         # mapping_can_writeback()
+    shmem = False             # shmem_mapping()
+    head_poison_stops_read = False   # hugetlbfs: a poisoned huge folio
+
+    def release(self, k, inode: Inode) -> None:
+        inode.nlink -= 1
+        if inode.nlink <= 0:
+            truncate_inode_pages_range(k, inode, 0, None)
+            k.inodes.pop(inode.ino, None)
+
+    def mmap_check(self, k, file: File, shared: bool, prot: int) -> None:
+        return None
+
+    def map_ok(self, inode: Inode, index: int) -> bool:
+        return True
+
+    def fault(self, k, inode: Inode, index: int) -> tuple[int, int]:
+        raise OSError(u.ENODEV, "no fault handler")
+
+    def read(self, k, inode: Inode, n: int, off: int) -> bytes:
+        raise OSError(u.EINVAL, "read")
+
+    def write(self, k, inode: Inode, data: bytes, off: int) -> int:
+        raise OSError(u.EINVAL, "write")
+
+    def fallocate(self, k, inode: Inode, mode: int, off: int, length: int) -> None:
+        raise OSError(u.EOPNOTSUPP, "fallocate")
+
+    def truncate(self, k, inode: Inode, length: int) -> None:
+        raise OSError(u.EINVAL, "ftruncate")
+
+    def error_remove_folio(self, k, inode: Inode, head: int) -> int:
+        """a_ops->error_remove_folio; None means the fs has none (mapping_evict_folio)."""
+        return None
+
+
+def filemap_add_folio(k, inode: Inode, index: int, order: int, flags: int) -> int:
+    head = k.mm.folio_alloc(order, flags, inode.ino, index)
+    for i in range(1 << order):
+        inode.pages[index + i] = head + i
+    return head
+
+
+def filemap_remove_folio(k, inode: Inode, head: int) -> None:
+    core = k.core
+    index = core.index(head)
+    for i in range(1 << core.order(head)):
+        inode.pages.pop(index + i, None)
+    core.set_mapping(head, 0, 0)
+    core.test_clear_flag(head, PG_dirty)
+    k.mm.folio_put(head)               # the page cache's reference
+
+
+def unmap_mapping_range(k, inode: Inode, start: int, end: int | None, even_cows: bool) -> None:
+    """Zap the PTEs of [start, end) page indices in every mapping.  Hwpoison entries
+    stay unless even_cows (truncate): punching a hole does not clear them."""
+    core = k.core
+    for vma in list(inode.i_mmap):
+        npages = (vma.end - vma.start) >> PAGE_SHIFT
+        lo = max(start, vma.pgoff)
+        hi = vma.pgoff + npages if end is None else min(end, vma.pgoff + npages)
+        if lo >= hi:
+            continue
+        for va, e, _level in core.pt_scan(vma.mm.pgd, vma.addr_of(lo), vma.addr_of(hi)):
+            if e & C.PTE_PRESENT or (e & C.PTE_HWPOISON and even_cows):
+                k.mm.zap_pte(vma.mm, va)
+
+
+def truncate_inode_pages_range(k, inode: Inode, start: int, end: int | None,
+                               even_cows: bool = True) -> None:
+    """Drop page-cache folios wholly in [start, end) (indices); a partial folio at
+    either edge has its bytes zeroed instead, as the kernel does."""
+    core = k.core
+    unmap_mapping_range(k, inode, start, end, even_cows)
+    heads = sorted({core.head(p) for i, p in inode.pages.items()
+                    if i >= start and (end is None or i < end)})
+    for head in heads:
+        index, n = core.index(head), 1 << core.order(head)
+        if index >= start and (end is None or index + n <= end):
+            filemap_remove_folio(k, inode, head)
+        else:
+            lo, hi = max(start, index), min(end if end is not None else index + n, index + n)
+            core.phys_zero(head + (lo - index), hi - lo)
+
+
+def filemap_read(k, inode: Inode, n: int, off: int) -> bytes:
+    """Generic read through the page cache; holes read as zeros.  A poisoned page
+    ends the read there (-EIO if nothing was read), as shmem and hugetlbfs do."""
+    core = k.core
+    if n < 0 or off < 0:
+        raise OSError(u.EINVAL, "read")
+    end = min(off + n, inode.size)
+    out = bytearray()
+    pos = off
+    while pos < end:
+        index, po = pos >> PAGE_SHIFT, pos & (PAGE_SIZE - 1)
+        chunk = min(PAGE_SIZE - po, end - pos)
+        pfn = inode.pages.get(index)
+        if pfn is not None:
+            if core.flags(pfn) & PG_hwpoison or core.flags(core.head(pfn)) & PG_hwpoison \
+                    and inode.ops.head_poison_stops_read:
+                if out:
+                    break
+                raise OSError(u.EIO, "read")
+            if core.hwerr(pfn):
+                # the kernel's copy consumes the poison: kill_me_never, then -EFAULT
+                k.memory_failure.kill_me_never(pfn)
+                if out:
+                    break
+                raise OSError(u.EFAULT, "read")
+            out += core.phys_read(pfn, po, chunk)
+        else:
+            out += bytes(chunk)
+        pos += chunk
+    return bytes(out)

@@ -1,0 +1,106 @@
+"""guest_memfd (virt/kvm/guest_memfd.c): KVM's own file for guest memory.
+
+Folios sit on the unevictable LRU; with GUEST_MEMFD_FLAG_MMAP the host may map
+the shared ones.  On memory failure the file's error_remove_folio zaps KVM's
+mappings of the whole folio and keeps it ("userspace's decision"): MF_DELAYED.
+"""
+from __future__ import annotations
+
+from .. import uapi as u
+from .fs import File, FileOps, Inode, filemap_add_folio, truncate_inode_pages_range
+from .mm import PAGE_SHIFT, PAGE_SIZE, VM_FAULT_OK, VM_FAULT_SIGBUS
+from .page_alloc import PG_hwpoison, PG_lru, PG_swapbacked, PG_unevictable, PG_uptodate
+
+
+class GuestMemfdOps(FileOps):
+    name = "kvm-gmem"
+
+    # ---- helpers ----
+    @staticmethod
+    def is_shared(inode: Inode, index: int) -> bool:
+        """Host-faultable?  INIT_SHARED makes the whole file shared (6.18); in-place
+        conversion keeps a per-page private set."""
+        if not inode.flags & u.GUEST_MEMFD_FLAG_INIT_SHARED:
+            return False
+        return index not in inode.private.setdefault("private_idx", set())
+
+    def get_folio(self, k, inode: Inode, index: int) -> int:
+        """kvm_gmem_get_folio: find or allocate (zeroed: 'prepared')."""
+        pfn = inode.pages.get(index)
+        if pfn is None:
+            pfn = filemap_add_folio(k, inode, index, 0,
+                                    PG_lru | PG_unevictable | PG_swapbacked | PG_uptodate)
+        return pfn
+
+    def get_pfn(self, k, inode: Inode, index: int) -> int:
+        """__kvm_gmem_get_pfn: -EHWPOISON for a poisoned folio."""
+        pfn = self.get_folio(k, inode, index)
+        if k.core.flags(k.core.head(pfn)) & PG_hwpoison:
+            raise OSError(u.EHWPOISON, "guest_memfd page is poisoned")
+        return pfn
+
+    # ---- file operations ----
+    def mmap_check(self, k, file: File, shared: bool, prot: int) -> None:
+        if not file.inode.flags & u.GUEST_MEMFD_FLAG_MMAP:
+            raise OSError(u.ENODEV, "guest_memfd without GUEST_MEMFD_FLAG_MMAP")
+        if not shared:
+            raise OSError(u.EINVAL, "guest_memfd needs MAP_SHARED")
+
+    def map_ok(self, inode: Inode, index: int) -> bool:
+        return self.is_shared(inode, index)
+
+    def fault(self, k, inode: Inode, index: int):
+        """kvm_gmem_fault_user_mapping."""
+        if index << PAGE_SHIFT >= inode.size:
+            return VM_FAULT_SIGBUS, 0
+        if not self.is_shared(inode, index):
+            return VM_FAULT_SIGBUS, 0
+        return VM_FAULT_OK, self.get_folio(k, inode, index)
+
+    def fallocate(self, k, inode: Inode, mode: int, off: int, length: int) -> None:
+        if not mode & u.FALLOC_FL_KEEP_SIZE:
+            raise OSError(u.EOPNOTSUPP, "fallocate")
+        if mode & ~(u.FALLOC_FL_KEEP_SIZE | u.FALLOC_FL_PUNCH_HOLE):
+            raise OSError(u.EOPNOTSUPP, "fallocate")
+        if off % PAGE_SIZE or length % PAGE_SIZE:
+            raise OSError(u.EINVAL, "fallocate")
+        start, end = off >> PAGE_SHIFT, (off + length) >> PAGE_SHIFT
+        if mode & u.FALLOC_FL_PUNCH_HOLE:
+            self.invalidate(k, inode, start, end)
+            truncate_inode_pages_range(k, inode, start, end, even_cows=False)
+            return
+        if off + length > inode.size:
+            raise OSError(u.EINVAL, "fallocate beyond the guest_memfd size")
+        for index in range(start, end):
+            self.get_folio(k, inode, index)
+
+    def invalidate(self, k, inode: Inode, start: int, end: int) -> None:
+        """kvm_gmem_invalidate_begin/end: zap stage-2 in every bound slot."""
+        if k.kvm is not None:
+            k.kvm.gmem_invalidate(inode, start, end)
+
+    def error_remove_folio(self, k, inode: Inode, head: int) -> int:
+        start = k.core.index(head)
+        self.invalidate(k, inode, start, start + (1 << k.core.order(head)))
+        return u.MF_DELAYED
+
+
+GMEM_OPS = GuestMemfdOps()
+
+
+def supported_flags(vm_type: int) -> int:
+    """kvm_gmem_get_supported_flags.  6.18 offers INIT_SHARED only without private
+    memory (x86: !kvm_arch_has_private_mem); with in-place conversion, which the
+    emulator models, shared/private is per page and every VM type may start shared."""
+    return u.GUEST_MEMFD_FLAG_MMAP | u.GUEST_MEMFD_FLAG_INIT_SHARED
+
+
+def kvm_gmem_create(k, proc, vm, size: int, flags: int) -> int:
+    if flags & ~supported_flags(vm.type):
+        raise OSError(u.EINVAL, "guest_memfd flags")
+    if size <= 0 or size % PAGE_SIZE:
+        raise OSError(u.EINVAL, "guest_memfd size")
+    inode = k.new_inode(GMEM_OPS, "[kvm-gmem]")
+    inode.size, inode.flags = size, flags
+    inode.private["vm"] = vm
+    return proc.fd_install(File(inode))

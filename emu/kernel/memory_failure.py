@@ -1,0 +1,430 @@
+"""mm/memory-failure.c: one flow, page-state handlers in a table, results counted.
+
+The flow follows memory_failure() of the kernel step by step; where the kernel
+branches on what a file system or a kernel version does, it asks the policy
+(`k.policy`), a bundle of named decisions.  Entry points: hwpoison debugfs
+(corrupt-pfn / unpoison-pfn), madvise(MADV_HWPOISON), a consumed machine check
+(x86 kill_me_maybe) and a deferred error (memory_failure_queue).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .. import uapi as u
+from .page_alloc import (
+    PG_anon,
+    PG_buddy,
+    PG_dirty,
+    PG_head,
+    PG_hwpoison,
+    PG_lru,
+    PG_mlocked,
+    PG_reserved,
+    PG_slab,
+    PG_swapbacked,
+    PG_swapcache,
+    PG_unevictable,
+    PG_writeback,
+)
+from .sched import PF_MCE_EARLY, PF_MCE_PROCESS
+
+MAGIC_HWPOISON = 0x48575053   # page->private of a page taken off buddy
+
+# enum mf_action_page_type -> action_page_types[]
+MF_MSG_KERNEL = "reserved kernel page"
+MF_MSG_KERNEL_HIGH_ORDER = "high-order kernel page"
+MF_MSG_HUGE = "huge page"
+MF_MSG_FREE_HUGE = "free huge page"
+MF_MSG_GET_HWPOISON = "get hwpoison page"
+MF_MSG_UNMAP_FAILED = "unmapping failed page"
+MF_MSG_DIRTY_SWAPCACHE = "dirty swapcache page"
+MF_MSG_CLEAN_SWAPCACHE = "clean swapcache page"
+MF_MSG_DIRTY_MLOCKED_LRU = "dirty mlocked LRU page"
+MF_MSG_CLEAN_MLOCKED_LRU = "clean mlocked LRU page"
+MF_MSG_DIRTY_UNEVICTABLE_LRU = "dirty unevictable LRU page"
+MF_MSG_CLEAN_UNEVICTABLE_LRU = "clean unevictable LRU page"
+MF_MSG_DIRTY_LRU = "dirty LRU page"
+MF_MSG_CLEAN_LRU = "clean LRU page"
+MF_MSG_TRUNCATED_LRU = "already truncated LRU page"
+MF_MSG_BUDDY = "free buddy page"
+MF_MSG_UNSPLIT_THP = "unsplit thp"
+MF_MSG_ALREADY_POISONED = "already poisoned page"
+MF_MSG_UNKNOWN = "unknown page"
+
+ACTION_NAME = {u.MF_IGNORED: "Ignored", u.MF_FAILED: "Failed",
+               u.MF_DELAYED: "Delayed", u.MF_RECOVERED: "Recovered"}
+STAT_NAME = {u.MF_IGNORED: "ignored", u.MF_FAILED: "failed",
+             u.MF_DELAYED: "delayed", u.MF_RECOVERED: "recovered"}
+
+
+@dataclass
+class ToKill:
+    """struct to_kill."""
+
+    tsk: object
+    addr: int
+    size_shift: int
+
+
+# ------------------------------------------------------------------ page-state handlers
+def me_kernel(mf, ps, pfn):
+    return u.MF_IGNORED
+
+
+def me_unknown(mf, ps, pfn):
+    mf.log("%#x: Unknown page state" % pfn)
+    return u.MF_IGNORED
+
+
+def me_pagecache_clean(mf, ps, pfn):
+    k, core = mf.k, mf.k.core
+    head = core.head(pfn)
+    mf.delete_from_lru_cache(head)
+    if core.flags(head) & PG_anon:
+        ret = u.MF_RECOVERED
+    else:
+        inode = k.inodes.get(core.mapping(head))
+        if inode is None:
+            return u.MF_FAILED            # torn down in the meantime
+        ret = mf.truncate_error_folio(head, pfn, inode)
+        extra_pins = inode.ops.shmem or (ret == u.MF_DELAYED)
+        if mf.has_extra_refcount(ps, pfn, extra_pins):
+            ret = u.MF_FAILED
+    return ret
+
+
+def me_pagecache_dirty(mf, ps, pfn):
+    inode = mf.k.inodes.get(mf.k.core.mapping(mf.k.core.head(pfn)))
+    if inode is not None:
+        inode.wb_err = -u.EIO             # mapping_set_error(mapping, -EIO)
+    return me_pagecache_clean(mf, ps, pfn)
+
+
+def me_huge_page(mf, ps, pfn):
+    return mf.k.hugetlb_me_huge_page(mf, ps, pfn) if mf.k.hugetlb else u.MF_IGNORED
+
+
+def me_swapcache(mf, ps, pfn):
+    return u.MF_FAILED                    # no swap in the emulator
+
+
+_dirty, _sc, _unevict = PG_dirty, PG_swapcache | PG_swapbacked, PG_unevictable
+_mlock, _lru, _head, _reserved = PG_mlocked, PG_lru, PG_head, PG_reserved
+
+
+@dataclass(frozen=True)
+class PageState:
+    mask: int
+    res: int
+    type: str
+    action: object
+
+
+# error_states[], matched in order
+ERROR_STATES = (
+    PageState(_reserved, _reserved, MF_MSG_KERNEL, me_kernel),
+    PageState(_head, _head, MF_MSG_HUGE, me_huge_page),
+    PageState(_sc | _dirty, _sc | _dirty, MF_MSG_DIRTY_SWAPCACHE, me_swapcache),
+    PageState(_sc | _dirty, _sc, MF_MSG_CLEAN_SWAPCACHE, me_swapcache),
+    PageState(_mlock | _dirty, _mlock | _dirty, MF_MSG_DIRTY_MLOCKED_LRU, me_pagecache_dirty),
+    PageState(_mlock | _dirty, _mlock, MF_MSG_CLEAN_MLOCKED_LRU, me_pagecache_clean),
+    PageState(_unevict | _dirty, _unevict | _dirty, MF_MSG_DIRTY_UNEVICTABLE_LRU, me_pagecache_dirty),
+    PageState(_unevict | _dirty, _unevict, MF_MSG_CLEAN_UNEVICTABLE_LRU, me_pagecache_clean),
+    PageState(_lru | _dirty, _lru | _dirty, MF_MSG_DIRTY_LRU, me_pagecache_dirty),
+    PageState(_lru | _dirty, _lru, MF_MSG_CLEAN_LRU, me_pagecache_clean),
+    PageState(0, 0, MF_MSG_UNKNOWN, me_unknown),
+)
+
+
+class MemoryFailure:
+    def __init__(self, k):
+        self.k = k
+        self.hw_memory_failure = False
+        self.num_poisoned_pages = 0
+        self.stats = {"total": 0, "ignored": 0, "failed": 0, "delayed": 0, "recovered": 0}
+
+    def log(self, msg: str) -> None:
+        self.k.log("Memory failure: " + msg)
+
+    # ------------------------------------------------------------ bookkeeping
+    def action_result(self, pfn: int, type_: str, result: int) -> int:
+        if type_ != MF_MSG_ALREADY_POISONED:
+            self.num_poisoned_pages += 1
+            self.stats[STAT_NAME[result]] += 1
+            self.stats["total"] += 1
+        self.log("%#x: recovery action for %s: %s" % (pfn, type_, ACTION_NAME[result]))
+        self.k.trace("mf_result", pfn=pfn, type=type_, result=ACTION_NAME[result])
+        return 0 if result in (u.MF_RECOVERED, u.MF_DELAYED) else -u.EBUSY
+
+    def has_extra_refcount(self, ps, pfn: int, extra_pins: bool) -> bool:
+        core = self.k.core
+        head = core.head(pfn)
+        count = core.refcount(head) - 1
+        if extra_pins:
+            count -= 1 << core.order(head)
+        if count > 0:
+            self.log("%#x: %s still referenced by %d users" % (pfn, ps.type, count))
+            return True
+        return False
+
+    def delete_from_lru_cache(self, head: int) -> None:
+        core = self.k.core
+        if core.flags(head) & PG_lru:
+            core.set_flags(head, core.flags(head) & ~(PG_lru | PG_unevictable))
+
+    def truncate_error_folio(self, head: int, pfn: int, inode) -> int:
+        err = inode.ops.error_remove_folio(self.k, inode, head)
+        if err is None:
+            return u.MF_FAILED if self.k.mm.folio_mapped(head) else u.MF_RECOVERED
+        if err == u.MF_DELAYED and self.k.policy.propagate_mf_delayed:
+            return u.MF_DELAYED
+        if err != 0:
+            self.log("%#x: Failed to punch page: %d" % (pfn, err))
+            return u.MF_FAILED
+        return u.MF_RECOVERED
+
+    # ------------------------------------------------------------ who to kill
+    def task_early_kill(self, proc, force_early: bool):
+        cur = self.k.current
+        if force_early and cur is not None and cur.process is proc:
+            return cur
+        for t in proc.threads:
+            if not t.alive:
+                continue
+            if t.flags & PF_MCE_PROCESS:
+                if t.flags & PF_MCE_EARLY:
+                    return t
+            elif self.k.sysctl["vm.memory_failure_early_kill"]:
+                return t
+        return None
+
+    def collect_procs(self, head: int, pfn: int, force_early: bool) -> list[ToKill]:
+        k, core = self.k, self.k.core
+        tokill: list[ToKill] = []
+        shift = 12 + core.order(head)
+        anon = core.flags(head) & PG_anon
+        inode = None if anon else k.inodes.get(core.mapping(head))
+        if not anon and inode is None:
+            return tokill
+        for proc in k.processes():
+            t = self.task_early_kill(proc, force_early)
+            if t is None:
+                continue
+            if anon:
+                ent = k.mm.anon_rmap.get(head)
+                if ent is not None and ent[0] is proc.mm:
+                    tokill.append(ToKill(t, ent[1], shift))
+                continue
+            index = core.index(pfn)
+            for vma in proc.mm.vmas:               # collect_procs_file: a covering VMA suffices
+                if vma.file is not None and vma.inode is inode and vma.covers_index(index):
+                    tokill.append(ToKill(t, vma.addr_of(index), shift))
+        return tokill
+
+    def kill_proc(self, tk: ToKill, pfn: int, flags: int) -> int:
+        t = tk.tsk
+        self.log("%#x: Sending SIGBUS to %s:%d due to hardware memory corruption"
+                 % (pfn, t.comm, t.tid))
+        sig = self.k.signals
+        if flags & u.MF_ACTION_REQUIRED and t is self.k.current:
+            ret = sig.force_sig_mceerr(t, u.BUS_MCEERR_AR, tk.addr, tk.size_shift)
+        else:
+            ret = sig.send_sig_mceerr(t, u.BUS_MCEERR_AO, tk.addr, tk.size_shift)
+        if ret < 0:
+            self.log("Error sending signal to %s:%d: %d" % (t.comm, t.tid, ret))
+        return ret
+
+    def kill_procs(self, tokill: list[ToKill], forcekill: bool, pfn: int, flags: int) -> None:
+        if not forcekill:
+            return
+        for tk in tokill:
+            if self.kill_proc(tk, pfn, flags) < 0:
+                self.log("%#x: Cannot send advisory machine check signal to %s:%d"
+                         % (pfn, tk.tsk.comm, tk.tsk.tid))
+
+    def kill_accessing_process(self, pfn: int, flags: int) -> int:
+        """Walk current's page tables for a present or hwpoison entry of pfn."""
+        cur = self.k.current
+        if cur is None:
+            return -u.EFAULT
+        from .. import _core as C
+
+        for vma in cur.process.mm.vmas:
+            for va, e, level in self.k.core.pt_scan(cur.process.mm.pgd, vma.start, vma.end):
+                if ((e & C.PTE_PFN_MASK) >> 12) == pfn and e & (C.PTE_PRESENT | C.PTE_HWPOISON):
+                    self.kill_proc(ToKill(cur, va, 12 + 9 * (level - 1)), pfn, flags)
+                    return -u.EHWPOISON
+        return 0
+
+    # ------------------------------------------------------------ unmapping
+    def hwpoison_user_mappings(self, head: int, pfn: int, flags: int) -> bool:
+        k, core = self.k, self.k.core
+        fl = core.flags(head)
+        if fl & (PG_reserved | PG_slab):
+            return True
+        if not fl & PG_lru:
+            return True
+        if not k.mm.folio_mapped(head):
+            return True
+        tokill = self.collect_procs(head, pfn, bool(flags & u.MF_ACTION_REQUIRED))
+        ttu_hwpoison = not fl & PG_swapcache
+        inode = k.inodes.get(core.mapping(head))
+        if (not flags & u.MF_MUST_KILL and not fl & PG_dirty and inode is not None
+                and inode.ops.writeback):
+            if k.mm.folio_mkclean(head):
+                core.test_set_flag(head, PG_dirty)
+            else:
+                ttu_hwpoison = False
+                self.log("%#x: corrupted page was clean: dropped without side effects" % pfn)
+        k.mm.try_to_unmap(head, ttu_hwpoison)
+        unmap_success = not k.mm.folio_mapped(head)
+        if not unmap_success:
+            self.log("%#x: failed to unmap page (folio mapcount=%d)" % (pfn, core.mapcount(pfn)))
+        forcekill = bool(core.flags(head) & PG_dirty) or bool(flags & u.MF_MUST_KILL) \
+            or not unmap_success
+        self.kill_procs(tokill, forcekill, pfn, flags)
+        return unmap_success
+
+    def identify_page_state(self, pfn: int, page_flags: int) -> int:
+        flags = self.k.core.flags(self.k.core.head(pfn))
+        ps = next(s for s in ERROR_STATES if flags & s.mask == s.res)
+        page_flags |= flags & PG_dirty
+        if not ps.mask:
+            ps = next(s for s in ERROR_STATES if page_flags & s.mask == s.res)
+        return self.action_result(pfn, ps.type, ps.action(self, ps, pfn))
+
+    # ------------------------------------------------------------ memory_failure()
+    def memory_failure(self, pfn: int, flags: int) -> int:
+        k, core = self.k, self.k.core
+        if not k.sysctl["vm.memory_failure_recovery"]:
+            k.panic("Memory failure on page %x" % pfn)
+        if not flags & u.MF_SW_SIMULATED:
+            self.hw_memory_failure = True
+        k.trace("memory_failure", pfn=pfn, flags=flags,
+                tid=k.current.tid if k.current is not None else 0)
+        if pfn < 0 or pfn >= core.nframes:
+            self.log("%#x: memory outside kernel control" % pfn)
+            return -u.ENXIO
+        if k.hugetlb is not None:
+            res = k.hugetlb.try_memory_failure_hugetlb(self, pfn, flags)
+            if res is not None:
+                return res
+        if core.test_set_flag(pfn, PG_hwpoison):
+            res = -u.EHWPOISON
+            if flags & u.MF_ACTION_REQUIRED:
+                res = self.kill_accessing_process(pfn, flags)
+            if flags & u.MF_COUNT_INCREASED:
+                k.mm.folio_put(core.head(pfn))
+            self.action_result(pfn, MF_MSG_ALREADY_POISONED, u.MF_FAILED)
+            return res
+        head = core.head(pfn)
+        if not flags & u.MF_COUNT_INCREASED:
+            fl = core.flags(head)
+            blk = k.buddy.free_block_of(pfn)
+            if blk is not None:                               # free buddy page
+                if k.buddy.take_page_off_buddy(pfn):
+                    core.set_flags(pfn, PG_hwpoison)
+                    core.ref_add(pfn, 1)
+                    core.set_private(pfn, MAGIC_HWPOISON)
+                    return self.action_result(pfn, MF_MSG_BUDDY, u.MF_RECOVERED)
+                return self.action_result(pfn, MF_MSG_BUDDY, u.MF_FAILED)
+            if core.refcount(head) == 0 and not fl & PG_buddy:
+                return self.action_result(pfn, MF_MSG_KERNEL_HIGH_ORDER, u.MF_IGNORED)
+            if not self.hwpoison_handlable(head, flags):
+                self.log("%#x: unhandlable page." % pfn)
+                return self.action_result(pfn, MF_MSG_GET_HWPOISON, u.MF_IGNORED)
+            core.ref_add(head, 1)                             # get_hwpoison_page
+        page_flags = core.flags(head)
+        if not page_flags & PG_lru and not page_flags & PG_writeback:
+            return self.identify_page_state(pfn, page_flags)
+        if not self.hwpoison_user_mappings(head, pfn, flags):
+            return self.action_result(pfn, MF_MSG_UNMAP_FAILED, u.MF_FAILED)
+        if core.flags(head) & PG_lru and not core.flags(head) & (PG_swapcache | PG_anon) \
+                and core.mapping(head) == 0:
+            return self.action_result(pfn, MF_MSG_TRUNCATED_LRU, u.MF_IGNORED)
+        return self.identify_page_state(pfn, page_flags)
+
+    def hwpoison_handlable(self, head: int, flags: int) -> bool:
+        """HWPoisonHandlable: LRU pages (the unevictable LRU counts) or free buddy.
+        Reserved and other kernel pages are 'unhandlable' unless the caller already
+        holds a reference (MF_COUNT_INCREASED), which is how me_kernel is reached."""
+        fl = self.k.core.flags(head)
+        return not fl & PG_slab and bool(fl & PG_lru)
+
+    # ------------------------------------------------------------ unpoison_memory()
+    def unpoison_memory(self, pfn: int) -> int:
+        k, core = self.k, self.k.core
+
+        def info(msg):
+            k.log("Unpoison: " + msg % pfn)
+
+        if pfn < 0 or pfn >= core.nframes:
+            return -u.EIO
+        head = core.head(pfn)
+        if self.hw_memory_failure:
+            info("%#x: disabled after HW memory failure")
+            return -u.EOPNOTSUPP
+        if not core.flags(pfn) & PG_hwpoison:
+            info("%#x: page was already unpoisoned")
+            return -u.EBUSY
+        taken_off = core.frame(pfn)[7] == MAGIC_HWPOISON
+        if core.refcount(head) > 1:
+            info("%#x: someone grabs the hwpoison page")
+            return -u.EBUSY
+        if core.flags(head) & (PG_slab | PG_reserved):
+            return -u.EBUSY
+        if k.mm.folio_mapped(head):
+            info("%#x: someone maps the hwpoison page")
+            return -u.EBUSY
+        if core.mapping(head) and not core.flags(head) & PG_anon:
+            info("%#x: the hwpoison page has non-NULL mapping")
+            return -u.EBUSY
+        core.test_clear_flag(pfn, PG_hwpoison)
+        if taken_off:                                    # put_page_back_buddy
+            core.set_private(pfn, 0)
+            core.set_folio(pfn, 0, 0, 0, 0, 0)
+            k.buddy.put_back(pfn)
+        elif core.refcount(head) > 0:
+            k.mm.folio_put(head)
+        self.num_poisoned_pages -= 1
+        info("%#x: software-unpoisoned page")
+        k.trace("unpoison", pfn=pfn)
+        return 0
+
+    # ------------------------------------------------------------ entry points
+    def kill_me_maybe(self, pfn: int, phys_addr: int, ripv: bool = True) -> int:
+        """x86: a consumed uncorrected error in user mode (or in the guest), run as
+        task_work on the consuming thread (current)."""
+        k = self.k
+        k.log("mce: Uncorrected hardware memory error in user-access at %x" % phys_addr)
+        flags = u.MF_ACTION_REQUIRED | (0 if ripv else u.MF_MUST_KILL)
+        ret = self.memory_failure(pfn, flags)
+        if ret == 0:
+            return 0                                  # set_mce_nospec
+        if ret in (-u.EHWPOISON, -u.EOPNOTSUPP):
+            return ret
+        k.log("mce: Memory error not recovered")
+        k.signals.force_sig(k.current, u.SIGBUS)       # kill_me_now
+        return ret
+
+    def kill_me_never(self, pfn: int) -> int:
+        self.k.log("mce: Kernel accessed poison in user space at %x" % (pfn << 12))
+        return self.memory_failure(pfn, 0)
+
+    def hwpoison_inject(self, pfn: int) -> int:
+        """debugfs hwpoison/corrupt-pfn (filter disabled)."""
+        if pfn < 0 or pfn >= self.k.core.nframes:
+            return -u.ENXIO
+        self.k.log("Injecting memory failure at pfn %#x" % pfn)
+        err = self.memory_failure(pfn, u.MF_SW_SIMULATED)
+        return 0 if err == -u.EOPNOTSUPP else err
+
+    def memory_failure_queue(self, pfn: int) -> int:
+        """A deferred error (CMCI/UCNA, patrol scrub, GHES): memory_failure(pfn, 0)
+        from the workqueue, no current."""
+        k = self.k
+        saved, k.current = k.current, None
+        try:
+            return self.memory_failure(pfn, 0)
+        finally:
+            k.current = saved

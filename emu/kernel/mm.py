@@ -1,0 +1,407 @@
+"""Address spaces: VMAs, page faults, zapping, reverse mapping, fork (mm/memory.c,
+mm/mmap.c, mm/rmap.c in miniature).
+
+Page tables live in the shared-memory core; the workers' MMU walks them.  Here
+the kernel fills them on faults and tears them down on munmap/madvise/unmap.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from .. import _core as C
+from .. import uapi as u
+from .page_alloc import (
+    PG_anon,
+    PG_dirty,
+    PG_hwpoison,
+    PG_lru,
+    PG_swapbacked,
+    PG_uptodate,
+)
+
+PAGE_SHIFT = 12
+PAGE_SIZE = 4096
+TASK_SIZE = 1 << 47
+MMAP_BASE = 0x7F0000000000
+MMAP_MIN = 0x10000
+
+# vm_fault_t
+VM_FAULT_OK = 0
+VM_FAULT_SIGBUS = 0x2
+VM_FAULT_HWPOISON = 0x10
+VM_FAULT_HWPOISON_LARGE = 0x20
+VM_FAULT_SIGSEGV = 0x40
+
+_LEAF_PROT = C.PTE_PRESENT | C.PTE_USER
+
+
+def page_align(x: int) -> int:
+    return (x + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+
+
+@dataclass(eq=False)
+class Vma:
+    """vm_area_struct."""
+
+    mm: Mm
+    start: int
+    end: int
+    prot: int
+    shared: bool
+    file: object | None = None     # struct file (emu.kernel.fs.File)
+    pgoff: int = 0
+
+    @property
+    def inode(self):
+        return self.file.inode if self.file is not None else None
+
+    def covers_index(self, index: int) -> bool:
+        return self.pgoff <= index < self.pgoff + ((self.end - self.start) >> PAGE_SHIFT)
+
+    def addr_of(self, index: int) -> int:
+        return self.start + ((index - self.pgoff) << PAGE_SHIFT)
+
+
+@dataclass(eq=False)
+class Mm:
+    """mm_struct: a page-table root in the core plus the VMA list."""
+
+    slot: int
+    pgd: int
+    vmas: list[Vma] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)
+
+    def find_vma(self, addr: int) -> Vma | None:
+        i = bisect.bisect_right(self.starts, addr) - 1
+        if i >= 0 and self.vmas[i].start <= addr < self.vmas[i].end:
+            return self.vmas[i]
+        return None
+
+    def overlapping(self, start: int, end: int) -> list[Vma]:
+        return [v for v in self.vmas if v.start < end and v.end > start]
+
+    def insert(self, vma: Vma) -> None:
+        i = bisect.bisect_left(self.starts, vma.start)
+        self.starts.insert(i, vma.start)
+        self.vmas.insert(i, vma)
+
+    def remove(self, vma: Vma) -> None:
+        i = self.vmas.index(vma)
+        del self.vmas[i]
+        del self.starts[i]
+
+    def get_unmapped_area(self, length: int) -> int:
+        """Top-down search below MMAP_BASE, as the default x86-64 layout does."""
+        top = MMAP_BASE
+        for v in reversed(self.vmas):
+            if v.start >= top:
+                continue
+            if v.end <= top - length:
+                break
+            top = min(top, v.start)
+        addr = top - length
+        if addr < MMAP_MIN:
+            raise OSError(u.ENOMEM, "no address space")
+        return addr
+
+
+class MM:
+    """The memory-management part of the kernel: owns frames' lifetimes in mappings."""
+
+    def __init__(self, k):
+        self.k = k
+        self.core = k.core
+        self.anon_rmap: dict[int, tuple[Mm, int]] = {}   # anon pfn -> (mm, va)
+
+    # ------------------------------------------------------------------ folios
+    def folio_alloc(self, order: int, flags: int, mapping: int, index: int) -> int:
+        pfn = self.k.buddy.alloc(order)
+        self.core.phys_zero(pfn, 1 << order)
+        self.core.set_folio(pfn, order, flags, 1, mapping, index)
+        return pfn
+
+    def folio_put(self, head: int, n: int = 1) -> None:
+        """Drop references; the last one frees the folio (a poisoned one never returns)."""
+        if self.core.ref_add(head, -n) <= 0:
+            self.anon_rmap.pop(head, None)
+            flags = self.core.flags(head)
+            self.core.set_flags(head, flags & PG_hwpoison)
+            if not flags & PG_hwpoison:
+                self.k.buddy.free(head, self.core.order(head))
+
+    def folio_mapped(self, head: int) -> bool:
+        n = 1 << self.core.order(head)
+        return any(self.core.mapcount(head + i) > 0 for i in range(n))
+
+    def folio_mark_dirty(self, head: int) -> None:
+        self.core.test_set_flag(head, PG_dirty)
+
+    # ------------------------------------------------------------------ PTEs
+    def set_pte(self, mm: Mm, va: int, pfn: int, writable: bool, dirty: bool) -> None:
+        e = (pfn << PAGE_SHIFT) | _LEAF_PROT | C.PTE_ACCESSED
+        if writable:
+            e |= C.PTE_RW
+        if dirty:
+            e |= C.PTE_DIRTY
+        self.core.pte_set(mm.pgd, va, e)
+        self.core.map_add(pfn, 1)
+        self.core.ref_add(self.core.head(pfn), 1)
+
+    def zap_pte(self, mm: Mm, va: int, new: int = 0) -> int:
+        """ptep_get_and_clear + the rmap bookkeeping; returns the old entry."""
+        old = self.core.pte_xchg(mm.pgd, va, new)
+        if old & C.PTE_PRESENT:
+            pfn = (old & C.PTE_PFN_MASK) >> PAGE_SHIFT
+            head = self.core.head(pfn)
+            if old & C.PTE_DIRTY:
+                self.folio_mark_dirty(head)
+            self.core.map_add(pfn, -1)
+            self.folio_put(head)
+        return old
+
+    def zap_range(self, mm: Mm, start: int, end: int) -> int:
+        """zap_page_range: clear present and hwpoison entries in [start, end)."""
+        n = 0
+        for va, e, _level in self.core.pt_scan(mm.pgd, start, end):
+            if e & C.PTE_PRESENT or e & C.PTE_HWPOISON:
+                self.zap_pte(mm, va)
+                n += 1
+        if n:
+            self.k.trace("zap", mm=mm.slot, start=start, end=end, pages=n)
+        return n
+
+    # ------------------------------------------------------------------ rmap
+    def rmap_walk(self, head: int):
+        """Yield (mm, va, pfn, vma) for every PTE that maps a page of the folio."""
+        core = self.core
+        n = 1 << core.order(head)
+        if core.flags(head) & PG_anon:
+            ent = self.anon_rmap.get(head)
+            if ent is not None:
+                mm, va = ent
+                e = core.pte_get(mm.pgd, va)
+                if e & C.PTE_PRESENT and ((e & C.PTE_PFN_MASK) >> PAGE_SHIFT) == head:
+                    yield mm, va, head, mm.find_vma(va)
+            return
+        inode = self.k.inodes.get(core.mapping(head))
+        if inode is None:
+            return
+        index = core.index(head)
+        for vma in list(inode.i_mmap):
+            for i in range(n):
+                if not vma.covers_index(index + i):
+                    continue
+                va = vma.addr_of(index + i)
+                e = core.pte_get(vma.mm.pgd, va)
+                if e & C.PTE_PRESENT and ((e & C.PTE_PFN_MASK) >> PAGE_SHIFT) == head + i:
+                    yield vma.mm, va, head + i, vma
+
+    def try_to_unmap(self, head: int, hwpoison: bool) -> None:
+        """try_to_unmap(folio, TTU_HWPOISON?): poisoned subpages become hwpoison entries."""
+        for mm, va, pfn, _vma in list(self.rmap_walk(head)):
+            poison = hwpoison and self.core.flags(pfn) & PG_hwpoison
+            new = ((pfn << PAGE_SHIFT) | C.PTE_HWPOISON) if poison else 0
+            self.zap_pte(mm, va, new)
+            self.k.trace("unmap", mm=mm.slot, addr=va, pfn=pfn, hwpoison=bool(poison))
+
+    def folio_mkclean(self, head: int) -> bool:
+        """Write-protect/clean every mapping; True if any PTE was dirty."""
+        dirty = False
+        for mm, va, _pfn, _vma in list(self.rmap_walk(head)):
+            old = self.core.pte_clear_ad(mm.pgd, va, C.PTE_DIRTY)
+            dirty |= bool(old & C.PTE_DIRTY)
+        return dirty
+
+    # ------------------------------------------------------------------ faults
+    def handle_mm_fault(self, task, va: int, write: bool) -> None:
+        """Resolve a fault for `task`, or signal it as x86's do_sigbus/bad_area would."""
+        mm = task.process.mm
+        vma = mm.find_vma(va)
+        if vma is None:
+            return self.k.signals.force_sig_fault(task, u.SIGSEGV, u.SEGV_MAPERR, va)
+        if (write and not vma.prot & u.PROT_WRITE) or not vma.prot & (u.PROT_READ | u.PROT_WRITE):
+            return self.k.signals.force_sig_fault(task, u.SIGSEGV, u.SEGV_ACCERR, va)
+        entry, level = self.core.walk(mm.pgd, va)
+        if entry & C.PTE_HWPOISON:
+            return self._sigbus(task, va, VM_FAULT_HWPOISON, 12 + 9 * (level - 1))
+        if entry & C.PTE_PRESENT:
+            if write and not entry & C.PTE_RW and not vma.shared and vma.file is not None:
+                return self._cow(task, vma, va, entry)
+            return None                     # spurious: another thread fixed it
+        if vma.file is None:
+            return self._do_anonymous_page(vma, va, write)
+        index = vma.pgoff + ((va - vma.start) >> PAGE_SHIFT)
+        ret, pfn = vma.inode.ops.fault(self.k, vma.inode, index)
+        if ret == VM_FAULT_OK and self.core.flags(pfn) & PG_hwpoison:
+            ret = VM_FAULT_HWPOISON          # __do_fault's PageHWPoison check
+            if self.folio_mapped(self.core.head(pfn)):
+                self.try_to_unmap(self.core.head(pfn), hwpoison=False)
+        if ret != VM_FAULT_OK:
+            return self._sigbus(task, va, ret, PAGE_SHIFT)
+        if write and not vma.shared:
+            return self._cow_from(vma, va, pfn)
+        self.set_pte(mm, va & ~(PAGE_SIZE - 1), pfn, vma.shared and vma.prot & u.PROT_WRITE, write)
+        if write:
+            self.folio_mark_dirty(self.core.head(pfn))    # fault_dirty_shared_page
+        if not write:
+            self._fault_around(vma, va)
+        return None
+
+    def _sigbus(self, task, va: int, ret: int, lsb: int) -> None:
+        sig = self.k.signals
+        if ret & (VM_FAULT_HWPOISON | VM_FAULT_HWPOISON_LARGE):
+            self.k.log("MCE: Killing %s:%d due to hardware memory corruption fault at %x"
+                       % (task.comm, task.tid, va))
+            return sig.force_sig_mceerr(task, u.BUS_MCEERR_AR, va, lsb)
+        return sig.force_sig_fault(task, u.SIGBUS, u.BUS_ADRERR, va)
+
+    def _do_anonymous_page(self, vma: Vma, va: int, write: bool) -> None:
+        va &= ~(PAGE_SIZE - 1)
+        pfn = self.folio_alloc(0, PG_anon | PG_lru | PG_swapbacked | PG_uptodate, 0, va >> PAGE_SHIFT)
+        self.set_pte(vma.mm, va, pfn, bool(vma.prot & u.PROT_WRITE), write)
+        self.folio_put(pfn)                  # the mapping holds it now
+        self.anon_rmap[pfn] = (vma.mm, va)
+
+    def _cow_from(self, vma: Vma, va: int, src: int) -> None:
+        va &= ~(PAGE_SIZE - 1)
+        pfn = self.folio_alloc(0, PG_anon | PG_lru | PG_swapbacked | PG_uptodate, 0, va >> PAGE_SHIFT)
+        self.core.phys_copy(pfn, src)
+        self.set_pte(vma.mm, va, pfn, True, True)
+        self.folio_put(pfn)
+        self.anon_rmap[pfn] = (vma.mm, va)
+
+    def _cow(self, task, vma: Vma, va: int, entry: int) -> None:
+        src = (entry & C.PTE_PFN_MASK) >> PAGE_SHIFT
+        self.zap_pte(vma.mm, va & ~(PAGE_SIZE - 1))
+        self._cow_from(vma, va, src)
+
+    FAULT_AROUND_PAGES = 16
+
+    def _fault_around(self, vma: Vma, va: int) -> None:
+        """do_fault_around: map neighbours already in the page cache (read faults)."""
+        if not vma.shared:
+            return
+        inode = vma.inode
+        span = self.FAULT_AROUND_PAGES << PAGE_SHIFT
+        lo = max(vma.start, va & ~(span - 1))
+        hi = min(vma.end, lo + span)
+        core = self.core
+        for a in range(lo, hi, PAGE_SIZE):
+            index = vma.pgoff + ((a - vma.start) >> PAGE_SHIFT)
+            pfn = inode.pages.get(index)
+            if pfn is None or core.flags(pfn) & PG_hwpoison or not inode.ops.map_ok(inode, index):
+                continue
+            if core.pte_get(vma.mm.pgd, a) == 0:
+                self.set_pte(vma.mm, a, pfn, bool(vma.prot & u.PROT_WRITE), False)
+
+    # ------------------------------------------------------------------ mmap family
+    def mmap(self, proc, addr: int, length: int, prot: int, flags: int, file, offset: int) -> int:
+        mm = proc.mm
+        if length <= 0 or offset % PAGE_SIZE or offset < 0:
+            raise OSError(u.EINVAL, "mmap")
+        length = page_align(length)
+        mtype = flags & u.MAP_TYPE
+        if mtype not in (u.MAP_SHARED, u.MAP_PRIVATE, u.MAP_SHARED_VALIDATE):
+            raise OSError(u.EINVAL, "mmap")
+        shared = mtype != u.MAP_PRIVATE
+        if flags & (u.MAP_FIXED | u.MAP_FIXED_NOREPLACE):
+            if addr % PAGE_SIZE or addr < MMAP_MIN or addr + length > TASK_SIZE:
+                raise OSError(u.EINVAL, "mmap")
+            if flags & u.MAP_FIXED_NOREPLACE and mm.overlapping(addr, addr + length):
+                raise OSError(u.EEXIST, "mmap")
+        if file is not None:
+            file.inode.ops.mmap_check(self.k, file, shared, prot)
+        if flags & (u.MAP_FIXED | u.MAP_FIXED_NOREPLACE):
+            self.munmap(proc, addr, length)
+        else:
+            addr = mm.get_unmapped_area(length)
+        vma = Vma(mm, addr, addr + length, prot, shared, file, offset >> PAGE_SHIFT)
+        if file is not None:
+            file.get()
+            file.inode.i_mmap.add(vma)
+        mm.insert(vma)
+        self.k.trace("mmap", mm=mm.slot, addr=addr, length=length)
+        return addr
+
+    def munmap(self, proc, addr: int, length: int) -> None:
+        if addr % PAGE_SIZE or length <= 0 or addr + length > TASK_SIZE:
+            raise OSError(u.EINVAL, "munmap")
+        end = addr + page_align(length)
+        mm = proc.mm
+        for vma in mm.overlapping(addr, end):
+            self.zap_range(mm, max(addr, vma.start), min(end, vma.end))
+            self._split_out(mm, vma, addr, end)
+
+    def _split_out(self, mm: Mm, vma: Vma, start: int, end: int) -> None:
+        mm.remove(vma)
+        if vma.file is not None:
+            vma.inode.i_mmap.discard(vma)
+        for lo, hi in ((vma.start, min(start, vma.end)), (max(end, vma.start), vma.end)):
+            if lo < hi:
+                piece = Vma(mm, lo, hi, vma.prot, vma.shared, vma.file,
+                            vma.pgoff + ((lo - vma.start) >> PAGE_SHIFT))
+                mm.insert(piece)
+                if vma.file is not None:
+                    vma.file.get()
+                    vma.inode.i_mmap.add(piece)
+        if vma.file is not None:
+            vma.file.put(self.k)
+
+    def populate(self, task, addr: int, length: int, write: bool) -> None:
+        for va in range(addr, addr + length, PAGE_SIZE):
+            e, _ = self.core.walk(task.process.mm.pgd, va)
+            if not e & C.PTE_PRESENT:
+                self.handle_mm_fault(task, va, write)
+
+    def exit_mmap(self, mm: Mm) -> None:
+        for vma in list(mm.vmas):
+            self.zap_range(mm, vma.start, vma.end)
+            self._split_out(mm, vma, vma.start, vma.end)
+        tables = self.core.pt_tables(mm.pgd)
+        self.k.defer_pt_free(tables)
+        self.core.mm_clear(mm.slot)
+
+    def dup_mmap(self, src: Mm, dst: Mm) -> None:
+        """fork: shared mappings share frames; private anonymous pages are copied
+        at fork time (the emulator does not do copy-on-write across processes)."""
+        core = self.core
+        for vma in src.vmas:
+            nv = Vma(dst, vma.start, vma.end, vma.prot, vma.shared, vma.file, vma.pgoff)
+            if vma.file is not None:
+                vma.file.get()
+                vma.inode.i_mmap.add(nv)
+            dst.insert(nv)
+            for va, e, _level in core.pt_scan(src.pgd, vma.start, vma.end):
+                if e & C.PTE_HWPOISON:
+                    core.pte_set(dst.pgd, va, e)         # copy_nonpresent_pte
+                    continue
+                pfn = (e & C.PTE_PFN_MASK) >> PAGE_SHIFT
+                if core.flags(core.head(pfn)) & PG_anon:
+                    new = self.folio_alloc(0, PG_anon | PG_lru | PG_swapbacked | PG_uptodate, 0,
+                                           va >> PAGE_SHIFT)
+                    core.phys_copy(new, pfn)
+                    self.set_pte(dst, va, new, bool(e & C.PTE_RW), bool(e & C.PTE_DIRTY))
+                    self.folio_put(new)
+                    self.anon_rmap[new] = (dst, va)
+                else:
+                    self.set_pte(dst, va, pfn, bool(e & C.PTE_RW), bool(e & C.PTE_DIRTY))
+
+    # ------------------------------------------------------------------ /proc/pid/pagemap
+    def pagemap(self, mm: Mm, addr: int) -> int:
+        e, level = self.core.walk(mm.pgd, addr)
+        vma = mm.find_vma(addr)
+        if e & C.PTE_PRESENT:
+            pfn = ((e & C.PTE_PFN_MASK) >> PAGE_SHIFT) + ((addr >> PAGE_SHIFT) & ((1 << (9 * (level - 1))) - 1))
+            v = u.PM_PRESENT | pfn
+            if not self.core.flags(self.core.head(pfn)) & PG_anon:
+                v |= u.PM_FILE
+            if self.core.mapcount(pfn) == 1:
+                v |= u.PM_MMAP_EXCLUSIVE
+            return v
+        if e & C.PTE_HWPOISON:
+            pfn = (e & C.PTE_PFN_MASK) >> PAGE_SHIFT
+            return u.PM_SWAP | u.SWP_HWPOISON | (pfn << u.PM_SWAP_TYPE_BITS)
+        if vma is not None and vma.file is not None:
+            return 0
+        return 0

@@ -1,0 +1,136 @@
+"""Page flags and the buddy allocator (mm/page_alloc.c in miniature).
+
+Frame state lives in the shared-memory frame table (struct page / struct folio);
+the free lists are the supervisor's own, as they are the kernel's.  Frames a zap
+freed go through a grace period before reuse (emulated TLB shootdown): a CPU
+that walked the old PTE may still be copying from them.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+# page flags (our bit numbers, the kernel's names)
+PG_locked = 1 << 0
+PG_referenced = 1 << 1
+PG_uptodate = 1 << 2
+PG_dirty = 1 << 3
+PG_lru = 1 << 4
+PG_head = 1 << 5
+PG_active = 1 << 6
+PG_writeback = 1 << 7
+PG_reserved = 1 << 8
+PG_swapbacked = 1 << 9
+PG_unevictable = 1 << 10
+PG_mlocked = 1 << 11
+PG_hwpoison = 1 << 12
+PG_buddy = 1 << 13        # a page type in the kernel; the head of a free block
+PG_slab = 1 << 14
+PG_anon = 1 << 15         # folio_test_anon: mapping has PAGE_MAPPING_ANON
+PG_hugetlb = 1 << 16
+PG_swapcache = 1 << 17
+PG_private = 1 << 18
+PG_error = 1 << 19
+
+MAX_PAGE_ORDER = 10
+NR_RESERVED = 16          # low frames the "kernel image" owns (PG_reserved)
+
+
+class BuddyAllocator:
+    """Per-order free lists of block heads; PG_buddy + order mark a free block."""
+
+    def __init__(self, core, nframes: int, reserved: int = NR_RESERVED):
+        self.core = core
+        self.nframes = nframes
+        self.free_area: list[set[int]] = [set() for _ in range(MAX_PAGE_ORDER + 1)]
+        self.nr_free = 0
+        self.pending: deque[tuple[int, int, int]] = deque()   # (epoch, pfn, order)
+        for pfn in range(reserved):
+            core.set_folio(pfn, 0, PG_reserved, 1, 0, 0)
+        pfn = reserved
+        while pfn < nframes:
+            order = MAX_PAGE_ORDER
+            while order and (pfn & ((1 << order) - 1) or pfn + (1 << order) > nframes):
+                order -= 1
+            self._add(pfn, order)
+            pfn += 1 << order
+
+    # -- free lists --
+    def _add(self, pfn: int, order: int) -> None:
+        self.core.set_folio(pfn, order, PG_buddy, 0, 0, 0)
+        self.free_area[order].add(pfn)
+        self.nr_free += 1 << order
+
+    def _del(self, pfn: int, order: int) -> None:
+        self.free_area[order].discard(pfn)
+        self.core.set_flags(pfn, 0)
+        self.nr_free -= 1 << order
+
+    def alloc(self, order: int = 0) -> int:
+        """A free block of 2**order frames, contents not cleared; raises MemoryError."""
+        self.reclaim()
+        for o in range(order, MAX_PAGE_ORDER + 1):
+            if self.free_area[o]:
+                pfn = min(self.free_area[o]) if o > order else self.free_area[o].pop()
+                self.free_area[o].discard(pfn)
+                self.nr_free -= 1 << o
+                while o > order:               # split, keep the low half
+                    o -= 1
+                    self._add(pfn + (1 << o), o)
+                self.core.set_flags(pfn, 0)
+                return pfn
+        if self.pending:
+            raise MemoryError("out of memory (frames wait for a grace period)")
+        raise MemoryError("out of memory")
+
+    def free(self, pfn: int, order: int = 0) -> None:
+        """Free after the current grace period (the caller just zapped its mappings)."""
+        self.pending.append((self.core.epoch_bump(), pfn, order))
+
+    def free_now(self, pfn: int, order: int = 0) -> None:
+        while order < MAX_PAGE_ORDER:
+            buddy = pfn ^ (1 << order)
+            if buddy not in self.free_area[order]:
+                break
+            self._del(buddy, order)
+            pfn = min(pfn, buddy)
+            order += 1
+        self._add(pfn, order)
+
+    def reclaim(self) -> None:
+        core = self.core
+        while self.pending and core.quiescent_since(self.pending[0][0]):
+            _, pfn, order = self.pending.popleft()
+            if core.flags(pfn) & PG_hwpoison:
+                continue               # never hand a poisoned frame out again
+            self.free_now(pfn, order)
+
+    # -- hwpoison support --
+    def free_block_of(self, pfn: int) -> tuple[int, int] | None:
+        """is_free_buddy_page(): the free block (head, order) holding pfn, if any."""
+        for order in range(MAX_PAGE_ORDER + 1):
+            head = pfn & ~((1 << order) - 1)
+            if head in self.free_area[order]:
+                return head, order
+        return None
+
+    def take_page_off_buddy(self, pfn: int) -> bool:
+        """Remove one frame from the free lists for good (page_handle_poison)."""
+        blk = self.free_block_of(pfn)
+        if blk is None:
+            return False
+        head, order = blk
+        self._del(head, order)
+        while order:                          # split around pfn, free the other halves
+            order -= 1
+            half = 1 << order
+            if pfn >= head + half:
+                self._add(head, order)
+                head += half
+            else:
+                self._add(head + half, order)
+        self.core.set_folio(pfn, 0, 0, 0, 0, 0)
+        return True
+
+    def put_back(self, pfn: int) -> None:
+        """unpoison of a page taken off buddy: give it back."""
+        self.free_now(pfn, 0)

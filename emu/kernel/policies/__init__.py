@@ -1,0 +1,77 @@
+"""Memory-failure policies: named bundles of decisions the one generic flow asks.
+
+A policy never appears as `if policy == ...` in the flow: the flow calls a
+decision by name.  Users subclass `Policy` (or a preset) and override decisions;
+see README "Writing a policy".
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+from ... import uapi as u
+
+
+class Policy:
+    """The decisions, with the MF_DELAYED-fix kernel's answers as defaults."""
+
+    name = "base"
+    description = ""
+
+    # truncate_error_folio: an error_remove_folio that returns MF_DELAYED is passed
+    # through (the fix) or taken as "Failed to punch page" -> MF_FAILED (v6.18).
+    propagate_mf_delayed = True
+    # shmem_error_remove_folio's return: MF_DELAYED with the fix series, 0 before it.
+    shmem_error_remove_folio_result = u.MF_DELAYED
+
+    def describe(self) -> dict:
+        out = {}
+        for klass in reversed(type(self).__mro__):
+            for key, val in vars(klass).items():
+                if not key.startswith("_") and not callable(val) and key not in ("name", "description"):
+                    out[key] = getattr(self, key)
+        return out
+
+
+class MfDelayedFix(Policy):
+    name = "mf-delayed-fix"
+    description = "the MF_DELAYED fix series: MF_DELAYED propagates, memory_failure returns 0"
+
+
+class V618(Policy):
+    name = "v6.18"
+    description = ("upstream before the MF_DELAYED fix: MF_DELAYED becomes MF_FAILED, -EBUSY, "
+                   "and a consumed #MC also gets kill_me_now")
+    propagate_mf_delayed = False
+    shmem_error_remove_folio_result = 0
+
+
+PRESETS: dict[str, type[Policy]] = {p.name: p for p in (V618, MfDelayedFix)}
+DEFAULT = "mf-delayed-fix"
+
+
+def load(spec: str | type | Policy) -> Policy:
+    """A preset name, 'path/to/file.py:ClassName', a Policy class or instance."""
+    if isinstance(spec, Policy):
+        return spec
+    if isinstance(spec, type) and issubclass(spec, Policy):
+        return spec()
+    if not isinstance(spec, str):
+        raise ValueError("policy: expected a preset name or path.py:Class")
+    if spec in PRESETS:
+        return PRESETS[spec]()
+    if ":" in spec:
+        path, _, cls = spec.rpartition(":")
+        modname = "emu_user_policy_%d" % (abs(hash(path)) % 10**8)
+        try:
+            s = importlib.util.spec_from_file_location(modname, path)
+            mod = importlib.util.module_from_spec(s)
+            sys.modules[modname] = mod
+            s.loader.exec_module(mod)
+        except (OSError, ImportError, SyntaxError) as e:
+            raise ValueError("policy: cannot load %s: %s" % (path, e)) from None
+        klass = getattr(mod, cls, None)
+        if not (isinstance(klass, type) and issubclass(klass, Policy)):
+            raise ValueError("policy: %s has no Policy subclass %r" % (path, cls))
+        return klass()
+    raise ValueError("policy: unknown preset %r (presets: %s)" % (spec, ", ".join(PRESETS)))

@@ -1,0 +1,63 @@
+"""Signal generation (kernel/signal.c) for emulated threads.
+
+The kernel side decides who gets which siginfo; delivery is real:
+- to current (the thread in a syscall or fault): the record rides on the reply and
+  the worker raises it on itself with rt_tgsigqueueinfo; a forced one first
+  resets a blocked or ignored SIGBUS to SIG_DFL and unblocks it, as
+  force_sig_info_to_task does;
+- to any other thread: the record goes to its shm mailbox and a thread-directed
+  SIGBUS rings the doorbell; blocked, it stays pending until unblocked.
+SIGBUS is a legacy signal: one already pending makes a new one a no-op
+(legacy_queue), so the kernel's own drop rule decides, not the doorbell.
+"""
+from __future__ import annotations
+
+from .. import _core as C
+from .. import uapi as u
+
+
+class Signals:
+    def __init__(self, k):
+        self.k = k
+        self.seq = 0
+
+    def _queue(self, t, signo: int, code: int, addr: int, lsb: int, force: bool) -> int:
+        k = self.k
+        self.seq += 1
+        what = dict(tid=t.tid, signo=signo, code=code, addr=addr, lsb=lsb, force=force)
+        if not t.alive:
+            return -u.ESRCH
+        if t is k.current:
+            pend = [s for s in t.reply_sigs if s[0] == signo]
+            if pend or k.core.sig_pending(t.slot):
+                if force:                   # force still resets the disposition
+                    for s in pend:
+                        s[4] = True
+                k.trace("signal_dropped", reason="already pending", **what)
+                return 0
+            t.reply_sigs.append([signo, code, addr, lsb, force])
+            k.trace("signal", via="current", **what)
+            return 0
+        if k.core.sig_pending(t.slot):
+            k.trace("signal_dropped", reason="already pending", **what)
+            return 0
+        if not k.core.mb_post(t.slot, signo, code, addr, lsb, 0, self.seq):
+            k.trace("signal_dropped", reason="mailbox full", **what)
+            return 0
+        k.trace("signal", via="mailbox", **what)
+        r = C.tgkill(t.tid, t.tid, signo)
+        return r
+
+    # the kernel's entry points
+    def force_sig_mceerr(self, t, code: int, addr: int, lsb: int) -> int:
+        return self._queue(t, u.SIGBUS, code, addr, lsb, True)
+
+    def send_sig_mceerr(self, t, code: int, addr: int, lsb: int) -> int:
+        return self._queue(t, u.SIGBUS, code, addr, lsb, False)
+
+    def force_sig(self, t, signo: int) -> int:
+        """force_sig: si_code SI_KERNEL, no address."""
+        return self._queue(t, signo, u.SI_KERNEL, 0, 0, True)
+
+    def force_sig_fault(self, t, signo: int, code: int, addr: int) -> int:
+        return self._queue(t, signo, code, addr, 0, True)

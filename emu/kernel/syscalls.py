@@ -1,0 +1,303 @@
+"""The system-call table: what an emulated thread may ask of the kernel, and the
+host-side controls (debugfs, /proc, sysctl).
+
+Every entry validates its arguments the way Linux does and raises OSError(errno)
+before changing anything.
+"""
+from __future__ import annotations
+
+import base64
+
+from .. import uapi as u
+from . import sched
+from .mm import PAGE_SIZE, TASK_SIZE
+from .shmem import memfd_create
+
+
+def _int(a: dict, key: str, default=None) -> int:
+    v = a.get(key, default)
+    if v is None or isinstance(v, bool) or not isinstance(v, int):
+        raise OSError(u.EINVAL, "%s: expected an integer" % key)
+    return v
+
+
+def _u64(a: dict, key: str, default=None) -> int:
+    v = _int(a, key, default)
+    if v < 0 or v >= 1 << 64:
+        raise OSError(u.EINVAL, "%s: out of range" % key)
+    return v
+
+
+# ------------------------------------------------------------------ worker syscalls
+def sys_prctl(k, t, a):
+    args = [_u64(a, "arg%d" % i, 0) for i in range(2, 6)]
+    ret = sched.prctl(t, _int(a, "option"), *args)
+    k.core.task_set(t.slot, "mce_flags", t.flags)
+    return ret
+
+
+def sys_memfd_create(k, t, a):
+    name = a.get("name")
+    if not isinstance(name, str):
+        raise OSError(u.EFAULT, "name")
+    return memfd_create(k, t.process, name, _u64(a, "flags", 0))
+
+
+def sys_mmap(k, t, a):
+    length = _u64(a, "length")
+    flags = _u64(a, "flags")
+    fd = _int(a, "fd", -1)
+    f = None
+    if not flags & u.MAP_ANONYMOUS:
+        f = t.process.fget(fd)
+    addr = k.mm.mmap(t.process, _u64(a, "addr", 0), length, _u64(a, "prot"), flags, f,
+                     _int(a, "offset", 0))
+    if flags & u.MAP_POPULATE:
+        k.mm.populate(t, addr, length, bool(_u64(a, "prot") & u.PROT_WRITE))
+    return addr
+
+
+def sys_munmap(k, t, a):
+    k.mm.munmap(t.process, _u64(a, "addr"), _u64(a, "length"))
+    return 0
+
+
+def sys_madvise(k, t, a):
+    addr, length, advice = _u64(a, "addr"), _u64(a, "length"), _int(a, "advice")
+    if addr % PAGE_SIZE:
+        raise OSError(u.EINVAL, "madvise: unaligned start")
+    end = addr + ((length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
+    if end > TASK_SIZE:
+        raise OSError(u.EINVAL, "madvise")
+    mm = t.process.mm
+    if advice in (u.MADV_DONTNEED, u.MADV_FREE, u.MADV_REMOVE):
+        cursor = addr
+        for vma in mm.overlapping(addr, end):
+            if vma.start > cursor:
+                raise OSError(u.ENOMEM, "madvise: unmapped range")
+            k.mm.zap_range(mm, max(addr, vma.start), min(end, vma.end))
+            cursor = vma.end
+        if cursor < end:
+            raise OSError(u.ENOMEM, "madvise: unmapped range")
+        return 0
+    if advice in (u.MADV_HWPOISON, u.MADV_SOFT_OFFLINE):
+        return madvise_inject_error(k, t, addr, addr + length, advice)
+    if advice == u.MADV_NORMAL:
+        return 0
+    raise OSError(u.EINVAL, "madvise: advice not emulated")
+
+
+def madvise_inject_error(k, t, start: int, end: int, advice: int) -> int:
+    """mm/madvise.c: pin each page with GUP (faulting it in), then inject."""
+    from .. import _core as C
+
+    mm = t.process.mm
+    while start < end:
+        e, level = k.core.walk(mm.pgd, start)
+        if not e & C.PTE_PRESENT:
+            # get_user_pages_fast: faults the page in; a fault that would signal
+            # fails GUP instead (VM_FAULT_HWPOISON -> -EHWPOISON, SIGBUS -> -EFAULT)
+            if mm.find_vma(start) is None:
+                raise OSError(u.EFAULT, "madvise: get_user_pages_fast")
+            if e & C.PTE_HWPOISON:
+                raise OSError(u.EHWPOISON, "madvise: get_user_pages_fast")
+            before = len(t.reply_sigs)
+            k.mm.handle_mm_fault(t, start, False)
+            if len(t.reply_sigs) > before:
+                code = t.reply_sigs[-1][1]
+                del t.reply_sigs[before:]
+                raise OSError(u.EHWPOISON if code == u.BUS_MCEERR_AR else u.EFAULT,
+                              "madvise: get_user_pages_fast")
+            e, level = k.core.walk(mm.pgd, start)
+        shift = 12 + 9 * (level - 1)
+        pfn = ((e & C.PTE_PFN_MASK) >> 12) + ((start >> 12) & ((1 << (shift - 12)) - 1))
+        head = k.core.head(pfn)
+        size = PAGE_SIZE << k.core.order(head)
+        if advice == u.MADV_SOFT_OFFLINE:
+            k.log("Soft offlining pfn %#x at process virtual address %#x" % (pfn, start))
+            ret = k.soft_offline_page(pfn) if hasattr(k, "soft_offline_page") else -u.EINVAL
+        else:
+            k.log("Injecting memory failure for pfn %#x at process virtual address %#x"
+                  % (pfn, start))
+            k.core.ref_add(head, 1)                 # MF_COUNT_INCREASED: GUP's reference
+            flags = u.MF_COUNT_INCREASED | u.MF_SW_SIMULATED
+            if k.madvise_action_required:
+                flags |= u.MF_ACTION_REQUIRED
+            ret = k.memory_failure.memory_failure(pfn, flags)
+            if ret == -u.EOPNOTSUPP:
+                ret = 0
+        if ret:
+            raise OSError(-ret, "madvise")
+        start = (start & ~(size - 1)) + size
+    return 0
+
+
+def sys_pread(k, t, a):
+    f = t.process.fget(_int(a, "fd"))
+    data = f.inode.ops.read(k, f.inode, _int(a, "n"), _int(a, "offset", 0))
+    return base64.b64encode(data).decode()
+
+
+def sys_pwrite(k, t, a):
+    f = t.process.fget(_int(a, "fd"))
+    data = a.get("data")
+    if not isinstance(data, str):
+        raise OSError(u.EFAULT, "data")
+    return f.inode.ops.write(k, f.inode, base64.b64decode(data), _int(a, "offset", 0))
+
+
+def sys_fallocate(k, t, a):
+    f = t.process.fget(_int(a, "fd"))
+    f.inode.ops.fallocate(k, f.inode, _int(a, "mode"), _int(a, "offset"), _int(a, "length"))
+    return 0
+
+
+def sys_ftruncate(k, t, a):
+    f = t.process.fget(_int(a, "fd"))
+    f.inode.ops.truncate(k, f.inode, _int(a, "length"))
+    return 0
+
+
+def sys_close(k, t, a):
+    fd = _int(a, "fd")
+    f = t.process.fget(fd)
+    del t.process.files[fd]
+    f.put(k)
+    return 0
+
+
+def sys_pagemap(k, t, a):
+    return k.mm.pagemap(t.process.mm, _u64(a, "addr"))
+
+
+def sys_fault(k, t, a):
+    k.mm.handle_mm_fault(t, _u64(a, "addr"), bool(a.get("write")))
+    return 0
+
+
+def sys_mce(k, t, a):
+    """An emulated #MC raised by this thread's access: do_machine_check queues
+    kill_me_maybe as task_work on current."""
+    pfn, addr = _u64(a, "pfn"), _u64(a, "addr")
+    k.trace("mce", tid=t.tid, pfn=pfn, addr=addr)
+    k.memory_failure.kill_me_maybe(pfn, (pfn << 12) | (addr & 0xFFF))
+    return 0
+
+
+def sys_open_kvm(k, t, a):
+    return k.kvm.open_kvm(t.process)
+
+
+def sys_create_vm(k, t, a):
+    return k.kvm.create_vm(t.process, _int(a, "fd"), _int(a, "type", 0))
+
+
+def sys_create_guest_memfd(k, t, a):
+    return k.kvm.create_guest_memfd(t.process, _int(a, "vmfd"), _int(a, "size"),
+                                    _u64(a, "flags", 0))
+
+
+def sys_getpid(k, t, a):
+    return t.tgid
+
+
+SYSCALLS = {
+    "prctl": sys_prctl, "memfd_create": sys_memfd_create, "mmap": sys_mmap,
+    "munmap": sys_munmap, "madvise": sys_madvise, "pread": sys_pread, "pwrite": sys_pwrite,
+    "fallocate": sys_fallocate, "ftruncate": sys_ftruncate, "close": sys_close,
+    "pagemap": sys_pagemap, "fault": sys_fault, "mce": sys_mce, "open_kvm": sys_open_kvm,
+    "create_vm": sys_create_vm, "create_guest_memfd": sys_create_guest_memfd,
+    "getpid": sys_getpid,
+}
+
+
+# ------------------------------------------------------------------ host controls
+def _pfn(k, a):
+    pfn = _int(a, "pfn")
+    return pfn
+
+
+def host_sysctl(k, a):
+    name = a.get("name")
+    if not isinstance(name, str):
+        raise OSError(u.EINVAL, "name")
+    if "value" in a and a["value"] is not None:
+        k.set_sysctl(name, a["value"])
+    if name not in k.sysctl:
+        raise OSError(u.ENOENT, "no such sysctl: %s" % name)
+    return k.sysctl[name]
+
+
+def host_corrupt_pfn(k, a):
+    return k.memory_failure.hwpoison_inject(_pfn(k, a))
+
+
+def host_unpoison_pfn(k, a):
+    return k.memory_failure.unpoison_memory(_pfn(k, a))
+
+
+def host_hw_poison(k, a):
+    pfn = _pfn(k, a)
+    if pfn < 0 or pfn >= k.nframes:
+        return -u.ENXIO
+    k.core.set_hwerr(pfn, 1)
+    k.trace("hw_poison", pfn=pfn)
+    return 0
+
+
+def host_hw_detect(k, a):
+    pfn = _pfn(k, a)
+    if pfn < 0 or pfn >= k.nframes:
+        return -u.ENXIO
+    k.core.set_hwerr(pfn, 1)
+    k.trace("hw_detect", pfn=pfn)
+    return k.memory_failure.memory_failure_queue(pfn)
+
+
+def host_meminfo(k, a):
+    return k.meminfo()
+
+
+def host_mf_stats(k, a):
+    return dict(k.memory_failure.stats)
+
+
+def host_kpageflags(k, a):
+    return k.kpageflags(_int(a, "pfn"))
+
+
+def host_dmesg(k, a):
+    return list(k.dmesg_lines)
+
+
+def host_events(k, a):
+    since = _int(a, "since", 0)
+    return [e for e in k.events if e["seq"] > since]
+
+
+def host_status(k, a):
+    procs = []
+    for p in k.processes():
+        procs.append({
+            "tgid": p.tgid, "comm": p.comm, "vmas": len(p.mm.vmas), "fds": len(p.files),
+            "threads": [{"tid": t.tid, "comm": t.comm, "slot": t.slot,
+                         "mce_kill": {0: "LATE", 1: "EARLY", 2: "DEFAULT"}[t.mce_policy()]}
+                        for t in p.threads if t.alive],
+        })
+    mi = k.meminfo()
+    return {"policy": k.policy.name, "sysctl": dict(k.sysctl), "meminfo": mi,
+            "mf_stats": dict(k.memory_failure.stats), "processes": procs,
+            "inodes": len(k.inodes), "pt_pages": k.core.pt_used,
+            "madvise_action_required": k.madvise_action_required}
+
+
+def host_policy(k, a):
+    return {"name": k.policy.name, "decisions": k.policy.describe()}
+
+
+HOSTCALLS = {
+    "sysctl": host_sysctl, "corrupt_pfn": host_corrupt_pfn, "unpoison_pfn": host_unpoison_pfn,
+    "hw_poison": host_hw_poison, "hw_detect": host_hw_detect, "meminfo": host_meminfo,
+    "mf_stats": host_mf_stats, "kpageflags": host_kpageflags, "dmesg": host_dmesg,
+    "events": host_events, "status": host_status, "policy": host_policy,
+}

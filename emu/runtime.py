@@ -1,0 +1,630 @@
+"""The worker runtime: this process as an emulated thread.
+
+A worker maps the core segments and is its own CPU: loads and stores go through
+the Cython fast path with no IPC.  Faults, machine checks and system calls go to
+the supervisor over the worker's own connection; signals the kernel sends come
+back as real SIGBUS (raised on itself for current, a doorbell plus a mailbox
+record otherwise).
+"""
+from __future__ import annotations
+
+import array
+import base64
+import ctypes
+import json
+import os
+import pickle
+import select
+import signal
+import socket
+import threading
+import traceback
+import weakref
+from collections import namedtuple
+
+from . import _core as C
+from . import shm
+from . import uapi as u
+
+# ------------------------------------------------------------------ errors
+
+
+def _oserror(err: dict) -> OSError:
+    e = err.get("errno", u.EINVAL)
+    desc = err.get("desc") or os.strerror(e)
+    return OSError(e, desc)
+
+
+# ------------------------------------------------------------------ the channel
+_channels: weakref.WeakSet = weakref.WeakSet()
+
+
+class Channel:
+    """One QMP-like connection.  Replies carry the request id; replies to calls a
+    signal handler abandoned are discarded, so a handler may raise anywhere."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.pid = os.getpid()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.sock.connect(path)
+        except OSError as e:
+            self.sock.close()
+            raise OSError(e.errno, "cannot reach the supervisor at %s: %s"
+                          % (path, e.strerror)) from None
+        self.rfile = self.sock.makefile("rb")
+        self.seq = 0
+        self.outstanding: set[int] = set()
+        self.stash: dict[int, dict] = {}
+        greeting = self.rfile.readline()
+        if not greeting:
+            raise OSError(u.ECONNREFUSED if hasattr(u, "ECONNREFUSED") else 111,
+                          "supervisor closed the connection")
+        _channels.add(self)
+
+    def close(self) -> None:
+        try:
+            self.rfile.close()
+            self.sock.close()
+        except OSError:
+            pass
+
+    def request(self, name: str, args: dict | None = None) -> dict:
+        if os.getpid() != self.pid:
+            raise OSError(u.EBADF, "this connection belongs to another process")
+        self.seq += 1
+        rid = self.seq
+        msg = json.dumps({"execute": name, "arguments": args or {}, "id": rid},
+                         separators=(",", ":")).encode() + b"\n"
+        self.outstanding.add(rid)
+        try:
+            if len(msg) > 65536:
+                old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGBUS})
+                try:
+                    self.sock.sendall(msg)
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            else:
+                self.sock.sendall(msg)
+            while rid not in self.stash:
+                line = self.rfile.readline()
+                if not line:
+                    raise OSError(u.ESRCH, "the supervisor has gone away")
+                rep = json.loads(line)
+                if rep.get("id") in self.outstanding:
+                    self.stash[rep["id"]] = rep
+            return self.stash.pop(rid)
+        finally:
+            self.outstanding.discard(rid)
+            self.stash.pop(rid, None)
+
+    def call(self, _cmd: str, **args):
+        rep = self.request(_cmd, args)
+        if "error" in rep:
+            raise _oserror(rep["error"])
+        return rep.get("return")
+
+
+def _after_fork_child() -> None:
+    # A forked child must not hold its parent's connections: the supervisor sees a
+    # thread's death as EOF on its socket.
+    for ch in list(_channels):
+        if ch.pid != os.getpid():
+            try:
+                os.close(ch.sock.detach())
+            except OSError:
+                pass
+    C.unbind_self()
+    global _self
+    _self = None
+
+
+os.register_at_fork(after_in_child=_after_fork_child)
+
+
+# ------------------------------------------------------------------ host handle
+class Host:
+    """The emulated machine: debugfs, /proc and sysctl views, and its lifetime."""
+
+    def __init__(self, path: str, pid: int | None = None):
+        self.path = path
+        self.private_pid = pid
+        self._ch: Channel | None = None
+        self._ch_pid = None
+
+    @property
+    def ch(self) -> Channel:
+        if self._ch is None or self._ch_pid != os.getpid():
+            self._ch = Channel(self.path)
+            self._ch_pid = os.getpid()
+        return self._ch
+
+    def _call(self, _cmd, **a):
+        return self.ch.call(_cmd, **a)
+
+    def _errno_call(self, _cmd, **a) -> int:
+        r = self._call(_cmd, **a)
+        if isinstance(r, int) and r < 0:
+            raise OSError(-r, os.strerror(-r))
+        return r
+
+    def sysctl(self, name: str, value=None):
+        return self._call("sysctl", name=name, value=value)
+
+    def corrupt_pfn(self, pfn: int) -> int:
+        return self._errno_call("corrupt_pfn", pfn=pfn)
+
+    def unpoison_pfn(self, pfn: int) -> int:
+        return self._errno_call("unpoison_pfn", pfn=pfn)
+
+    def hw_poison(self, pfn: int) -> int:
+        return self._errno_call("hw_poison", pfn=pfn)
+
+    def hw_detect(self, pfn: int) -> int:
+        """A deferred error: returns memory_failure()'s return value (0, -EBUSY, ...)."""
+        r = self._call("hw_detect", pfn=pfn)
+        if r == -u.ENXIO:
+            raise OSError(u.ENXIO, os.strerror(u.ENXIO))
+        return r
+
+    def meminfo(self) -> dict:
+        return self._call("meminfo")
+
+    def mf_stats(self) -> dict:
+        return self._call("mf_stats")
+
+    def kpageflags(self, pfn: int) -> int:
+        return self._call("kpageflags", pfn=pfn)
+
+    def dmesg(self) -> list[str]:
+        return self._call("dmesg")
+
+    def events(self, since: int = 0) -> list[dict]:
+        return self._call("events", since=since)
+
+    def status(self) -> dict:
+        return self._call("status")
+
+    def policy(self) -> dict:
+        return self._call("policy")
+
+    def close(self) -> None:
+        if self.private_pid is not None and os.getpid() == self._owner_pid:
+            try:
+                self._call("shutdown")
+            except OSError:
+                pass
+            try:
+                os.waitpid(self.private_pid, 0)
+            except ChildProcessError:
+                pass
+            self.private_pid = None
+        if self._ch is not None and self._ch_pid == os.getpid():
+            self._ch.close()
+        self._ch = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def start(policy=None, ram=None, hugepages=None, config=None, sysctl=None,
+          madvise_action_required=None) -> Host:
+    """A private supervisor owned by this process; use as a context manager."""
+    from . import config as cfgmod
+    from .daemon import spawn_private
+
+    try:
+        cfg = cfgmod.build(file=config, ram=ram, hugepages=hugepages, policy=policy,
+                           sysctl=sysctl, madvise_action_required=madvise_action_required)
+    except cfgmod.ConfigError as e:
+        raise ValueError(str(e)) from None
+    if policy is not None and not isinstance(policy, str):
+        raise ValueError("policy: pass a preset name or 'path/to/file.py:Class'")
+    pid, path = spawn_private(cfg)
+    h = Host(path, pid)
+    h._owner_pid = os.getpid()
+    return h
+
+
+def connect(path: str | None = None) -> Host:
+    """Attach to a running `emu daemon` (default: the per-user socket)."""
+    h = Host(path or os.environ.get("EMU_SOCKET") or shm.default_socket())
+    h._owner_pid = None
+    h.ch  # noqa: B018  (connect now, so a missing daemon is reported here)
+    return h
+
+
+# ------------------------------------------------------------------ signals
+SigInfo = namedtuple("SigInfo", "si_signo si_code si_errno si_pid si_addr si_addr_lsb ts_ns")
+_handlers: dict[int, object] = {}
+_self: Task | None = None
+
+
+def _dispatch(signum, frame):
+    while True:
+        rec = C.pop_siginfo()
+        if rec is None:
+            return
+        info = SigInfo(*rec)
+        h = _handlers.get(signum)
+        try:
+            if callable(h):
+                h(signum, info)
+        finally:
+            if _self is not None and _self._core is not None:
+                _self._core.note_handled(_self.slot)
+
+
+def sigaction(sig: int, handler):
+    """Install `handler(signum, info)` with SA_SIGINFO semantics: info carries
+    si_code, si_addr, si_addr_lsb, si_pid as the kernel filled them.  SIG_DFL and
+    SIG_IGN work as in sigaction(2).  Returns the previous handler."""
+    if sig != signal.SIGBUS:
+        raise OSError(u.EINVAL, "emu.sigaction handles SIGBUS; use signal.signal for others")
+    prev = _handlers.get(sig, signal.getsignal(sig))
+    if handler in (signal.SIG_DFL, signal.SIG_IGN):
+        _handlers.pop(sig, None)
+        signal.signal(sig, handler)
+        return prev
+    if not callable(handler):
+        raise OSError(u.EINVAL, "handler must be callable, SIG_DFL or SIG_IGN")
+    _handlers[sig] = handler
+    signal.signal(sig, _dispatch)
+    C.install_sigbus()
+    return prev
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                        ctypes.c_ulong]
+PR_SET_PDEATHSIG = 1
+
+
+def _real_prctl(*a) -> int:
+    a = list(a) + [0] * (5 - len(a))
+    r = _libc.prctl(*a)
+    if r < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return r
+
+
+def _watchdog(sup_pid: int, core) -> None:
+    """Worker threads exit when their kernel dies (but not on an orderly shutdown)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    try:
+        fd = os.pidfd_open(sup_pid)
+    except OSError:
+        fd = None
+    if fd is not None:
+        select.select([fd], [], [])
+    if not core.shutdown:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_cores: dict[tuple, object] = {}
+
+
+def _core_for(names) -> object:
+    key = tuple(names)
+    if key not in _cores:
+        _cores[key] = shm.Segments.open(key).core
+    return _cores[key]
+
+
+# ------------------------------------------------------------------ the emulated thread
+PagemapEntry = namedtuple("PagemapEntry", "raw pfn present swapped hwpoison file exclusive")
+
+
+class Task:
+    """This process as one emulated thread (`me` in the docs)."""
+
+    def __init__(self, host: Host, kind: str = "process", parent: int | None = None,
+                 name: str = "emu"):
+        global _self
+        if _self is not None and _self.alive:
+            raise OSError(u.EBUSY, "this process is already an emulated thread")
+        self.host = host
+        self.ch = Channel(host.path)
+        info = self.ch.call("attach", kind=kind, parent=parent, comm=name)
+        self.tid, self.tgid, self.slot, self.pgd = info["tid"], info["tgid"], info["slot"], info["pgd"]
+        self.name = name
+        self._core = _core_for(info["segments"])
+        self._core.bind_self(self.slot)
+        C.install_group_exit(info["group_exit_sig"])
+        threading.Thread(target=_watchdog, args=(info["supervisor_pid"], self._core),
+                         daemon=True, name="emu-watchdog").start()
+        self.alive = True
+        _self = self
+
+    def __repr__(self):
+        return "<emu.Task %s tid=%d tgid=%d>" % (self.name, self.tid, self.tgid)
+
+    # ---- system calls ----
+    def _call(self, _cmd: str, **args):
+        rep = self.ch.request(_cmd, args)
+        sigs = rep.get("sigs")
+        if sigs:
+            self._deliver(sigs)
+        if "error" in rep:
+            raise _oserror(rep["error"])
+        return rep.get("return")
+
+    def _deliver(self, sigs) -> None:
+        """Signals the kernel sent to current, delivered on 'return to user'."""
+        for signo, code, addr, lsb, force in sigs:
+            if force:
+                blocked = signo in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+                ignored = signal.getsignal(signo) == signal.SIG_IGN
+                if blocked or ignored:                # force_sig_info_to_task
+                    _handlers.pop(signo, None)
+                    signal.signal(signo, signal.SIG_DFL)
+                    if blocked:
+                        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signo])
+            if signal.getsignal(signo) == signal.SIG_DFL:
+                self._core.set_exit_sig(self.slot, signo)
+            C.raise_self(signo, code, addr, lsb)
+
+    def prctl(self, option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
+        ret = self._call("prctl", option=option, arg2=arg2, arg3=arg3, arg4=arg4, arg5=arg5)
+        if option == u.PR_MCE_KILL:
+            _real_prctl(option, arg2, arg3, arg4, arg5)   # the real thread gets it too
+        return ret
+
+    def memfd_create(self, name: str, flags: int = 0) -> int:
+        return self._call("memfd_create", name=name, flags=flags)
+
+    def mmap(self, addr: int, length: int, prot: int, flags: int, fd: int = -1, offset: int = 0) -> int:
+        return self._call("mmap", addr=addr, length=length, prot=prot, flags=flags, fd=fd,
+                          offset=offset)
+
+    def munmap(self, addr: int, length: int) -> None:
+        self._call("munmap", addr=addr, length=length)
+
+    def madvise(self, addr: int, length: int, advice: int) -> None:
+        self._call("madvise", addr=addr, length=length, advice=advice)
+
+    def pread(self, fd: int, n: int, offset: int = 0) -> bytes:
+        return base64.b64decode(self._call("pread", fd=fd, n=n, offset=offset))
+
+    def pwrite(self, fd: int, data: bytes, offset: int = 0) -> int:
+        return self._call("pwrite", fd=fd, data=base64.b64encode(bytes(data)).decode(),
+                          offset=offset)
+
+    def fallocate(self, fd: int, mode: int, offset: int, length: int) -> None:
+        self._call("fallocate", fd=fd, mode=mode, offset=offset, length=length)
+
+    def ftruncate(self, fd: int, length: int) -> None:
+        self._call("ftruncate", fd=fd, length=length)
+
+    def close(self, fd: int) -> None:
+        self._call("close", fd=fd)
+
+    def pagemap(self, addr: int) -> PagemapEntry:
+        v = self._call("pagemap", addr=addr)
+        present = bool(v & u.PM_PRESENT)
+        swapped = bool(v & u.PM_SWAP)
+        swp_type = v & ((1 << u.PM_SWAP_TYPE_BITS) - 1)
+        hwpoison = swapped and swp_type == u.SWP_HWPOISON
+        pfn = (v & u.PM_PFRAME_MASK) if present else (
+            (v & u.PM_PFRAME_MASK) >> u.PM_SWAP_TYPE_BITS if hwpoison else 0)
+        return PagemapEntry(v, pfn, present, swapped, hwpoison, bool(v & u.PM_FILE),
+                            bool(v & u.PM_MMAP_EXCLUSIVE))
+
+    # ---- the CPU: loads and stores ----
+    def read(self, addr: int, n: int) -> bytes:
+        buf = bytearray(n)
+        mv = memoryview(buf)
+        off = 0
+        core = self._core
+        while True:
+            done, st, xva, xpfn = core.access_read(self.slot, self.pgd, addr + off, mv[off:])
+            off += done
+            if st == C.ACC_OK:
+                return bytes(buf)
+            self._trap(st, xva, xpfn, False)
+
+    def write(self, addr: int, data) -> None:
+        mv = memoryview(data).cast("B")
+        off = 0
+        core = self._core
+        while True:
+            done, st, xva, xpfn = core.access_write(self.slot, self.pgd, addr + off, mv[off:])
+            off += done
+            if st == C.ACC_OK:
+                return
+            self._trap(st, xva, xpfn, True)
+
+    def read_batch(self, addrs, size: int) -> bytearray:
+        """`size` bytes at each address, in one fast-path call (traps resume in place)."""
+        if not isinstance(addrs, array.array):
+            addrs = array.array("Q", addrs)
+        buf = bytearray(len(addrs) * size)
+        self._batch(addrs, size, buf, False)
+        return buf
+
+    def write_batch(self, addrs, size: int, data) -> None:
+        if not isinstance(addrs, array.array):
+            addrs = array.array("Q", addrs)
+        if len(data) != len(addrs) * size:
+            raise OSError(u.EINVAL, "write_batch: data must be len(addrs) * size bytes")
+        self._batch(addrs, size, data, True)
+
+    def _batch(self, addrs, size, buf, write) -> None:
+        i = 0
+        core = self._core
+        while True:
+            i, st, xva, xpfn, _partial = core.access_batch(self.slot, self.pgd, addrs, i, size,
+                                                           buf, write)
+            if st == C.ACC_OK:
+                return
+            self._trap(st, xva, xpfn, write)
+
+    def _trap(self, st: int, va: int, pfn: int, write: bool) -> None:
+        if st == C.ACC_FAULT:
+            self._call("fault", addr=va, write=write)
+        elif st == C.ACC_MCE:
+            self._call("mce", addr=va, pfn=pfn)
+        else:
+            raise OSError(u.EFAULT, "bad frame in a page-table entry")
+
+    def idle(self, timeout: float) -> None:
+        """Sleep, running signal handlers as they arrive (a handler may raise)."""
+        import time
+
+        end = time.monotonic() + timeout
+        while (left := end - time.monotonic()) > 0:
+            time.sleep(min(left, 0.05))
+
+    # ---- threads and processes ----
+    def clone(self, fn, *args, name: str | None = None) -> Thread:
+        """A new thread of this process (a forked worker sharing the mm)."""
+        return _spawn(self, "clone", fn, args, name or "%s-thread" % self.name)
+
+    def fork(self, fn, *args, name: str | None = None) -> Thread:
+        """A new process with a copy of this one's mappings and fd table."""
+        return _spawn(self, "fork", fn, args, name or self.name)
+
+    # ---- KVM ----
+    def open_kvm(self) -> Kvm:
+        return Kvm(self, self._call("open_kvm"))
+
+    def exit(self) -> None:
+        """A clean thread exit (the supervisor sees EOF right after)."""
+        if self.alive:
+            try:
+                self.ch.call("exit")
+            except OSError:
+                pass
+            self.alive = False
+
+
+class Kvm:
+    def __init__(self, task: Task, fd: int):
+        self.task, self.fd = task, fd
+
+    def create_vm(self, vm_type: int = u.KVM_X86_DEFAULT_VM) -> Vm:
+        return Vm(self.task, self.task._call("create_vm", fd=self.fd, type=vm_type), vm_type)
+
+
+class Vm:
+    def __init__(self, task: Task, fd: int, vm_type: int):
+        self.task, self.fd, self.type = task, fd, vm_type
+
+    def create_guest_memfd(self, size: int, flags: int = 0) -> int:
+        return self.task._call("create_guest_memfd", vmfd=self.fd, size=size, flags=flags)
+
+
+class Thread:
+    """Handle of a clone()d thread or fork()ed process: join() gives the exit status
+    as multiprocessing does (0, n, -signum); .result is fn's return value."""
+
+    def __init__(self, pid: int, rfd: int, name: str, kind: str):
+        self.pid, self.name, self.kind = pid, name, kind
+        self._rfd = rfd
+        self._buf = b""
+        self.exitcode = None
+        self.result = None
+
+    @property
+    def tid(self) -> int:
+        return self.pid
+
+    def _drain(self, timeout):
+        while self._rfd is not None:
+            r, _, _ = select.select([self._rfd], [], [], timeout)
+            if not r:
+                return False
+            chunk = os.read(self._rfd, 65536)
+            if not chunk:
+                os.close(self._rfd)
+                self._rfd = None
+                break
+            self._buf += chunk
+        return True
+
+    def join(self, timeout: float | None = None):
+        if self.exitcode is not None:
+            return self.exitcode
+        if not self._drain(timeout):
+            return None
+        _, status = os.waitpid(self.pid, 0)
+        self.exitcode = os.waitstatus_to_exitcode(status)
+        if self._buf:
+            try:
+                self.result = pickle.loads(self._buf)
+            except Exception:
+                self.result = None
+        return self.exitcode
+
+    def is_alive(self) -> bool:
+        if self.exitcode is not None:
+            return False
+        pid, status = os.waitpid(self.pid, os.WNOHANG)
+        if pid == 0:
+            return True
+        self.exitcode = os.waitstatus_to_exitcode(status)
+        self._drain(0)
+        if self._buf:
+            try:
+                self.result = pickle.loads(self._buf)
+            except Exception:
+                self.result = None
+        return False
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        os.kill(self.pid, sig)
+
+
+def _spawn(parent: Task, kind: str, fn, args, name: str) -> Thread:
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(r)
+            if kind == "clone":
+                _real_prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            t = Task(parent.host, kind=kind, parent=parent.tid, name=name)
+            os.write(w, b"R")
+            res = fn(t, *args)
+            code = 0
+            try:
+                payload = pickle.dumps(res)
+            except Exception:
+                payload = pickle.dumps(None)
+            t.exit()
+            _write_all(w, payload)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            if _self is not None:
+                _self.exit()
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+            if _self is not None:
+                _self.exit()
+        os._exit(code)
+    os.close(w)
+    ready = os.read(r, 1)
+    th = Thread(pid, r, name, kind)
+    if ready != b"R":
+        th.join()
+        raise OSError(u.ECHILD, "%s: the new %s died before it attached (exit %s)"
+                      % (name, "thread" if kind == "clone" else "process", th.exitcode))
+    return th
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    while data:
+        n = os.write(fd, data)
+        data = data[n:]
+
+
+def attach(host: Host, name: str = "emu") -> Task:
+    """This process becomes the main thread of a new emulated process."""
+    return Task(host, "process", None, name)

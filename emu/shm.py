@@ -1,0 +1,149 @@
+"""Shared-memory segments, the runtime directory, and cleaning up after a dead supervisor."""
+from __future__ import annotations
+
+import fcntl
+import os
+import stat
+
+import posix_ipc
+import psutil
+
+from . import _core
+
+PREFIX = "/emu-"
+
+
+def runtime_dir() -> str:
+    """Per-user 0700 directory for sockets and pid files."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    path = os.path.join(base, "emu") if base else "/tmp/emu-%d" % os.getuid()
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise PermissionError("runtime directory %s is not ours" % path)
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def default_socket() -> str:
+    return os.path.join(runtime_dir(), "emu.sock")
+
+
+def segment_names(pid: int) -> tuple[str, str]:
+    return ("%s%d-core" % (PREFIX, pid), "%s%d-phys" % (PREFIX, pid))
+
+
+class Segments:
+    """The two segments of one supervisor.  Created 0600, never shrunk while
+    mapped; the creator unlinks them on exit."""
+
+    def __init__(self, core: _core.Core, names: tuple[str, str], owner: bool):
+        self.core = core
+        self.names = names
+        self.owner = owner
+
+    @classmethod
+    def create(cls, nframes: int, ntasks: int, nmms: int, npt: int, nevents: int) -> Segments:
+        pid = os.getpid()
+        lay = _core.layout(nframes, ntasks, nmms, npt, nevents)
+        names = segment_names(pid)
+        for n in names:                                   # a stale one from a reused pid
+            try:
+                posix_ipc.unlink_shared_memory(n)
+            except posix_ipc.ExistentialError:
+                pass
+        a = posix_ipc.SharedMemory(names[0], posix_ipc.O_CREX, mode=0o600, size=lay["core_size"])
+        b = posix_ipc.SharedMemory(names[1], posix_ipc.O_CREX, mode=0o600, size=lay["phys_size"])
+        try:
+            core = _core.Core(a.fd, lay["core_size"], b.fd, lay["phys_size"])
+        finally:
+            a.close_fd()
+            b.close_fd()
+        core.format(nframes, ntasks, nmms, npt, nevents, pid)
+        return cls(core, names, True)
+
+    @classmethod
+    def open(cls, names: tuple[str, str]) -> Segments:
+        # reopen with size=0: passing a size would ftruncate the live segment
+        a = posix_ipc.SharedMemory(names[0])
+        b = posix_ipc.SharedMemory(names[1])
+        try:
+            core = _core.Core(a.fd, a.size, b.fd, b.size)
+        finally:
+            a.close_fd()
+            b.close_fd()
+        core.attach()
+        return cls(core, names, False)
+
+    def unlink(self) -> None:
+        for n in self.names:
+            try:
+                posix_ipc.unlink_shared_memory(n)
+            except posix_ipc.ExistentialError:
+                pass
+
+
+def _alive_supervisor(pid: int) -> bool:
+    try:
+        p = psutil.Process(pid)
+        return p.status() != psutil.STATUS_ZOMBIE and p.uids().real == os.getuid()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def cleanup() -> list[str]:
+    """Remove segments, sockets and pid files whose supervisor is gone."""
+    removed = []
+    try:
+        entries = os.listdir("/dev/shm")
+    except OSError:
+        entries = []
+    for ent in entries:
+        if not ent.startswith(PREFIX[1:]):
+            continue
+        parts = ent.split("-")
+        if len(parts) < 3 or not parts[1].isdigit():
+            continue
+        if os.stat(os.path.join("/dev/shm", ent)).st_uid != os.getuid():
+            continue
+        if not _alive_supervisor(int(parts[1])):
+            try:
+                posix_ipc.unlink_shared_memory("/" + ent)
+                removed.append("/dev/shm/" + ent)
+            except posix_ipc.ExistentialError:
+                pass
+    rd = runtime_dir()
+    for ent in os.listdir(rd):
+        path = os.path.join(rd, ent)
+        if ent.endswith(".pid"):
+            if not _pidfile_locked(path):
+                os.unlink(path)
+                removed.append(path)
+                sock = path[:-4] + ".sock"
+                if os.path.exists(sock):
+                    os.unlink(sock)
+                    removed.append(sock)
+        elif ent.startswith("priv-") and ent.endswith(".sock"):
+            pid = ent[5:-5]
+            if pid.isdigit() and not _alive_supervisor(int(pid)):
+                os.unlink(path)
+                removed.append(path)
+    return removed
+
+
+def _pidfile_locked(path: str) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
