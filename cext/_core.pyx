@@ -636,6 +636,15 @@ cdef class Core:
             r = emu_plain_c_loop(&self.c, pgd, &addrs[0], addrs.shape[0], size, &buf[0])
         return r
 
+    def info(self):
+        """Offsets a pure-Python reader needs (the layout itself stays in layout.h)."""
+        cdef emu_header *h = self.c.hdr
+        return {"nframes": h.nframes, "npt": h.npt, "ntasks": h.ntasks, "off_pt": h.off_pt,
+                "off_hwerr": h.off_hwerr, "off_tasks": h.off_tasks,
+                "off_epoch": <size_t>&(<emu_header *>0).epoch,
+                "sizeof_task": sizeof(emu_task),
+                "off_task_rcu_epoch": <size_t>&(<emu_task *>0).rcu_epoch}
+
     def views(self):
         """Raw memoryviews of (core, phys) for the pure-Python reference and tests."""
         return (memoryview(<uint8_t[:self.core_size]> self.core_base),

@@ -258,6 +258,8 @@ class Supervisor:
                 if c.task is not None:
                     c.task.clean_exit = True
                 ret = 0
+            elif name == "reap":
+                ret = self._reap(c, args)
             elif name == "shutdown":
                 self.stopping = True
                 ret = 0
@@ -306,6 +308,19 @@ class Supervisor:
                 "segments": list(self.segs.names), "supervisor_pid": os.getpid(),
                 "mce_flags": t.flags, "group_exit_sig": int(SIG_GROUP_EXIT)}
 
+    def _reap(self, c: Conn, a: dict) -> int:
+        """A parent is about to reap a worker that exited (it waited with WNOWAIT):
+        settle the death now, while /proc still shows the zombie's exit status."""
+        tid = a.get("tid")
+        t = self.kernel.tasks.get(tid) if isinstance(tid, int) else None
+        if t is None or c.task is None or not t.alive:
+            return 0
+        if t.conn is not None:
+            self._close(t.conn, dead=True)
+        else:
+            self._task_died(t)
+        return 0
+
     # ------------------------------------------------------------ supervision
     def _task_died(self, t) -> None:
         """A worker is gone.  A clean exit is a thread exit; a death by signal takes
@@ -313,7 +328,8 @@ class Supervisor:
         k = self.kernel
         proc = t.process
         group = not t.clean_exit or t.tid == proc.tgid
-        sig = self.core.task_exit_sig(t.slot) or (0 if t.clean_exit else u.SIGKILL)
+        sig = self.core.task_exit_sig(t.slot) or (0 if t.clean_exit else
+                                                  _death_signal(t.tid) or u.SIGKILL)
         k.exit_task(t)
         k.trace("exit", tid=t.tid, sig=sig, clean=t.clean_exit)
         if group:
@@ -346,6 +362,26 @@ class Supervisor:
         if self.owner_pid is not None and not _pid_alive(self.owner_pid):
             self.stopping = True
         k.tick()
+
+
+def _death_signal(pid: int, wait: float = 0.2) -> int:
+    """The signal a dead worker died of, read from its zombie's /proc/<pid>/stat
+    (exit_code, field 52) before its parent reaps it; 0 if unknown.  EOF on the
+    socket comes at exit_files(), a moment before the task turns zombie."""
+    end = time.monotonic() + wait
+    while True:
+        try:
+            with open("/proc/%d/stat" % pid) as f:
+                stat = f.read()
+        except OSError:
+            return 0
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] in ("Z", "X"):
+            code = int(fields[49]) if len(fields) > 49 else 0
+            return code & 0x7F
+        if time.monotonic() > end:
+            return 0
+        time.sleep(0.002)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -309,6 +309,19 @@ def _watchdog(sup_pid: int, core) -> None:
 _cores: dict[tuple, object] = {}
 
 
+def _backend(core):
+    """The CPU: the Cython fast path, or with EMU_FASTPATH=python the pure-Python
+    reference (same contract), so one test can run against both."""
+    if os.environ.get("EMU_FASTPATH") == "python":
+        from ._pyref import PyCore
+
+        py = PyCore(core)
+        return (lambda s, p, va, b: py.access(s, p, va, b, False),
+                lambda s, p, va, b: py.access(s, p, va, b, True),
+                py.access_batch)
+    return core.access_read, core.access_write, core.access_batch
+
+
 def _core_for(names) -> object:
     key = tuple(names)
     if key not in _cores:
@@ -335,6 +348,7 @@ class Task:
         self.name = name
         self._core = _core_for(info["segments"])
         self._core.bind_self(self.slot)
+        self._rd, self._wr, self._bt = _backend(self._core)
         C.install_group_exit(info["group_exit_sig"])
         threading.Thread(target=_watchdog, args=(info["supervisor_pid"], self._core),
                          daemon=True, name="emu-watchdog").start()
@@ -420,9 +434,9 @@ class Task:
         buf = bytearray(n)
         mv = memoryview(buf)
         off = 0
-        core = self._core
+        rd = self._rd
         while True:
-            done, st, xva, xpfn = core.access_read(self.slot, self.pgd, addr + off, mv[off:])
+            done, st, xva, xpfn = rd(self.slot, self.pgd, addr + off, mv[off:])
             off += done
             if st == C.ACC_OK:
                 return bytes(buf)
@@ -431,9 +445,9 @@ class Task:
     def write(self, addr: int, data) -> None:
         mv = memoryview(data).cast("B")
         off = 0
-        core = self._core
+        wr = self._wr
         while True:
-            done, st, xva, xpfn = core.access_write(self.slot, self.pgd, addr + off, mv[off:])
+            done, st, xva, xpfn = wr(self.slot, self.pgd, addr + off, mv[off:])
             off += done
             if st == C.ACC_OK:
                 return
@@ -456,10 +470,9 @@ class Task:
 
     def _batch(self, addrs, size, buf, write) -> None:
         i = 0
-        core = self._core
+        bt = self._bt
         while True:
-            i, st, xva, xpfn, _partial = core.access_batch(self.slot, self.pgd, addrs, i, size,
-                                                           buf, write)
+            i, st, xva, xpfn, _partial = bt(self.slot, self.pgd, addrs, i, size, buf, write)
             if st == C.ACC_OK:
                 return
             self._trap(st, xva, xpfn, write)
@@ -523,8 +536,9 @@ class Thread:
     """Handle of a clone()d thread or fork()ed process: join() gives the exit status
     as multiprocessing does (0, n, -signum); .result is fn's return value."""
 
-    def __init__(self, pid: int, rfd: int, name: str, kind: str):
+    def __init__(self, pid: int, rfd: int, name: str, kind: str, parent: Task | None = None):
         self.pid, self.name, self.kind = pid, name, kind
+        self._parent = parent
         self._rfd = rfd
         self._buf = b""
         self.exitcode = None
@@ -547,26 +561,16 @@ class Thread:
             self._buf += chunk
         return True
 
-    def join(self, timeout: float | None = None):
-        if self.exitcode is not None:
-            return self.exitcode
-        if not self._drain(timeout):
-            return None
-        _, status = os.waitpid(self.pid, 0)
-        self.exitcode = os.waitstatus_to_exitcode(status)
-        if self._buf:
+    def _reap(self) -> None:
+        """The child has exited (seen with WNOWAIT): let the kernel settle its death
+        from the zombie's status first, then reap it."""
+        p = self._parent
+        if p is not None and p.alive and _self is p:
             try:
-                self.result = pickle.loads(self._buf)
-            except Exception:
-                self.result = None
-        return self.exitcode
-
-    def is_alive(self) -> bool:
-        if self.exitcode is not None:
-            return False
-        pid, status = os.waitpid(self.pid, os.WNOHANG)
-        if pid == 0:
-            return True
+                p.ch.call("reap", tid=self.pid)
+            except OSError:
+                pass
+        _, status = os.waitpid(self.pid, 0)
         self.exitcode = os.waitstatus_to_exitcode(status)
         self._drain(0)
         if self._buf:
@@ -574,6 +578,22 @@ class Thread:
                 self.result = pickle.loads(self._buf)
             except Exception:
                 self.result = None
+
+    def join(self, timeout: float | None = None):
+        if self.exitcode is not None:
+            return self.exitcode
+        if not self._drain(timeout):
+            return None
+        os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOWAIT)
+        self._reap()
+        return self.exitcode
+
+    def is_alive(self) -> bool:
+        if self.exitcode is not None:
+            return False
+        if os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is None:
+            return True
+        self._reap()
         return False
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
@@ -611,7 +631,7 @@ def _spawn(parent: Task, kind: str, fn, args, name: str) -> Thread:
         os._exit(code)
     os.close(w)
     ready = os.read(r, 1)
-    th = Thread(pid, r, name, kind)
+    th = Thread(pid, r, name, kind, parent)
     if ready != b"R":
         th.join()
         raise OSError(u.ECHILD, "%s: the new %s died before it attached (exit %s)"

@@ -153,7 +153,7 @@ class MemoryFailure:
             self.stats[STAT_NAME[result]] += 1
             self.stats["total"] += 1
         self.log("%#x: recovery action for %s: %s" % (pfn, type_, ACTION_NAME[result]))
-        self.k.trace("mf_result", pfn=pfn, type=type_, result=ACTION_NAME[result])
+        self.k.trace("mf_result", pfn=pfn, page=type_, result=ACTION_NAME[result])
         return 0 if result in (u.MF_RECOVERED, u.MF_DELAYED) else -u.EBUSY
 
     def has_extra_refcount(self, ps, pfn: int, extra_pins: bool) -> bool:
@@ -227,9 +227,12 @@ class MemoryFailure:
                  % (pfn, t.comm, t.tid))
         sig = self.k.signals
         if flags & u.MF_ACTION_REQUIRED and t is self.k.current:
-            ret = sig.force_sig_mceerr(t, u.BUS_MCEERR_AR, tk.addr, tk.size_shift)
+            ret = sig.force_sig_mceerr(t, u.BUS_MCEERR_AR, tk.addr, tk.size_shift,
+                                       why="action required: current consumed the error")
         else:
-            ret = sig.send_sig_mceerr(t, u.BUS_MCEERR_AO, tk.addr, tk.size_shift)
+            why = ("early kill: %s" % {1: "PR_MCE_KILL_EARLY", 2: "vm.memory_failure_early_kill=1"}
+                   .get(t.mce_policy(), "PR_MCE_KILL_EARLY"))
+            ret = sig.send_sig_mceerr(t, u.BUS_MCEERR_AO, tk.addr, tk.size_shift, why=why)
         if ret < 0:
             self.log("Error sending signal to %s:%d: %d" % (t.comm, t.tid, ret))
         return ret
@@ -404,7 +407,8 @@ class MemoryFailure:
         if ret in (-u.EHWPOISON, -u.EOPNOTSUPP):
             return ret
         k.log("mce: Memory error not recovered")
-        k.signals.force_sig(k.current, u.SIGBUS)       # kill_me_now
+        k.signals.force_sig(k.current, u.SIGBUS,       # kill_me_now
+                            why="kill_me_now: memory_failure() returned %d" % ret)
         return ret
 
     def kill_me_never(self, pfn: int) -> int:

@@ -253,8 +253,9 @@ class MM:
         if ret & (VM_FAULT_HWPOISON | VM_FAULT_HWPOISON_LARGE):
             self.k.log("MCE: Killing %s:%d due to hardware memory corruption fault at %x"
                        % (task.comm, task.tid, va))
-            return sig.force_sig_mceerr(task, u.BUS_MCEERR_AR, va, lsb)
-        return sig.force_sig_fault(task, u.SIGBUS, u.BUS_ADRERR, va)
+            return sig.force_sig_mceerr(task, u.BUS_MCEERR_AR, va, lsb,
+                                        why="fault on a hwpoisoned page")
+        return sig.force_sig_fault(task, u.SIGBUS, u.BUS_ADRERR, va, why="VM_FAULT_SIGBUS")
 
     def _do_anonymous_page(self, vma: Vma, va: int, write: bool) -> None:
         va &= ~(PAGE_SIZE - 1)

@@ -21,10 +21,10 @@ class Signals:
         self.k = k
         self.seq = 0
 
-    def _queue(self, t, signo: int, code: int, addr: int, lsb: int, force: bool) -> int:
+    def _queue(self, t, signo: int, code: int, addr: int, lsb: int, force: bool, why: str) -> int:
         k = self.k
         self.seq += 1
-        what = dict(tid=t.tid, signo=signo, code=code, addr=addr, lsb=lsb, force=force)
+        what = dict(tid=t.tid, signo=signo, code=code, addr=addr, lsb=lsb, force=force, why=why)
         if not t.alive:
             return -u.ESRCH
         if t is k.current:
@@ -49,15 +49,15 @@ class Signals:
         return r
 
     # the kernel's entry points
-    def force_sig_mceerr(self, t, code: int, addr: int, lsb: int) -> int:
-        return self._queue(t, u.SIGBUS, code, addr, lsb, True)
+    def force_sig_mceerr(self, t, code: int, addr: int, lsb: int, why: str = "") -> int:
+        return self._queue(t, u.SIGBUS, code, addr, lsb, True, why)
 
-    def send_sig_mceerr(self, t, code: int, addr: int, lsb: int) -> int:
-        return self._queue(t, u.SIGBUS, code, addr, lsb, False)
+    def send_sig_mceerr(self, t, code: int, addr: int, lsb: int, why: str = "") -> int:
+        return self._queue(t, u.SIGBUS, code, addr, lsb, False, why)
 
-    def force_sig(self, t, signo: int) -> int:
+    def force_sig(self, t, signo: int, why: str = "") -> int:
         """force_sig: si_code SI_KERNEL, no address."""
-        return self._queue(t, signo, u.SI_KERNEL, 0, 0, True)
+        return self._queue(t, signo, u.SI_KERNEL, 0, 0, True, why)
 
-    def force_sig_fault(self, t, signo: int, code: int, addr: int) -> int:
-        return self._queue(t, signo, code, addr, 0, True)
+    def force_sig_fault(self, t, signo: int, code: int, addr: int, why: str = "") -> int:
+        return self._queue(t, signo, code, addr, 0, True, why)

@@ -1,0 +1,246 @@
+"""The `emu` command: daemon, status, inject, dmesg, cleanup, stop, demo."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from . import config as cfgmod
+from . import shm
+
+
+class CliError(Exception):
+    """Printed as one line: `emu: <message>`."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise CliError("%s: %s" % (self.prog.removeprefix("emu").strip() or "usage", message))
+
+
+def _pfn(s: str) -> int:
+    try:
+        v = int(s, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError("pfn: expected a number like 0x1234, got %r" % s) from None
+    if v < 0:
+        raise argparse.ArgumentTypeError("pfn: must be >= 0")
+    return v
+
+
+def _kv(s: str) -> tuple[str, int]:
+    key, sep, val = s.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError("sysctl: expected name=value, got %r" % s)
+    try:
+        return key.strip(), int(val, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError("sysctl %s: expected an integer" % key) from None
+
+
+def _hugepages(s: str) -> dict:
+    out = {}
+    for part in s.split(","):
+        key, sep, val = part.partition("=")
+        if not sep or not val.strip().isdigit():
+            raise argparse.ArgumentTypeError("hugepages: expected 2M=N[,1G=M], got %r" % s)
+        out[key.strip()] = int(val)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="emu", description="gmem-emu: emulated Linux memory failure for guest_memfd")
+    sub = p.add_subparsers(dest="cmd", parser_class=_Parser)
+    sub.required = True
+
+    d = sub.add_parser("daemon", help="run the supervisor (the emulated kernel)")
+    d.add_argument("--socket", help="control socket (default: the per-user runtime dir)")
+    d.add_argument("--config", help="TOML file overriding the embedded defaults")
+    d.add_argument("--ram", help="emulated RAM, e.g. 512M")
+    d.add_argument("--hugepages", type=_hugepages, help="HugeTLB pools, e.g. 2M=64,1G=1")
+    d.add_argument("--policy", help="preset (v6.18, mf-delayed-fix) or path/to/file.py:Class")
+    d.add_argument("--sysctl", type=_kv, action="append", default=[], metavar="NAME=VALUE")
+    d.add_argument("--pre-6.11-madvise", dest="legacy_madvise", action="store_true",
+                   help="MADV_HWPOISON without MF_ACTION_REQUIRED (kernels before ~6.11)")
+    d.add_argument("--background", action="store_true", help="detach once ready")
+    d.add_argument("--print-config", action="store_true", help="print the effective config")
+
+    for name, hlp in (("status", "show the emulated machine"), ("dmesg", "kernel log"),
+                      ("stop", "shut the daemon down")):
+        s = sub.add_parser(name, help=hlp)
+        s.add_argument("--socket")
+        if name == "status":
+            s.add_argument("--json", action="store_true")
+
+    i = sub.add_parser("inject", help="inject or remove a memory error")
+    i.add_argument("what", choices=["corrupt-pfn", "hw-poison", "hw-detect", "unpoison"])
+    i.add_argument("pfn", type=_pfn)
+    i.add_argument("--socket")
+
+    sub.add_parser("cleanup", help="remove what dead supervisors left behind")
+
+    m = sub.add_parser("demo", help="a QEMU-shaped process meets memory errors")
+    m.add_argument("--policy", default=None)
+    m.add_argument("--json", action="store_true", help="the timeline as JSON")
+    return p
+
+
+def _connect(args):
+    from .runtime import connect
+
+    try:
+        return connect(args.socket)
+    except OSError:
+        raise CliError("no supervisor at %s (start one with `emu daemon`)"
+                       % (args.socket or shm.default_socket())) from None
+
+
+def cmd_daemon(args) -> int:
+    from . import daemon
+
+    try:
+        cfg = cfgmod.build(file=args.config, ram=args.ram, hugepages=args.hugepages,
+                           policy=args.policy, sysctl=dict(args.sysctl),
+                           madvise_action_required=False if args.legacy_madvise else None)
+        from .kernel.policies import load
+
+        load(cfg["kernel"]["policy"])
+    except (cfgmod.ConfigError, ValueError) as e:
+        raise CliError(str(e)) from None
+    if args.print_config:
+        print(json.dumps(cfg, indent=2))
+        return 0
+    sock = args.socket or shm.default_socket()
+    pidfile = os.path.splitext(sock)[0] + ".pid"
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="emu-daemon: %(message)s")
+    if not args.background:
+        try:
+            daemon.run(cfg, sock, pidfile=pidfile)
+        except SystemExit as e:
+            if isinstance(e.code, str):
+                raise CliError(e.code.removeprefix("emu daemon: ")) from None
+            raise
+        return 0
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        os.setsid()
+        if os.fork():
+            os._exit(0)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1):
+            os.dup2(devnull, fd)
+        try:
+            daemon.run(cfg, sock, pidfile=pidfile, ready_fd=w)
+            code = 0
+        except SystemExit as e:
+            os.write(w, ("error %s\n" % e.code).encode())
+            code = 1
+        except BaseException as e:
+            os.write(w, ("error %s\n" % e).encode())
+            code = 1
+        os._exit(code)
+    os.close(w)
+    os.waitpid(pid, 0)
+    with os.fdopen(r) as f:
+        line = f.readline().strip()
+    if not line.startswith("ready"):
+        raise CliError(line.removeprefix("error ").removeprefix("emu daemon: ") or "daemon failed")
+    print("emu daemon ready on %s" % sock)
+    return 0
+
+
+def cmd_status(args) -> int:
+    h = _connect(args)
+    st = h.status()
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    mi, mf = st["meminfo"], st["mf_stats"]
+    print("policy            %s%s" % (st["policy"], "" if st["madvise_action_required"]
+                                       else "  (pre-6.11 MADV_HWPOISON)"))
+    print("memory            %d kB total, %d kB free, HardwareCorrupted %d kB"
+          % (mi["MemTotal"], mi["MemFree"], mi["HardwareCorrupted"]))
+    if mi.get("HugePages_Total"):
+        print("hugetlb           %d total, %d free (%d kB pages)"
+              % (mi["HugePages_Total"], mi["HugePages_Free"], mi["Hugepagesize"]))
+    print("memory_failure    total %(total)d  recovered %(recovered)d  delayed %(delayed)d  "
+          "failed %(failed)d  ignored %(ignored)d" % mf)
+    print("sysctl            " + "  ".join("%s=%s" % kv for kv in st["sysctl"].items()))
+    print()
+    print("%-8s %-8s %-16s %-8s %s" % ("TGID", "TID", "COMM", "MCE_KILL", "VMAS/FDS"))
+    for p in st["processes"]:
+        for t in p["threads"]:
+            extra = "%d/%d" % (p["vmas"], p["fds"]) if t["tid"] == p["tgid"] else ""
+            print("%-8d %-8d %-16s %-8s %s" % (p["tgid"], t["tid"], t["comm"], t["mce_kill"], extra))
+    if not st["processes"]:
+        print("(no emulated processes)")
+    return 0
+
+
+def cmd_inject(args) -> int:
+    h = _connect(args)
+    fn = {"corrupt-pfn": h.corrupt_pfn, "hw-poison": h.hw_poison, "hw-detect": h.hw_detect,
+          "unpoison": h.unpoison_pfn}[args.what]
+    try:
+        r = fn(args.pfn)
+    except OSError as e:
+        raise CliError("%s %#x: %s" % (args.what, args.pfn, e.strerror)) from None
+    if args.what == "hw-detect":
+        print("memory_failure(%#x, 0) = %d" % (args.pfn, r))
+    return 0
+
+
+def cmd_dmesg(args) -> int:
+    for line in _connect(args).dmesg():
+        print(line)
+    return 0
+
+
+def cmd_stop(args) -> int:
+    h = _connect(args)
+    h._call("shutdown")
+    return 0
+
+
+def cmd_cleanup(args) -> int:
+    removed = shm.cleanup()
+    for r in removed:
+        print("removed %s" % r)
+    if not removed:
+        print("nothing to clean up")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    try:
+        return run_demo(policy=args.policy, as_json=args.json)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+
+
+COMMANDS = {"daemon": cmd_daemon, "status": cmd_status, "inject": cmd_inject,
+            "dmesg": cmd_dmesg, "stop": cmd_stop, "cleanup": cmd_cleanup, "demo": cmd_demo}
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.cmd](args)
+    except CliError as e:
+        print("emu: %s" % str(e).replace("\n", " "), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,374 @@
+"""Supervisor and worker lifetimes: every test starts its own supervisor and leaves
+nothing behind (process, /dev/shm/emu-<pid>-*, its socket)."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+
+import emu
+from emu import shm
+from emu import uapi as u
+
+PAGE = 4096
+RW = u.PROT_READ | u.PROT_WRITE
+ANON = u.MAP_PRIVATE | u.MAP_ANONYMOUS
+
+
+# ------------------------------------------------------------------ helpers
+def shm_of(pid):
+    return sorted("/dev/shm/" + e for e in os.listdir("/dev/shm") if e.startswith("emu-%d-" % pid))
+
+
+def sock_of(pid):
+    return os.path.join(shm.runtime_dir(), "priv-%d.sock" % pid)
+
+
+def proc_alive(pid):
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def leftovers(pid):
+    out = []
+    if proc_alive(pid):
+        out.append("process %d" % pid)
+    out += shm_of(pid)
+    if os.path.exists(sock_of(pid)):
+        out.append(sock_of(pid))
+    return out
+
+
+def poll(pred, timeout=15.0, step=0.05):
+    end = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v or time.monotonic() > end:
+            return v
+        time.sleep(step)
+
+
+def wait_gone(pid, timeout=15.0):
+    poll(lambda: not leftovers(pid), timeout)
+    return leftovers(pid)
+
+
+def tgids(host):
+    return {p["tgid"] for p in host.status()["processes"]}
+
+
+def works(host, name="probe"):
+    """A fresh emulated process can attach, map, write and read (in a forked child so
+    the test process stays unattached where that matters)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            me = emu.attach(host, name=name)
+            a = me.mmap(0, 4 * PAGE, RW, ANON)
+            me.write(a + PAGE, b"still works")
+            code = 0 if me.read(a + PAGE, 11) == b"still works" else 2
+            me.exit()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def run_py(script, **kw):
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+# ------------------------------------------------------------------ (a) start / close
+def test_start_close_leaves_nothing():
+    h = emu.start(ram="64M")
+    pid = h.private_pid
+    assert proc_alive(pid)
+    assert len(shm_of(pid)) == 2
+    assert os.path.exists(h.path) and h.path == sock_of(pid)
+    assert h.status()["processes"] == []
+    h.close()
+    assert wait_gone(pid) == []
+    assert not os.path.exists(h.path)
+
+
+def test_context_manager_leaves_nothing_with_workers():
+    with emu.start(ram="64M") as h:
+        pid = h.private_pid
+        me = emu.attach(h, name="main")
+        a = me.mmap(0, 16 * PAGE, RW, ANON)
+        me.write(a, b"x" * 16 * PAGE)
+
+        def child(t):
+            t.idle(60)
+
+        th = me.clone(child, name="sleeper")
+        assert poll(lambda: any(len(p["threads"]) == 2 for p in h.status()["processes"]))
+    assert wait_gone(pid) == []
+    # the clone()d thread was killed by the shutdown (not left running)
+    assert th.join(15) is not None
+
+
+def test_close_is_idempotent():
+    h = emu.start(ram="64M")
+    pid = h.private_pid
+    h.close()
+    h.close()
+    assert wait_gone(pid) == []
+
+
+# ------------------------------------------------------------------ (b) a worker SIGKILLed
+def test_worker_sigkilled_mid_operation():
+    h = emu.start(ram="64M")
+    pid = h.private_pid
+    try:
+        me = emu.attach(h, name="parent")
+        base = h.meminfo()["MemFree"]
+        npages = 512                               # 2 MiB of anonymous memory
+
+        def hammer(t, n):
+            a = t.mmap(0, n * PAGE, RW, ANON)
+            chunk = b"\x5a" * (n * PAGE)
+            i = 0
+            while True:                            # writes until SIGKILLed
+                t.write(a, chunk)
+                i += 1
+                t.write(a + (i % n) * PAGE, i.to_bytes(8, "little"))
+
+        ch = me.fork(hammer, npages, name="victim")
+        # its memory is in use, and it is busy writing
+        assert poll(lambda: h.meminfo()["MemFree"] <= base - npages * 4)
+        assert ch.pid in tgids(h)
+        time.sleep(0.2)
+        os.kill(ch.pid, signal.SIGKILL)
+        assert ch.join(30) == -signal.SIGKILL
+        # the task is gone and its memory freed
+        assert poll(lambda: ch.pid not in tgids(h)), h.status()["processes"]
+        assert poll(lambda: h.meminfo()["MemFree"] >= base - 64), (base, h.meminfo())
+        assert tgids(h) == {me.tgid}
+        # the host keeps serving: this process, a new fork and a fresh attach all work
+        a = me.mmap(0, 8 * PAGE, RW, ANON)
+        me.write(a, b"alive" * 100)
+        assert me.read(a, 500) == b"alive" * 100
+
+        def probe(t):
+            b = t.mmap(0, 2 * PAGE, RW, ANON)
+            t.write(b + 10, b"child ok")
+            return t.read(b + 10, 8)
+
+        ch2 = me.fork(probe, name="probe")
+        assert ch2.join(30) == 0 and ch2.result == b"child ok"
+        assert works(h) == 0
+        assert poll(lambda: tgids(h) == {me.tgid})
+    finally:
+        h.close()
+    assert wait_gone(pid) == []
+
+
+def test_thread_sigkilled_takes_its_group_only():
+    h = emu.start(ram="64M")
+    pid = h.private_pid
+    try:
+        me = emu.attach(h, name="parent")
+
+        def spin(t):
+            b = t.mmap(0, 4 * PAGE, RW, ANON)
+            while True:
+                t.write(b, b"spin")
+
+        def grp(t):
+            th = t.clone(spin, name="spinner")
+            t.idle(120)
+            return th.join(1)
+
+        child = me.fork(grp, name="grp")
+        assert poll(lambda: any(p["tgid"] == child.pid and len(p["threads"]) == 2
+                                for p in h.status()["processes"]))
+        spinner = [th["tid"] for p in h.status()["processes"] if p["tgid"] == child.pid
+                   for th in p["threads"] if th["tid"] != child.pid][0]
+        os.kill(spinner, signal.SIGKILL)
+        # a thread killed by a signal takes its whole thread group (exit_group)
+        assert child.join(30) is not None
+        assert poll(lambda: tgids(h) == {me.tgid})
+        assert works(h) == 0
+    finally:
+        h.close()
+    assert wait_gone(pid) == []
+
+
+# ------------------------------------------------------------------ (c) the supervisor SIGKILLed
+WORKER = """
+    import os, sys, time
+    import emu
+    from emu import uapi as u
+    h = emu.connect(sys.argv[1])
+    me = emu.attach(h, name="orphan")
+    a = me.mmap(0, 8 * 4096, u.PROT_READ | u.PROT_WRITE, u.MAP_PRIVATE | u.MAP_ANONYMOUS)
+    me.write(a, b"data" * 1024)
+    print("ready", os.getpid(), flush=True)
+    time.sleep(120)
+    print("watchdog did not fire", flush=True)
+"""
+
+
+def _spawn_worker(path):
+    p = subprocess.Popen([sys.executable, "-c", textwrap.dedent(WORKER), path],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = p.stdout.readline()
+    assert line.startswith("ready"), (line, p.stderr.read() if p.poll() is not None else "")
+    return p
+
+
+def _kill_supervisor(h):
+    pid = h.private_pid
+    os.kill(pid, signal.SIGKILL)
+    _, status = os.waitpid(pid, 0)             # the test's own child: reap it
+    assert os.waitstatus_to_exitcode(status) == -signal.SIGKILL
+    h.private_pid = None                       # nothing left for close() to shut down
+    return pid
+
+
+def _cleanup_cmd():
+    """`emu cleanup` if the CLI exists by now, else the library call."""
+    try:
+        import emu.cli  # noqa: F401
+    except ImportError:
+        return shm.cleanup()
+    r = subprocess.run([sys.executable, "-m", "emu.cli", "cleanup"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_supervisor_sigkilled_workers_die_cleanup_removes_leftovers():
+    h = emu.start(ram="64M")
+    path = h.path
+    worker = _spawn_worker(path)
+    try:
+        assert poll(lambda: worker.pid in tgids(h))
+        pid = _kill_supervisor(h)
+        # the worker's watchdog sees its kernel die and SIGKILLs it
+        assert poll(lambda: worker.poll() is not None, timeout=30)
+        assert worker.returncode == -signal.SIGKILL, worker.stderr.read()
+        # a SIGKILLed supervisor cannot clean up after itself
+        assert len(shm_of(pid)) == 2
+        assert os.path.exists(sock_of(pid))
+        _cleanup_cmd()
+        assert shm_of(pid) == []
+        assert not os.path.exists(sock_of(pid))
+        assert leftovers(pid) == []
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        h.close()
+
+
+def test_supervisor_sigkilled_next_start_cleans_up():
+    h = emu.start(ram="64M")
+    worker = _spawn_worker(h.path)
+    try:
+        assert poll(lambda: worker.pid in tgids(h))
+        pid = _kill_supervisor(h)
+        assert poll(lambda: worker.poll() is not None, timeout=30)
+        assert worker.returncode == -signal.SIGKILL
+        assert len(shm_of(pid)) == 2 and os.path.exists(sock_of(pid))
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        h.close()
+    # booting a new supervisor runs shm.cleanup() first
+    h2 = emu.start(ram="64M")
+    pid2 = h2.private_pid
+    try:
+        assert shm_of(pid) == []
+        assert not os.path.exists(sock_of(pid))
+        assert works(h2) == 0
+    finally:
+        h2.close()
+    assert wait_gone(pid2) == []
+
+
+def test_cleanup_spares_a_live_supervisor():
+    h = emu.start(ram="64M")
+    pid = h.private_pid
+    try:
+        removed = shm.cleanup()
+        assert not any(("-%d-" % pid) in r or ("priv-%d." % pid) in r for r in removed)
+        assert len(shm_of(pid)) == 2 and os.path.exists(sock_of(pid))
+        assert works(h) == 0
+    finally:
+        h.close()
+    assert wait_gone(pid) == []
+
+
+def test_cli_cleanup_if_present():
+    """`emu cleanup` (the console script) once the CLI exists; a no-op before."""
+    try:
+        import emu.cli  # noqa: F401
+    except ImportError:
+        return
+    h = emu.start(ram="64M")
+    pid = _kill_supervisor(h)
+    h.close()
+    assert len(shm_of(pid)) == 2
+    exe = shutil.which("emu")
+    cmd = [exe, "cleanup"] if exe else [sys.executable, "-m", "emu.cli", "cleanup"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert leftovers(pid) == []
+
+
+# ------------------------------------------------------------------ (d) the owner dies
+OWNER = """
+    import os
+    import emu
+    h = emu.start(ram="64M")
+    print(h.private_pid, h.path, flush=True)
+    os._exit(0)
+"""
+
+
+def test_owner_death_shuts_private_supervisor_down():
+    p = run_py(OWNER)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    spid, path = out.split()
+    spid = int(spid)
+    assert path == sock_of(spid)
+    # the supervisor notices its owner is gone, shuts down and removes everything
+    assert wait_gone(spid, timeout=30) == []
+    assert not os.path.exists(path)
+
+
+OWNER_WITH_WORKER = """
+    import os, sys, time
+    import emu
+    from emu import uapi as u
+    h = emu.start(ram="64M")
+    me = emu.attach(h, name="owner")
+    def child(t):
+        b = t.mmap(0, 4096, u.PROT_READ | u.PROT_WRITE, u.MAP_PRIVATE | u.MAP_ANONYMOUS)
+        t.write(b, b"x")
+        t.idle(120)
+    th = me.fork(child, name="kid")
+    print(h.private_pid, th.pid, flush=True)
+    os._exit(0)
+"""
+
+
+def test_owner_death_with_workers_kills_them_and_cleans_up():
+    p = run_py(OWNER_WITH_WORKER)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    spid, kid = map(int, out.split())
+    assert wait_gone(spid, timeout=30) == []
+    assert poll(lambda: not proc_alive(kid), timeout=30)

@@ -1,0 +1,713 @@
+"""Who gets which SIGBUS: thread selection, AR vs AO, forced AR, pending AO, legacy_queue.
+
+Spec: reference/kernel-semantics.md §4 "Who gets signalled", §10 table A, §11 extra
+checks 1-4; kernel-src.md §1d (kill_proc, task_early_kill, find_early_kill_thread) and
+§7 (force_sig_info_to_task, legacy_queue).
+
+Every test runs forked (conftest).  The test process is the main thread ("qemu") of an
+emulated process; vCPU threads are clone()d workers that report what their own SIGBUS
+handler saw by returning it.  Threads that wait for an asynchronous AO poll with
+task.idle(); nothing here asserts on timing.
+"""
+import os
+import select
+import signal
+import time
+
+import pytest
+
+import emu
+from emu import uapi as u
+
+PAGE = 4096
+SIGBUS = signal.SIGBUS
+EARLY, LATE, DEFAULT = u.PR_MCE_KILL_EARLY, u.PR_MCE_KILL_LATE, u.PR_MCE_KILL_DEFAULT
+EARLY_KILL = "vm.memory_failure_early_kill"
+WAIT = 5.0          # upper bound for an asynchronous signal to show up
+GRACE = 0.3         # how long we look for a signal that must NOT arrive
+
+
+class Stop(Exception):
+    """Raised by a SIGBUS handler to stop a faulting access (siglongjmp)."""
+
+
+# ------------------------------------------------------------------ helpers
+class Event:
+    """A one-shot flag between emulated threads (real processes): a pipe whose byte is
+    never consumed, so every holder of the read end sees it set."""
+
+    def __init__(self):
+        self.r, self.w = os.pipe()
+
+    def set(self):
+        os.write(self.w, b"x")
+
+    def is_set(self) -> bool:
+        return bool(select.select([self.r], [], [], 0)[0])
+
+    def wait(self, task, timeout: float = 10.0) -> bool:
+        end = time.monotonic() + timeout
+        while not self.is_set():
+            if time.monotonic() > end:
+                return False
+            task.idle(0.05)
+        return True
+
+
+class Counter:
+    """Workers post one byte each; the main thread waits for n of them."""
+
+    def __init__(self):
+        self.r, self.w = os.pipe()
+        self.seen = 0
+
+    def post(self):
+        os.write(self.w, b"r")
+
+    def wait(self, n: int, timeout: float = 10.0) -> None:
+        end = time.monotonic() + timeout
+        while self.seen < n:
+            left = end - time.monotonic()
+            assert left > 0, "workers did not get ready (%d of %d)" % (self.seen, n)
+            if select.select([self.r], [], [], min(left, 0.1))[0]:
+                self.seen += len(os.read(self.r, n - self.seen))
+
+
+def rec(info):
+    return (info.si_code, info.si_addr, info.si_addr_lsb)
+
+
+def recorder(raise_on=()):
+    """A SIGBUS handler that records (si_code, si_addr, si_addr_lsb); it raises Stop for
+    the si_codes in raise_on (so a faulting access does not retry forever)."""
+    got = []
+
+    def handler(signum, info):
+        assert signum == SIGBUS
+        got.append(rec(info))
+        if info.si_code in raise_on:
+            raise Stop(info)
+
+    return got, handler
+
+
+def wait_for(task, lst, n=1, timeout=WAIT):
+    end = time.monotonic() + timeout
+    while len(lst) < n and time.monotonic() < end:
+        task.idle(0.05)
+    return lst
+
+
+def shared_page(me, backing="memfd", npages=4, target=1):
+    """A MAP_SHARED mapping of `npages`, page `target` dirtied; returns (base, va, pfn)."""
+    size = npages * PAGE
+    if backing == "memfd":
+        fd = me.memfd_create("guest-ram")
+        me.ftruncate(fd, size)
+    else:
+        vm = me.open_kvm().create_vm(u.KVM_X86_SW_PROTECTED_VM)
+        fd = vm.create_guest_memfd(size, u.GUEST_MEMFD_FLAG_MMAP | u.GUEST_MEMFD_FLAG_INIT_SHARED)
+    base = me.mmap(0, size, u.PROT_READ | u.PROT_WRITE, u.MAP_SHARED, fd, 0)
+    va = base + target * PAGE
+    me.write(va, b"\xaa" * 64)                 # dirty: forcekill at memory_failure time
+    pm = me.pagemap(va)
+    assert pm.present
+    return base, va, pm.pfn
+
+
+def set_policy(task, policy):
+    if policy is not None:
+        task.prctl(u.PR_MCE_KILL, u.PR_MCE_KILL_SET, policy)
+    return task.prctl(u.PR_MCE_KILL_GET)
+
+
+def vcpu_wait(task, policy, ready, done):
+    """A vCPU thread: set its own policy, record SIGBUS, wait until the main thread says
+    the injection is over, then report (its policy, what it received)."""
+    got, h = recorder()
+    emu.sigaction(SIGBUS, h)
+    pol = set_policy(task, policy)
+    ready.post()
+    assert done.wait(task)
+    task.idle(GRACE)                           # a signal sent before `done` is in by now
+    return pol, got
+
+
+def start_vcpus(me, policies, ready, done):
+    ths = [me.clone(vcpu_wait, pol, ready, done, name="vcpu%d" % i)
+           for i, pol in enumerate(policies)]
+    ready.wait(len(ths))
+    return ths
+
+
+def finish(ths, done):
+    done.set()
+    out = []
+    for th in ths:
+        assert th.join(15) == 0, th.name
+        out.append(th.result)
+    return out
+
+
+AO = u.BUS_MCEERR_AO
+AR = u.BUS_MCEERR_AR
+
+
+# ------------------------------------------------------------------ 1. thread selection (AO)
+@pytest.mark.parametrize("backing", ["memfd", "gmem"])
+def test_deferred_error_main_early_vcpus_late_only_main_gets_ao(host, backing):
+    me = emu.attach(host, name="qemu")
+    got, h = recorder()
+    emu.sigaction(SIGBUS, h)
+    assert set_policy(me, EARLY) == EARLY
+    _, va, pfn = shared_page(me, backing)
+    ready, done = Counter(), Event()
+    ths = start_vcpus(me, [LATE, LATE, LATE], ready, done)
+
+    assert host.hw_detect(pfn) == 0
+    wait_for(me, got)
+    me.idle(GRACE)
+    res = finish(ths, done)
+
+    assert got == [(AO, va, 12)]               # page VA, lsb 12, exactly once
+    assert res == [(LATE, []), (LATE, []), (LATE, [])]
+
+
+def test_deferred_error_main_early_wins_even_with_sysctl(host_factory):
+    """sysctl=1 does not add receivers: one entry per process, the first early thread
+    in group order (main first) gets the AO, not the DEFAULT or EARLY vCPUs."""
+    host = host_factory(sysctl={EARLY_KILL: 1})
+    me = emu.attach(host, name="qemu")
+    got, h = recorder()
+    emu.sigaction(SIGBUS, h)
+    _, va, pfn = shared_page(me)
+    ready, done = Counter(), Event()
+    ths = start_vcpus(me, [None, EARLY], ready, done)   # vcpu0 DEFAULT, vcpu1 EARLY
+    assert set_policy(me, EARLY) == EARLY
+
+    assert host.hw_detect(pfn) == 0
+    wait_for(me, got)
+    me.idle(GRACE)
+    res = finish(ths, done)
+
+    assert got == [(AO, va, 12)]
+    assert res == [(DEFAULT, []), (EARLY, [])]
+
+
+def test_deferred_error_main_default_with_sysctl_gets_ao(host_factory):
+    host = host_factory(sysctl={EARLY_KILL: 1})
+    assert host.sysctl(EARLY_KILL) == 1
+    me = emu.attach(host, name="qemu")
+    got, h = recorder()
+    emu.sigaction(SIGBUS, h)
+    assert set_policy(me, None) == DEFAULT
+    _, va, pfn = shared_page(me)
+    ready, done = Counter(), Event()
+    ths = start_vcpus(me, [None, LATE], ready, done)    # vcpu0 DEFAULT too: main is first
+
+    assert host.hw_detect(pfn) == 0
+    wait_for(me, got)
+    me.idle(GRACE)
+    res = finish(ths, done)
+
+    assert got == [(AO, va, 12)]
+    assert res == [(DEFAULT, []), (LATE, [])]
+
+
+def test_deferred_error_main_late_vcpu1_default_sysctl_vcpu1_gets_ao(host):
+    """main=LATE is skipped even with sysctl=1; vcpu0=LATE skipped; vcpu1 (no
+    PF_MCE_PROCESS) is the first qualifying thread; vcpu2 (also DEFAULT) is not used."""
+    me = emu.attach(host, name="qemu")
+    got, h = recorder()
+    emu.sigaction(SIGBUS, h)
+    _, va, pfn = shared_page(me)
+    ready, done = Counter(), Event()
+    ths = start_vcpus(me, [LATE, None, None], ready, done)
+    assert set_policy(me, LATE) == LATE        # after the clones: they stay DEFAULT/LATE
+    host.sysctl(EARLY_KILL, 1)
+    assert host.sysctl(EARLY_KILL) == 1
+
+    assert host.hw_detect(pfn) == 0
+    me.idle(GRACE)
+    res = finish(ths, done)
+
+    assert got == []
+    assert res == [(LATE, []), (DEFAULT, [(AO, va, 12)]), (DEFAULT, [])]
+
+
+def test_deferred_error_main_late_vcpu_early_without_sysctl(host):
+    me = emu.attach(host, name="qemu")
+    got, h = recorder()
+    emu.sigaction(SIGBUS, h)
+    set_policy(me, LATE)
+    _, va, pfn = shared_page(me)
+    ready, done = Counter(), Event()
+    ths = start_vcpus(me, [None, EARLY], ready, done)   # vcpu0 inherits LATE
+
+    assert host.hw_detect(pfn) == 0
+    me.idle(GRACE)
+    res = finish(ths, done)
+
+    assert got == []
+    assert res == [(LATE, []), (EARLY, [(AO, va, 12)])]
+
+
+@pytest.mark.parametrize("backing", ["memfd", "gmem"])
+def test_deferred_error_all_late_with_sysctl_nobody(host_factory, backing):
+    host = host_factory(sysctl={EARLY_KILL: 1})
+    me = emu.attach(host, name="qemu")
+    got, h = recorder()
+    emu.sigaction(SIGBUS, h)
+    set_policy(me, LATE)
+    _, va, pfn = shared_page(me, backing)
+    ready, done = Counter(), Event()
+    ths = start_vcpus(me, [LATE, LATE], ready, done)
+
+    assert host.hw_detect(pfn) == 0            # late kill: nothing sent, still handled
+    me.idle(GRACE)
+    res = finish(ths, done)
+
+    assert got == []
+    assert res == [(LATE, []), (LATE, [])]
+
+
+def test_deferred_error_default_without_sysctl_nobody(host):
+    me = emu.attach(host, name="qemu")
+    got, h = recorder()
+    emu.sigaction(SIGBUS, h)
+    _, va, pfn = shared_page(me)
+    ready, done = Counter(), Event()
+    ths = start_vcpus(me, [None, None], ready, done)
+
+    assert host.hw_detect(pfn) == 0
+    me.idle(GRACE)
+    res = finish(ths, done)
+
+    assert got == []
+    assert res == [(DEFAULT, []), (DEFAULT, [])]
+
+
+# ------------------------------------------------------------------ 2. AR goes to current only
+def vcpu_consume(task, policy, va, ready, go):
+    got, h = recorder(raise_on=(AR,))
+    emu.sigaction(SIGBUS, h)
+    pol = set_policy(task, policy)
+    ready.post()
+    assert go.wait(task)
+    stopped = False
+    try:
+        task.read(va + 0x10, 8)                # consumes the latent poison: #MC on this thread
+    except Stop:
+        stopped = True
+    return pol, stopped, got
+
+
+@pytest.mark.parametrize("backing", ["memfd", "gmem"])
+def test_ar_on_vcpu2_only_vcpu2_gets_it(host, backing):
+    me = emu.attach(host, name="qemu")
+    got, h = recorder()
+    emu.sigaction(SIGBUS, h)
+    set_policy(me, EARLY)
+    _, va, pfn = shared_page(me, backing)
+    ready, done, go = Counter(), Event(), Event()
+    ths = start_vcpus(me, [LATE, LATE], ready, done)
+    v2 = me.clone(vcpu_consume, LATE, va, ready, go, name="vcpu2")
+    ready.wait(3)
+
+    assert host.hw_poison(pfn) == 0
+    go.set()
+    assert v2.join(15) == 0
+    me.idle(GRACE)
+    res = finish(ths, done)
+
+    pol, stopped, v2_got = v2.result
+    assert (pol, stopped) == (LATE, True)
+    # memory_failure's kill_proc: AR to current with the page VA (not the byte), lsb 12;
+    # the handler raised on the first one, so exactly one
+    assert v2_got == [(AR, va, 12)]
+    assert got == []                            # main is EARLY but gets nothing
+    assert res == [(LATE, []), (LATE, [])]
+
+
+@pytest.mark.parametrize("backing", ["memfd", "gmem"])
+def test_ar_current_and_ao_to_early_thread_of_other_process(host, backing):
+    """§11 check 3: a second process mapping the same page with an EARLY thread gets AO
+    while the consuming thread gets AR."""
+    me = emu.attach(host, name="qemu")
+    got, h = recorder(raise_on=(AR,))
+    emu.sigaction(SIGBUS, h)
+    set_policy(me, LATE)
+    _, va, pfn = shared_page(me, backing)
+    ready, done = Counter(), Event()
+
+    def other(task):
+        ogot, oh = recorder()
+        emu.sigaction(SIGBUS, oh)
+        pol = set_policy(task, EARLY)
+        ready.post()
+        wait_for(task, ogot)
+        assert done.wait(task)
+        task.idle(GRACE)
+        return pol, ogot
+
+    ch = me.fork(other, name="monitor")
+    ready.wait(1)
+    assert host.hw_poison(pfn) == 0
+    with pytest.raises(Stop):
+        me.read(va + 0x123, 4)
+    done.set()
+    assert ch.join(15) == 0
+
+    assert got == [(AR, va, 12)]
+    assert ch.result == (EARLY, [(AO, va, 12)])
+
+
+def test_ar_other_process_late_gets_nothing(host):
+    me = emu.attach(host, name="qemu")
+    got, h = recorder(raise_on=(AR,))
+    emu.sigaction(SIGBUS, h)
+    set_policy(me, EARLY)
+    _, va, pfn = shared_page(me)
+    ready, done = Counter(), Event()
+
+    def other(task):
+        ogot, oh = recorder()
+        emu.sigaction(SIGBUS, oh)
+        pol = set_policy(task, LATE)
+        ready.post()
+        assert done.wait(task)
+        task.idle(GRACE)
+        return pol, ogot
+
+    ch = me.fork(other, name="late-proc")
+    ready.wait(1)
+    assert host.hw_poison(pfn) == 0
+    with pytest.raises(Stop):
+        me.read(va, 4)
+    done.set()
+    assert ch.join(15) == 0
+    assert got == [(AR, va, 12)]
+    assert ch.result == (LATE, [])
+
+
+# ------------------------------------------------------------------ 4. forced AR kills
+def _victim_blocked(task, va):
+    signal.pthread_sigmask(signal.SIG_BLOCK, {SIGBUS})
+    task.read(va, 8)
+    return "survived"
+
+
+def _victim_blocked_with_handler(task, va):
+    emu.sigaction(SIGBUS, lambda s, i: None)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {SIGBUS})
+    task.read(va, 8)
+    return "survived"
+
+
+def _victim_ignored(task, va):
+    emu.sigaction(SIGBUS, signal.SIG_IGN)
+    task.read(va, 8)
+    return "survived"
+
+
+@pytest.mark.parametrize("victim", [_victim_blocked, _victim_blocked_with_handler,
+                                    _victim_ignored])
+@pytest.mark.parametrize("backing", ["memfd", "gmem"])
+def test_forced_ar_with_sigbus_blocked_or_ignored_kills(host, victim, backing):
+    me = emu.attach(host, name="qemu")
+    got, h = recorder()
+    emu.sigaction(SIGBUS, h)                   # main: DEFAULT, sysctl 0 -> not signalled
+    _, va, pfn = shared_page(me, backing)
+    assert host.hw_poison(pfn) == 0
+    ch = me.fork(victim, va, name="victim")
+    assert ch.join(15) == -SIGBUS
+    assert ch.result is None
+    me.idle(GRACE)
+    assert got == []
+    # the runtime of the survivor is fine
+    me.write(va - PAGE, b"ok")
+    assert me.read(va - PAGE, 2) == b"ok"
+
+
+def test_forced_ar_on_clone_takes_whole_thread_group(host):
+    """A clone()d thread that dies of SIGBUS takes its thread group with it (exit_group):
+    the fork child's main thread dies of SIGBUS too."""
+    me = emu.attach(host, name="qemu")
+    got, h = recorder()
+    emu.sigaction(SIGBUS, h)
+    _, va, pfn = shared_page(me)
+    assert host.hw_poison(pfn) == 0
+
+    def proc_main(task):
+        th = task.clone(_victim_blocked, va, name="vcpu0")
+        code = th.join(15)
+        task.idle(WAIT)                        # exit_group must end us before this returns
+        return "survived", code
+
+    ch = me.fork(proc_main, name="vm-proc")
+    assert ch.join(30) == -SIGBUS
+    assert ch.result is None
+    assert got == []
+    me.write(va + PAGE, b"still here")
+    assert me.read(va + PAGE, 10) == b"still here"
+
+
+def test_forced_ar_on_clone_with_ignored_sigbus_takes_group(host):
+    me = emu.attach(host, name="qemu")
+    _, va, pfn = shared_page(me)
+    assert host.hw_poison(pfn) == 0
+
+    def proc_main(task):
+        th = task.clone(_victim_ignored, va, name="vcpu0")
+        code = th.join(15)
+        task.idle(WAIT)
+        return "survived", code
+
+    ch = me.fork(proc_main, name="vm-proc")
+    assert ch.join(30) == -SIGBUS
+
+
+# ------------------------------------------------------------------ 4. AO stays pending
+def test_ao_stays_pending_while_blocked_then_delivered(host):
+    me = emu.attach(host, name="qemu")
+    got, h = recorder()
+    emu.sigaction(SIGBUS, h)
+    set_policy(me, LATE)
+    _, va, pfn = shared_page(me)
+    ready, injected = Counter(), Event()
+
+    def vcpu(task):
+        vgot, vh = recorder()
+        emu.sigaction(SIGBUS, vh)
+        set_policy(task, EARLY)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {SIGBUS})
+        ready.post()
+        assert injected.wait(task)
+        task.idle(0.5)
+        while_blocked = list(vgot)
+        pending = SIGBUS in signal.sigpending()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {SIGBUS})
+        wait_for(task, vgot)
+        task.idle(GRACE)
+        return while_blocked, pending, vgot
+
+    th = me.clone(vcpu, name="vcpu0")
+    ready.wait(1)
+    assert host.hw_detect(pfn) == 0
+    injected.set()
+    assert th.join(15) == 0
+    while_blocked, pending, after = th.result
+    assert while_blocked == []
+    assert pending
+    assert after == [(AO, va, 12)]
+    assert got == []                            # thread-directed: main (unblocked) gets nothing
+
+
+def test_ao_pending_on_main_thread(host):
+    me = emu.attach(host, name="qemu")
+    got, h = recorder()
+    emu.sigaction(SIGBUS, h)
+    set_policy(me, EARLY)
+    _, va, pfn = shared_page(me)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {SIGBUS})
+    assert host.hw_detect(pfn) == 0
+    me.idle(0.5)
+    assert got == []
+    assert SIGBUS in signal.sigpending()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {SIGBUS})
+    wait_for(me, got)
+    assert got == [(AO, va, 12)]
+
+
+def test_ao_ignored_is_dropped(host):
+    """send_sig_mceerr is not forced: with SIG_IGN the AO is discarded and the thread lives."""
+    me = emu.attach(host, name="qemu")
+    set_policy(me, LATE)
+    _, va, pfn = shared_page(me)
+    ready, injected = Counter(), Event()
+
+    def vcpu(task):
+        set_policy(task, EARLY)
+        emu.sigaction(SIGBUS, signal.SIG_IGN)
+        ready.post()
+        assert injected.wait(task)
+        task.idle(GRACE)
+        vgot, vh = recorder()
+        emu.sigaction(SIGBUS, vh)
+        task.idle(GRACE)
+        return "alive", vgot
+
+    th = me.clone(vcpu, name="vcpu0")
+    ready.wait(1)
+    assert host.hw_detect(pfn) == 0
+    injected.set()
+    assert th.join(15) == 0
+    assert th.result == ("alive", [])
+
+
+# ------------------------------------------------------------------ legacy_queue
+def test_legacy_queue_second_ao_dropped_while_first_pending(host):
+    me = emu.attach(host, name="qemu")
+    got, h = recorder()
+    emu.sigaction(SIGBUS, h)
+    set_policy(me, EARLY)
+    base, va1, pfn1 = shared_page(me, target=1)
+    va2 = base + 2 * PAGE
+    me.write(va2, b"\xbb" * 64)
+    pfn2 = me.pagemap(va2).pfn
+    assert pfn2 != pfn1
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {SIGBUS})
+    assert host.hw_detect(pfn1) == 0
+    assert host.hw_detect(pfn2) == 0
+    me.idle(0.3)
+    assert got == []
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {SIGBUS})
+    wait_for(me, got)
+    me.idle(0.5)
+    assert got == [(AO, va1, 12)]              # the second SIGBUS was dropped
+
+
+def test_legacy_queue_on_vcpu_thread(host):
+    me = emu.attach(host, name="qemu")
+    got, h = recorder()
+    emu.sigaction(SIGBUS, h)
+    set_policy(me, LATE)
+    base, va1, pfn1 = shared_page(me, target=1)
+    va2 = base + 3 * PAGE
+    me.write(va2, b"\xcc" * 64)
+    pfn2 = me.pagemap(va2).pfn
+    ready, injected = Counter(), Event()
+
+    def vcpu(task):
+        vgot, vh = recorder()
+        emu.sigaction(SIGBUS, vh)
+        set_policy(task, EARLY)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {SIGBUS})
+        ready.post()
+        assert injected.wait(task)
+        task.idle(0.3)
+        blocked = list(vgot)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {SIGBUS})
+        wait_for(task, vgot)
+        task.idle(0.5)
+        return blocked, vgot
+
+    th = me.clone(vcpu, name="vcpu0")
+    ready.wait(1)
+    assert host.hw_detect(pfn1) == 0
+    assert host.hw_detect(pfn2) == 0
+    injected.set()
+    assert th.join(15) == 0
+    assert th.result == ([], [(AO, va1, 12)])
+    assert got == []
+
+
+def test_two_ao_unblocked_both_delivered(host):
+    """Contrast: once the first AO was delivered, a second one is queued again."""
+    me = emu.attach(host, name="qemu")
+    got, h = recorder()
+    emu.sigaction(SIGBUS, h)
+    set_policy(me, EARLY)
+    base, va1, pfn1 = shared_page(me, target=1)
+    va2 = base + 2 * PAGE
+    me.write(va2, b"\xbb" * 64)
+    pfn2 = me.pagemap(va2).pfn
+
+    assert host.hw_detect(pfn1) == 0
+    wait_for(me, got, 1)
+    assert host.hw_detect(pfn2) == 0
+    wait_for(me, got, 2)
+    me.idle(GRACE)
+    assert got == [(AO, va1, 12), (AO, va2, 12)]
+
+
+# ------------------------------------------------------------------ handler that raises
+def test_raising_handler_leaves_runtime_usable(host):
+    me = emu.attach(host, name="qemu")
+    got, h = recorder(raise_on=(AR, AO))
+    emu.sigaction(SIGBUS, h)
+    set_policy(me, EARLY)
+    base, va, pfn = shared_page(me, npages=8, target=1)
+
+    # AR from MADV_HWPOISON: the exception comes out of the syscall
+    with pytest.raises(Stop):
+        me.madvise(va, PAGE, u.MADV_HWPOISON)
+    assert got == [(AR, va, 12)]
+
+    me.write(base, b"first")
+    assert me.read(base, 5) == b"first"
+
+    # a later access to the poisoned page: AR with the faulting byte address
+    with pytest.raises(Stop):
+        me.read(va + 0x42, 1)
+    assert got[-1] == (AR, va + 0x42, 12)
+    with pytest.raises(Stop):
+        me.write(va + 0x80, b"x")
+    assert got[-1] == (AR, va + 0x80, 12)
+
+    # a consumed latent error on another page: AR from the #MC path
+    va3 = base + 3 * PAGE
+    me.write(va3, b"\x11" * 16)
+    assert host.hw_poison(me.pagemap(va3).pfn) == 0
+    with pytest.raises(Stop):
+        me.read(va3 + 8, 8)
+    assert got[-1] == (AR, va3, 12)
+
+    # an asynchronous AO whose handler raises out of idle()
+    va5 = base + 5 * PAGE
+    me.write(va5, b"\x55" * 16)
+    pfn5 = me.pagemap(va5).pfn
+    with pytest.raises(Stop):                  # may land inside hw_detect's own reply wait
+        assert host.hw_detect(pfn5) == 0
+        end = time.monotonic() + WAIT
+        while time.monotonic() < end:
+            me.idle(0.05)
+    assert got[-1] == (AO, va5, 12)
+
+    # everything still works
+    me.write(base + 7 * PAGE, b"after")
+    assert me.read(base + 7 * PAGE, 5) == b"after"
+    assert me.read(base, 5) == b"first"
+    fd2 = me.memfd_create("more")
+    me.ftruncate(fd2, 2 * PAGE)
+    a2 = me.mmap(0, 2 * PAGE, u.PROT_READ | u.PROT_WRITE, u.MAP_SHARED, fd2, 0)
+    me.write(a2 + PAGE, b"fresh mapping")
+    assert me.read(a2 + PAGE, 13) == b"fresh mapping"
+    assert me.pread(fd2, 5, PAGE) == b"fresh"
+    anon = me.mmap(0, PAGE, u.PROT_READ | u.PROT_WRITE, u.MAP_PRIVATE | u.MAP_ANONYMOUS)
+    me.write(anon, b"anon")
+    assert me.read(anon, 4) == b"anon"
+    assert me.prctl(u.PR_MCE_KILL_GET) == EARLY
+    me.munmap(a2, 2 * PAGE)
+    th = me.clone(lambda t: t.read(base, 5), name="vcpu0")
+    assert th.join(15) == 0
+    assert th.result == b"first"
+
+
+def test_raising_handler_in_vcpu_thread_then_usable(host):
+    me = emu.attach(host, name="qemu")
+    base, va, pfn = shared_page(me)
+    assert host.hw_poison(pfn) == 0
+
+    def vcpu(task):
+        vgot, vh = recorder(raise_on=(AR,))
+        emu.sigaction(SIGBUS, vh)
+        out = []
+        for _ in range(3):
+            try:
+                task.read(va, 8)
+                out.append("read")
+            except Stop:
+                out.append("stop")
+        task.write(base, b"vcpu")
+        out.append(task.read(base, 4))
+        return out, vgot
+
+    th = me.clone(vcpu, name="vcpu0")
+    assert th.join(15) == 0
+    out, vgot = th.result
+    assert out == ["stop", "stop", "stop", b"vcpu"]
+    assert vgot[0] == (AR, va, 12)
+    assert vgot[1:] == [(AR, va, 12), (AR, va, 12)]
+    assert me.read(base, 4) == b"vcpu"
