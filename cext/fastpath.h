@@ -39,7 +39,8 @@ static inline uint64_t emu_now_ns(void) {
  * leaf (4K PTE, or a PSE entry at PMD/PUD level), or the first non-present entry
  * on the way.  Returns NULL only when the tables themselves are malformed.
  */
-static inline uint64_t *emu_walk(const emu_ctx *c, uint64_t pgd, uint64_t va, int *level) {
+static inline __attribute__((always_inline))
+uint64_t *emu_walk(const emu_ctx *c, uint64_t pgd, uint64_t va, int *level) {
     uint64_t *tbl;
     int lvl, shift = 39;
     if (pgd == 0 || pgd >= c->npt) return NULL;
@@ -73,20 +74,49 @@ static inline void emu_rcu_exit(emu_task *t) {
 }
 
 /*
+ * A per-call "TLB" of leaf page-table pages, keyed by the 2 MiB region: a hit
+ * skips the three upper levels.  It only lives for one fast-path call, inside
+ * the rcu read section, so a table page it points at cannot be reused under it;
+ * leaf entries are always re-read, so zaps are seen at once.
+ */
+#define EMU_TLB_SIZE 64
+typedef struct { uint64_t tag[EMU_TLB_SIZE]; uint64_t *tbl[EMU_TLB_SIZE]; } emu_tlb;
+
+static inline void emu_tlb_init(emu_tlb *t) { memset(t->tag, 0xff, sizeof t->tag); }
+
+static inline __attribute__((always_inline))
+uint64_t *emu_walk_tlb(const emu_ctx *c, emu_tlb *tlb, uint64_t pgd, uint64_t va, int *level) {
+    uint64_t tag = va >> 21;
+    unsigned h = (unsigned)(tag % EMU_TLB_SIZE);
+    uint64_t *slot;
+    if (tlb && tlb->tag[h] == tag) {
+        *level = 1;
+        return tlb->tbl[h] + ((va >> 12) & (EMU_PTRS - 1));
+    }
+    slot = emu_walk(c, pgd, va, level);
+    if (tlb && slot && *level == 1) {
+        tlb->tag[h] = tag;
+        tlb->tbl[h] = slot - ((va >> 12) & (EMU_PTRS - 1));
+    }
+    return slot;
+}
+
+/*
  * Copy n bytes between `buf` and user memory at `va` through page table `pgd`.
  * Returns the bytes done; *status says why it stopped.  On FAULT, *xva is the
  * faulting byte; on MCE, also *xpfn, the frame whose latent error was consumed.
  * Caller must be inside an rcu read section.
  */
-static size_t emu_access_locked(emu_ctx *c, uint64_t pgd, uint64_t va, uint8_t *buf,
-                                size_t n, int write, int *status, uint64_t *xva, uint64_t *xpfn)
+static inline __attribute__((always_inline))
+size_t emu_access_locked(emu_ctx *c, emu_tlb *tlb, uint64_t pgd, uint64_t va, uint8_t *buf,
+                         size_t n, int write, int *status, uint64_t *xva, uint64_t *xpfn)
 {
     size_t done = 0;
     uint64_t want = EMU_PTE_ACCESSED | (write ? EMU_PTE_DIRTY : 0);
     while (done < n) {
         uint64_t cur = va + done, e, pfn, off, chunk;
         int level, pshift;
-        uint64_t *slot = emu_walk(c, pgd, cur, &level);
+        uint64_t *slot = emu_walk_tlb(c, tlb, pgd, cur, &level);
     retry:
         e = slot ? __atomic_load_n(slot, __ATOMIC_ACQUIRE) : 0;
         if (!(e & EMU_PTE_PRESENT) || (write && !(e & EMU_PTE_RW))) {
@@ -118,7 +148,7 @@ static size_t emu_access(emu_ctx *c, emu_task *t, uint64_t pgd, uint64_t va, uin
 {
     size_t r;
     emu_rcu_enter(c, t);
-    r = emu_access_locked(c, pgd, va, buf, n, write, status, xva, xpfn);
+    r = emu_access_locked(c, NULL, pgd, va, buf, n, write, status, xva, xpfn);
     emu_rcu_exit(t);
     return r;
 }
@@ -133,10 +163,12 @@ static size_t emu_access_batch(emu_ctx *c, emu_task *t, uint64_t pgd, const uint
                                int *status, uint64_t *xva, uint64_t *xpfn, size_t *partial)
 {
     size_t i;
+    emu_tlb tlb;
     *status = EMU_ACC_OK; *partial = 0;
+    emu_tlb_init(&tlb);
     emu_rcu_enter(c, t);
     for (i = start; i < m; i++) {
-        size_t d = emu_access_locked(c, pgd, addrs[i], buf + i * size, size, write, status, xva, xpfn);
+        size_t d = emu_access_locked(c, &tlb, pgd, addrs[i], buf + i * size, size, write, status, xva, xpfn);
         if (*status != EMU_ACC_OK) { *partial = d; break; }
     }
     emu_rcu_exit(t);

@@ -154,6 +154,21 @@ def test_madvise_unknown_advice_einval(host, advice):
     region.intact()
 
 
+def test_madvise_valid_advice_is_not_einval(host):
+    # MADV_RANDOM, MADV_SEQUENTIAL, MADV_WILLNEED, MADV_DONTFORK, MADV_DOFORK are valid
+    # on any anonymous mapping (madvise_behavior_valid): a good argument is not EINVAL
+    me = emu.attach(host, name="t")
+    region = Region(me)
+    refused = {}
+    for advice in (1, 2, 3, 10, 11):
+        try:
+            me.madvise(region.addr, PAGE, advice)
+        except OSError as e:
+            refused[advice] = errno.errorcode.get(e.errno, e.errno)
+    assert refused == {}
+    region.intact()
+
+
 # ------------------------------------------------------------------ fds
 @pytest.mark.parametrize("fd", [-1, 999, 3])
 def test_close_bad_fd_ebadf(host, fd):
@@ -185,6 +200,16 @@ def test_create_vm_bad_type_einval(host, vm_type):
     me = emu.attach(host, name="t")
     kvm = me.open_kvm()
     check_unchanged(host, me, kvm.create_vm, vm_type, err=errno.EINVAL)
+
+
+@pytest.mark.parametrize("which", ["kvm", "vm"])
+def test_mmap_of_kvm_or_vm_fd_enodev(host, which):
+    # kvm_chardev_ops and kvm_vm_fops have no .mmap: do_mmap returns -ENODEV
+    me = emu.attach(host, name="t")
+    kvm = me.open_kvm()
+    vm = kvm.create_vm(u.KVM_X86_DEFAULT_VM)
+    fd = kvm.fd if which == "kvm" else vm.fd
+    check_unchanged(host, me, me.mmap, 0, PAGE, RW, u.MAP_SHARED, fd, 0, err=errno.ENODEV)
 
 
 @pytest.mark.parametrize("flag", [1 << 3, 1 << 8, 1 << 40, 1 << 63])

@@ -254,12 +254,13 @@ def test_supervisor_sigkilled_workers_die_cleanup_removes_leftovers():
     try:
         assert poll(lambda: worker.pid in tgids(h))
         pid = _kill_supervisor(h)
+        # a SIGKILLed supervisor cannot clean up after itself.  (Checked at once: any
+        # supervisor booting concurrently, e.g. another test run, cleans up dead ones.)
+        assert len(shm_of(pid)) == 2
+        assert os.path.exists(sock_of(pid))
         # the worker's watchdog sees its kernel die and SIGKILLs it
         assert poll(lambda: worker.poll() is not None, timeout=30)
         assert worker.returncode == -signal.SIGKILL, worker.stderr.read()
-        # a SIGKILLed supervisor cannot clean up after itself
-        assert len(shm_of(pid)) == 2
-        assert os.path.exists(sock_of(pid))
         _cleanup_cmd()
         assert shm_of(pid) == []
         assert not os.path.exists(sock_of(pid))
@@ -277,9 +278,9 @@ def test_supervisor_sigkilled_next_start_cleans_up():
     try:
         assert poll(lambda: worker.pid in tgids(h))
         pid = _kill_supervisor(h)
+        assert len(shm_of(pid)) == 2 and os.path.exists(sock_of(pid))
         assert poll(lambda: worker.poll() is not None, timeout=30)
         assert worker.returncode == -signal.SIGKILL
-        assert len(shm_of(pid)) == 2 and os.path.exists(sock_of(pid))
     finally:
         if worker.poll() is None:
             worker.kill()

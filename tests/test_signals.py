@@ -664,6 +664,8 @@ def test_raising_handler_leaves_runtime_usable(host):
         while time.monotonic() < end:
             me.idle(0.05)
     assert got[-1] == (AO, va5, 12)
+    assert host.sysctl(EARLY_KILL) == 0        # the host channel survived the abandoned call
+    assert host.kpageflags(pfn5) & (1 << u.KPF_HWPOISON)
 
     # everything still works
     me.write(base + 7 * PAGE, b"after")
@@ -711,3 +713,78 @@ def test_raising_handler_in_vcpu_thread_then_usable(host):
     assert vgot[0] == (AR, va, 12)
     assert vgot[1:] == [(AR, va, 12), (AR, va, 12)]
     assert me.read(base, 4) == b"vcpu"
+
+
+# ------------------------------------------------------------------ forced AR meets a pending AO
+def test_forced_ar_while_ao_pending_and_blocked_kills(host):
+    """force_sig_info_to_task: SIGBUS blocked -> handler reset to SIG_DFL and SIGBUS
+    unblocked *before* send_signal_locked; the new AR is then dropped by legacy_queue
+    because the AO is already pending ("This can happen if the signal was already
+    pending and blocked"), but the now-unblocked pending SIGBUS is delivered with the
+    default action: the process dies of SIGBUS."""
+    me = emu.attach(host, name="qemu")
+    got, h = recorder()
+    emu.sigaction(SIGBUS, h)                   # main: DEFAULT, sysctl 0 -> never signalled
+    base, va_ao, pfn_ao = shared_page(me, target=1)
+    va_ar = base + 2 * PAGE
+    me.write(va_ar, b"\x77" * 32)
+    pfn_ar = me.pagemap(va_ar).pfn
+    ready, injected = Counter(), Event()
+
+    def victim(task):
+        emu.sigaction(SIGBUS, lambda s, i: None)
+        set_policy(task, EARLY)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {SIGBUS})
+        ready.post()
+        assert injected.wait(task)
+        task.idle(0.3)
+        assert SIGBUS in signal.sigpending()   # the AO is pending, blocked
+        task.read(va_ar, 8)                    # consumes: forced AR
+        return "survived"
+
+    ch = me.fork(victim, name="victim")
+    ready.wait(1)
+    assert host.hw_detect(pfn_ao) == 0
+    assert host.hw_poison(pfn_ar) == 0
+    injected.set()
+    code = ch.join(15)
+    if code is None:                           # hung retrying the access: stop it
+        ch.kill()
+        code = ch.join(5)
+        pytest.fail("victim did not die of the forced AR (it kept running)")
+    assert code == -SIGBUS
+    assert got == []
+
+
+# ------------------------------------------------------------------ AO with the default action
+def test_ao_with_default_disposition_kills_whole_process(host):
+    """send_sig_mceerr to an EARLY thread with SIGBUS at SIG_DFL: the default action of
+    SIGBUS terminates the thread group, so the process (and its vCPU) die of SIGBUS."""
+    me = emu.attach(host, name="qemu")
+    got, h = recorder()
+    emu.sigaction(SIGBUS, h)
+    _, va, pfn = shared_page(me)
+    ready = Counter()
+
+    def vm_proc(task):
+        emu.sigaction(SIGBUS, signal.SIG_DFL)
+        set_policy(task, EARLY)
+
+        def vcpu(t):
+            emu.sigaction(SIGBUS, signal.SIG_DFL)
+            set_policy(t, LATE)
+            ready.post()
+            t.idle(3 * WAIT)
+            return "vcpu survived"
+
+        th = task.clone(vcpu, name="vcpu0")
+        ready.post()
+        task.idle(3 * WAIT)
+        return "survived", th.join(1)
+
+    ch = me.fork(vm_proc, name="vm-proc")
+    ready.wait(2)
+    assert host.hw_detect(pfn) == 0
+    assert ch.join(30) == -SIGBUS
+    me.idle(GRACE)
+    assert got == []                            # main is DEFAULT, sysctl 0

@@ -26,6 +26,9 @@ SYSCTL_RANGE = {
 }
 
 
+EVENT_TYPES: dict[str, int] = {}     # trace event name -> id in the shm event ring
+
+
 class KernelPanic(SystemExit):
     pass
 
@@ -65,12 +68,16 @@ class Kernel:
         self.dmesg_lines.append("[%12.6f] %s" % (t, msg))
 
     def trace(self, type_: str, **kw) -> None:
+        """A structured trace event; a compact copy also goes to the shm event ring."""
         self.event_seq += 1
-        ev = {"seq": self.event_seq, "ts_ns": time.monotonic_ns(), "type": type_}
-        ev.update(kw)
-        self.events.append(ev)
-        self.core.ev_post(hash(type_) & 0x7FFFFFFF, kw.get("tid", 0) or 0,
-                          int(kw.get("pfn", 0) or 0), int(kw.get("addr", 0) or 0), 0)
+        kw["seq"] = self.event_seq
+        kw["ts_ns"] = time.monotonic_ns()
+        kw["type"] = type_
+        self.events.append(kw)
+        tid = EVENT_TYPES.get(type_)
+        if tid is None:
+            tid = EVENT_TYPES[type_] = len(EVENT_TYPES) + 1
+        self.core.ev_post(tid, kw.get("tid") or 0, kw.get("pfn") or 0, kw.get("addr") or 0)
 
     def panic(self, msg: str) -> None:
         self.log("Kernel panic - not syncing: " + msg)

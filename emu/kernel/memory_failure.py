@@ -323,7 +323,7 @@ class MemoryFailure:
         head = core.head(pfn)
         if not flags & u.MF_COUNT_INCREASED:
             fl = core.flags(head)
-            blk = k.buddy.free_block_of(pfn)
+            blk = k.buddy.free_block_of(pfn) if core.refcount(head) == 0 else None
             if blk is not None:                               # free buddy page
                 if k.buddy.take_page_off_buddy(pfn):
                     core.set_flags(pfn, PG_hwpoison)

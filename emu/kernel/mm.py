@@ -92,7 +92,12 @@ class Mm:
         del self.starts[i]
 
     def get_unmapped_area(self, length: int) -> int:
-        """Top-down search below MMAP_BASE, as the default x86-64 layout does."""
+        """Top-down search below MMAP_BASE, as the default x86-64 layout does.
+        The gap just below the lowest mapping is tried first (a free-area cache)."""
+        if self.vmas:
+            low = self.vmas[0].start
+            if low - length >= MMAP_MIN and low <= MMAP_BASE:
+                return low - length
         top = MMAP_BASE
         for v in reversed(self.vmas):
             if v.start >= top:

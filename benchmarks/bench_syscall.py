@@ -1,0 +1,103 @@
+"""(b) A supervisor system call vs a bare unix-socket JSON round trip.
+
+Measured from a worker: a page fault (first touch of an anonymous page: the
+fast path stops, one request to the supervisor allocates, zeroes and maps a
+frame, the access retries) and a one-page anonymous mmap.  Baseline, same run:
+a JSON-lines echo server on a unix socket with the same loop shape as the
+supervisor's (selector, recv, split, json.loads, json.dumps, sendall) and the
+same client code.
+"""
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import socket
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import emu  # noqa: E402
+from emu import uapi as u  # noqa: E402
+from emu.runtime import Channel  # noqa: E402
+
+from _common import report  # noqa: E402
+
+N = 3000
+
+
+def _echo_server(path: str, ready_w: int) -> None:
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(4)
+    os.write(ready_w, b"r")
+    sel = selectors.DefaultSelector()
+    sel.register(srv, selectors.EVENT_READ, None)
+    bufs = {}
+    while True:
+        for key, _ in sel.select():
+            if key.data is None:
+                c, _ = srv.accept()
+                c.sendall(b'{"QMP":{}}\n')
+                bufs[c] = b""
+                sel.register(c, selectors.EVENT_READ, c)
+                continue
+            c = key.data
+            data = c.recv(1 << 20)
+            if not data:
+                os._exit(0)
+            bufs[c] += data
+            while b"\n" in bufs[c]:
+                line, bufs[c] = bufs[c].split(b"\n", 1)
+                req = json.loads(line)
+                c.sendall(json.dumps({"id": req.get("id"), "return": 0},
+                                     separators=(",", ":")).encode() + b"\n")
+
+
+def _median_us(samples):
+    samples.sort()
+    return samples[len(samples) // 2] / 1000
+
+
+def main() -> list[dict]:
+    path = os.path.join(tempfile.mkdtemp(prefix="emu-bench-"), "echo.sock")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        _echo_server(path, w)
+    os.read(r, 1)
+    ch = Channel(path)
+    base = []
+    for _ in range(N):
+        t = time.perf_counter_ns()
+        ch.call("echo", addr=0x7F0000000000, write=False)
+        base.append(time.perf_counter_ns() - t)
+    ch.close()
+    os.waitpid(pid, 0)
+
+    with emu.start(ram="256M") as host:
+        me = emu.attach(host, name="bench")
+        a = me.mmap(0, N * 4096, u.PROT_READ | u.PROT_WRITE, u.MAP_PRIVATE | u.MAP_ANONYMOUS)
+        faults = []
+        for i in range(N):
+            t = time.perf_counter_ns()
+            me.read(a + i * 4096, 1)               # not present: one fault round trip
+            faults.append(time.perf_counter_ns() - t)
+        maps = []
+        for _ in range(N):
+            t = time.perf_counter_ns()
+            me.mmap(0, 4096, u.PROT_READ | u.PROT_WRITE, u.MAP_PRIVATE | u.MAP_ANONYMOUS)
+            maps.append(time.perf_counter_ns() - t)
+        me.exit()
+    b = _median_us(base)
+    print("\n(b) supervisor system calls, %d each, medians" % N)
+    return [report("page fault (first touch, anon)", _median_us(faults), "us",
+                   "bare unix-socket JSON round trip", b, "<= 1.5x"),
+            report("mmap of one page", _median_us(maps), "us",
+                   "bare unix-socket JSON round trip", b, "<= 1.5x")]
+
+
+if __name__ == "__main__":
+    main()

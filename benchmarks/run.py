@@ -1,0 +1,18 @@
+"""Run every benchmark: `python benchmarks/run.py`.  Medians, each beside a
+baseline measured in the same run, with the ratio."""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import bench_deferred_mf  # noqa: E402
+import bench_fastpath  # noqa: E402
+import bench_syscall  # noqa: E402
+
+if __name__ == "__main__":
+    results = []
+    for mod in (bench_fastpath, bench_syscall, bench_deferred_mf):
+        results += mod.main()
+    if "--json" in sys.argv:
+        print(json.dumps(results, indent=2))
