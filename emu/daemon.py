@@ -272,10 +272,13 @@ class Supervisor:
             raise
         except OSError as e:
             err = e.errno if isinstance(e.errno, int) else u.EINVAL
-            if c.task is not None:
-                c.task.reply_sigs = []
-            self._send(c, {"id": rid, "error": {"class": "OSError", "errno": err,
-                                                "desc": e.strerror or os.strerror(err)}})
+            rep = {"id": rid, "error": {"class": "OSError", "errno": err,
+                                        "desc": e.strerror or os.strerror(err)}}
+            if c.task is not None and c.task.reply_sigs:
+                # signals queued on current are delivered on return to user
+                # whatever the system call returns
+                rep["sigs"], c.task.reply_sigs = c.task.reply_sigs, []
+            self._send(c, rep)
         except (ValueError, TypeError, KeyError) as e:
             self._send(c, {"id": rid, "error": {"class": "GenericError", "errno": u.EINVAL,
                                                 "desc": str(e)}})

@@ -788,3 +788,7 @@ def test_ao_with_default_disposition_kills_whole_process(host):
     assert ch.join(30) == -SIGBUS
     me.idle(GRACE)
     assert got == []                            # main is DEFAULT, sysctl 0
+    end = time.monotonic() + WAIT               # the vCPU went with its group
+    while time.monotonic() < end and len(host.status()["processes"]) > 1:
+        me.idle(0.05)
+    assert [p["tgid"] for p in host.status()["processes"]] == [me.tgid]

@@ -95,19 +95,16 @@ def madvise_inject_error(k, t, start: int, end: int, advice: int) -> int:
     while start < end:
         e, level = k.core.walk(mm.pgd, start)
         if not e & C.PTE_PRESENT:
-            # get_user_pages_fast: faults the page in; a fault that would signal
-            # fails GUP instead (VM_FAULT_HWPOISON -> -EHWPOISON, SIGBUS -> -EFAULT)
-            if mm.find_vma(start) is None:
+            # get_user_pages_fast(start, 1, 0, ...) faults the page in; a fault that
+            # would signal fails GUP instead.  Without FOLL_HWPOISON, vm_fault_to_errno
+            # turns VM_FAULT_HWPOISON into -EFAULT as well.
+            if mm.find_vma(start) is None or e & C.PTE_HWPOISON:
                 raise OSError(u.EFAULT, "madvise: get_user_pages_fast")
-            if e & C.PTE_HWPOISON:
-                raise OSError(u.EHWPOISON, "madvise: get_user_pages_fast")
             before = len(t.reply_sigs)
             k.mm.handle_mm_fault(t, start, False)
             if len(t.reply_sigs) > before:
-                code = t.reply_sigs[-1][1]
                 del t.reply_sigs[before:]
-                raise OSError(u.EHWPOISON if code == u.BUS_MCEERR_AR else u.EFAULT,
-                              "madvise: get_user_pages_fast")
+                raise OSError(u.EFAULT, "madvise: get_user_pages_fast")
             e, level = k.core.walk(mm.pgd, start)
         shift = 12 + 9 * (level - 1)
         pfn = ((e & C.PTE_PFN_MASK) >> 12) + ((start >> 12) & ((1 << (shift - 12)) - 1))
