@@ -135,17 +135,19 @@ class Supervisor:
             return
         self.core.set_shutdown()
         victims = []
-        for t in list(self.kernel.tasks.values()):
+        kernel = getattr(self, "kernel", None)
+        for t in list(kernel.tasks.values()) if kernel is not None else []:
             if t.tid != self.owner_pid and t.tid != os.getpid():
                 victims.append(t.tid)
         self._stop_pids(victims)
         for c in list(self.conns.values()):
             self._close(c, dead=False)
-        try:
-            self.listener.close()
-            os.unlink(self.sock_path)
-        except OSError:
-            pass
+        if self.listener is not None:
+            try:
+                self.listener.close()
+                os.unlink(self.sock_path)
+            except OSError:
+                pass
         self.segs.unlink()
         self.segs = None
         if self.pidfile:
@@ -153,7 +155,10 @@ class Supervisor:
                 os.unlink(self.pidfile)
             except OSError:
                 pass
-        signal.set_wakeup_fd(-1)
+        try:
+            signal.set_wakeup_fd(-1)
+        except ValueError:
+            pass
 
     @staticmethod
     def _stop_pids(pids) -> None:
@@ -285,6 +290,10 @@ class Supervisor:
         except MemoryError as e:
             self._send(c, {"id": rid, "error": {"class": "OSError", "errno": u.ENOMEM,
                                                 "desc": str(e) or "out of memory"}})
+        except Exception as e:                 # e.g. RecursionError from a hostile line
+            log.warning("request failed: %s: %s", type(e).__name__, e)
+            self._send(c, {"id": rid, "error": {"class": "GenericError", "errno": u.EINVAL,
+                                                "desc": "%s: %s" % (type(e).__name__, e)}})
 
     def _attach(self, c: Conn, a: dict):
         if c.task is not None:

@@ -224,6 +224,9 @@ def start(policy=None, ram=None, hugepages=None, config=None, sysctl=None,
         raise ValueError(str(e)) from None
     if policy is not None and not isinstance(policy, str):
         raise ValueError("policy: pass a preset name or 'path/to/file.py:Class'")
+    from .kernel.policies import load
+
+    load(cfg["kernel"]["policy"])              # a bad policy is a ValueError here, not at boot
     pid, path = spawn_private(cfg)
     h = Host(path, pid)
     h._owner_pid = os.getpid()

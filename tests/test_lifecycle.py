@@ -21,11 +21,11 @@ ANON = u.MAP_PRIVATE | u.MAP_ANONYMOUS
 
 # ------------------------------------------------------------------ helpers
 def shm_of(pid):
-    return sorted("/dev/shm/" + e for e in os.listdir("/dev/shm") if e.startswith("emu-%d-" % pid))
+    return sorted("/dev/shm/" + e for e in os.listdir("/dev/shm") if e.startswith(f"emu-{pid}-"))
 
 
 def sock_of(pid):
-    return os.path.join(shm.runtime_dir(), "priv-%d.sock" % pid)
+    return os.path.join(shm.runtime_dir(), f"priv-{pid}.sock")
 
 
 def proc_alive(pid):
@@ -38,7 +38,7 @@ def proc_alive(pid):
 def leftovers(pid):
     out = []
     if proc_alive(pid):
-        out.append("process %d" % pid)
+        out.append(f"process {pid}")
     out += shm_of(pid)
     if os.path.exists(sock_of(pid)):
         out.append(sock_of(pid))
@@ -303,7 +303,7 @@ def test_cleanup_spares_a_live_supervisor():
     pid = h.private_pid
     try:
         removed = shm.cleanup()
-        assert not any(("-%d-" % pid) in r or ("priv-%d." % pid) in r for r in removed)
+        assert not any(f"-{pid}-" in r or f"priv-{pid}." in r for r in removed)
         assert len(shm_of(pid)) == 2 and os.path.exists(sock_of(pid))
         assert works(h) == 0
     finally:

@@ -62,7 +62,7 @@ class FileOps:
             k.inodes.pop(inode.ino, None)
 
     def mmap_check(self, k, file: File, shared: bool, prot: int) -> None:
-        return None
+        raise OSError(u.ENODEV, "%s: no mmap" % self.name)   # no f_op->mmap
 
     def map_ok(self, inode: Inode, index: int) -> bool:
         return True

@@ -22,6 +22,9 @@ class ShmemOps(FileOps):
             pfn = filemap_add_folio(k, inode, index, 0, PG_lru | PG_swapbacked | PG_uptodate)
         return pfn
 
+    def mmap_check(self, k, file: File, shared: bool, prot: int) -> None:
+        return None
+
     def fault(self, k, inode: Inode, index: int):
         if index >= (inode.size + PAGE_SIZE - 1) >> PAGE_SHIFT:
             return VM_FAULT_SIGBUS, 0

@@ -82,9 +82,20 @@ def sys_madvise(k, t, a):
         return 0
     if advice in (u.MADV_HWPOISON, u.MADV_SOFT_OFFLINE):
         return madvise_inject_error(k, t, addr, addr + length, advice)
-    if advice == u.MADV_NORMAL:
+    if advice in MADV_HINTS:
+        cursor = addr
+        for vma in mm.overlapping(addr, end):
+            if vma.start > cursor:
+                raise OSError(u.ENOMEM, "madvise: unmapped range")
+            cursor = vma.end
+        if cursor < end:
+            raise OSError(u.ENOMEM, "madvise: unmapped range")
         return 0
     raise OSError(u.EINVAL, "madvise: advice not emulated")
+
+
+# advice that only tunes reclaim, readahead, fork or dumps: accepted, nothing to model
+MADV_HINTS = {u.MADV_NORMAL, 1, 2, 3, 10, 11, 14, 15, 16, 17, 20, 21}   # RANDOM .. PAGEOUT
 
 
 def madvise_inject_error(k, t, start: int, end: int, advice: int) -> int:
