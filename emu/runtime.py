@@ -610,6 +610,9 @@ def _spawn(parent: Task, kind: str, fn, args, name: str) -> Thread:
         code = 1
         try:
             os.close(r)
+            import faulthandler
+
+            faulthandler.disable()      # dying of SIGBUS/SIGSEGV is this worker's job here
             if kind == "clone":
                 _real_prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
             t = Task(parent.host, kind=kind, parent=parent.tid, name=name)

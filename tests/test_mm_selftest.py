@@ -314,3 +314,49 @@ def test_corrupt_reserved_page(host):
         host.unpoison_pfn(RESERVED_PFN)
     assert ei.value.errno == errno.EBUSY
     assert hc(host) == hc0 + 4
+
+
+# ---- madv_soft: the selftest's soft-offline variants ----
+def _soft_offline_case(host, shared):
+    me = emu.attach(host, name="soft")
+    got = []
+    emu.sigaction(signal.SIGBUS, lambda s, i: got.append(i))
+    if shared:
+        fd = me.memfd_create("f")
+        me.ftruncate(fd, 4096)
+        a = me.mmap(0, 4096, u.PROT_READ | u.PROT_WRITE, u.MAP_SHARED, fd, 0)
+    else:
+        a = me.mmap(0, 4096, u.PROT_READ | u.PROT_WRITE, u.MAP_PRIVATE | u.MAP_ANONYMOUS)
+    me.write(a, b"\xce" * 4096)
+    old = me.pagemap(a).pfn
+    hc = host.meminfo()["HardwareCorrupted"]
+    stats = host.mf_stats()
+    me.madvise(a, 4096, u.MADV_SOFT_OFFLINE)
+    assert got == []                                   # no SIGBUS
+    assert me.read(a, 4096) == b"\xce" * 4096          # content intact
+    assert me.pagemap(a).pfn != old                    # the pfn changed
+    assert host.meminfo()["HardwareCorrupted"] == hc + 4
+    assert host.kpageflags(old) & (1 << u.KPF_HWPOISON)
+    assert host.mf_stats() == stats                    # soft offline is not a memory failure
+    assert any("Soft offlining pfn %#x at process virtual address %#x" % (old, a) in line
+               for line in host.dmesg())
+    assert host.unpoison_pfn(old) == 0
+    assert host.meminfo()["HardwareCorrupted"] == hc
+
+
+def test_soft_offline_anon(host):
+    _soft_offline_case(host, shared=False)
+
+
+def test_soft_offline_shared_pagecache(host):
+    _soft_offline_case(host, shared=True)
+
+
+def test_soft_offline_disabled_by_sysctl(host):
+    me = emu.attach(host, name="soft")
+    host.sysctl("vm.enable_soft_offline", 0)
+    a = me.mmap(0, 4096, u.PROT_READ | u.PROT_WRITE, u.MAP_PRIVATE | u.MAP_ANONYMOUS)
+    me.write(a, b"x")
+    with pytest.raises(OSError) as ei:
+        me.madvise(a, 4096, u.MADV_SOFT_OFFLINE)
+    assert ei.value.errno == u.EOPNOTSUPP

@@ -168,6 +168,14 @@ class Kernel:
     def defer_pt_free(self, tables) -> None:
         self._pt_pending.append((self.core.epoch_bump(), list(tables)))
 
+    def synchronize_rcu(self, timeout: float = 1.0) -> None:
+        """Wait for every CPU to leave the read sections that could see the old
+        tables (accesses are short; a CPU stuck longer is a dead worker)."""
+        epoch = self.core.epoch_bump()
+        end = time.monotonic() + timeout
+        while not self.core.quiescent_since(epoch) and time.monotonic() < end:
+            time.sleep(0)
+
     def tick(self) -> None:
         """Periodic housekeeping: finish grace periods."""
         self.buddy.reclaim()

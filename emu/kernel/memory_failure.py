@@ -394,6 +394,44 @@ class MemoryFailure:
         k.trace("unpoison", pfn=pfn)
         return 0
 
+    # ------------------------------------------------------------ soft_offline_page()
+    def soft_offline_page(self, pfn: int) -> int:
+        """Migrate a page away and retire the old frame: no signal, content kept,
+        the pfn changes, HardwareCorrupted rises (mf stats do not)."""
+        k, core = self.k, self.k.core
+
+        def info(msg):
+            k.log("Soft offline: " + msg)
+
+        if pfn < 0 or pfn >= core.nframes:
+            return -u.ENXIO
+        if not k.sysctl["vm.enable_soft_offline"]:
+            info("disabled by /proc/sys/vm/enable_soft_offline")
+            return -u.EOPNOTSUPP
+        if core.flags(pfn) & PG_hwpoison:
+            info("%#x: page already poisoned" % pfn)
+            return 0
+        head = core.head(pfn)
+        if core.refcount(head) == 0 and k.buddy.take_page_off_buddy(pfn):
+            self._retire(pfn)
+            return 0
+        fl = core.flags(head)
+        if core.order(head) or not fl & PG_lru:
+            info("%#x: page isolation failed, page count %d, type %#x"
+                 % (pfn, core.refcount(head), fl))
+            return -u.EBUSY
+        k.mm.migrate_folio(head)
+        self._retire(pfn)
+        k.trace("soft_offline", pfn=pfn)
+        return 0
+
+    def _retire(self, pfn: int) -> None:
+        """page_handle_poison(): flag the frame, keep it off the allocator for good."""
+        core = self.k.core
+        core.set_folio(pfn, 0, PG_hwpoison, 1, 0, 0)
+        core.set_private(pfn, MAGIC_HWPOISON)
+        self.num_poisoned_pages += 1
+
     # ------------------------------------------------------------ entry points
     def kill_me_maybe(self, pfn: int, phys_addr: int, ripv: bool = True) -> int:
         """x86: a consumed uncorrected error in user mode (or in the guest), run as

@@ -218,6 +218,31 @@ class MM:
             dirty |= bool(old & C.PTE_DIRTY)
         return dirty
 
+    def migrate_folio(self, old: int) -> int:
+        """Move an order-0 folio to a new frame: copy, repoint every PTE and the page
+        cache (or the anon rmap).  The old frame is left unreferenced for the caller."""
+        core, k = self.core, self.k
+        flags = core.flags(old)
+        mapping, index = core.mapping(old), core.index(old)
+        new = k.buddy.alloc(0)
+        ptes = list(self.rmap_walk(old))
+        # unmap first (the kernel installs migration entries), wait until no CPU can
+        # still be copying through an old translation, then copy and remap
+        saved = [(mm, va, core.pte_xchg(mm.pgd, va, 0)) for mm, va, _p, _v in ptes]
+        k.synchronize_rcu()
+        core.phys_copy(new, old)
+        inode = None if flags & PG_anon else k.inodes.get(mapping)
+        core.set_folio(new, 0, flags, len(ptes) + (1 if inode is not None else 0), mapping, index)
+        for mm, va, e in saved:
+            core.pte_set(mm.pgd, va, (e & ~C.PTE_PFN_MASK) | (new << PAGE_SHIFT))
+            core.map_add(new, 1)
+        if inode is not None:
+            inode.pages[index] = new
+        if old in self.anon_rmap:
+            self.anon_rmap[new] = self.anon_rmap.pop(old)
+        k.trace("migrate", pfn=old, new=new)
+        return new
+
     # ------------------------------------------------------------------ faults
     def handle_mm_fault(self, task, va: int, write: bool) -> None:
         """Resolve a fault for `task`, or signal it as x86's do_sigbus/bad_area would."""

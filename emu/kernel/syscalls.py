@@ -123,7 +123,7 @@ def madvise_inject_error(k, t, start: int, end: int, advice: int) -> int:
         size = PAGE_SIZE << k.core.order(head)
         if advice == u.MADV_SOFT_OFFLINE:
             k.log("Soft offlining pfn %#x at process virtual address %#x" % (pfn, start))
-            ret = k.soft_offline_page(pfn) if hasattr(k, "soft_offline_page") else -u.EINVAL
+            ret = k.memory_failure.soft_offline_page(pfn)
         else:
             k.log("Injecting memory failure for pfn %#x at process virtual address %#x"
                   % (pfn, start))

@@ -1,0 +1,102 @@
+"""The emulated CPU: the same cases against the Cython fast path and the
+pure-Python reference (emu._pyref), as uvloop runs its tests on two loops."""
+import array
+import os
+import signal
+
+import pytest
+
+import emu
+from emu import _core as C
+from emu import uapi as u
+from emu._pyref import PyCore
+
+PAGE = 4096
+
+
+@pytest.fixture(params=["cython", "python"])
+def me(request, host):
+    if request.param == "python":
+        os.environ["EMU_FASTPATH"] = "python"      # read at attach; we are a forked child
+    task = emu.attach(host, name="cpu")
+    assert (task._rd == task._core.access_read) == (request.param == "cython")
+    return task
+
+
+def _anon(me, pages):
+    return me.mmap(0, pages * PAGE, u.PROT_READ | u.PROT_WRITE, u.MAP_PRIVATE | u.MAP_ANONYMOUS)
+
+
+def test_read_write_across_pages(me):
+    a = _anon(me, 4)
+    data = bytes(range(256)) * 40                  # 10240 bytes, crosses 3 pages
+    me.write(a + 100, data)
+    assert me.read(a + 100, len(data)) == data
+    assert me.read(a, 100) == bytes(100)           # fresh anonymous memory reads zeros
+
+
+def test_accessed_and_dirty_bits(me, host):
+    a = _anon(me, 2)
+    me.read(a, 1)                                  # read fault: present, accessed, clean
+    e, level = me._core.walk(me.pgd, a)
+    assert level == 1 and e & C.PTE_PRESENT and e & C.PTE_ACCESSED and not e & C.PTE_DIRTY
+    me.write(a + 5, b"x")                          # the CPU sets D without a fault
+    e, _ = me._core.walk(me.pgd, a)
+    assert e & C.PTE_DIRTY
+
+
+def test_batch_resumes_after_faults(me):
+    a = _anon(me, 8)
+    addrs = array.array("Q", [a + i * PAGE + 8 for i in range(8)])
+    me.write_batch(addrs, 8, b"".join(i.to_bytes(8, "little") for i in range(8)))
+    out = me.read_batch(addrs, 8)
+    assert [int.from_bytes(out[i * 8:i * 8 + 8], "little") for i in range(8)] == list(range(8))
+
+
+def test_write_to_readonly_mapping_is_sigsegv(me, host):
+    """A write through a read-only PTE is a fault the kernel answers with SIGSEGV."""
+    def child(t):
+        a = t.mmap(0, PAGE, u.PROT_READ, u.MAP_PRIVATE | u.MAP_ANONYMOUS)
+        t.read(a, 1)
+        t.write(a, b"x")
+        return "survived"
+
+    ch = me.fork(child)
+    assert ch.join(10) == -signal.SIGSEGV
+
+
+def test_latent_poison_is_consumed_by_an_access(me, host):
+    got = []
+
+    def h(signum, info):
+        got.append((info.si_code, info.si_addr, info.si_addr_lsb))
+        raise InterruptedError
+
+    emu.sigaction(signal.SIGBUS, h)
+    a = _anon(me, 1)
+    me.write(a, b"\xce" * PAGE)
+    pfn = me.pagemap(a).pfn
+    host.hw_poison(pfn)
+    with pytest.raises(InterruptedError):
+        me.read(a + 0x40, 8)
+    # the #MC killed current with AR at the page; the page is a hwpoison entry now
+    assert got == [(u.BUS_MCEERR_AR, a, 12)]
+    assert me.pagemap(a).hwpoison
+
+
+def test_both_backends_agree_on_status(host):
+    """Direct comparison on the same tables: bytes, status, fault address, pfn."""
+    me = emu.attach(host, name="cmp")
+    a = _anon(me, 3)
+    me.write(a, os.urandom(2 * PAGE))              # pages 0-1 present, page 2 not
+    core, py = me._core, PyCore(me._core)
+    pfn1 = me.pagemap(a + PAGE).pfn
+    host.hw_poison(pfn1)
+    for va, n in ((a, 100), (a + 4000, 200), (a + PAGE - 8, 16), (a + 2 * PAGE + 1, 4)):
+        b1, b2 = bytearray(n), bytearray(n)
+        r1 = core.access_read(me.slot, me.pgd, va, b1)
+        r2 = py.access(me.slot, me.pgd, va, b2, False)
+        assert r1 == r2 and b1 == b2, (hex(va), r1, r2)
+    assert core.access_read(me.slot, me.pgd, a + PAGE, bytearray(8))[1:] == (C.ACC_MCE, a + PAGE, pfn1)
+    assert core.access_read(me.slot, me.pgd, a + 2 * PAGE + 1, bytearray(4))[1:3] == (
+        C.ACC_FAULT, a + 2 * PAGE + 1)
