@@ -16,11 +16,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+from _common import median_of, report, timed  # noqa: E402
+
 import emu  # noqa: E402
 from emu import uapi as u  # noqa: E402
 from emu._pyref import PyCore  # noqa: E402
-
-from _common import median_of, report, timed  # noqa: E402
 
 SIZE = 64 << 20
 N = 1_000_000
@@ -48,13 +48,13 @@ def main() -> list[dict]:
             addrs = array.array("Q", lst)
             out = bytearray(N * 8)
             me.read_batch(addrs, 8)                 # warm: A bits set, tables hot
-            fast = median_of(lambda: timed(core.access_batch, slot, pgd, addrs, 0, 8, out,
-                                           False) / N)
-            plain = median_of(lambda: timed(core.plain_c_loop, pgd, addrs, 8, out) / N)
+            fast = median_of(lambda a=addrs, o=out: timed(core.access_batch, slot, pgd, a, 0, 8, o,
+                                                          False) / N)
+            plain = median_of(lambda a=addrs, o=out: timed(core.plain_c_loop, pgd, a, 8, o) / N)
             small = addrs[:N_PY]
             pout = bytearray(N_PY * 8)
-            pyref = median_of(lambda: timed(py.access_batch, slot, pgd, small, 0, 8, pout,
-                                            False) / N_PY, runs=3)
+            pyref = median_of(lambda a=small, o=pout: timed(py.access_batch, slot, pgd, a, 0, 8, o,
+                                                            False) / N_PY, runs=3)
             check = bytearray(N_PY * 8)             # the same bytes either way
             core.plain_c_loop(pgd, small, 8, check)
             assert check == pout

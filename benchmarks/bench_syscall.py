@@ -19,11 +19,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+from _common import report  # noqa: E402
+
 import emu  # noqa: E402
 from emu import uapi as u  # noqa: E402
 from emu.runtime import Channel  # noqa: E402
-
-from _common import report  # noqa: E402
 
 N = 3000
 

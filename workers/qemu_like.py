@@ -201,7 +201,7 @@ if __name__ == "__main__":
     try:
         while True:
             q.me.idle(1.0)
-            for t, who, text in q.journal:
+            for _t, who, text in q.journal:
                 print("%s  %s" % (who, text))
             q.journal.clear()
     except KeyboardInterrupt:

@@ -9,7 +9,7 @@ from .fs import Inode
 from .kvm import KVM
 from .memory_failure import MemoryFailure
 from .mm import MM, Mm
-from .page_alloc import PG_hwpoison, BuddyAllocator
+from .page_alloc import BuddyAllocator, PG_hwpoison
 from .policies import load as load_policy
 from .sched import Process, Task
 from .signal import Signals

@@ -423,7 +423,8 @@ class MM:
         e, level = self.core.walk(mm.pgd, addr)
         vma = mm.find_vma(addr)
         if e & C.PTE_PRESENT:
-            pfn = ((e & C.PTE_PFN_MASK) >> PAGE_SHIFT) + ((addr >> PAGE_SHIFT) & ((1 << (9 * (level - 1))) - 1))
+            sub = (addr >> PAGE_SHIFT) & ((1 << (9 * (level - 1))) - 1)
+            pfn = ((e & C.PTE_PFN_MASK) >> PAGE_SHIFT) + sub
             v = u.PM_PRESENT | pfn
             if not self.core.flags(self.core.head(pfn)) & PG_anon:
                 v |= u.PM_FILE
