@@ -411,7 +411,14 @@ def run(cfg: dict, sock_path: str, owner_pid: int | None = None, pidfile: str | 
     except BaseException:
         sup.shutdown()
         raise
-    sup.serve_forever(ready_fd)
+    prof = os.environ.get("EMU_PROFILE")          # developers: cProfile the kernel
+    if prof:
+        import cProfile
+
+        cProfile.runctx("sup.serve_forever(ready_fd)", globals(), locals(),
+                        "%s.%d" % (prof, os.getpid()))
+    else:
+        sup.serve_forever(ready_fd)
 
 
 def spawn_private(cfg: dict) -> tuple[int, str]:

@@ -373,24 +373,33 @@ class Task:
 
     def _deliver(self, sigs) -> None:
         """Signals the kernel sent to current, delivered on 'return to user'."""
-        for signo, code, addr, lsb, force in sigs:
+        for signo, code, addr, lsb, force, queued in sigs:
             if force:
                 blocked = signo in signal.pthread_sigmask(signal.SIG_BLOCK, [])
                 ignored = signal.getsignal(signo) == signal.SIG_IGN
                 if blocked or ignored:                # force_sig_info_to_task
                     _handlers.pop(signo, None)
+                    self._core.set_exit_sig(self.slot, signo)
                     signal.signal(signo, signal.SIG_DFL)
-                    if blocked:
+                    if blocked:                       # a pending one may kill us right here
                         signal.pthread_sigmask(signal.SIG_UNBLOCK, [signo])
+            if not queued:                            # dropped: an identical one is pending
+                continue
             if signal.getsignal(signo) == signal.SIG_DFL:
                 self._core.set_exit_sig(self.slot, signo)
             C.raise_self(signo, code, addr, lsb)
 
     def prctl(self, option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
-        ret = self._call("prctl", option=option, arg2=arg2, arg3=arg3, arg4=arg4, arg5=arg5)
-        if option == u.PR_MCE_KILL:
-            _real_prctl(option, arg2, arg3, arg4, arg5)   # the real thread gets it too
-        return ret
+        try:
+            return self._call("prctl", option=option, arg2=arg2, arg3=arg3, arg4=arg4, arg5=arg5)
+        finally:
+            if option == u.PR_MCE_KILL:
+                # the real thread gets it too, quirks included (a SET with a bad
+                # arg3 sets PF_MCE_PROCESS before it fails)
+                try:
+                    _real_prctl(option, arg2, arg3, arg4, arg5)
+                except OSError:
+                    pass
 
     def memfd_create(self, name: str, flags: int = 0) -> int:
         return self._call("memfd_create", name=name, flags=flags)

@@ -315,9 +315,9 @@ def test_many_threads_each_own_setting(host):
     st = {t["tid"]: t["mce_kill"] for p in host.status()["processes"]
           if p["tgid"] == me.tgid for t in p["threads"]}
     names = {EARLY: "EARLY", LATE: "LATE", DEFAULT: "DEFAULT"}
-    assert st == {me.tid: "DEFAULT", **{th.tid: names[p] for th, p in zip(ths, want)}}
+    assert st == {me.tid: "DEFAULT", **{th.tid: names[p] for th, p in zip(ths, want, strict=True)}}
     assert get(me) == DEFAULT
     done.set()
-    for th, p in zip(ths, want):
+    for th, p in zip(ths, want, strict=True):
         assert th.join(15) == 0
         assert th.result == (p, p)

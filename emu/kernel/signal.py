@@ -28,14 +28,19 @@ class Signals:
         if not t.alive:
             return -u.ESRCH
         if t is k.current:
-            pend = [s for s in t.reply_sigs if s[0] == signo]
+            pend = [s for s in t.reply_sigs if s[0] == signo and s[5]]
             if pend or k.core.sig_pending(t.slot):
-                if force:                   # force still resets the disposition
+                if force:
+                    # force_sig_info_to_task resets a blocked/ignored handler and
+                    # unblocks before legacy_queue drops the new siginfo: the
+                    # pending one is then delivered with the default action
                     for s in pend:
                         s[4] = True
+                    if not pend:
+                        t.reply_sigs.append([signo, code, addr, lsb, True, False])
                 k.trace("signal_dropped", reason="already pending", **what)
                 return 0
-            t.reply_sigs.append([signo, code, addr, lsb, force])
+            t.reply_sigs.append([signo, code, addr, lsb, force, True])
             k.trace("signal", via="current", **what)
             return 0
         if k.core.sig_pending(t.slot):
