@@ -57,6 +57,7 @@ class Kernel:
         self.inodes: dict[int, Inode] = {}
         self._next_ino = 1
         self.tasks: dict[int, Task] = {}              # tid -> task
+        self._procs: list[Process] = []
         self._free_slots = list(range(core.ntasks - 1, -1, -1))
         self._free_mm = list(range(core.nmms - 1, -1, -1))
         self._pt_pending: collections.deque = collections.deque()
@@ -102,14 +103,8 @@ class Kernel:
         return inode
 
     def processes(self) -> list[Process]:
-        seen, out = set(), []
-        for t in self.tasks.values():
-            p = t.process
-            if id(p) not in seen and t.alive:
-                seen.add(id(p))
-                out.append(p)
-        out.sort(key=lambda p: p.tgid)
-        return out
+        """for_each_process: live thread groups in creation order."""
+        return self._procs
 
     def _new_mm(self) -> Mm:
         if not self._free_mm:
@@ -135,7 +130,9 @@ class Kernel:
 
     def new_process(self, tid: int, comm: str) -> Task:
         proc = Process(tid, self._new_mm(), comm)
-        return self._new_task(tid, comm, proc)
+        t = self._new_task(tid, comm, proc)
+        self._procs.append(proc)
+        return t
 
     def clone(self, parent: Task, tid: int, comm: str) -> Task:
         return self._new_task(tid, comm, parent.process, parent.flags)
@@ -145,7 +142,9 @@ class Kernel:
         self.mm.dup_mmap(parent.process.mm, proc.mm)
         for fd, f in parent.process.files.items():
             proc.files[fd] = f.get()
-        return self._new_task(tid, comm, proc, parent.flags)
+        t = self._new_task(tid, comm, proc, parent.flags)
+        self._procs.append(proc)
+        return t
 
     def exit_task(self, t: Task) -> None:
         """do_exit: the last thread of a process tears its mm down and its files."""
@@ -159,6 +158,7 @@ class Kernel:
         self._free_slots.append(t.slot)
         self.trace("task_exit", tid=t.tid, tgid=proc.tgid)
         if not any(th.alive for th in proc.threads):
+            self._procs.remove(proc)
             self.mm.exit_mmap(proc.mm)
             self._free_mm.append(proc.mm.slot)
             for f in list(proc.files.values()):

@@ -12,6 +12,8 @@ SIGBUS is a legacy signal: one already pending makes a new one a no-op
 """
 from __future__ import annotations
 
+import os
+
 from .. import _core as C
 from .. import uapi as u
 
@@ -51,6 +53,9 @@ class Signals:
             return 0
         k.trace("signal", via="mailbox", **what)
         r = C.tgkill(t.tid, t.tid, signo)
+        # The woken thread may have been queued on this CPU: let it run its
+        # handler now rather than after the rest of this kernel path.
+        os.sched_yield()
         return r
 
     # the kernel's entry points
