@@ -43,14 +43,23 @@ cdef extern from "layout.h":
     ctypedef struct emu_mm:
         uint64_t pgd
         int32_t users, state
+    ctypedef struct emu_inode:
+        uint32_t ino, kind
+        uint64_t size, flags, nrpages
+        int32_t nlink
+        char name[32]
+    ctypedef struct emu_vma:
+        int32_t mm
+        uint32_t prot, shared, ino
+        uint64_t start, end, pgoff
     ctypedef struct emu_event:
         uint64_t seq, ts_ns
         int32_t type, tid
         uint64_t a, b, c
     ctypedef struct emu_header:
         uint64_t magic, version, core_size, phys_size
-        uint64_t nframes, ntasks, nmms, npt, nevents
-        uint64_t off_frames, off_hwerr, off_tasks, off_mms, off_pt, off_events
+        uint64_t nframes, ntasks, nmms, npt, nevents, ninodes, nvmas
+        uint64_t off_frames, off_hwerr, off_tasks, off_mms, off_pt, off_events, off_inodes, off_vmas
         uint64_t epoch
         int64_t supervisor_pid
         uint64_t event_head
@@ -141,7 +150,8 @@ cdef inline uint64_t _align(uint64_t x, uint64_t a):
     return (x + a - 1) & ~(a - 1)
 
 
-def layout(uint64_t nframes, uint64_t ntasks, uint64_t nmms, uint64_t npt, uint64_t nevents):
+def layout(uint64_t nframes, uint64_t ntasks, uint64_t nmms, uint64_t npt, uint64_t nevents,
+           uint64_t ninodes=1024, uint64_t nvmas=4096):
     """Offsets and sizes of the core segment: the one computation of the layout."""
     cdef uint64_t off = _align(sizeof(emu_header), 4096)
     d = {"off_frames": off}
@@ -152,6 +162,10 @@ def layout(uint64_t nframes, uint64_t ntasks, uint64_t nmms, uint64_t npt, uint6
     off = _align(off + ntasks * sizeof(emu_task), 4096)
     d["off_mms"] = off
     off = _align(off + nmms * sizeof(emu_mm), 4096)
+    d["off_inodes"] = off
+    off = _align(off + ninodes * sizeof(emu_inode), 4096)
+    d["off_vmas"] = off
+    off = _align(off + nvmas * sizeof(emu_vma), 4096)
     d["off_pt"] = off
     off = _align(off + npt * EMU_PTRS * 8, 4096)
     d["off_events"] = off
@@ -162,6 +176,7 @@ def layout(uint64_t nframes, uint64_t ntasks, uint64_t nmms, uint64_t npt, uint6
     d["sizeof_task"] = sizeof(emu_task)
     d["sizeof_mm"] = sizeof(emu_mm)
     d["sizeof_event"] = sizeof(emu_event)
+    d["ninodes"], d["nvmas"] = ninodes, nvmas
     d["sizeof_siginfo"] = sizeof(emu_siginfo)
     d["off_task_rcu_epoch"] = <size_t>&(<emu_task *>0).rcu_epoch
     d["off_mm_pgd"] = <size_t>&(<emu_mm *>0).pgd
@@ -176,6 +191,8 @@ cdef class Core:
     cdef readonly size_t core_size, phys_size
     cdef readonly bint owner
     cdef object _pt_free        # supervisor only: free page-table pages
+    cdef emu_inode *inodes_p
+    cdef emu_vma *vmas_p
     cdef uint64_t _pt_next
 
     def __cinit__(self, int core_fd, size_t core_size, int phys_fd, size_t phys_size):
@@ -212,16 +229,20 @@ cdef class Core:
         self.c.mms = <emu_mm *>(self.core_base + h.off_mms)
         self.c.pt = <uint64_t *>(self.core_base + h.off_pt)
         self.c.events = <emu_event *>(self.core_base + h.off_events)
+        self.inodes_p = <emu_inode *>(self.core_base + h.off_inodes)
+        self.vmas_p = <emu_vma *>(self.core_base + h.off_vmas)
         self.c.phys = self.phys_base
         self.c.nframes = h.nframes
         self.c.npt = h.npt
         self.c.ntasks = h.ntasks
 
     def format(self, uint64_t nframes, uint64_t ntasks, uint64_t nmms, uint64_t npt,
-               uint64_t nevents, int64_t supervisor_pid):
+               uint64_t nevents, int64_t supervisor_pid, uint64_t ninodes=1024,
+               uint64_t nvmas=4096):
         """Supervisor: write the header of a fresh core segment."""
         cdef emu_header *h = <emu_header *>self.core_base
-        d = layout(nframes, ntasks, nmms, npt, nevents)
+        cdef uint64_t i
+        d = layout(nframes, ntasks, nmms, npt, nevents, ninodes, nvmas)
         if d["core_size"] > self.core_size or d["phys_size"] > self.phys_size:
             raise ValueError("segments too small for the layout")
         memset(h, 0, sizeof(emu_header))
@@ -231,10 +252,14 @@ cdef class Core:
         h.nframes, h.ntasks, h.nmms, h.npt, h.nevents = nframes, ntasks, nmms, npt, nevents
         h.off_frames, h.off_hwerr, h.off_tasks = d["off_frames"], d["off_hwerr"], d["off_tasks"]
         h.off_mms, h.off_pt, h.off_events = d["off_mms"], d["off_pt"], d["off_events"]
+        h.ninodes, h.nvmas = ninodes, nvmas
+        h.off_inodes, h.off_vmas = d["off_inodes"], d["off_vmas"]
         h.epoch = 1
         h.supervisor_pid = supervisor_pid
         h.magic = EMU_MAGIC
         self._bind()
+        for i in range(nvmas):
+            self.vmas_p[i].mm = -1
         self.owner = True
 
     def attach(self):
@@ -563,6 +588,58 @@ cdef class Core:
 
     def mm_pgd(self, int slot):
         return self.c.mms[slot].pgd
+
+    # ------------------------------------------------------------ inodes & VMAs
+    @property
+    def ninodes(self):
+        return self.c.hdr.ninodes
+
+    @property
+    def nvmas(self):
+        return self.c.hdr.nvmas
+
+    def inode_set(self, int slot, uint32_t ino, uint32_t kind, uint64_t size, uint64_t flags,
+                  uint64_t nrpages, int nlink, bytes name):
+        cdef emu_inode *i = &self.inodes_p[slot]
+        i.ino, i.kind, i.size, i.flags, i.nrpages, i.nlink = ino, kind, size, flags, nrpages, nlink
+        memset(i.name, 0, 32)
+        memcpy(i.name, <char *>name, min(len(name), 31))
+
+    def inode_clear(self, int slot):
+        memset(&self.inodes_p[slot], 0, sizeof(emu_inode))
+
+    def inodes(self):
+        """Every live inode: (slot, ino, kind, size, flags, nrpages, nlink, name)."""
+        cdef uint64_t s
+        cdef emu_inode *i
+        out = []
+        for s in range(self.c.hdr.ninodes):
+            i = &self.inodes_p[s]
+            if i.kind:
+                out.append((s, i.ino, i.kind, i.size, i.flags, i.nrpages, i.nlink,
+                            i.name[:31].split(b"\0", 1)[0].decode(errors="replace")))
+        return out
+
+    def vma_set(self, int slot, int mm, uint64_t start, uint64_t end, uint32_t prot,
+                bint shared, uint32_t ino, uint64_t pgoff):
+        cdef emu_vma *v = &self.vmas_p[slot]
+        v.start, v.end, v.prot, v.shared, v.ino, v.pgoff = start, end, prot, shared, ino, pgoff
+        v.mm = mm
+
+    def vma_clear(self, int slot):
+        self.vmas_p[slot].mm = -1
+
+    def vmas(self, int mm=-1):
+        """VMAs of one mm (or all): (mm, start, end, prot, shared, ino, pgoff), by address."""
+        cdef uint64_t s
+        cdef emu_vma *v
+        out = []
+        for s in range(self.c.hdr.nvmas):
+            v = &self.vmas_p[s]
+            if v.mm >= 0 and (mm < 0 or v.mm == mm):
+                out.append((v.mm, v.start, v.end, v.prot, bool(v.shared), v.ino, v.pgoff))
+        out.sort()
+        return out
 
     # ------------------------------------------------------------ events
     def ev_post(self, int type, int tid, uint64_t a=0, uint64_t b=0, uint64_t c=0):

@@ -3,7 +3,8 @@
  *
  * Two POSIX shm segments per supervisor:
  *   core:  emu_header | emu_frame[nframes] | hwerr[nframes] | emu_task[ntasks]
- *          | emu_mm[nmms] | page-table pages[npt][512] | emu_event[nevents]
+ *          | emu_mm[nmms] | emu_inode[ninodes] | emu_vma[nvmas]
+ *          | page-table pages[npt][512] | emu_event[nevents]
  *   phys:  frame contents, nframes * 4096 bytes ("physical memory")
  *
  * Only the supervisor (the emulated kernel) writes these tables.  Workers (the
@@ -91,6 +92,32 @@ typedef struct {
     uint64_t pad;
 } emu_mm;
 
+/* ---- inodes and VMAs: the kernel's objects, mirrored for any reader ---- */
+#define EMU_INODE_FREE   0
+#define EMU_INODE_SHMEM  1
+#define EMU_INODE_GMEM   2
+#define EMU_INODE_HUGETLBFS 3
+#define EMU_INODE_KVM    4
+typedef struct {
+    uint32_t ino;
+    uint32_t kind;            /* EMU_INODE_* */
+    uint64_t size;            /* i_size */
+    uint64_t flags;           /* e.g. GUEST_MEMFD_FLAG_* */
+    uint64_t nrpages;         /* pages in the page cache */
+    int32_t  nlink;
+    int32_t  pad;
+    char     name[32];
+} emu_inode;
+
+typedef struct {
+    int32_t  mm;              /* emu_mm slot, -1 = free */
+    uint32_t prot;
+    uint32_t shared;
+    uint32_t ino;             /* 0 = anonymous */
+    uint64_t start, end;
+    uint64_t pgoff;
+} emu_vma;
+
 /* ---- one trace event ---- */
 typedef struct {
     uint64_t seq;
@@ -103,8 +130,8 @@ typedef struct {
 typedef struct {
     uint64_t magic, version;
     uint64_t core_size, phys_size;
-    uint64_t nframes, ntasks, nmms, npt, nevents;
-    uint64_t off_frames, off_hwerr, off_tasks, off_mms, off_pt, off_events;
+    uint64_t nframes, ntasks, nmms, npt, nevents, ninodes, nvmas;
+    uint64_t off_frames, off_hwerr, off_tasks, off_mms, off_pt, off_events, off_inodes, off_vmas;
     uint64_t epoch;           /* global epoch for deferred frame reuse (TLB shootdown) */
     int64_t  supervisor_pid;
     uint64_t event_head;      /* next event seq */

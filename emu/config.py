@@ -27,6 +27,8 @@ madvise_action_required = true   # MADV_HWPOISON passes MF_ACTION_REQUIRED (Linu
 tasks = 256                  # emulated threads
 mms = 128                    # emulated processes
 events = 65536               # trace ring entries
+inodes = 1024                # files (memfd, guest_memfd, ...)
+vmas = 4096                  # mappings, all processes together
 """
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.I)
@@ -123,7 +125,7 @@ def validate(cfg: dict) -> dict:
     for key, val in cfg["sysctl"].items():
         if not isinstance(val, int) or isinstance(val, bool):
             raise ConfigError("sysctl.%s: expected an integer" % key)
-    for key in ("tasks", "mms", "events"):
+    for key in ("tasks", "mms", "events", "inodes", "vmas"):
         val = cfg["limits"][key]
         if not isinstance(val, int) or isinstance(val, bool) or not 1 <= val <= 1 << 20:
             raise ConfigError("limits.%s: expected an integer 1..1048576" % key)

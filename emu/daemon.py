@@ -74,7 +74,8 @@ class Supervisor:
         nframes = ram >> 12
         lim = self.cfg["limits"]
         npt = 4096 + nframes // 128
-        self.segs = shm.Segments.create(nframes, lim["tasks"], lim["mms"], npt, lim["events"])
+        self.segs = shm.Segments.create(nframes, lim["tasks"], lim["mms"], npt, lim["events"],
+                                        lim["inodes"], lim["vmas"])
         self.core = self.segs.core
         k = self.cfg["kernel"]
         self.kernel = Kernel(self.core, nframes, policy=k["policy"], sysctl=self.cfg["sysctl"],

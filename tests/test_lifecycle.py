@@ -5,6 +5,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 
@@ -81,7 +82,13 @@ def works(host, name="probe"):
     return os.waitstatus_to_exitcode(status)
 
 
+# Subprocesses run outside the source tree so that they import the installed
+# package (with its compiled core), not the checkout's emu/ directory.
+NEUTRAL_CWD = tempfile.gettempdir()
+
+
 def run_py(script, **kw):
+    kw.setdefault("cwd", NEUTRAL_CWD)
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
@@ -220,7 +227,8 @@ WORKER = """
 
 def _spawn_worker(path):
     p = subprocess.Popen([sys.executable, "-c", textwrap.dedent(WORKER), path],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         cwd=NEUTRAL_CWD)
     line = p.stdout.readline()
     assert line.startswith("ready"), (line, p.stderr.read() if p.poll() is not None else "")
     return p
@@ -242,7 +250,7 @@ def _cleanup_cmd():
     except ImportError:
         return shm.cleanup()
     r = subprocess.run([sys.executable, "-m", "emu.cli", "cleanup"], capture_output=True,
-                       text=True, timeout=60)
+                       text=True, timeout=60, cwd=NEUTRAL_CWD)
     assert r.returncode == 0, r.stderr
     return r.stdout
 
@@ -323,7 +331,7 @@ def test_cli_cleanup_if_present():
     assert len(shm_of(pid)) == 2
     exe = shutil.which("emu")
     cmd = [exe, "cleanup"] if exe else [sys.executable, "-m", "emu.cli", "cleanup"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=NEUTRAL_CWD)
     assert r.returncode == 0, r.stderr
     assert leftovers(pid) == []
 

@@ -60,6 +60,8 @@ class Kernel:
         self._procs: list[Process] = []
         self._free_slots = list(range(core.ntasks - 1, -1, -1))
         self._free_mm = list(range(core.nmms - 1, -1, -1))
+        self._free_inode = list(range(core.ninodes - 1, -1, -1))
+        self._free_vma = list(range(core.nvmas - 1, -1, -1))
         self._pt_pending: collections.deque = collections.deque()
         self.log("Linux version 6.18.0-gmem-emu (policy %s)" % self.policy.name)
 
@@ -96,11 +98,46 @@ class Kernel:
 
     # ------------------------------------------------------------ objects
     def new_inode(self, ops, name: str) -> Inode:
+        if not self._free_inode:
+            raise OSError(23, "too many open files in system")          # ENFILE
         ino = self._next_ino
         self._next_ino += 1
-        inode = Inode(ino, ops, name, nlink=1)
+        inode = Inode(ino, ops, name, nlink=1, slot=self._free_inode.pop())
         self.inodes[ino] = inode
+        self.inode_sync(inode)
         return inode
+
+    INODE_KIND = {"shmem": 1, "kvm-gmem": 2, "hugetlbfs": 3, "kvm": 4, "kvm-vm": 4}
+
+    def inode_sync(self, inode: Inode) -> None:
+        """Mirror an inode into the core's inode table."""
+        self.core.inode_set(inode.slot, inode.ino, self.INODE_KIND.get(inode.ops.name, 4),
+                            inode.size, inode.flags, len(inode.pages), inode.nlink,
+                            inode.name.encode()[:31])
+
+    def inode_release(self, inode: Inode) -> None:
+        self.inodes.pop(inode.ino, None)
+        if inode.slot >= 0:
+            self.core.inode_clear(inode.slot)
+            self._free_inode.append(inode.slot)
+            inode.slot = -1
+
+    def vma_link(self, vma) -> None:
+        """Insert a VMA into its mm and the core's VMA table (ENOMEM past the limit,
+        as max_map_count does)."""
+        if not self._free_vma:
+            raise OSError(12, "too many mappings")
+        vma.slot = self._free_vma.pop()
+        vma.mm.insert(vma)
+        self.core.vma_set(vma.slot, vma.mm.slot, vma.start, vma.end, vma.prot, vma.shared,
+                          vma.inode.ino if vma.file is not None else 0, vma.pgoff)
+
+    def vma_unlink(self, vma) -> None:
+        vma.mm.remove(vma)
+        if vma.slot >= 0:
+            self.core.vma_clear(vma.slot)
+            self._free_vma.append(vma.slot)
+            vma.slot = -1
 
     def processes(self) -> list[Process]:
         """for_each_process: live thread groups in creation order."""

@@ -25,6 +25,7 @@ class Inode:
     wb_err: int = 0                                       # mapping_set_error
     nlink: int = 0                                        # open files + bindings
     private: dict = field(default_factory=dict)           # per-fs data
+    slot: int = -1                                        # row in the core's inode table
 
     def folio_at(self, core, index: int) -> int | None:
         """filemap_get_folio: the head pfn of the folio covering index."""
@@ -59,7 +60,7 @@ class FileOps:
         inode.nlink -= 1
         if inode.nlink <= 0:
             truncate_inode_pages_range(k, inode, 0, None)
-            k.inodes.pop(inode.ino, None)
+            k.inode_release(inode)
 
     def mmap_check(self, k, file: File, shared: bool, prot: int) -> None:
         raise OSError(u.ENODEV, "%s: no mmap" % self.name)   # no f_op->mmap
@@ -91,6 +92,7 @@ def filemap_add_folio(k, inode: Inode, index: int, order: int, flags: int) -> in
     head = k.mm.folio_alloc(order, flags, inode.ino, index)
     for i in range(1 << order):
         inode.pages[index + i] = head + i
+    k.inode_sync(inode)
     return head
 
 
@@ -102,6 +104,7 @@ def filemap_remove_folio(k, inode: Inode, head: int) -> None:
     core.set_mapping(head, 0, 0)
     core.test_clear_flag(head, PG_dirty)
     k.mm.folio_put(head)               # the page cache's reference
+    k.inode_sync(inode)
 
 
 def unmap_mapping_range(k, inode: Inode, start: int, end: int | None, even_cows: bool) -> None:

@@ -103,4 +103,5 @@ def kvm_gmem_create(k, proc, vm, size: int, flags: int) -> int:
     inode = k.new_inode(GMEM_OPS, "[kvm-gmem]")
     inode.size, inode.flags = size, flags
     inode.private["vm"] = vm
+    k.inode_sync(inode)
     return proc.fd_install(File(inode))

@@ -51,6 +51,7 @@ class Vma:
     shared: bool
     file: object | None = None     # struct file (emu.kernel.fs.File)
     pgoff: int = 0
+    slot: int = -1                 # row in the core's VMA table
 
     @property
     def inode(self):
@@ -348,10 +349,10 @@ class MM:
         else:
             addr = mm.get_unmapped_area(length)
         vma = Vma(mm, addr, addr + length, prot, shared, file, offset >> PAGE_SHIFT)
+        self.k.vma_link(vma)
         if file is not None:
             file.get()
             file.inode.i_mmap.add(vma)
-        mm.insert(vma)
         self.k.trace("mmap", mm=mm.slot, addr=addr, length=length)
         return addr
 
@@ -365,14 +366,14 @@ class MM:
             self._split_out(mm, vma, addr, end)
 
     def _split_out(self, mm: Mm, vma: Vma, start: int, end: int) -> None:
-        mm.remove(vma)
+        self.k.vma_unlink(vma)
         if vma.file is not None:
             vma.inode.i_mmap.discard(vma)
         for lo, hi in ((vma.start, min(start, vma.end)), (max(end, vma.start), vma.end)):
             if lo < hi:
                 piece = Vma(mm, lo, hi, vma.prot, vma.shared, vma.file,
                             vma.pgoff + ((lo - vma.start) >> PAGE_SHIFT))
-                mm.insert(piece)
+                self.k.vma_link(piece)
                 if vma.file is not None:
                     vma.file.get()
                     vma.inode.i_mmap.add(piece)
@@ -399,10 +400,10 @@ class MM:
         core = self.core
         for vma in src.vmas:
             nv = Vma(dst, vma.start, vma.end, vma.prot, vma.shared, vma.file, vma.pgoff)
+            self.k.vma_link(nv)
             if vma.file is not None:
                 vma.file.get()
                 vma.inode.i_mmap.add(nv)
-            dst.insert(nv)
             for va, e, _level in core.pt_scan(src.pgd, vma.start, vma.end):
                 if e & C.PTE_HWPOISON:
                     core.pte_set(dst.pgd, va, e)         # copy_nonpresent_pte

@@ -51,6 +51,7 @@ class ShmemOps(FileOps):
             pos += chunk
             i += chunk
         inode.size = max(inode.size, pos)
+        k.inode_sync(inode)
         return i
 
     def fallocate(self, k, inode: Inode, mode: int, off: int, length: int) -> None:
@@ -73,6 +74,7 @@ class ShmemOps(FileOps):
             self._get_folio(k, inode, index)
         if not mode & u.FALLOC_FL_KEEP_SIZE:
             inode.size = max(inode.size, off + length)
+            k.inode_sync(inode)
 
     def _zero_partial(self, k, inode: Inode, lo: int, hi: int) -> None:
         if lo < hi:
@@ -88,6 +90,7 @@ class ShmemOps(FileOps):
             self._zero_partial(k, inode, length, min(inode.size, start << PAGE_SHIFT))
             truncate_inode_pages_range(k, inode, start, None, even_cows=True)
         inode.size = length
+        k.inode_sync(inode)
 
     def error_remove_folio(self, k, inode: Inode, head: int) -> int:
         """shmem_error_remove_folio: keep the folio in the page cache.  Returns 0 in

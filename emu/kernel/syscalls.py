@@ -288,12 +288,17 @@ def host_status(k, a):
     for p in k.processes():
         procs.append({
             "tgid": p.tgid, "comm": p.comm, "vmas": len(p.mm.vmas), "fds": len(p.files),
+            "maps": [{"start": s, "end": e, "prot": pr, "shared": sh, "ino": ino, "pgoff": off}
+                     for _mm, s, e, pr, sh, ino, off in k.core.vmas(p.mm.slot)],
             "threads": [{"tid": t.tid, "comm": t.comm, "slot": t.slot,
                          "mce_kill": {0: "LATE", 1: "EARLY", 2: "DEFAULT"}[t.mce_policy()]}
                         for t in p.threads if t.alive],
         })
     mi = k.meminfo()
-    return {"policy": k.policy.name, "sysctl": dict(k.sysctl), "meminfo": mi,
+    files = [{"ino": ino, "kind": {1: "shmem", 2: "guest_memfd", 3: "hugetlbfs", 4: "kvm"}.get(kind),
+              "size": size, "flags": flags, "nrpages": nr, "name": name}
+             for _s, ino, kind, size, flags, nr, _nl, name in k.core.inodes()]
+    return {"policy": k.policy.name, "sysctl": dict(k.sysctl), "meminfo": mi, "files": files,
             "mf_stats": dict(k.memory_failure.stats), "processes": procs,
             "inodes": len(k.inodes), "pt_pages": k.core.pt_used,
             "madvise_action_required": k.madvise_action_required}
