@@ -14,5 +14,6 @@ if __name__ == "__main__":
     results = []
     for mod in (bench_fastpath, bench_syscall, bench_deferred_mf):
         results += mod.main()
+    print("\n%d figures, each beside a baseline measured in this run." % len(results))
     if "--json" in sys.argv:
         print(json.dumps(results, indent=2))
