@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("pfn", type=_pfn)
     i.add_argument("--socket")
 
+    t = sub.add_parser("trace", help="the kernel's event trace")
+    t.add_argument("--socket")
+    t.add_argument("--chrome", metavar="FILE", help="write Chrome/Perfetto trace JSON to FILE")
+
     sub.add_parser("cleanup", help="remove what dead supervisors left behind")
 
     m = sub.add_parser("demo", help="a QEMU-shaped process meets memory errors")
@@ -201,6 +205,23 @@ def cmd_dmesg(args) -> int:
     return 0
 
 
+def cmd_trace(args) -> int:
+    from .trace import to_chrome
+
+    events = _connect(args).events()
+    if args.chrome:
+        with open(args.chrome, "w") as f:
+            json.dump(to_chrome(events), f)
+        print("%d events written to %s (open in ui.perfetto.dev or chrome://tracing)"
+              % (len(events), args.chrome))
+        return 0
+    for ev in events:
+        rest = " ".join("%s=%s" % (k, hex(v) if k in ("pfn", "addr") and isinstance(v, int) else v)
+                        for k, v in ev.items() if k not in ("seq", "ts_ns", "type"))
+        print("%d %.6f %-16s %s" % (ev["seq"], ev["ts_ns"] / 1e9, ev["type"], rest))
+    return 0
+
+
 def cmd_stop(args) -> int:
     h = _connect(args)
     h._call("shutdown")
@@ -226,7 +247,8 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"daemon": cmd_daemon, "status": cmd_status, "inject": cmd_inject,
-            "dmesg": cmd_dmesg, "stop": cmd_stop, "cleanup": cmd_cleanup, "demo": cmd_demo}
+            "dmesg": cmd_dmesg, "trace": cmd_trace, "stop": cmd_stop, "cleanup": cmd_cleanup,
+            "demo": cmd_demo}
 
 
 def main(argv=None) -> int:

@@ -163,15 +163,14 @@ class Supervisor:
 
     @staticmethod
     def _stop_pids(pids) -> None:
-        procs = []
         for pid in pids:
             try:
-                p = psutil.Process(pid)
-                p.kill()
-                procs.append(p)
+                psutil.Process(pid).kill()
             except psutil.Error:
                 pass
-        psutil.wait_procs(procs, timeout=2)
+        end = time.monotonic() + 2
+        while any(_pid_alive(p) for p in pids) and time.monotonic() < end:   # zombies count as gone
+            time.sleep(0.01)
 
     # ------------------------------------------------------------ connections
     def _accept(self) -> None:

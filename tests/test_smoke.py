@@ -43,3 +43,18 @@ def test_core_mirrors_inodes_and_vmas(host):
     me.close(fd)
     maps, files = mine()
     assert m["ino"] not in files and not [x for x in maps if x["ino"] == m["ino"]]
+
+
+def test_trace_exports_chrome_json(host):
+    from emu.trace import to_chrome
+
+    me = emu.attach(host, name="t")
+    a = me.mmap(0, 4096, u.PROT_READ | u.PROT_WRITE, u.MAP_PRIVATE | u.MAP_ANONYMOUS)
+    me.write(a, b"x")
+    emu.sigaction(signal.SIGBUS, lambda s, i: None)
+    me.madvise(a, 4096, u.MADV_HWPOISON)
+    doc = to_chrome(host.events())
+    names = [e["name"] for e in doc["traceEvents"]]
+    assert {"memory_failure", "unmap", "signal", "mf_result"} <= set(names)
+    sig = next(e for e in doc["traceEvents"] if e["name"] == "signal")
+    assert sig["tid"] == me.tid and sig["args"]["code"] == u.BUS_MCEERR_AR
