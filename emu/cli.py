@@ -136,8 +136,11 @@ def cmd_daemon(args) -> int:
         if os.fork():
             os._exit(0)
         devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1):
-            os.dup2(devnull, fd)
+        logfd = os.open(os.path.splitext(sock)[0] + ".log",
+                        os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(devnull, 0)
+        os.dup2(logfd, 1)                 # detach from the caller's terminal or pipes
+        os.dup2(logfd, 2)
         try:
             daemon.run(cfg, sock, pidfile=pidfile, ready_fd=w)
             code = 0

@@ -128,6 +128,9 @@ def cleanup() -> list[str]:
                 if os.path.exists(sock):
                     os.unlink(sock)
                     removed.append(sock)
+        elif ent.endswith(".log") and not os.path.exists(path[:-4] + ".pid"):
+            os.unlink(path)
+            removed.append(path)
         elif ent.startswith("priv-") and ent.endswith(".sock"):
             pid = ent[5:-5]
             if pid.isdigit() and not _alive_supervisor(int(pid)):
