@@ -79,10 +79,8 @@ class Supervisor:
         self.core = self.segs.core
         k = self.cfg["kernel"]
         self.kernel = Kernel(self.core, nframes, policy=k["policy"], sysctl=self.cfg["sysctl"],
-                             madvise_action_required=k["madvise_action_required"])
-        if any(self.cfg["hugepages"].values()):
-            from .kernel.hugetlb import HugeTLB
-            self.kernel.hugetlb = HugeTLB(self.kernel, self.cfg["hugepages"])
+                             madvise_action_required=k["madvise_action_required"],
+                             hugepages=self.cfg["hugepages"])
         if os.path.exists(self.sock_path):
             os.unlink(self.sock_path)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

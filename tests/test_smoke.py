@@ -58,3 +58,11 @@ def test_trace_exports_chrome_json(host):
     assert {"memory_failure", "unmap", "signal", "mf_result"} <= set(names)
     sig = next(e for e in doc["traceEvents"] if e["name"] == "signal")
     assert sig["tid"] == me.tid and sig["args"]["code"] == u.BUS_MCEERR_AR
+
+
+def test_hugetlb_pool_reserved_at_boot(host_factory):
+    h = host_factory(ram="512M", hugepages={"2M": 64})
+    mi = h.meminfo()
+    assert (mi["HugePages_Total"], mi["HugePages_Free"], mi["Hugepagesize"]) == (64, 64, 2048)
+    assert mi["Hugetlb"] == 64 * 2048
+    assert mi["MemFree"] <= mi["MemTotal"] - 64 * 2048

@@ -35,7 +35,7 @@ class KernelPanic(SystemExit):
 
 class Kernel:
     def __init__(self, core, nframes: int, policy="mf-delayed-fix", sysctl=None,
-                 madvise_action_required: bool = True):
+                 madvise_action_required: bool = True, hugepages=None):
         self.core = core
         self.nframes = nframes
         self.policy = load_policy(policy)
@@ -48,12 +48,15 @@ class Kernel:
         self.events: collections.deque[dict] = collections.deque(maxlen=50000)
         self.event_seq = 0
         self.current: Task | None = None
-        self.buddy = BuddyAllocator(core, nframes)
+        from .hugetlb import HugeTLB, reserve_boot_pages
+
+        hstates, taken = reserve_boot_pages(nframes, hugepages or {})
+        self.buddy = BuddyAllocator(core, nframes, skip=taken)
         self.mm = MM(self)
         self.signals = Signals(self)
         self.memory_failure = MemoryFailure(self)
         self.kvm = KVM(self)
-        self.hugetlb = None
+        self.hugetlb = HugeTLB(self, hstates) if taken else None
         self.inodes: dict[int, Inode] = {}
         self._next_ino = 1
         self.tasks: dict[int, Task] = {}              # tid -> task

@@ -38,7 +38,7 @@ NR_RESERVED = 16          # low frames the "kernel image" owns (PG_reserved)
 class BuddyAllocator:
     """Per-order free lists of block heads; PG_buddy + order mark a free block."""
 
-    def __init__(self, core, nframes: int, reserved: int = NR_RESERVED):
+    def __init__(self, core, nframes: int, reserved: int = NR_RESERVED, skip=()):
         self.core = core
         self.nframes = nframes
         self.free_area: list[set[int]] = [set() for _ in range(MAX_PAGE_ORDER + 1)]
@@ -46,13 +46,22 @@ class BuddyAllocator:
         self.pending: deque[tuple[int, int, int]] = deque()   # (epoch, pfn, order)
         for pfn in range(reserved):
             core.set_folio(pfn, 0, PG_reserved, 1, 0, 0)
-        pfn = reserved
-        while pfn < nframes:
-            order = MAX_PAGE_ORDER
-            while order and (pfn & ((1 << order) - 1) or pfn + (1 << order) > nframes):
-                order -= 1
-            self._add(pfn, order)
-            pfn += 1 << order
+        # free memory = [reserved, nframes) minus the ranges boot code took (HugeTLB)
+        holes = sorted(skip)
+        spans, pos = [], reserved
+        for start, n in holes:
+            if start > pos:
+                spans.append((pos, start))
+            pos = max(pos, start + n)
+        spans.append((pos, nframes))
+        for lo, hi in spans:
+            pfn = lo
+            while pfn < hi:
+                order = MAX_PAGE_ORDER
+                while order and (pfn & ((1 << order) - 1) or pfn + (1 << order) > hi):
+                    order -= 1
+                self._add(pfn, order)
+                pfn += 1 << order
 
     # -- free lists --
     def _add(self, pfn: int, order: int) -> None:
