@@ -248,10 +248,12 @@ _self: Task | None = None
 
 
 def _dispatch(signum, frame):
+    global _sig_count
     while True:
         rec = C.pop_siginfo()
         if rec is None:
             return
+        _sig_count += 1
         info = SigInfo(*rec)
         h = _handlers.get(signum)
         try:
@@ -518,6 +520,10 @@ class Task:
     def open_kvm(self) -> Kvm:
         return Kvm(self, self._call("open_kvm"))
 
+    def gmem_convert(self, fd: int, offset: int, size: int, private: bool) -> None:
+        """In-place conversion of a guest_memfd range (KVM_GMEM_CONVERT_PRIVATE/_SHARED)."""
+        self._call("gmem_convert", fd=fd, offset=offset, size=size, private=private)
+
     def exit(self) -> None:
         """A clean thread exit (the supervisor sees EOF right after)."""
         if self.alive:
@@ -540,8 +546,193 @@ class Vm:
     def __init__(self, task: Task, fd: int, vm_type: int):
         self.task, self.fd, self.type = task, fd, vm_type
 
+    def _t(self) -> Task:
+        """The calling thread (a VM handle may be used from any thread of the process)."""
+        return _self if _self is not None and _self.alive else self.task
+
     def create_guest_memfd(self, size: int, flags: int = 0) -> int:
-        return self.task._call("create_guest_memfd", vmfd=self.fd, size=size, flags=flags)
+        return self._t()._call("create_guest_memfd", vmfd=self.fd, size=size, flags=flags)
+
+    def set_user_memory_region2(self, slot: int, flags: int, guest_phys_addr: int,
+                                memory_size: int, userspace_addr: int = 0, guest_memfd: int = -1,
+                                guest_memfd_offset: int = 0) -> int:
+        """KVM_SET_USER_MEMORY_REGION2."""
+        return self._t()._call("set_user_memory_region2", vmfd=self.fd, slot=slot, flags=flags,
+                               guest_phys_addr=guest_phys_addr, memory_size=memory_size,
+                               userspace_addr=userspace_addr, guest_memfd=guest_memfd,
+                               guest_memfd_offset=guest_memfd_offset)
+
+    def set_memory_attributes(self, gpa: int, size: int, attributes: int, flags: int = 0) -> int:
+        """KVM_SET_MEMORY_ATTRIBUTES."""
+        return self._t()._call("set_memory_attributes", vmfd=self.fd, address=gpa, size=size,
+                               attributes=attributes, flags=flags)
+
+    def gpa_to_pfn(self, gpa: int) -> dict:
+        """Debug view: is gpa mapped in stage-2, to which pfn, at which level, backed by what."""
+        return self._t()._call("gpa_to_pfn", vmfd=self.fd, gpa=gpa)
+
+    def create_vcpu(self, vcpu_id: int) -> Vcpu:
+        """KVM_CREATE_VCPU; the calling thread owns the vCPU and must be the one to run it."""
+        t = self._t()
+        info = t._call("create_vcpu", vmfd=self.fd, id=vcpu_id)
+        return Vcpu(t, self, vcpu_id, info["fd"], info["s2_root"])
+
+
+class MemoryFault:
+    __slots__ = ("flags", "gpa", "size")
+
+    def __init__(self):
+        self.flags = self.gpa = self.size = 0
+
+    def __repr__(self):
+        return "memory_fault(flags=%#x, gpa=%#x, size=%d)" % (self.flags, self.gpa, self.size)
+
+
+class KvmRun:
+    """The parts of struct kvm_run a VMM reads after KVM_RUN."""
+
+    def __init__(self):
+        self.exit_reason = u.KVM_EXIT_UNKNOWN
+        self.memory_fault = MemoryFault()
+
+    def __repr__(self):
+        return "kvm_run(exit_reason=%d, %r)" % (self.exit_reason, self.memory_fault)
+
+
+_sig_count = 0           # SIGBUS deliveries handled in this thread (KVM_RUN's signal_pending)
+_FAULT_AHEAD = 512       # pages a stage-2 fault request may resolve in one round trip
+
+
+class Vcpu:
+    def __init__(self, task: Task, vm: Vm, vcpu_id: int, fd: int, s2_root: int):
+        self.task, self.vm, self.id, self.fd, self.s2 = task, vm, vcpu_id, fd, s2_root
+        self.owner = os.getpid()
+        self.kvm_run = KvmRun()
+        self._gen = None
+        self._fn = None
+        self._op = None
+        self._pos = 0
+        self._value = None
+        self._ucall = (u.UCALL_NONE, ())
+
+    def set_guest(self, fn, *args) -> None:
+        """The guest program: a generator function fn(g, *args)."""
+        from .guest import G
+
+        self._fn, self._gen, self._op, self._pos, self._value = fn, fn(G, *args), None, 0, None
+
+    def ucall(self):
+        """(cmd, args) of the last KVM_EXIT_IO ucall."""
+        return self._ucall
+
+    def run(self) -> int:
+        """KVM_RUN: 0 on an exit (see kvm_run.exit_reason); OSError(errno) for -1."""
+        if os.getpid() != self.owner:
+            raise OSError(u.EPERM, "KVM_RUN from a thread that does not own vCPU %d" % self.id)
+        if self._gen is None:
+            raise OSError(u.ENOEXEC, "no guest program (vcpu.set_guest)")
+        kr = self.kvm_run
+        kr.exit_reason = u.KVM_EXIT_UNKNOWN
+        sig0 = _sig_count
+        while True:
+            if _sig_count != sig0:
+                kr.exit_reason = u.KVM_EXIT_INTR
+                raise OSError(u.EINTR, "KVM_RUN interrupted by a signal")
+            if self._op is None:
+                try:
+                    self._op = self._gen.send(self._value)
+                except StopIteration:
+                    self._gen = None
+                    kr.exit_reason = u.KVM_EXIT_HLT
+                    return 0
+                self._value, self._pos = None, 0
+            op = self._op
+            kind = op[0]
+            if kind == "ucall":
+                self._ucall = (op[1], op[2])
+                self._op = None
+                kr.exit_reason = u.KVM_EXIT_IO
+                return 0
+            if kind == "hlt":
+                self._op = None
+                kr.exit_reason = u.KVM_EXIT_HLT
+                return 0
+            exit_ = self._access(op)
+            if exit_ is None:
+                continue
+            return exit_
+
+    def _access(self, op):
+        """Run one memory op through stage-2; None when it completed."""
+        t = self.task
+        core = t._core
+        kind, priv = op[0], op[3]
+        while True:
+            if kind in ("read", "write"):
+                gpa, n = op[1], (op[2] if kind == "read" else len(op[2]))
+                if self._value is None and kind == "read":
+                    self._value = bytearray(n)
+                buf = self._value if kind == "read" else op[2]
+                mv = memoryview(buf)[self._pos:]
+                if kind == "read":
+                    done, st, xva, xpfn = core.access_read(t.slot, self.s2, gpa + self._pos, mv)
+                else:
+                    done, st, xva, xpfn = core.access_write(t.slot, self.s2, gpa + self._pos, mv)
+                self._pos += done
+                ahead = list(range(xva & ~0xFFF, min(gpa + n, (xva & ~0xFFF) + _FAULT_AHEAD * 4096), 4096))
+            else:
+                gpas, size = op[1], op[2]
+                if self._value is None:
+                    self._value = bytearray(len(gpas) * size) if kind == "read_batch" else op[4]
+                self._pos, st, xva, xpfn, _p = core.access_batch(
+                    t.slot, self.s2, gpas, self._pos, size, self._value, kind == "write_batch")
+                ahead = _pages_ahead(gpas, self._pos, size)
+            if st == C.ACC_OK:
+                self._op = None
+                if kind in ("read", "read_batch"):
+                    self._value = bytes(self._value)
+                else:
+                    self._value = None
+                return None
+            if st == C.ACC_MCE:
+                # a machine check in guest mode: handled on this thread (current)
+                t._call("mce", addr=xva, pfn=xpfn, guest=True)
+                return self._check_signal_or_retry()
+            if st != C.ACC_FAULT:
+                raise OSError(u.EFAULT, "bad frame in a stage-2 entry")
+            rep = t._call("kvm_fault", vcpu=self.fd, gpas=ahead, write=kind.startswith("write"),
+                          private=priv)
+            ex = rep["exit"]
+            if ex is None:
+                continue
+            kr = self.kvm_run
+            if ex["reason"] is not None:
+                kr.exit_reason = ex["reason"]
+            if ex["reason"] == u.KVM_EXIT_MEMORY_FAULT:
+                mf = kr.memory_fault
+                mf.gpa, mf.size, mf.flags = ex["gpa"], ex["size"], ex["flags"]
+            if ex["errno"] == u.EINTR or ex["reason"] is None and ex["errno"] == 0:
+                return self._check_signal_or_retry()
+            if ex["errno"]:
+                raise OSError(ex["errno"], os.strerror(ex["errno"]))
+            return 0
+
+    def _check_signal_or_retry(self):
+        """After the kernel ran on this thread: a handled signal ends KVM_RUN with
+        -EINTR (the access stays pending); otherwise the access retries."""
+        return None
+
+
+def _pages_ahead(gpas, start, size):
+    out, seen = [], set()
+    for i in range(start, min(len(gpas), start + _FAULT_AHEAD * 4)):
+        for p in (gpas[i] & ~0xFFF, (gpas[i] + size - 1) & ~0xFFF):
+            if p not in seen:
+                seen.add(p)
+                out.append(p)
+        if len(out) >= _FAULT_AHEAD:
+            break
+    return out
 
 
 class Thread:

@@ -18,11 +18,11 @@ class GuestMemfdOps(FileOps):
     # ---- helpers ----
     @staticmethod
     def is_shared(inode: Inode, index: int) -> bool:
-        """Host-faultable?  INIT_SHARED makes the whole file shared (6.18); in-place
-        conversion keeps a per-page private set."""
-        if not inode.flags & u.GUEST_MEMFD_FLAG_INIT_SHARED:
-            return False
-        return index not in inode.private.setdefault("private_idx", set())
+        """Host-faultable?  A file starts all shared (INIT_SHARED) or all private;
+        in-place conversion then keeps a per-page private set."""
+        if not inode.private.get("converted"):
+            return bool(inode.flags & u.GUEST_MEMFD_FLAG_INIT_SHARED)
+        return index not in inode.private["private_idx"]
 
     def get_folio(self, k, inode: Inode, index: int) -> int:
         """kvm_gmem_get_folio: find or allocate (zeroed: 'prepared')."""
@@ -86,6 +86,30 @@ class GuestMemfdOps(FileOps):
 
 
 GMEM_OPS = GuestMemfdOps()
+
+
+def kvm_gmem_convert(k, inode: Inode, offset: int, size: int, private: bool) -> None:
+    """In-place conversion (KVM_GMEM_CONVERT_PRIVATE / _SHARED): pages that become
+    private are unmapped from the host first; stage-2 of the range is zapped so the
+    next guest access faults with the new attribute."""
+    if offset < 0 or size <= 0 or offset % PAGE_SIZE or size % PAGE_SIZE or offset + size > inode.size:
+        raise OSError(u.EINVAL, "conversion range")
+    if not inode.flags & u.GUEST_MEMFD_FLAG_MMAP:
+        raise OSError(u.EINVAL, "in-place conversion needs GUEST_MEMFD_FLAG_MMAP")
+    start, end = offset >> PAGE_SHIFT, (offset + size) >> PAGE_SHIFT
+    priv = inode.private.setdefault("private_idx", set())
+    if not inode.flags & u.GUEST_MEMFD_FLAG_INIT_SHARED and not inode.private.get("converted"):
+        priv.update(range(inode.size >> PAGE_SHIFT))   # the file started all private
+    inode.private["converted"] = True
+    GMEM_OPS.invalidate(k, inode, start, end)
+    if private:
+        from .fs import unmap_mapping_range
+
+        unmap_mapping_range(k, inode, start, end, even_cows=False)
+        priv.update(range(start, end))
+    else:
+        priv.difference_update(range(start, end))
+    k.trace("gmem_convert", ino=inode.ino, start=start, end=end, private=private)
 
 
 def supported_flags(vm_type: int) -> int:

@@ -1,16 +1,24 @@
-"""KVM (virt/kvm/kvm_main.c): /dev/kvm, VMs and their guest_memfd files.
+"""KVM (virt/kvm/kvm_main.c, arch/x86/kvm/mmu): VMs, memslots, stage-2, vCPU faults.
 
-This issue models the VM as the owner of guest_memfd files; memslots, stage-2
-and vCPUs build on it.
+Stage-2 tables live in the shared core in the same 4-level format as host page
+tables (gfn -> pfn), so a vCPU worker's fast path walks them exactly like the
+host MMU.  This module fills them on stage-2 faults and zaps them on guest_memfd
+invalidation and on MMU-notifier events from the host mm.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .. import _core as C
 from .. import uapi as u
 from .fs import File, FileOps, Inode
+from .mm import PAGE_SHIFT, PAGE_SIZE, VM_FAULT_HWPOISON, VM_FAULT_HWPOISON_LARGE
 
 VM_TYPES = (u.KVM_X86_DEFAULT_VM, u.KVM_X86_SW_PROTECTED_VM, u.KVM_X86_SNP_VM, u.KVM_X86_TDX_VM)
+CONFIDENTIAL = (u.KVM_X86_SNP_VM, u.KVM_X86_TDX_VM)
+KVM_MEM_SLOTS_NUM = 32767
+KVM_EXIT_MMIO = 6
+VALID_MEM_FLAGS = u.KVM_MEM_LOG_DIRTY_PAGES | u.KVM_MEM_READONLY | u.KVM_MEM_GUEST_MEMFD
 
 
 class KvmDevOps(FileOps):
@@ -20,18 +28,76 @@ class KvmDevOps(FileOps):
 class KvmVmOps(FileOps):
     name = "kvm-vm"
 
+    def release(self, k, inode: Inode) -> None:
+        inode.nlink -= 1
+        if inode.nlink <= 0:
+            k.kvm.release_vm(inode.private["vm"])
+            k.inode_release(inode)
+
+
+class KvmVcpuOps(FileOps):
+    name = "kvm-vcpu"
+
+
+@dataclass(eq=False)
+class Memslot:
+    id: int
+    flags: int
+    gpa: int
+    size: int
+    hva: int
+    gmem: Inode | None = None
+    gmem_off: int = 0
+
+    @property
+    def npages(self) -> int:
+        return self.size >> PAGE_SHIFT
+
+    def covers(self, gpa: int) -> bool:
+        return self.gpa <= gpa < self.gpa + self.size
+
+    @property
+    def gmem_only(self) -> bool:
+        """KVM_MEMSLOT_GMEM_ONLY: bound to an mmap-able guest_memfd, every access
+        (shared or private) goes through the file."""
+        return self.gmem is not None and bool(self.gmem.flags & u.GUEST_MEMFD_FLAG_MMAP)
+
 
 @dataclass(eq=False)
 class Vm:
     type: int
     inode: Inode
+    proc: object                       # the VMM process (its mm backs ordinary slots)
+    s2_root: int
+    slots: dict = field(default_factory=dict)
+    private_gfns: set = field(default_factory=set)   # KVM_MEMORY_ATTRIBUTE_PRIVATE
+    vcpus: dict = field(default_factory=dict)
     gmem: list = field(default_factory=list)
+
+    @property
+    def has_private_mem(self) -> bool:
+        return self.type != u.KVM_X86_DEFAULT_VM
+
+    def slot_for(self, gpa: int) -> Memslot | None:
+        for s in self.slots.values():
+            if s.covers(gpa):
+                return s
+        return None
+
+
+@dataclass(eq=False)
+class Vcpu:
+    id: int
+    vm: Vm
+    owner: int                         # tid of the thread that created it
 
 
 class KVM:
     def __init__(self, k):
         self.k = k
+        self.vms: list[Vm] = []
 
+    # ------------------------------------------------------------ /dev/kvm and VMs
     def open_kvm(self, proc) -> int:
         inode = self.k.new_inode(KvmDevOps(), "/dev/kvm")
         return proc.fd_install(File(inode))
@@ -43,7 +109,9 @@ class KVM:
         if vm_type not in VM_TYPES:
             raise OSError(u.EINVAL, "KVM_CREATE_VM type")
         inode = self.k.new_inode(KvmVmOps(), "kvm-vm")
-        inode.private["vm"] = Vm(vm_type, inode)
+        vm = Vm(vm_type, inode, proc, self.k.core.pt_alloc())
+        inode.private["vm"] = vm
+        self.vms.append(vm)
         return proc.fd_install(File(inode))
 
     def vm_of(self, proc, vm_fd: int) -> Vm:
@@ -51,6 +119,13 @@ class KVM:
         if not isinstance(f.inode.ops, KvmVmOps):
             raise OSError(u.ENOTTY, "not a VM fd")
         return f.inode.private["vm"]
+
+    def release_vm(self, vm: Vm) -> None:
+        for s in list(vm.slots.values()):
+            self._delete_slot(vm, s)
+        self.k.defer_pt_free(self.k.core.pt_tables(vm.s2_root))
+        if vm in self.vms:
+            self.vms.remove(vm)
 
     def create_guest_memfd(self, proc, vm_fd: int, size: int, flags: int) -> int:
         from .guest_memfd import kvm_gmem_create
@@ -60,6 +135,209 @@ class KVM:
         vm.gmem.append(proc.fget(fd).inode)
         return fd
 
+    # ------------------------------------------------------------ memslots
+    def set_user_memory_region2(self, proc, vm_fd: int, slot: int, flags: int, gpa: int,
+                                size: int, hva: int, gmem_fd: int, gmem_off: int) -> int:
+        vm = self.vm_of(proc, vm_fd)
+        if flags & ~VALID_MEM_FLAGS:
+            raise OSError(u.EINVAL, "memslot flags")
+        if not 0 <= slot < KVM_MEM_SLOTS_NUM:
+            raise OSError(u.EINVAL, "memslot id")
+        if size % PAGE_SIZE or gpa % PAGE_SIZE or hva % PAGE_SIZE or size < 0 or gpa < 0:
+            raise OSError(u.EINVAL, "memslot alignment")
+        if gpa + size > 1 << 52 or hva + size > 1 << 47:
+            raise OSError(u.EINVAL, "memslot range")
+        old = vm.slots.get(slot)
+        if size == 0:                                     # delete
+            if old is not None:
+                self._delete_slot(vm, old)
+            return 0
+        if old is not None:
+            raise OSError(u.EINVAL, "memslot %d exists: moving or resizing is not emulated" % slot)
+        for s in vm.slots.values():
+            if s.gpa < gpa + size and gpa < s.gpa + s.size:
+                raise OSError(u.EEXIST, "memslot overlaps slot %d" % s.id)
+        gmem = None
+        if flags & u.KVM_MEM_GUEST_MEMFD:
+            f = proc.fget(gmem_fd)
+            gmem = f.inode
+            from .guest_memfd import GuestMemfdOps
+
+            if not isinstance(gmem.ops, GuestMemfdOps) or gmem.private.get("vm") is not vm:
+                raise OSError(u.EINVAL, "not a guest_memfd of this VM")
+            if gmem_off < 0 or gmem_off % PAGE_SIZE or gmem_off + size > gmem.size:
+                raise OSError(u.EINVAL, "guest_memfd offset")
+            for s in vm.slots.values():              # kvm_gmem_bind: no overlapping binding
+                if s.gmem is gmem and s.gmem_off < gmem_off + size and gmem_off < s.gmem_off + s.size:
+                    raise OSError(u.EINVAL, "guest_memfd range already bound")
+            gmem.nlink += 1                          # the binding holds the file
+        else:
+            proc.mm.kvm_users += 1                   # MMU notifier on the VMM's mm
+        ms = Memslot(slot, flags, gpa, size, hva, gmem, gmem_off)
+        vm.slots[slot] = ms
+        self.k.trace("kvm_memslot", slot=slot, gpa=gpa, size=size, hva=hva,
+                     gmem=gmem.ino if gmem else 0)
+        return 0
+
+    def _delete_slot(self, vm: Vm, s: Memslot) -> None:
+        self.zap_gfn_range(vm, s.gpa >> PAGE_SHIFT, (s.gpa + s.size) >> PAGE_SHIFT)
+        del vm.slots[s.id]
+        if s.gmem is not None:
+            s.gmem.ops.release(self.k, s.gmem)
+        else:
+            vm.proc.mm.kvm_users -= 1
+
+    def set_memory_attributes(self, proc, vm_fd: int, gpa: int, size: int, attrs: int,
+                              flags: int = 0) -> int:
+        vm = self.vm_of(proc, vm_fd)
+        if not vm.has_private_mem:
+            raise OSError(u.EINVAL, "KVM_SET_MEMORY_ATTRIBUTES needs a VM with private memory")
+        if flags or attrs & ~u.KVM_MEMORY_ATTRIBUTE_PRIVATE:
+            raise OSError(u.EINVAL, "memory attributes")
+        if size <= 0 or gpa % PAGE_SIZE or size % PAGE_SIZE or gpa + size > 1 << 52:
+            raise OSError(u.EINVAL, "memory attributes range")
+        lo, hi = gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT
+        if attrs & u.KVM_MEMORY_ATTRIBUTE_PRIVATE:
+            vm.private_gfns.update(range(lo, hi))
+        else:
+            vm.private_gfns.difference_update(range(lo, hi))
+        self.zap_gfn_range(vm, lo, hi)              # kvm_vm_set_mem_attributes: unmap the range
+        return 0
+
+    # ------------------------------------------------------------ stage-2
+    def zap_gfn_range(self, vm: Vm, lo: int, hi: int) -> int:
+        core, n = self.k.core, 0
+        for gpa, e, _level in core.pt_scan(vm.s2_root, lo << PAGE_SHIFT, hi << PAGE_SHIFT):
+            if e & C.PTE_PRESENT:
+                core.pte_xchg(vm.s2_root, gpa, 0)
+                n += 1
+        if n:
+            self.k.trace("kvm_zap", gfn=lo, npages=hi - lo, zapped=n)
+        return n
+
     def gmem_invalidate(self, inode: Inode, start: int, end: int) -> None:
-        """Zap stage-2 for [start, end) of a guest_memfd in every bound slot."""
-        self.k.trace("gmem_invalidate", ino=inode.ino, start=start, end=end)
+        """kvm_gmem_invalidate_begin: zap stage-2 for [start, end) of the file in every
+        bound slot."""
+        for vm in self.vms:
+            for s in vm.slots.values():
+                if s.gmem is not inode:
+                    continue
+                lo = max(start, s.gmem_off >> PAGE_SHIFT)
+                hi = min(end, (s.gmem_off >> PAGE_SHIFT) + s.npages)
+                if lo < hi:
+                    base = (s.gpa >> PAGE_SHIFT) - (s.gmem_off >> PAGE_SHIFT)
+                    self.zap_gfn_range(vm, base + lo, base + hi)
+
+    def mmu_notifier_invalidate(self, mm, va: int) -> None:
+        """The host zapped (mm, va): drop stage-2 mappings that were made from it."""
+        for vm in self.vms:
+            if vm.proc.mm is not mm:
+                continue
+            for s in vm.slots.values():
+                if s.gmem_only or not s.hva <= va < s.hva + s.size:
+                    continue
+                gpa = s.gpa + (va - s.hva)
+                if self.k.core.pte_get(vm.s2_root, gpa) & C.PTE_PRESENT:
+                    self.k.core.pte_xchg(vm.s2_root, gpa, 0)
+
+    # ------------------------------------------------------------ stage-2 faults
+    def page_fault(self, t, vm: Vm, gpa: int, write: bool, private) -> dict | None:
+        """kvm_mmu_page_fault for one gfn: None when mapped (retry the access), or
+        the exit KVM_RUN reports: {"reason", "errno", "gpa", "size", "flags"}."""
+        k = self.k
+        gpa &= ~(PAGE_SIZE - 1)
+        gfn = gpa >> PAGE_SHIFT
+        s = vm.slot_for(gpa)
+        if s is None:
+            return {"reason": KVM_EXIT_MMIO, "errno": 0, "gpa": gpa, "size": 0, "flags": 0}
+        index = (s.gmem_off >> PAGE_SHIFT) + (gfn - (s.gpa >> PAGE_SHIFT))
+        if s.gmem_only:           # in-place conversion: the file knows what is private
+            attr_private = not s.gmem.ops.is_shared(s.gmem, index)
+        else:                     # kvm_mem_is_private(): the VM's memory attributes
+            attr_private = gfn in vm.private_gfns
+        is_private = attr_private if private is None else bool(private)
+        if is_private != attr_private:
+            # the guest's view disagrees: a conversion request for the VMM
+            return self._memory_fault(gpa, is_private, u.EFAULT)
+        if is_private or s.gmem_only:
+            if s.gmem is None:
+                return self._memory_fault(gpa, is_private, u.EFAULT)
+            try:
+                pfn = s.gmem.ops.get_pfn(k, s.gmem, index)
+            except OSError as e:
+                return self._memory_fault(gpa, is_private, e.errno)
+        else:
+            pfn = self._hva_to_pfn(t, vm, s, gpa, write)
+            if pfn is None:
+                return {"reason": None, "errno": u.EINTR}   # signal pending: -EINTR
+            if pfn < 0:
+                return {"reason": None, "errno": -pfn}
+        entry = (pfn << PAGE_SHIFT) | C.PTE_PRESENT | C.PTE_USER | C.PTE_ACCESSED
+        if not s.flags & u.KVM_MEM_READONLY:
+            entry |= C.PTE_RW
+        k.core.pte_set(vm.s2_root, gpa, entry)
+        return None
+
+    @staticmethod
+    def _memory_fault(gpa: int, private: bool, err: int, exit_reason: bool = True) -> dict:
+        return {"reason": u.KVM_EXIT_MEMORY_FAULT if exit_reason else None, "errno": err,
+                "gpa": gpa, "size": PAGE_SIZE,
+                "flags": u.KVM_MEMORY_EXIT_FLAG_PRIVATE if private else 0}
+
+    def _hva_to_pfn(self, t, vm: Vm, s: Memslot, gpa: int, write: bool):
+        """GUP on the VMM's mm.  A hwpoisoned page: kvm_send_hwpoison_signal (AR to
+        current at the hva, lsb PAGE_SHIFT, a plain send) and RET_PF_RETRY."""
+        k = self.k
+        hva = s.hva + (gpa - s.gpa)
+        mm = vm.proc.mm
+        for _ in range(2):
+            e, level = k.core.walk(mm.pgd, hva)
+            if e & C.PTE_PRESENT and (not write or e & C.PTE_RW):
+                sub = (hva >> PAGE_SHIFT) & ((1 << (9 * (level - 1))) - 1)
+                return ((e & C.PTE_PFN_MASK) >> PAGE_SHIFT) + sub
+            ret = k.mm.handle_mm_fault(t, hva, write, gup=True)
+            if ret & (VM_FAULT_HWPOISON | VM_FAULT_HWPOISON_LARGE):
+                k.signals.send_sig_mceerr(t, u.BUS_MCEERR_AR, hva, PAGE_SHIFT,
+                                          why="kvm_send_hwpoison_signal")
+                return None
+            if ret:
+                return -u.EFAULT
+        return -u.EFAULT
+
+    # ------------------------------------------------------------ vCPUs
+    def create_vcpu(self, t, vm_fd: int, vcpu_id: int) -> dict:
+        vm = self.vm_of(t.process, vm_fd)
+        if not 0 <= vcpu_id < 4096:
+            raise OSError(u.EINVAL, "vcpu id")
+        if vcpu_id in vm.vcpus:
+            raise OSError(u.EEXIST, "vcpu %d exists" % vcpu_id)
+        vm.vcpus[vcpu_id] = Vcpu(vcpu_id, vm, t.tid)
+        inode = self.k.new_inode(KvmVcpuOps(), "kvm-vcpu:%d" % vcpu_id)
+        inode.private["vcpu"] = vm.vcpus[vcpu_id]
+        fd = t.process.fd_install(File(inode))
+        return {"fd": fd, "s2_root": vm.s2_root, "owner": t.tid}
+
+    def vcpu_of(self, t, vcpu_fd: int) -> Vcpu:
+        f = t.process.fget(vcpu_fd)
+        if not isinstance(f.inode.ops, KvmVcpuOps):
+            raise OSError(u.ENOTTY, "not a vCPU fd")
+        return f.inode.private["vcpu"]
+
+    def gpa_to_pfn(self, proc, vm_fd: int, gpa: int) -> dict:
+        vm = self.vm_of(proc, vm_fd)
+        e, level = self.k.core.walk(vm.s2_root, gpa)
+        s = vm.slot_for(gpa)
+        backing = None
+        if s is not None and s.gmem is not None:
+            index = (s.gmem_off >> PAGE_SHIFT) + ((gpa - s.gpa) >> PAGE_SHIFT)
+            pfn = s.gmem.pages.get(index)
+            backing = pfn
+        elif s is not None:
+            he, hl = self.k.core.walk(vm.proc.mm.pgd, s.hva + (gpa - s.gpa))
+            if he & C.PTE_PRESENT:
+                backing = (he & C.PTE_PFN_MASK) >> PAGE_SHIFT
+        return {"mapped": bool(e & C.PTE_PRESENT),
+                "pfn": ((e & C.PTE_PFN_MASK) >> PAGE_SHIFT) if e & C.PTE_PRESENT else backing,
+                "level": level if e & C.PTE_PRESENT else 0, "backing_pfn": backing,
+                "private": (gpa >> PAGE_SHIFT) in vm.private_gfns,
+                "slot": s.id if s is not None else None}

@@ -72,6 +72,7 @@ class Mm:
     pgd: int
     vmas: list[Vma] = field(default_factory=list)
     starts: list[int] = field(default_factory=list)
+    kvm_users: int = 0                 # VMs whose ordinary memslots this mm backs
 
     def find_vma(self, addr: int) -> Vma | None:
         i = bisect.bisect_right(self.starts, addr) - 1
@@ -155,8 +156,10 @@ class MM:
         self.core.ref_add(self.core.head(pfn), 1)
 
     def zap_pte(self, mm: Mm, va: int, new: int = 0) -> int:
-        """ptep_get_and_clear + the rmap bookkeeping; returns the old entry."""
+        """ptep_get_and_clear + the rmap bookkeeping + MMU notifiers; returns the old entry."""
         old = self.core.pte_xchg(mm.pgd, va, new)
+        if mm.kvm_users:
+            self.k.kvm.mmu_notifier_invalidate(mm, va)
         if old & C.PTE_PRESENT:
             pfn = (old & C.PTE_PFN_MASK) >> PAGE_SHIFT
             head = self.core.head(pfn)
@@ -245,23 +248,30 @@ class MM:
         return new
 
     # ------------------------------------------------------------------ faults
-    def handle_mm_fault(self, task, va: int, write: bool) -> None:
-        """Resolve a fault for `task`, or signal it as x86's do_sigbus/bad_area would."""
+    def handle_mm_fault(self, task, va: int, write: bool, gup: bool = False) -> int:
+        """Resolve a fault for `task`; a user fault that fails is signalled as x86's
+        do_sigbus/bad_area would.  For get_user_pages (gup=True) nothing is signalled:
+        the VM_FAULT_* code is returned for the caller to turn into an errno."""
         mm = task.process.mm
         vma = mm.find_vma(va)
-        if vma is None:
-            return self.k.signals.force_sig_fault(task, u.SIGSEGV, u.SEGV_MAPERR, va)
-        if (write and not vma.prot & u.PROT_WRITE) or not vma.prot & (u.PROT_READ | u.PROT_WRITE):
-            return self.k.signals.force_sig_fault(task, u.SIGSEGV, u.SEGV_ACCERR, va)
+        if vma is None or (write and not vma.prot & u.PROT_WRITE) \
+                or not vma.prot & (u.PROT_READ | u.PROT_WRITE):
+            if gup:
+                return VM_FAULT_SIGSEGV
+            code = u.SEGV_MAPERR if vma is None else u.SEGV_ACCERR
+            self.k.signals.force_sig_fault(task, u.SIGSEGV, code, va)
+            return VM_FAULT_SIGSEGV
         entry, level = self.core.walk(mm.pgd, va)
         if entry & C.PTE_HWPOISON:
-            return self._sigbus(task, va, VM_FAULT_HWPOISON, 12 + 9 * (level - 1))
+            return self._sigbus(task, va, VM_FAULT_HWPOISON if level == 1 else VM_FAULT_HWPOISON_LARGE,
+                                12 + 9 * (level - 1), gup)
         if entry & C.PTE_PRESENT:
             if write and not entry & C.PTE_RW and not vma.shared and vma.file is not None:
-                return self._cow(task, vma, va, entry)
-            return None                     # spurious: another thread fixed it
+                self._cow(task, vma, va, entry)
+            return VM_FAULT_OK                  # else spurious: another thread fixed it
         if vma.file is None:
-            return self._do_anonymous_page(vma, va, write)
+            self._do_anonymous_page(vma, va, write)
+            return VM_FAULT_OK
         index = vma.pgoff + ((va - vma.start) >> PAGE_SHIFT)
         ret, pfn = vma.inode.ops.fault(self.k, vma.inode, index)
         if ret == VM_FAULT_OK and self.core.flags(pfn) & PG_hwpoison:
@@ -269,17 +279,24 @@ class MM:
             if self.folio_mapped(self.core.head(pfn)):
                 self.try_to_unmap(self.core.head(pfn), hwpoison=False)
         if ret != VM_FAULT_OK:
-            return self._sigbus(task, va, ret, PAGE_SHIFT)
+            return self._sigbus(task, va, ret, PAGE_SHIFT, gup)
         if write and not vma.shared:
-            return self._cow_from(vma, va, pfn)
+            self._cow_from(vma, va, pfn)
+            return VM_FAULT_OK
         self.set_pte(mm, va & ~(PAGE_SIZE - 1), pfn, vma.shared and vma.prot & u.PROT_WRITE, write)
         if write:
             self.folio_mark_dirty(self.core.head(pfn))    # fault_dirty_shared_page
         if not write:
             self._fault_around(vma, va)
-        return None
+        return VM_FAULT_OK
 
-    def _sigbus(self, task, va: int, ret: int, lsb: int) -> None:
+    def _sigbus(self, task, va: int, ret: int, lsb: int, gup: bool = False) -> int:
+        if gup:
+            return ret
+        self._do_sigbus(task, va, ret, lsb)
+        return ret
+
+    def _do_sigbus(self, task, va: int, ret: int, lsb: int) -> None:
         sig = self.k.signals
         if ret & (VM_FAULT_HWPOISON | VM_FAULT_HWPOISON_LARGE):
             self.k.log("MCE: Killing %s:%d due to hardware memory corruption fault at %x"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 
+from .. import _core as C
 from .. import uapi as u
 from . import sched
 from .mm import PAGE_SIZE, TASK_SIZE
@@ -111,10 +112,7 @@ def madvise_inject_error(k, t, start: int, end: int, advice: int) -> int:
             # turns VM_FAULT_HWPOISON into -EFAULT as well.
             if mm.find_vma(start) is None or e & C.PTE_HWPOISON:
                 raise OSError(u.EFAULT, "madvise: get_user_pages_fast")
-            before = len(t.reply_sigs)
-            k.mm.handle_mm_fault(t, start, False)
-            if len(t.reply_sigs) > before:
-                del t.reply_sigs[before:]
+            if k.mm.handle_mm_fault(t, start, False, gup=True):
                 raise OSError(u.EFAULT, "madvise: get_user_pages_fast")
             e, level = k.core.walk(mm.pgd, start)
         shift = 12 + 9 * (level - 1)
@@ -187,7 +185,7 @@ def sys_mce(k, t, a):
     """An emulated #MC raised by this thread's access: do_machine_check queues
     kill_me_maybe as task_work on current."""
     pfn, addr = _u64(a, "pfn"), _u64(a, "addr")
-    k.trace("mce", tid=t.tid, pfn=pfn, addr=addr)
+    k.trace("mce", tid=t.tid, pfn=pfn, addr=addr, guest=bool(a.get("guest")))
     k.memory_failure.kill_me_maybe(pfn, (pfn << 12) | (addr & 0xFFF))
     return 0
 
@@ -205,6 +203,61 @@ def sys_create_guest_memfd(k, t, a):
                                     _u64(a, "flags", 0))
 
 
+def sys_set_user_memory_region2(k, t, a):
+    return k.kvm.set_user_memory_region2(
+        t.process, _int(a, "vmfd"), _int(a, "slot"), _u64(a, "flags", 0), _u64(a, "guest_phys_addr"),
+        _u64(a, "memory_size"), _u64(a, "userspace_addr", 0), _int(a, "guest_memfd", -1),
+        _u64(a, "guest_memfd_offset", 0))
+
+
+def sys_set_memory_attributes(k, t, a):
+    return k.kvm.set_memory_attributes(t.process, _int(a, "vmfd"), _u64(a, "address"),
+                                       _u64(a, "size"), _u64(a, "attributes"), _u64(a, "flags", 0))
+
+
+def sys_gmem_convert(k, t, a):
+    from .guest_memfd import GuestMemfdOps, kvm_gmem_convert
+
+    f = t.process.fget(_int(a, "fd"))
+    if not isinstance(f.inode.ops, GuestMemfdOps):
+        raise OSError(u.EINVAL, "not a guest_memfd")
+    kvm_gmem_convert(k, f.inode, _int(a, "offset"), _int(a, "size"), bool(a.get("private")))
+    return 0
+
+
+def sys_create_vcpu(k, t, a):
+    return k.kvm.create_vcpu(t, _int(a, "vmfd"), _int(a, "id"))
+
+
+def sys_gpa_to_pfn(k, t, a):
+    return k.kvm.gpa_to_pfn(t.process, _int(a, "vmfd"), _u64(a, "gpa"))
+
+
+def sys_kvm_fault(k, t, a):
+    """A stage-2 fault taken while this vCPU thread ran guest code.  Resolves up to
+    `gpas` pages (the ones the guest touches next, in order) in one request and
+    stops at the first that exits."""
+    vcpu = k.kvm.vcpu_of(t, _int(a, "vcpu"))
+    gpas = a.get("gpas") or []
+    if not isinstance(gpas, list) or not gpas:
+        raise OSError(u.EINVAL, "gpas")
+    write = bool(a.get("write"))
+    private = a.get("private")
+    done = 0
+    for gpa in gpas[:4096]:
+        if not isinstance(gpa, int) or gpa < 0:
+            raise OSError(u.EINVAL, "gpas")
+        e, _ = k.core.walk(vcpu.vm.s2_root, gpa)
+        if e & C.PTE_PRESENT and (not write or e & C.PTE_RW):
+            done += 1
+            continue
+        ex = k.kvm.page_fault(t, vcpu.vm, gpa, write, private)
+        if ex is not None:
+            return {"exit": ex, "done": done}
+        done += 1
+    return {"exit": None, "done": done}
+
+
 def sys_getpid(k, t, a):
     return t.tgid
 
@@ -215,7 +268,9 @@ SYSCALLS = {
     "fallocate": sys_fallocate, "ftruncate": sys_ftruncate, "close": sys_close,
     "pagemap": sys_pagemap, "fault": sys_fault, "mce": sys_mce, "open_kvm": sys_open_kvm,
     "create_vm": sys_create_vm, "create_guest_memfd": sys_create_guest_memfd,
-    "getpid": sys_getpid,
+    "getpid": sys_getpid, "set_user_memory_region2": sys_set_user_memory_region2,
+    "set_memory_attributes": sys_set_memory_attributes, "gmem_convert": sys_gmem_convert,
+    "create_vcpu": sys_create_vcpu, "gpa_to_pfn": sys_gpa_to_pfn, "kvm_fault": sys_kvm_fault,
 }
 
 
