@@ -64,3 +64,67 @@ class GuestOps:
 
 
 G = GuestOps()
+
+
+# ---- more guest operations ----
+def _cr4(on: bool):
+    return ("cr4_mce", bool(on))
+
+
+GuestOps.set_cr4_mce = staticmethod(_cr4)
+GuestOps.user = staticmethod(lambda: ("mode", "user"))
+GuestOps.kernel = staticmethod(lambda: ("mode", "kernel"))
+
+
+class GuestTaskKilled(Exception):
+    """Thrown into a guest program whose task the guest kernel killed (an
+    action-required machine check in guest user mode)."""
+
+
+class GuestKernel:
+    """The guest OS's machine-check handling, Linux-like by default.
+
+    `handler(gk, event)` may be replaced; it returns "killed", "recovered" or
+    "panic".  The guest's view stays readable: `log`, `offlined` (guest page
+    frames taken offline), `killed`, `panicked`.
+    """
+
+    def __init__(self):
+        self.cr4_mce = False
+        self.mode = "user"
+        self.log: list[str] = []
+        self.offlined: list[int] = []
+        self.killed = 0
+        self.panicked: str | None = None
+        self.handler = linux_mce_handler
+
+    def offline(self, gpa: int) -> None:
+        gfn = gpa >> 12
+        if gfn not in self.offlined:
+            self.offlined.append(gfn)
+
+
+def linux_mce_handler(gk: GuestKernel, ev: dict) -> str:
+    """do_machine_check + memory_failure in a Linux guest, reduced to its outcome."""
+    status, addr = ev["status"], ev["addr"]
+    if not status & u.MCI_STATUS_UC:
+        gk.log.append("mce: [Hardware Error]: Machine check events logged")
+        return "recovered"
+    if status & u.MCI_STATUS_PCC:
+        gk.panicked = "Fatal machine check"
+        gk.log.append("Kernel panic - not syncing: Fatal machine check")
+        return "panic"
+    if status & u.MCI_STATUS_AR:
+        if gk.mode == "kernel":
+            gk.panicked = "Fatal local machine check"
+            gk.log.append("Kernel panic - not syncing: Fatal local machine check")
+            return "panic"
+        gk.log.append("mce: Uncorrected hardware memory error in user-access at %x" % addr)
+        gk.log.append("Memory failure: %#x: Sending SIGBUS to guest-task due to hardware memory "
+                      "corruption" % (addr >> 12))
+        gk.offline(addr)
+        gk.killed += 1
+        return "killed"
+    gk.log.append("Memory failure: %#x: recovery action for dirty LRU page: Recovered" % (addr >> 12))
+    gk.offline(addr)
+    return "recovered"

@@ -614,6 +614,48 @@ class Vcpu:
         self._pos = 0
         self._value = None
         self._ucall = (u.UCALL_NONE, ())
+        from .guest import GuestKernel
+
+        self.guest_kernel = GuestKernel()
+        self._pending_mce: list[dict] = []
+        self._shutdown = False
+
+    # ---- machine checks for the guest (QEMU: kvm_mce_inject) ----
+    def setup_mce(self, mcg_cap: int) -> int:
+        """KVM_X86_SETUP_MCE."""
+        return self.task._call("setup_mce", vcpu=self.fd, mcg_cap=mcg_cap)
+
+    def set_mce(self, mce) -> int:
+        """KVM_X86_SET_MCE with a uapi.KvmX86Mce.  Call it from the vCPU's own thread,
+        as QEMU does with run_on_cpu()."""
+        if os.getpid() != self.owner:
+            raise OSError(u.EPERM, "KVM_X86_SET_MCE from a thread that does not own vCPU %d" % self.id)
+        r = self.task._call("set_mce", vcpu=self.fd, status=mce.status, addr=mce.addr, misc=mce.misc,
+                            mcg_status=mce.mcg_status, bank=mce.bank)
+        if r.get("triple_fault"):
+            self._shutdown = True
+        elif r.get("inject"):
+            self._pending_mce.append(r["inject"])
+        return 0
+
+    def _deliver_mce(self) -> int | None:
+        """The queued #MC reaches the guest kernel before its next instruction."""
+        from .guest import GuestTaskKilled
+
+        ev = self._pending_mce.pop(0)
+        gk = self.guest_kernel
+        outcome = gk.handler(gk, ev)
+        if outcome == "panic":
+            return u.KVM_EXIT_HLT
+        self.task._call("guest_state", vcpu=self.fd, mcg_status=0)     # the handler clears MCIP
+        if outcome == "killed":
+            self._value, self._pos = None, 0
+            try:
+                self._op = self._gen.throw(GuestTaskKilled(ev["addr"]))
+            except (StopIteration, GuestTaskKilled):
+                self._gen, self._op = None, None
+                return u.KVM_EXIT_HLT
+        return None
 
     def set_guest(self, fn, *args) -> None:
         """The guest program: a generator function fn(g, *args)."""
@@ -629,7 +671,7 @@ class Vcpu:
         """KVM_RUN: 0 on an exit (see kvm_run.exit_reason); OSError(errno) for -1."""
         if os.getpid() != self.owner:
             raise OSError(u.EPERM, "KVM_RUN from a thread that does not own vCPU %d" % self.id)
-        if self._gen is None:
+        if self._fn is None:
             raise OSError(u.ENOEXEC, "no guest program (vcpu.set_guest)")
         kr = self.kvm_run
         kr.exit_reason = u.KVM_EXIT_UNKNOWN
@@ -638,6 +680,21 @@ class Vcpu:
             if _sig_count != sig0:
                 kr.exit_reason = u.KVM_EXIT_INTR
                 raise OSError(u.EINTR, "KVM_RUN interrupted by a signal")
+            if self._shutdown:                       # triple fault: the VM needs a reset
+                kr.exit_reason = u.KVM_EXIT_SHUTDOWN
+                return 0
+            if self.guest_kernel.panicked:
+                kr.exit_reason = u.KVM_EXIT_HLT
+                return 0
+            if self._pending_mce:
+                reason = self._deliver_mce()
+                if reason is not None:
+                    kr.exit_reason = reason
+                    return 0
+                continue
+            if self._gen is None:
+                kr.exit_reason = u.KVM_EXIT_HLT
+                return 0
             if self._op is None:
                 try:
                     self._op = self._gen.send(self._value)
@@ -657,6 +714,15 @@ class Vcpu:
                 self._op = None
                 kr.exit_reason = u.KVM_EXIT_HLT
                 return 0
+            if kind == "cr4_mce":
+                self.task._call("guest_state", vcpu=self.fd, cr4_mce=op[1])
+                self.guest_kernel.cr4_mce = op[1]
+                self._op = None
+                continue
+            if kind == "mode":
+                self.guest_kernel.mode = op[1]
+                self._op = None
+                continue
             exit_ = self._access(op)
             if exit_ is None:
                 continue

@@ -85,11 +85,20 @@ class Vm:
         return None
 
 
+KVM_MAX_MCE_BANKS = 32
+KVM_MCE_CAP_SUPPORTED = u.MCG_CTL_P | u.MCG_SER_P | u.MCG_LMCE_P
+
+
 @dataclass(eq=False)
 class Vcpu:
     id: int
     vm: Vm
     owner: int                         # tid of the thread that created it
+    mcg_cap: int = 0
+    mcg_ctl: int = 0
+    mcg_status: int = 0
+    mce_banks: list = field(default_factory=list)   # 4 per bank: CTL, STATUS, ADDR, MISC
+    cr4_mce: bool = False
 
 
 class KVM:
@@ -322,6 +331,72 @@ class KVM:
         if not isinstance(f.inode.ops, KvmVcpuOps):
             raise OSError(u.ENOTTY, "not a vCPU fd")
         return f.inode.private["vcpu"]
+
+    # ------------------------------------------------------------ machine checks for the guest
+    def setup_mce(self, t, vcpu_fd: int, mcg_cap: int) -> int:
+        """KVM_X86_SETUP_MCE (kvm_vcpu_ioctl_x86_setup_mce)."""
+        v = self.vcpu_of(t, vcpu_fd)
+        if v.vm.type in CONFIDENTIAL:            # kvm_guest_mce_disallowed (TDX; SNP likewise)
+            raise OSError(u.EINVAL, "machine-check injection is not allowed for this VM type")
+        bank_num = mcg_cap & 0xFF
+        if not bank_num or bank_num > KVM_MAX_MCE_BANKS:
+            raise OSError(u.EINVAL, "mcg_cap: bank count")
+        if mcg_cap & ~(KVM_MCE_CAP_SUPPORTED | 0xFF | 0xFF0000):
+            raise OSError(u.EINVAL, "mcg_cap: unsupported capability bits")
+        v.mcg_cap = mcg_cap
+        if mcg_cap & u.MCG_CTL_P:
+            v.mcg_ctl = (1 << 64) - 1
+        v.mce_banks = []
+        for _ in range(bank_num):
+            v.mce_banks += [(1 << 64) - 1, 0, 0, 0]
+        return 0
+
+    def set_mce(self, t, vcpu_fd: int, status: int, addr: int, misc: int, mcg_status: int,
+                bank: int) -> dict:
+        """KVM_X86_SET_MCE (kvm_vcpu_ioctl_x86_set_mce).  Returns what the vCPU will
+        see: {"inject": {...}}, {"triple_fault": True} or {} (reporting disabled)."""
+        v = self.vcpu_of(t, vcpu_fd)
+        if v.vm.type in CONFIDENTIAL:
+            raise OSError(u.EINVAL, "machine-check injection is not allowed for this VM type")
+        bank_num = v.mcg_cap & 0xFF
+        if bank >= bank_num or not status & u.MCI_STATUS_VAL:
+            raise OSError(u.EINVAL, "kvm_x86_mce: bank or status")
+        b = 4 * bank
+        uc = status & u.MCI_STATUS_UC
+        ones = (1 << 64) - 1
+        ev = {"bank": bank, "status": status, "addr": addr, "misc": misc, "mcg_status": mcg_status}
+        if uc and v.mcg_cap & u.MCG_CTL_P and v.mcg_ctl != ones:
+            return {}
+        if uc and v.mce_banks[b] != ones:
+            return {}
+        if uc:
+            if v.mcg_status & u.MCG_STATUS_MCIP or not v.cr4_mce:
+                self.k.trace("kvm_mce", vcpu=v.id, addr=addr, result="triple fault")
+                return {"triple_fault": True}
+            if v.mce_banks[b + 1] & u.MCI_STATUS_VAL:
+                status |= u.MCI_STATUS_OVER
+            v.mce_banks[b + 1:b + 4] = [status, addr, misc]
+            v.mcg_status = mcg_status
+            ev["status"] = status
+            self.k.trace("kvm_mce", vcpu=v.id, addr=addr, result="injected")
+            return {"inject": ev}
+        if not v.mce_banks[b + 1] & u.MCI_STATUS_VAL or not v.mce_banks[b + 1] & u.MCI_STATUS_UC:
+            if v.mce_banks[b + 1] & u.MCI_STATUS_VAL:
+                status |= u.MCI_STATUS_OVER
+            v.mce_banks[b + 1:b + 4] = [status, addr, misc]
+        else:
+            v.mce_banks[b + 1] |= u.MCI_STATUS_OVER
+        return {}
+
+    def guest_state(self, t, vcpu_fd: int, cr4_mce=None, mcg_status=None) -> dict:
+        """The guest writes CR4 and MCG_STATUS (KVM sees them); returns the MCE state."""
+        v = self.vcpu_of(t, vcpu_fd)
+        if cr4_mce is not None:
+            v.cr4_mce = bool(cr4_mce)
+        if mcg_status is not None:
+            v.mcg_status = mcg_status
+        return {"cr4_mce": v.cr4_mce, "mcg_status": v.mcg_status, "mcg_cap": v.mcg_cap,
+                "banks": [v.mce_banks[i:i + 4] for i in range(0, len(v.mce_banks), 4)]}
 
     def gpa_to_pfn(self, proc, vm_fd: int, gpa: int) -> dict:
         vm = self.vm_of(proc, vm_fd)

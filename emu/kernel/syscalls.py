@@ -258,6 +258,19 @@ def sys_kvm_fault(k, t, a):
     return {"exit": None, "done": done}
 
 
+def sys_setup_mce(k, t, a):
+    return k.kvm.setup_mce(t, _int(a, "vcpu"), _u64(a, "mcg_cap"))
+
+
+def sys_set_mce(k, t, a):
+    return k.kvm.set_mce(t, _int(a, "vcpu"), _u64(a, "status"), _u64(a, "addr", 0),
+                         _u64(a, "misc", 0), _u64(a, "mcg_status", 0), _u64(a, "bank"))
+
+
+def sys_guest_state(k, t, a):
+    return k.kvm.guest_state(t, _int(a, "vcpu"), a.get("cr4_mce"), a.get("mcg_status"))
+
+
 def sys_getpid(k, t, a):
     return t.tgid
 
@@ -271,6 +284,7 @@ SYSCALLS = {
     "getpid": sys_getpid, "set_user_memory_region2": sys_set_user_memory_region2,
     "set_memory_attributes": sys_set_memory_attributes, "gmem_convert": sys_gmem_convert,
     "create_vcpu": sys_create_vcpu, "gpa_to_pfn": sys_gpa_to_pfn, "kvm_fault": sys_kvm_fault,
+    "setup_mce": sys_setup_mce, "set_mce": sys_set_mce, "guest_state": sys_guest_state,
 }
 
 
