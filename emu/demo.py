@@ -1,11 +1,15 @@
 """`emu demo`: a QEMU-shaped process on guest_memfd meets memory errors.
 
 A private supervisor with the embedded defaults; a QEMU-like process (main
-thread PR_MCE_KILL_EARLY, two vCPU threads LATE) with 2 MiB of guest RAM in a
-guest_memfd (MMAP | INIT_SHARED).  Three errors:
- 1. patrol scrub finds an error on a page vcpu0 dirtied (deferred, action optional);
- 2. vcpu1 consumes a latent error on a page it dirtied (machine check, action required);
- 3. vcpu0 consumes a latent error on a page the guest only read (clean).
+thread PR_MCE_KILL_EARLY, two vCPU threads LATE running guest programs) with
+2 MiB of guest RAM in a guest_memfd (MMAP | INIT_SHARED), one page converted
+to private.  Four errors:
+ 1. patrol scrub finds an error on a shared page vcpu0 dirtied (deferred: AO to
+    main, QEMU injects an AO #MC into the guest);
+ 2. vcpu1's guest consumes a latent error on a dirty shared page (machine check
+    in guest mode: SIGBUS AR to vcpu1, QEMU injects an AR #MC);
+ 3. an error on the private page: KVM_RUN fails with EHWPOISON;
+ 4. vcpu0's guest consumes a latent error on a shared page QEMU never mapped.
 The timeline merges the kernel's trace with what each QEMU thread did.
 """
 from __future__ import annotations
@@ -20,7 +24,7 @@ from . import uapi as u
 from .runtime import start
 
 PAGE = 4096
-GPA_A, GPA_B, GPA_C = 0x10000, 0x20000, 0x30000
+GPA_A, GPA_B, GPA_C, GPA_P = 0x10000, 0x20000, 0x30000, 0x100000
 
 
 def _stream(fd, entries):
@@ -32,7 +36,7 @@ def _qemu_process(host, w: int) -> None:
     """Runs in a child: the QEMU-shaped process (it may die of SIGBUS)."""
     from workers.qemu_like import QemuLike
 
-    q = QemuLike(host, ram_size=2 << 20, nvcpus=2)
+    q = QemuLike(host, ram_size=2 << 20, nvcpus=2, recover=True)
     j = q.journal
     tids = {q.me.tid: "main"}
     for i, (th, _, _) in enumerate(q.vcpus):
@@ -43,36 +47,44 @@ def _qemu_process(host, w: int) -> None:
         _stream(w, j)
         j.clear()
 
+    def pfn_of(gpa):
+        return q.ram.vm.gpa_to_pfn(gpa)["pfn"]
+
     q.vcpu(0, "write", GPA_A, data=b"\xaa" * PAGE)
     q.vcpu(1, "write", GPA_B, data=b"\xbb" * PAGE)
     q.vcpu(0, "read", GPA_C, n=8)
+    q.vcpu(1, "write", GPA_P, data=b"\xcc" * 64, private=True)
+    j.add("main", "QEMU reads guest pages %#x and %#x through its mapping (device emulation)"
+          % (GPA_A, GPA_B))
+    q.me.read(q.ram.hva + GPA_A, 8)
+    q.me.read(q.ram.hva + GPA_B, 8)
     flush()
 
-    pfn_a = q.me.pagemap(q.ram.hva + GPA_A).pfn
-    j.add("host", "patrol scrub finds an uncorrected error in pfn %#x (GPA %#x): "
-          "deferred memory_failure()" % (pfn_a, GPA_A))
-    host.hw_detect(pfn_a)
+    j.add("host", "patrol scrub finds an uncorrected error in pfn %#x (GPA %#x, shared, "
+          "mapped by QEMU): deferred memory_failure()" % (pfn_of(GPA_A), GPA_A))
+    host.hw_detect(pfn_of(GPA_A))
     for _ in range(200):                       # the AO reaches main asynchronously
-        if any(who == "main" for _, who, _ in j):
+        if q.pending_ao is not None:
             break
         q.me.idle(0.01)
+    q.deliver_pending_ao()
     flush()
 
-    pfn_b = q.me.pagemap(q.ram.hva + GPA_B).pfn
-    j.add("host", "latent error in pfn %#x (GPA %#x), dirty; vcpu1 is about to read it"
-          % (pfn_b, GPA_B))
-    host.hw_poison(pfn_b)
+    j.add("host", "latent error in pfn %#x (GPA %#x, shared, mapped by QEMU); vcpu1's guest "
+          "reads it" % (pfn_of(GPA_B), GPA_B))
+    host.hw_poison(pfn_of(GPA_B))
     q.vcpu(1, "read", GPA_B + 0x40, n=8)
     flush()
 
-    j.add("host", "the guest touches GPA %#x again (the page the deferred error took)" % GPA_A)
-    q.vcpu(0, "read", GPA_A + 0x123, n=8)
+    j.add("host", "patrol scrub finds an error in pfn %#x (GPA %#x, private)"
+          % (pfn_of(GPA_P), GPA_P))
+    host.hw_detect(pfn_of(GPA_P))
+    q.vcpu(1, "read", GPA_P, n=8, private=True)
     flush()
 
-    pfn_c = q.me.pagemap(q.ram.hva + GPA_C).pfn
-    j.add("host", "latent error in pfn %#x (GPA %#x), clean; vcpu0 is about to read it"
-          % (pfn_c, GPA_C))
-    host.hw_poison(pfn_c)
+    j.add("host", "latent error in pfn %#x (GPA %#x, shared, never mapped by QEMU); vcpu0's "
+          "guest reads it" % (pfn_of(GPA_C), GPA_C))
+    host.hw_poison(pfn_of(GPA_C))
     flush()
     q.vcpu(0, "read", GPA_C + 0x8, n=8)
     flush()
@@ -137,8 +149,8 @@ def run_demo(policy: str | None = None, as_json: bool = False) -> int:
     print("gmem-emu demo: policy %s, 64 MiB of emulated RAM" % pol)
     names = ", ".join("%s tid %s" % (n, t) for t, n in sorted(tids.items(), key=lambda x: x[1]))
     print("QEMU-shaped process: %s; main is PR_MCE_KILL_EARLY, the vCPUs LATE" % names)
-    print("guest RAM: 2 MiB guest_memfd (MMAP|INIT_SHARED) at hva %#x = GPA 0\n"
-          % meta.get("hva", 0))
+    print("guest RAM: 2 MiB guest_memfd (MMAP|INIT_SHARED) at hva %#x = GPA 0, "
+          "GPA %#x converted to private\n" % (meta.get("hva", 0), GPA_P))
     t0 = timeline[0][0] if timeline else 0
     for t, who, what in timeline:
         print("%9.3f ms  %-7s %s" % ((t - t0) / 1e6, who, what))

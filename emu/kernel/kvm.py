@@ -284,6 +284,9 @@ class KVM:
         entry = (pfn << PAGE_SHIFT) | C.PTE_PRESENT | C.PTE_USER | C.PTE_ACCESSED
         if not s.flags & u.KVM_MEM_READONLY:
             entry |= C.PTE_RW
+            # kvm_release_faultin_page(..., dirty = fault->map_writable): since 6.12 KVM
+            # marks the folio dirty when it creates a writable SPTE, not when it zaps it
+            k.mm.folio_mark_dirty(k.core.head(pfn))
         k.core.pte_set(vm.s2_root, gpa, entry)
         return None
 
