@@ -617,6 +617,7 @@ class Vcpu:
         from .guest import GuestKernel
 
         self.guest_kernel = GuestKernel()
+        self.fault_requests = 0          # stage-2 fault round trips to the kernel (statistics)
         self._pending_mce: list[dict] = []
         self._shutdown = False
 
@@ -745,14 +746,17 @@ class Vcpu:
                 else:
                     done, st, xva, xpfn = core.access_write(t.slot, self.s2, gpa + self._pos, mv)
                 self._pos += done
-                ahead = list(range(xva & ~0xFFF, min(gpa + n, (xva & ~0xFFF) + _FAULT_AHEAD * 4096), 4096))
+                if st == C.ACC_FAULT:
+                    ahead = list(range(xva & ~0xFFF, min(gpa + n, (xva & ~0xFFF) + _FAULT_AHEAD * 4096),
+                                       4096))
             else:
                 gpas, size = op[1], op[2]
                 if self._value is None:
                     self._value = bytearray(len(gpas) * size) if kind == "read_batch" else op[4]
                 self._pos, st, xva, xpfn, _p = core.access_batch(
                     t.slot, self.s2, gpas, self._pos, size, self._value, kind == "write_batch")
-                ahead = _pages_ahead(gpas, self._pos, size)
+                if st == C.ACC_FAULT:
+                    ahead = _pages_ahead(gpas, self._pos, size)
             if st == C.ACC_OK:
                 self._op = None
                 if kind in ("read", "read_batch"):
@@ -766,6 +770,7 @@ class Vcpu:
                 return self._check_signal_or_retry()
             if st != C.ACC_FAULT:
                 raise OSError(u.EFAULT, "bad frame in a stage-2 entry")
+            self.fault_requests += 1
             rep = t._call("kvm_fault", vcpu=self.fd, gpas=ahead, write=kind.startswith("write"),
                           private=priv)
             ex = rep["exit"]
