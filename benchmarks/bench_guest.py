@@ -18,10 +18,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+from _common import median_of, report, timed  # noqa: E402
+
 import emu  # noqa: E402
 from emu import uapi as u  # noqa: E402
-
-from _common import median_of, report, timed  # noqa: E402
 
 N = 1_000_000
 N_YIELD = 20_000
