@@ -15,7 +15,7 @@ cdef extern from "layout.h":
     uint64_t EMU_MAGIC
     int EMU_VERSION, EMU_PAGE_SHIFT, EMU_PAGE_SIZE, EMU_PTRS, EMU_MB_RING, EMU_COMM_LEN
     uint64_t EMU_PTE_PRESENT, EMU_PTE_RW, EMU_PTE_USER, EMU_PTE_ACCESSED, EMU_PTE_DIRTY
-    uint64_t EMU_PTE_PSE, EMU_PTE_PFN_MASK, EMU_PTE_HWPOISON
+    uint64_t EMU_PTE_PSE, EMU_PTE_PFN_MASK, EMU_PTE_HWPOISON, EMU_PTE_S2_PRIVATE
     int EMU_TASK_FREE, EMU_TASK_ALIVE, EMU_TASK_DEAD
     ctypedef struct emu_frame:
         uint64_t flags
@@ -80,9 +80,9 @@ cdef extern from "fastpath.h":
     uint64_t *emu_walk(const emu_ctx *c, uint64_t pgd, uint64_t va, int *level) nogil
     uint64_t emu_now_ns() nogil
     size_t emu_access(emu_ctx *c, emu_task *t, uint64_t pgd, uint64_t va, uint8_t *buf,
-                      size_t n, int write, int *status, uint64_t *xva, uint64_t *xpfn) nogil
+                      size_t n, int write, int priv, int *status, uint64_t *xva, uint64_t *xpfn) nogil
     size_t emu_access_batch(emu_ctx *c, emu_task *t, uint64_t pgd, const uint64_t *addrs,
-                            size_t start, size_t m, size_t size, uint8_t *buf, int write,
+                            size_t start, size_t m, size_t size, uint8_t *buf, int write, int priv,
                             int *status, uint64_t *xva, uint64_t *xpfn, size_t *partial) nogil
     size_t emu_plain_c_loop(const emu_ctx *c, uint64_t pgd, const uint64_t *addrs, size_t m,
                             size_t size, uint8_t *buf) nogil
@@ -138,6 +138,7 @@ PTE_DIRTY = EMU_PTE_DIRTY
 PTE_PSE = EMU_PTE_PSE
 PTE_PFN_MASK = EMU_PTE_PFN_MASK
 PTE_HWPOISON = EMU_PTE_HWPOISON
+PTE_S2_PRIVATE = EMU_PTE_S2_PRIVATE
 TASK_FREE = EMU_TASK_FREE
 TASK_ALIVE = EMU_TASK_ALIVE
 TASK_DEAD = EMU_TASK_DEAD
@@ -665,7 +666,7 @@ cdef class Core:
         return head, out
 
     # ------------------------------------------------------------ worker: the CPU
-    def access_read(self, int slot, uint64_t pgd, uint64_t va, uint8_t[::1] buf):
+    def access_read(self, int slot, uint64_t pgd, uint64_t va, uint8_t[::1] buf, int priv=-1):
         """Copy len(buf) bytes of user memory at va into buf.
         Returns (done, status, xva, xpfn)."""
         cdef int status = 0
@@ -674,11 +675,12 @@ cdef class Core:
         if n == 0:
             return (0, EMU_ACC_OK, 0, 0)
         with nogil:
-            done = emu_access(&self.c, &self.c.tasks[slot], pgd, va, &buf[0], n, 0,
+            done = emu_access(&self.c, &self.c.tasks[slot], pgd, va, &buf[0], n, 0, priv,
                               &status, &xva, &xpfn)
         return (done, status, xva, xpfn)
 
-    def access_write(self, int slot, uint64_t pgd, uint64_t va, const uint8_t[::1] buf):
+    def access_write(self, int slot, uint64_t pgd, uint64_t va, const uint8_t[::1] buf,
+                     int priv=-1):
         """Copy buf into user memory at va.  Returns (done, status, xva, xpfn)."""
         cdef int status = 0
         cdef uint64_t xva = 0, xpfn = 0
@@ -687,11 +689,11 @@ cdef class Core:
             return (0, EMU_ACC_OK, 0, 0)
         with nogil:
             done = emu_access(&self.c, &self.c.tasks[slot], pgd, va, <uint8_t *>&buf[0], n, 1,
-                              &status, &xva, &xpfn)
+                              priv, &status, &xva, &xpfn)
         return (done, status, xva, xpfn)
 
     def access_batch(self, int slot, uint64_t pgd, const uint64_t[::1] addrs, size_t start,
-                     size_t size, const uint8_t[::1] buf, bint write):
+                     size_t size, const uint8_t[::1] buf, bint write, int priv=-1):
         """`size` bytes at each address from addrs[start:], packed in buf.
         Returns (next_index, status, xva, xpfn, partial_bytes)."""
         cdef int status = 0
@@ -703,7 +705,8 @@ cdef class Core:
             raise ValueError("buffer too small")
         with nogil:
             nxt = emu_access_batch(&self.c, &self.c.tasks[slot], pgd, &addrs[0], start, m,
-                                   size, <uint8_t *>&buf[0], write, &status, &xva, &xpfn, &partial)
+                                   size, <uint8_t *>&buf[0], write, priv, &status, &xva, &xpfn,
+                                   &partial)
         return (nxt, status, xva, xpfn, partial)
 
     def plain_c_loop(self, uint64_t pgd, const uint64_t[::1] addrs, size_t size, uint8_t[::1] buf):

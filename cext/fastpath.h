@@ -107,9 +107,14 @@ uint64_t *emu_walk_tlb(const emu_ctx *c, emu_tlb *tlb, uint64_t pgd, uint64_t va
  * faulting byte; on MCE, also *xpfn, the frame whose latent error was consumed.
  * Caller must be inside an rcu read section.
  */
+/*
+ * `priv` is the access's private/shared view (the guest's C-bit): -1 for host
+ * accesses and guests whose attributes decide, else 0/1; a stage-2 entry that
+ * maps the other kind of memory faults, as TDX's separate EPTs or SNP's RMP do.
+ */
 static inline __attribute__((always_inline))
 size_t emu_access_locked(emu_ctx *c, emu_tlb *tlb, uint64_t pgd, uint64_t va, uint8_t *buf,
-                         size_t n, int write, int *status, uint64_t *xva, uint64_t *xpfn)
+                         size_t n, int write, int priv, int *status, uint64_t *xva, uint64_t *xpfn)
 {
     size_t done = 0;
     uint64_t want = EMU_PTE_ACCESSED | (write ? EMU_PTE_DIRTY : 0);
@@ -119,7 +124,8 @@ size_t emu_access_locked(emu_ctx *c, emu_tlb *tlb, uint64_t pgd, uint64_t va, ui
         uint64_t *slot = emu_walk_tlb(c, tlb, pgd, cur, &level);
     retry:
         e = slot ? __atomic_load_n(slot, __ATOMIC_ACQUIRE) : 0;
-        if (!(e & EMU_PTE_PRESENT) || (write && !(e & EMU_PTE_RW))) {
+        if (!(e & EMU_PTE_PRESENT) || (write && !(e & EMU_PTE_RW))
+            || (priv >= 0 && !!(e & EMU_PTE_S2_PRIVATE) != priv)) {
             *status = EMU_ACC_FAULT; *xva = cur; return done;
         }
         pshift = emu_level_shift(level);
@@ -144,11 +150,11 @@ size_t emu_access_locked(emu_ctx *c, emu_tlb *tlb, uint64_t pgd, uint64_t va, ui
 }
 
 static size_t emu_access(emu_ctx *c, emu_task *t, uint64_t pgd, uint64_t va, uint8_t *buf,
-                         size_t n, int write, int *status, uint64_t *xva, uint64_t *xpfn)
+                         size_t n, int write, int priv, int *status, uint64_t *xva, uint64_t *xpfn)
 {
     size_t r;
     emu_rcu_enter(c, t);
-    r = emu_access_locked(c, NULL, pgd, va, buf, n, write, status, xva, xpfn);
+    r = emu_access_locked(c, NULL, pgd, va, buf, n, write, priv, status, xva, xpfn);
     emu_rcu_exit(t);
     return r;
 }
@@ -159,7 +165,7 @@ static size_t emu_access(emu_ctx *c, emu_task *t, uint64_t pgd, uint64_t va, uin
  * *partial holds the bytes that one did.
  */
 static size_t emu_access_batch(emu_ctx *c, emu_task *t, uint64_t pgd, const uint64_t *addrs,
-                               size_t start, size_t m, size_t size, uint8_t *buf, int write,
+                               size_t start, size_t m, size_t size, uint8_t *buf, int write, int priv,
                                int *status, uint64_t *xva, uint64_t *xpfn, size_t *partial)
 {
     size_t i;
@@ -168,7 +174,8 @@ static size_t emu_access_batch(emu_ctx *c, emu_task *t, uint64_t pgd, const uint
     emu_tlb_init(&tlb);
     emu_rcu_enter(c, t);
     for (i = start; i < m; i++) {
-        size_t d = emu_access_locked(c, &tlb, pgd, addrs[i], buf + i * size, size, write, status, xva, xpfn);
+        size_t d = emu_access_locked(c, &tlb, pgd, addrs[i], buf + i * size, size, write, priv,
+                                     status, xva, xpfn);
         if (*status != EMU_ACC_OK) { *partial = d; break; }
     }
     emu_rcu_exit(t);

@@ -34,6 +34,7 @@
 #define EMU_PTE_DIRTY    (1ULL << 6)
 #define EMU_PTE_PSE      (1ULL << 7)    /* huge leaf at PMD (2M) or PUD (1G) level */
 #define EMU_PTE_PFN_MASK 0x000ffffffffff000ULL
+#define EMU_PTE_S2_PRIVATE (1ULL << 52) /* stage-2 only (software bit): maps private memory */
 /* non-present entries: a hwpoison swap entry keeps the pfn in the pfn field */
 #define EMU_PTE_HWPOISON (1ULL << 62)
 

@@ -648,7 +648,8 @@ class Vcpu:
         outcome = gk.handler(gk, ev)
         if outcome == "panic":
             return u.KVM_EXIT_HLT
-        self.task._call("guest_state", vcpu=self.fd, mcg_status=0)     # the handler clears MCIP
+        # the handler clears MCi_STATUS and MCG_STATUS.MCIP (mce_clear_state, mce_wrmsrl)
+        self.task._call("guest_state", vcpu=self.fd, mcg_status=0, clear_bank=ev["bank"])
         if outcome == "killed":
             self._value, self._pos = None, 0
             try:
@@ -734,6 +735,7 @@ class Vcpu:
         t = self.task
         core = t._core
         kind, priv = op[0], op[3]
+        cpriv = -1 if priv is None else int(bool(priv))
         while True:
             if kind in ("read", "write"):
                 gpa, n = op[1], (op[2] if kind == "read" else len(op[2]))
@@ -742,9 +744,10 @@ class Vcpu:
                 buf = self._value if kind == "read" else op[2]
                 mv = memoryview(buf)[self._pos:]
                 if kind == "read":
-                    done, st, xva, xpfn = core.access_read(t.slot, self.s2, gpa + self._pos, mv)
+                    done, st, xva, xpfn = core.access_read(t.slot, self.s2, gpa + self._pos, mv, cpriv)
                 else:
-                    done, st, xva, xpfn = core.access_write(t.slot, self.s2, gpa + self._pos, mv)
+                    done, st, xva, xpfn = core.access_write(t.slot, self.s2, gpa + self._pos, mv,
+                                                            cpriv)
                 self._pos += done
                 if st == C.ACC_FAULT:
                     ahead = list(range(xva & ~0xFFF, min(gpa + n, (xva & ~0xFFF) + _FAULT_AHEAD * 4096),
@@ -754,7 +757,7 @@ class Vcpu:
                 if self._value is None:
                     self._value = bytearray(len(gpas) * size) if kind == "read_batch" else op[4]
                 self._pos, st, xva, xpfn, _p = core.access_batch(
-                    t.slot, self.s2, gpas, self._pos, size, self._value, kind == "write_batch")
+                    t.slot, self.s2, gpas, self._pos, size, self._value, kind == "write_batch", cpriv)
                 if st == C.ACC_FAULT:
                     ahead = _pages_ahead(gpas, self._pos, size)
             if st == C.ACC_OK:
@@ -883,7 +886,11 @@ def _spawn(parent: Task, kind: str, fn, args, name: str) -> Thread:
             os.close(r)
             import faulthandler
 
-            faulthandler.disable()      # dying of SIGBUS/SIGSEGV is this worker's job here
+            if faulthandler.is_enabled():   # dying of SIGBUS/SIGSEGV is this worker's job here
+                faulthandler.disable()      # (this restores the handlers saved at enable():
+                if _handlers.get(signal.SIGBUS):    # put back the inherited SIGBUS recorder)
+                    signal.signal(signal.SIGBUS, _dispatch)
+                    C.install_sigbus()
             if kind == "clone":
                 _real_prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
             t = Task(parent.host, kind=kind, parent=parent.tid, name=name)

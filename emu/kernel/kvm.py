@@ -18,7 +18,6 @@ VM_TYPES = (u.KVM_X86_DEFAULT_VM, u.KVM_X86_SW_PROTECTED_VM, u.KVM_X86_SNP_VM, u
 CONFIDENTIAL = (u.KVM_X86_SNP_VM, u.KVM_X86_TDX_VM)
 KVM_MEM_SLOTS_NUM = 32767
 KVM_EXIT_MMIO = 6
-VALID_MEM_FLAGS = u.KVM_MEM_LOG_DIRTY_PAGES | u.KVM_MEM_READONLY | u.KVM_MEM_GUEST_MEMFD
 
 
 class KvmDevOps(FileOps):
@@ -148,7 +147,14 @@ class KVM:
     def set_user_memory_region2(self, proc, vm_fd: int, slot: int, flags: int, gpa: int,
                                 size: int, hva: int, gmem_fd: int, gmem_off: int) -> int:
         vm = self.vm_of(proc, vm_fd)
-        if flags & ~VALID_MEM_FLAGS:
+        # check_memory_region_flags: no dirty logging of guest_memfd slots, and
+        # guest_memfd is incompatible with read-only slots
+        valid = u.KVM_MEM_LOG_DIRTY_PAGES | u.KVM_MEM_GUEST_MEMFD
+        if flags & u.KVM_MEM_GUEST_MEMFD:
+            valid &= ~u.KVM_MEM_LOG_DIRTY_PAGES
+        else:
+            valid |= u.KVM_MEM_READONLY
+        if flags & ~valid:
             raise OSError(u.EINVAL, "memslot flags")
         if not 0 <= slot < KVM_MEM_SLOTS_NUM:
             raise OSError(u.EINVAL, "memslot id")
@@ -282,6 +288,8 @@ class KVM:
             if pfn < 0:
                 return {"reason": None, "errno": -pfn}
         entry = (pfn << PAGE_SHIFT) | C.PTE_PRESENT | C.PTE_USER | C.PTE_ACCESSED
+        if is_private:
+            entry |= C.PTE_S2_PRIVATE
         if not s.flags & u.KVM_MEM_READONLY:
             entry |= C.PTE_RW
             # kvm_release_faultin_page(..., dirty = fault->map_writable): since 6.12 KVM
@@ -391,13 +399,16 @@ class KVM:
             v.mce_banks[b + 1] |= u.MCI_STATUS_OVER
         return {}
 
-    def guest_state(self, t, vcpu_fd: int, cr4_mce=None, mcg_status=None) -> dict:
-        """The guest writes CR4 and MCG_STATUS (KVM sees them); returns the MCE state."""
+    def guest_state(self, t, vcpu_fd: int, cr4_mce=None, mcg_status=None, clear_bank=None) -> dict:
+        """The guest writes CR4, MCG_STATUS and MCi_STATUS (KVM sees them); returns
+        the MCE state."""
         v = self.vcpu_of(t, vcpu_fd)
         if cr4_mce is not None:
             v.cr4_mce = bool(cr4_mce)
         if mcg_status is not None:
             v.mcg_status = mcg_status
+        if isinstance(clear_bank, int) and 0 <= clear_bank < len(v.mce_banks) // 4:
+            v.mce_banks[4 * clear_bank + 1] = 0
         return {"cr4_mce": v.cr4_mce, "mcg_status": v.mcg_status, "mcg_cap": v.mcg_cap,
                 "banks": [v.mce_banks[i:i + 4] for i in range(0, len(v.mce_banks), 4)]}
 

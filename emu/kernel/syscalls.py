@@ -248,7 +248,8 @@ def sys_kvm_fault(k, t, a):
         if not isinstance(gpa, int) or gpa < 0:
             raise OSError(u.EINVAL, "gpas")
         e, _ = k.core.walk(vcpu.vm.s2_root, gpa)
-        if e & C.PTE_PRESENT and (not write or e & C.PTE_RW):
+        if e & C.PTE_PRESENT and (not write or e & C.PTE_RW) and (
+                private is None or bool(e & C.PTE_S2_PRIVATE) == bool(private)):
             done += 1
             continue
         ex = k.kvm.page_fault(t, vcpu.vm, gpa, write, private)
@@ -268,7 +269,8 @@ def sys_set_mce(k, t, a):
 
 
 def sys_guest_state(k, t, a):
-    return k.kvm.guest_state(t, _int(a, "vcpu"), a.get("cr4_mce"), a.get("mcg_status"))
+    return k.kvm.guest_state(t, _int(a, "vcpu"), a.get("cr4_mce"), a.get("mcg_status"),
+                             a.get("clear_bank"))
 
 
 def sys_getpid(k, t, a):
