@@ -54,7 +54,7 @@ class FileOps:
     name = "file"
     writeback = False         # mapping_can_writeback()
     shmem = False             # shmem_mapping()
-    head_poison_stops_read = False   # hugetlbfs: a poisoned huge folio
+    huge = False              # hugetlbfs: huge folios, huge mappings
 
     def release(self, k, inode: Inode) -> None:
         inode.nlink -= 1
@@ -87,6 +87,13 @@ class FileOps:
         """a_ops->error_remove_folio; None means the fs has none (mapping_evict_folio)."""
         return None
 
+    def remove_folio(self, k, inode: Inode, head: int) -> None:
+        filemap_remove_folio(k, inode, head)
+
+    def page_poisoned(self, k, pfn: int) -> bool:
+        """Is this 4K page of the page cache known to be poisoned (reads stop there)?"""
+        return bool(k.core.flags(pfn) & PG_hwpoison)
+
 
 def filemap_add_folio(k, inode: Inode, index: int, order: int, flags: int) -> int:
     head = k.mm.folio_alloc(order, flags, inode.ino, index)
@@ -117,9 +124,9 @@ def unmap_mapping_range(k, inode: Inode, start: int, end: int | None, even_cows:
         hi = vma.pgoff + npages if end is None else min(end, vma.pgoff + npages)
         if lo >= hi:
             continue
-        for va, e, _level in core.pt_scan(vma.mm.pgd, vma.addr_of(lo), vma.addr_of(hi)):
+        for va, e, level in core.pt_scan(vma.mm.pgd, vma.addr_of(lo), vma.addr_of(hi)):
             if e & C.PTE_PRESENT or (e & C.PTE_HWPOISON and even_cows):
-                k.mm.zap_pte(vma.mm, va)
+                k.mm.zap_pte(vma.mm, va, 0, level)
 
 
 def truncate_inode_pages_range(k, inode: Inode, start: int, end: int | None,
@@ -133,7 +140,7 @@ def truncate_inode_pages_range(k, inode: Inode, start: int, end: int | None,
     for head in heads:
         index, n = core.index(head), 1 << core.order(head)
         if index >= start and (end is None or index + n <= end):
-            filemap_remove_folio(k, inode, head)
+            inode.ops.remove_folio(k, inode, head)
         else:
             lo, hi = max(start, index), min(end if end is not None else index + n, index + n)
             core.phys_zero(head + (lo - index), hi - lo)
@@ -153,8 +160,7 @@ def filemap_read(k, inode: Inode, n: int, off: int) -> bytes:
         chunk = min(PAGE_SIZE - po, end - pos)
         pfn = inode.pages.get(index)
         if pfn is not None:
-            if core.flags(pfn) & PG_hwpoison or core.flags(core.head(pfn)) & PG_hwpoison \
-                    and inode.ops.head_poison_stops_read:
+            if inode.ops.page_poisoned(k, pfn):
                 if out:
                     break
                 raise OSError(u.EIO, "read")

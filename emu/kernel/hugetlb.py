@@ -8,6 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .. import uapi as u
+from .fs import File, FileOps, Inode, filemap_read, filemap_remove_folio, truncate_inode_pages_range
+from .mm import PAGE_SHIFT
+from .page_alloc import PG_dirty, PG_head, PG_hugetlb, PG_hwpoison, PG_uptodate
+
+MF_MSG_FREE_HUGE = "free huge page"
+MF_MSG_ALREADY_POISONED = "already poisoned page"
+MF_MSG_UNMAP_FAILED = "unmapping failed page"
+
 HSTATE_ORDER = {"2M": 9, "1G": 18}
 
 
@@ -44,15 +53,81 @@ def reserve_boot_pages(nframes: int, pools: dict) -> tuple[dict[str, HState], li
     return hstates, ranges
 
 
+class HugetlbfsOps(FileOps):
+    """hugetlbfs (fs/hugetlbfs): the file system behind MFD_HUGETLB memfds."""
+
+    name = "hugetlbfs"
+    huge = True
+
+    @staticmethod
+    def hstate(inode: Inode) -> HState:
+        return inode.private["hstate"]
+
+    def shift(self, inode: Inode) -> int:
+        return 12 + self.hstate(inode).order
+
+    def mmap_check(self, k, file: File, shared: bool, prot: int) -> None:
+        return None
+
+    def read(self, k, inode: Inode, n: int, off: int) -> bytes:
+        return filemap_read(k, inode, n, off)
+
+    def page_poisoned(self, k, pfn: int) -> bool:
+        """is_raw_hwpoison_page_in_hugepage(): reads stop at the poisoned raw page."""
+        head = k.core.head(pfn)
+        if not k.core.flags(head) & PG_hwpoison:
+            return False
+        raw = k.hugetlb.raw_hwp.get(head)
+        return raw is None or pfn in raw          # no raw list: the whole folio
+
+    def truncate(self, k, inode: Inode, length: int) -> None:
+        hsize = 1 << self.shift(inode)
+        if length < 0 or length % hsize:
+            raise OSError(u.EINVAL, "ftruncate: hugetlbfs sizes are multiples of the huge page size")
+        if length < inode.size:
+            truncate_inode_pages_range(k, inode, length >> PAGE_SHIFT, None, even_cows=True)
+        inode.size = length
+        k.inode_sync(inode)
+
+    def fallocate(self, k, inode: Inode, mode: int, off: int, length: int) -> None:
+        if mode & ~(u.FALLOC_FL_KEEP_SIZE | u.FALLOC_FL_PUNCH_HOLE):
+            raise OSError(u.EOPNOTSUPP, "fallocate")
+        if off < 0 or length <= 0:
+            raise OSError(u.EINVAL, "fallocate")
+        hsize = 1 << self.shift(inode)
+        if mode & u.FALLOC_FL_PUNCH_HOLE:
+            if not mode & u.FALLOC_FL_KEEP_SIZE:
+                raise OSError(u.EOPNOTSUPP, "fallocate")
+            start = (off + hsize - 1) // hsize * hsize      # only whole huge pages go
+            end = (off + length) // hsize * hsize
+            if start < end:
+                truncate_inode_pages_range(k, inode, start >> PAGE_SHIFT, end >> PAGE_SHIFT,
+                                           even_cows=False)
+            return
+        for hoff in range(off // hsize * hsize, off + length, hsize):
+            if k.hugetlb.get_folio(inode, hoff >> PAGE_SHIFT) is None:
+                raise OSError(u.ENOSPC, "fallocate: HugeTLB pool exhausted")
+        if not mode & u.FALLOC_FL_KEEP_SIZE and off + length > inode.size:
+            inode.size = (off + length + hsize - 1) // hsize * hsize
+            k.inode_sync(inode)
+
+    def error_remove_folio(self, k, inode: Inode, head: int) -> int:
+        """hugetlbfs_error_remove_folio: keep it in the page cache."""
+        return 0
+
+    def remove_folio(self, k, inode: Inode, head: int) -> None:
+        filemap_remove_folio(k, inode, head)      # the last reference frees it to the pool
+
+
 class HugeTLB:
     def __init__(self, k, hstates: dict[str, HState]):
         self.k = k
         self.hstates = hstates
-        from .page_alloc import PG_hugetlb
-
+        self.raw_hwp: dict[int, set[int]] = {}      # head -> poisoned raw pfns (raw_hwp_page list)
+        self.by_order = {h.order: h for h in hstates.values()}
         for h in hstates.values():
             for head in h.free:
-                k.core.set_folio(head, h.order, PG_hugetlb, 0, 0, 0)
+                k.core.set_folio(head, h.order, PG_hugetlb | PG_head, 0, 0, 0)
 
     def meminfo(self) -> dict:
         d = self.hstates.get("2M")
@@ -66,9 +141,125 @@ class HugeTLB:
             "Hugetlb": total_kb,
         }
 
+    # ------------------------------------------------------------ files and folios
     def memfd_create(self, proc, name: str, flags: int) -> int:
-        raise OSError(95, "hugetlbfs memfd is not emulated yet")           # EOPNOTSUPP
+        size_log = (flags >> u.MFD_HUGE_SHIFT) & u.MFD_HUGE_MASK
+        hname = {0: "2M", 21: "2M", 30: "1G"}.get(size_log)
+        if hname is None:
+            raise OSError(u.EINVAL, "memfd_create: unsupported huge page size")
+        h = self.hstates.get(hname) or HState(hname, HSTATE_ORDER[hname])
+        inode = self.k.new_inode(HUGETLBFS_OPS, "memfd:" + name)
+        inode.private["hstate"] = h
+        return proc.fd_install(File(inode))
 
-    def try_memory_failure_hugetlb(self, mf, pfn: int, flags: int):
-        """Not a hugetlb page unless it lies in a pool (huge folios come later)."""
+    def dequeue(self, h: HState) -> int | None:
+        """dequeue_hugetlb_folio_node_exact: a poisoned folio is never handed out."""
+        core = self.k.core
+        for i, head in enumerate(h.free):
+            if not core.flags(head) & PG_hwpoison:
+                del h.free[i]
+                return head
         return None
+
+    def get_folio(self, inode: Inode, index: int) -> int | None:
+        """The huge folio at page index (4K units), allocated from the pool if absent;
+        hugetlb_add_to_page_cache marks it dirty."""
+        h = HugetlbfsOps.hstate(inode)
+        nr = 1 << h.order
+        base = index - index % nr
+        head = inode.pages.get(base)
+        if head is not None:
+            return head
+        head = self.dequeue(h)
+        if head is None:
+            return None
+        core = self.k.core
+        core.phys_zero(head, nr)
+        core.set_folio(head, h.order, PG_hugetlb | PG_head | PG_uptodate | PG_dirty, 1, inode.ino,
+                       base)
+        for i in range(nr):
+            inode.pages[base + i] = head + i
+        self.k.inode_sync(inode)
+        return head
+
+    def free_huge_folio(self, head: int) -> None:
+        """The last reference is gone.  A poisoned folio is dissolved: the flag moves to
+        the raw pages (folio_clear_hugetlb_hwpoison), which stay retired, and the
+        healthy subpages go back to the page allocator.  Otherwise back to the pool."""
+        k, core = self.k, self.k.core
+        order = core.order(head)
+        h = self.by_order[order]
+        if core.flags(head) & PG_hwpoison:
+            raw = self.raw_hwp.pop(head, {head})
+            h.nr_huge_pages -= 1
+            for pfn in range(head, head + (1 << order)):
+                if pfn in raw:
+                    k.memory_failure.retire_raw(pfn)
+                else:
+                    core.set_folio(pfn, 0, 0, 0, 0, 0)
+                    k.buddy.free(pfn, 0)
+            k.trace("hugetlb_dissolve", pfn=head, raw=len(raw))
+            return
+        core.set_folio(head, order, PG_hugetlb | PG_head, 0, 0, 0)
+        h.free.append(head)
+
+    # ------------------------------------------------------------ faults
+    def fault(self, task, vma, va: int, write: bool) -> int:
+        """hugetlb_fault / hugetlb_no_page: map the whole huge folio with one entry."""
+        from .mm import VM_FAULT_HWPOISON_LARGE, VM_FAULT_OK, VM_FAULT_SIGBUS
+
+        inode = vma.inode
+        h = HugetlbfsOps.hstate(inode)
+        hsize = 4096 << h.order
+        haddr = va & ~(hsize - 1)
+        index = vma.pgoff + ((haddr - vma.start) >> PAGE_SHIFT)
+        if index << PAGE_SHIFT >= inode.size:
+            return VM_FAULT_SIGBUS
+        head = self.get_folio(inode, index)
+        if head is None:
+            return VM_FAULT_SIGBUS                     # alloc_hugetlb_folio: -ENOSPC
+        if self.k.core.flags(head) & PG_hwpoison:
+            return VM_FAULT_HWPOISON_LARGE
+        level = 2 if h.order == 9 else 3
+        self.k.mm.set_pte(vma.mm, haddr, head, bool(vma.prot & u.PROT_WRITE), write, level)
+        return VM_FAULT_OK
+
+    # ------------------------------------------------------------ memory failure
+    def try_memory_failure_hugetlb(self, mf, pfn: int, flags: int):
+        """None when pfn is not in a HugeTLB folio; else memory_failure()'s result."""
+        k, core = self.k, self.k.core
+        head = core.head(pfn)
+        if not core.flags(head) & PG_hugetlb:
+            return None
+        h = self.by_order.get(core.order(head))
+        if h is None:
+            return None
+        if core.refcount(head) == 0 and head in h.free:
+            # a free huge page: dissolve it, the raw page goes, the rest to buddy
+            h.free.remove(head)
+            core.test_set_flag(head, PG_hwpoison)
+            self.raw_hwp[head] = {pfn}
+            self.free_huge_folio(head)
+            return mf.action_result(pfn, MF_MSG_FREE_HUGE, u.MF_RECOVERED)
+        raw = self.raw_hwp.setdefault(head, set())
+        if core.test_set_flag(head, PG_hwpoison):
+            # already poisoned: a new raw page is still recorded and counted
+            if pfn not in raw:
+                raw.add(pfn)
+                mf.num_poisoned_pages += 1
+            res = -u.EHWPOISON
+            if flags & u.MF_ACTION_REQUIRED:
+                res = mf.kill_accessing_process(head, flags)
+            if flags & u.MF_COUNT_INCREASED:
+                k.mm.folio_put(head)
+            mf.action_result(pfn, MF_MSG_ALREADY_POISONED, u.MF_FAILED)
+            return res
+        raw.add(pfn)
+        if not flags & u.MF_COUNT_INCREASED:
+            core.ref_add(head, 1)                     # get_huge_page_for_hwpoison
+        if not mf.hwpoison_user_mappings(head, pfn, flags):
+            return mf.action_result(pfn, MF_MSG_UNMAP_FAILED, u.MF_FAILED)
+        return mf.identify_page_state(pfn, core.flags(head))
+
+
+HUGETLBFS_OPS = HugetlbfsOps()

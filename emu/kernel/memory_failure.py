@@ -16,6 +16,7 @@ from .page_alloc import (
     PG_buddy,
     PG_dirty,
     PG_head,
+    PG_hugetlb,
     PG_hwpoison,
     PG_lru,
     PG_mlocked,
@@ -101,7 +102,17 @@ def me_pagecache_dirty(mf, ps, pfn):
 
 
 def me_huge_page(mf, ps, pfn):
-    return mf.k.hugetlb_me_huge_page(mf, ps, pfn) if mf.k.hugetlb else u.MF_IGNORED
+    """A HugeTLB folio with a mapping stays in the page cache (hugetlbfs's
+    error_remove_folio returns 0); extra_pins covers the folio's pages."""
+    k = mf.k
+    head = k.core.head(pfn)
+    inode = k.inodes.get(k.core.mapping(head))
+    if inode is None:
+        return u.MF_FAILED
+    res = mf.truncate_error_folio(head, pfn, inode)
+    if mf.has_extra_refcount(ps, pfn, True):
+        res = u.MF_FAILED
+    return res
 
 
 def me_swapcache(mf, ps, pfn):
@@ -265,7 +276,7 @@ class MemoryFailure:
         fl = core.flags(head)
         if fl & (PG_reserved | PG_slab):
             return True
-        if not fl & PG_lru:
+        if not fl & (PG_lru | PG_hugetlb):
             return True
         if not k.mm.folio_mapped(head):
             return True
@@ -424,6 +435,12 @@ class MemoryFailure:
         self._retire(pfn)
         k.trace("soft_offline", pfn=pfn)
         return 0
+
+    def retire_raw(self, pfn: int) -> None:
+        """A poisoned raw page of a dissolved HugeTLB folio (already counted)."""
+        core = self.k.core
+        core.set_folio(pfn, 0, PG_hwpoison, 1, 0, 0)
+        core.set_private(pfn, MAGIC_HWPOISON)
 
     def _retire(self, pfn: int) -> None:
         """page_handle_poison(): flag the frame, keep it off the allocator for good."""

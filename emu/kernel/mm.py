@@ -14,6 +14,7 @@ from .. import uapi as u
 from .page_alloc import (
     PG_anon,
     PG_dirty,
+    PG_hugetlb,
     PG_hwpoison,
     PG_lru,
     PG_swapbacked,
@@ -93,21 +94,23 @@ class Mm:
         del self.vmas[i]
         del self.starts[i]
 
-    def get_unmapped_area(self, length: int) -> int:
+    def get_unmapped_area(self, length: int, align: int = PAGE_SIZE) -> int:
         """Top-down search below MMAP_BASE, as the default x86-64 layout does.
-        The gap just below the lowest mapping is tried first (a free-area cache)."""
+        The gap just below the lowest mapping is tried first (a free-area cache).
+        HugeTLB mappings need `align` (the huge page size)."""
         if self.vmas:
             low = self.vmas[0].start
-            if low - length >= MMAP_MIN and low <= MMAP_BASE:
-                return low - length
+            cand = (low - length) & ~(align - 1)
+            if cand >= MMAP_MIN and low <= MMAP_BASE:
+                return cand
         top = MMAP_BASE
         for v in reversed(self.vmas):
             if v.start >= top:
                 continue
-            if v.end <= top - length:
+            if v.end <= (top - length) & ~(align - 1):
                 break
             top = min(top, v.start)
-        addr = top - length
+        addr = (top - length) & ~(align - 1)
         if addr < MMAP_MIN:
             raise OSError(u.ENOMEM, "no address space")
         return addr
@@ -133,11 +136,17 @@ class MM:
         if self.core.ref_add(head, -n) <= 0:
             self.anon_rmap.pop(head, None)
             flags = self.core.flags(head)
+            if flags & PG_hugetlb:
+                self.k.synchronize_rcu()          # no CPU may still read through it
+                self.k.hugetlb.free_huge_folio(head)
+                return
             self.core.set_flags(head, flags & PG_hwpoison)
             if not flags & PG_hwpoison:
                 self.k.buddy.free(head, self.core.order(head))
 
     def folio_mapped(self, head: int) -> bool:
+        if self.core.flags(head) & PG_hugetlb:            # mapped whole, counted on the head
+            return self.core.mapcount(head) > 0
         n = 1 << self.core.order(head)
         return any(self.core.mapcount(head + i) > 0 for i in range(n))
 
@@ -145,19 +154,22 @@ class MM:
         self.core.test_set_flag(head, PG_dirty)
 
     # ------------------------------------------------------------------ PTEs
-    def set_pte(self, mm: Mm, va: int, pfn: int, writable: bool, dirty: bool) -> None:
+    def set_pte(self, mm: Mm, va: int, pfn: int, writable: bool, dirty: bool, level: int = 1) -> None:
+        """Map pfn at va: a 4K PTE, or a huge leaf (PSE) at PMD (2) / PUD (3) level."""
         e = (pfn << PAGE_SHIFT) | _LEAF_PROT | C.PTE_ACCESSED
         if writable:
             e |= C.PTE_RW
         if dirty:
             e |= C.PTE_DIRTY
-        self.core.pte_set(mm.pgd, va, e)
+        if level > 1:
+            e |= C.PTE_PSE
+        self.core.pte_set(mm.pgd, va, e, level)
         self.core.map_add(pfn, 1)
         self.core.ref_add(self.core.head(pfn), 1)
 
-    def zap_pte(self, mm: Mm, va: int, new: int = 0) -> int:
+    def zap_pte(self, mm: Mm, va: int, new: int = 0, level: int = 1) -> int:
         """ptep_get_and_clear + the rmap bookkeeping + MMU notifiers; returns the old entry."""
-        old = self.core.pte_xchg(mm.pgd, va, new)
+        old = self.core.pte_xchg(mm.pgd, va, new, level)
         if mm.kvm_users:
             self.k.kvm.mmu_notifier_invalidate(mm, va)
         if old & C.PTE_PRESENT:
@@ -172,9 +184,9 @@ class MM:
     def zap_range(self, mm: Mm, start: int, end: int) -> int:
         """zap_page_range: clear present and hwpoison entries in [start, end)."""
         n = 0
-        for va, e, _level in self.core.pt_scan(mm.pgd, start, end):
+        for va, e, level in self.core.pt_scan(mm.pgd, start, end):
             if e & C.PTE_PRESENT or e & C.PTE_HWPOISON:
-                self.zap_pte(mm, va)
+                self.zap_pte(mm, va, 0, level)
                 n += 1
         if n:
             self.k.trace("zap", mm=mm.slot, start=start, end=end, pages=n)
@@ -182,16 +194,30 @@ class MM:
 
     # ------------------------------------------------------------------ rmap
     def rmap_walk(self, head: int):
-        """Yield (mm, va, pfn, vma) for every PTE that maps a page of the folio."""
+        """Yield (mm, va, pfn, vma, level) for every entry that maps a page of the folio
+        (one huge entry for a HugeTLB folio)."""
         core = self.core
         n = 1 << core.order(head)
+        if core.flags(head) & PG_hugetlb:
+            inode = self.k.inodes.get(core.mapping(head))
+            if inode is None:
+                return
+            level = 2 if core.order(head) == 9 else 3
+            index = core.index(head)
+            for vma in list(inode.i_mmap):
+                if vma.covers_index(index):
+                    va = vma.addr_of(index)
+                    e = core.pte_get(vma.mm.pgd, va, level)
+                    if e & C.PTE_PRESENT and ((e & C.PTE_PFN_MASK) >> PAGE_SHIFT) == head:
+                        yield vma.mm, va, head, vma, level
+            return
         if core.flags(head) & PG_anon:
             ent = self.anon_rmap.get(head)
             if ent is not None:
                 mm, va = ent
                 e = core.pte_get(mm.pgd, va)
                 if e & C.PTE_PRESENT and ((e & C.PTE_PFN_MASK) >> PAGE_SHIFT) == head:
-                    yield mm, va, head, mm.find_vma(va)
+                    yield mm, va, head, mm.find_vma(va), 1
             return
         inode = self.k.inodes.get(core.mapping(head))
         if inode is None:
@@ -204,21 +230,21 @@ class MM:
                 va = vma.addr_of(index + i)
                 e = core.pte_get(vma.mm.pgd, va)
                 if e & C.PTE_PRESENT and ((e & C.PTE_PFN_MASK) >> PAGE_SHIFT) == head + i:
-                    yield vma.mm, va, head + i, vma
+                    yield vma.mm, va, head + i, vma, 1
 
     def try_to_unmap(self, head: int, hwpoison: bool) -> None:
         """try_to_unmap(folio, TTU_HWPOISON?): poisoned subpages become hwpoison entries."""
-        for mm, va, pfn, _vma in list(self.rmap_walk(head)):
+        for mm, va, pfn, _vma, level in list(self.rmap_walk(head)):
             poison = hwpoison and self.core.flags(pfn) & PG_hwpoison
             new = ((pfn << PAGE_SHIFT) | C.PTE_HWPOISON) if poison else 0
-            self.zap_pte(mm, va, new)
+            self.zap_pte(mm, va, new, level)
             self.k.trace("unmap", mm=mm.slot, addr=va, pfn=pfn, hwpoison=bool(poison))
 
     def folio_mkclean(self, head: int) -> bool:
         """Write-protect/clean every mapping; True if any PTE was dirty."""
         dirty = False
-        for mm, va, _pfn, _vma in list(self.rmap_walk(head)):
-            old = self.core.pte_clear_ad(mm.pgd, va, C.PTE_DIRTY)
+        for mm, va, _pfn, _vma, level in list(self.rmap_walk(head)):
+            old = self.core.pte_clear_ad(mm.pgd, va, C.PTE_DIRTY, level)
             dirty |= bool(old & C.PTE_DIRTY)
         return dirty
 
@@ -232,7 +258,7 @@ class MM:
         ptes = list(self.rmap_walk(old))
         # unmap first (the kernel installs migration entries), wait until no CPU can
         # still be copying through an old translation, then copy and remap
-        saved = [(mm, va, core.pte_xchg(mm.pgd, va, 0)) for mm, va, _p, _v in ptes]
+        saved = [(mm, va, core.pte_xchg(mm.pgd, va, 0)) for mm, va, _p, _v, _l in ptes]
         k.synchronize_rcu()
         core.phys_copy(new, old)
         inode = None if flags & PG_anon else k.inodes.get(mapping)
@@ -263,14 +289,22 @@ class MM:
             return VM_FAULT_SIGSEGV
         entry, level = self.core.walk(mm.pgd, va)
         if entry & C.PTE_HWPOISON:
-            return self._sigbus(task, va, VM_FAULT_HWPOISON if level == 1 else VM_FAULT_HWPOISON_LARGE,
-                                12 + 9 * (level - 1), gup)
+            lsb = 12 + 9 * (level - 1)
+            if vma.file is not None and vma.inode.ops.huge:
+                lsb = vma.inode.ops.shift(vma.inode)
+            return self._sigbus(task, va, VM_FAULT_HWPOISON if lsb == 12 else VM_FAULT_HWPOISON_LARGE,
+                                lsb, gup)
         if entry & C.PTE_PRESENT:
             if write and not entry & C.PTE_RW and not vma.shared and vma.file is not None:
                 self._cow(task, vma, va, entry)
             return VM_FAULT_OK                  # else spurious: another thread fixed it
         if vma.file is None:
             self._do_anonymous_page(vma, va, write)
+            return VM_FAULT_OK
+        if vma.inode.ops.huge:
+            ret = self.k.hugetlb.fault(task, vma, va, write)
+            if ret:
+                return self._sigbus(task, va, ret, vma.inode.ops.shift(vma.inode), gup)
             return VM_FAULT_OK
         index = vma.pgoff + ((va - vma.start) >> PAGE_SHIFT)
         ret, pfn = vma.inode.ops.fault(self.k, vma.inode, index)
@@ -359,12 +393,17 @@ class MM:
                 raise OSError(u.EINVAL, "mmap")
             if flags & u.MAP_FIXED_NOREPLACE and mm.overlapping(addr, addr + length):
                 raise OSError(u.EEXIST, "mmap")
+        align = PAGE_SIZE
         if file is not None:
             file.inode.ops.mmap_check(self.k, file, shared, prot)
+            if file.inode.ops.huge:                  # hugetlb_get_unmapped_area
+                align = 1 << file.inode.ops.shift(file.inode)
+                if length % align or offset % align or addr % align:
+                    raise OSError(u.EINVAL, "mmap: hugetlb length/offset/address alignment")
         if flags & (u.MAP_FIXED | u.MAP_FIXED_NOREPLACE):
             self.munmap(proc, addr, length)
         else:
-            addr = mm.get_unmapped_area(length)
+            addr = mm.get_unmapped_area(length, align)
         vma = Vma(mm, addr, addr + length, prot, shared, file, offset >> PAGE_SHIFT)
         self.k.vma_link(vma)
         if file is not None:
@@ -421,11 +460,14 @@ class MM:
             if vma.file is not None:
                 vma.file.get()
                 vma.inode.i_mmap.add(nv)
-            for va, e, _level in core.pt_scan(src.pgd, vma.start, vma.end):
+            for va, e, level in core.pt_scan(src.pgd, vma.start, vma.end):
                 if e & C.PTE_HWPOISON:
-                    core.pte_set(dst.pgd, va, e)         # copy_nonpresent_pte
+                    core.pte_set(dst.pgd, va, e, level)   # copy_nonpresent_pte
                     continue
                 pfn = (e & C.PTE_PFN_MASK) >> PAGE_SHIFT
+                if level > 1:                            # a HugeTLB mapping: shared
+                    self.set_pte(dst, va, pfn, bool(e & C.PTE_RW), bool(e & C.PTE_DIRTY), level)
+                    continue
                 if core.flags(core.head(pfn)) & PG_anon:
                     new = self.folio_alloc(0, PG_anon | PG_lru | PG_swapbacked | PG_uptodate, 0,
                                            va >> PAGE_SHIFT)

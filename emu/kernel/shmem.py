@@ -14,7 +14,6 @@ MFD_NAME_MAX_LEN = 249
 class ShmemOps(FileOps):
     name = "shmem"
     shmem = True
-    head_poison_stops_read = False
 
     def _get_folio(self, k, inode: Inode, index: int) -> int:
         pfn = inode.pages.get(index)
