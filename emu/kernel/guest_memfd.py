@@ -85,7 +85,47 @@ class GuestMemfdOps(FileOps):
         return u.MF_DELAYED
 
 
+class GuestMemfdHugeOps(GuestMemfdOps):
+    """guest_memfd backed by HugeTLB (the HugeTLB guest_memfd series): folios come
+    from the HugeTLB pool and are mapped whole in the host and in stage-2 while
+    the huge range is uniformly shared (resp. private)."""
+
+    name = "kvm-gmem"
+    huge = True
+
+    def shift(self, inode: Inode) -> int:
+        return 12 + inode.private["hstate"].order
+
+    def get_folio(self, k, inode: Inode, index: int) -> int:
+        head = k.hugetlb.get_folio(inode, index, extra_flags=0)
+        if head is None:
+            raise OSError(u.ENOMEM, "HugeTLB pool exhausted")
+        nr = 1 << inode.private["hstate"].order
+        return head + index % nr
+
+    def huge_get_folio(self, k, inode: Inode, index: int) -> int | None:
+        try:
+            return k.core.head(self.get_folio(k, inode, index))
+        except OSError:
+            return None
+
+    def huge_fault(self, k, task, vma, va: int, write: bool) -> int:
+        from .mm import VM_FAULT_SIGBUS
+
+        index = vma.pgoff + ((va - vma.start) >> PAGE_SHIFT)
+        if not self.is_shared(vma.inode, index):
+            return VM_FAULT_SIGBUS
+        return k.hugetlb.fault(task, vma, va, write)
+
+    def fallocate(self, k, inode: Inode, mode: int, off: int, length: int) -> None:
+        hsize = 1 << self.shift(inode)
+        if mode & u.FALLOC_FL_PUNCH_HOLE and (off % hsize or length % hsize):
+            raise OSError(u.EINVAL, "fallocate: HugeTLB guest_memfd works in huge pages")
+        super().fallocate(k, inode, mode, off, length)
+
+
 GMEM_OPS = GuestMemfdOps()
+GMEM_HUGE_OPS = GuestMemfdHugeOps()
 
 
 def kvm_gmem_convert(k, inode: Inode, offset: int, size: int, private: bool) -> None:
@@ -112,11 +152,16 @@ def kvm_gmem_convert(k, inode: Inode, offset: int, size: int, private: bool) -> 
     k.trace("gmem_convert", ino=inode.ino, start=start, end=end, private=private)
 
 
+HUGETLB_SIZE_FLAGS = (u.GUESTMEM_HUGETLB_FLAG_MASK << u.GUESTMEM_HUGETLB_FLAG_SHIFT)
+
+
 def supported_flags(vm_type: int) -> int:
     """kvm_gmem_get_supported_flags.  6.18 offers INIT_SHARED only without private
     memory (x86: !kvm_arch_has_private_mem); with in-place conversion, which the
-    emulator models, shared/private is per page and every VM type may start shared."""
-    return u.GUEST_MEMFD_FLAG_MMAP | u.GUEST_MEMFD_FLAG_INIT_SHARED
+    emulator models, shared/private is per page and every VM type may start shared.
+    GUEST_MEMFD_FLAG_HUGETLB and its page-size field come from the HugeTLB series."""
+    return (u.GUEST_MEMFD_FLAG_MMAP | u.GUEST_MEMFD_FLAG_INIT_SHARED | u.GUEST_MEMFD_FLAG_HUGETLB
+            | HUGETLB_SIZE_FLAGS)
 
 
 def kvm_gmem_create(k, proc, vm, size: int, flags: int) -> int:
@@ -124,7 +169,21 @@ def kvm_gmem_create(k, proc, vm, size: int, flags: int) -> int:
         raise OSError(u.EINVAL, "guest_memfd flags")
     if size <= 0 or size % PAGE_SIZE:
         raise OSError(u.EINVAL, "guest_memfd size")
-    inode = k.new_inode(GMEM_OPS, "[kvm-gmem]")
+    ops, hstate = GMEM_OPS, None
+    if flags & u.GUEST_MEMFD_FLAG_HUGETLB:
+        log = (flags >> u.GUESTMEM_HUGETLB_FLAG_SHIFT) & u.GUESTMEM_HUGETLB_FLAG_MASK
+        name = {0: "2M", 21: "2M", 30: "1G"}.get(log)
+        if name is None or k.hugetlb is None or name not in k.hugetlb.hstates:
+            raise OSError(u.EINVAL, "guest_memfd: no HugeTLB pool of that size")
+        hstate = k.hugetlb.hstates[name]
+        if size % (4096 << hstate.order):
+            raise OSError(u.EINVAL, "guest_memfd size: not a multiple of the huge page size")
+        ops = GMEM_HUGE_OPS
+    elif flags & HUGETLB_SIZE_FLAGS:
+        raise OSError(u.EINVAL, "guest_memfd: a HugeTLB size without GUEST_MEMFD_FLAG_HUGETLB")
+    inode = k.new_inode(ops, "[kvm-gmem]")
+    if hstate is not None:
+        inode.private["hstate"] = hstate
     inode.size, inode.flags = size, flags
     inode.private["vm"] = vm
     k.inode_sync(inode)

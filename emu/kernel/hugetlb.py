@@ -115,6 +115,12 @@ class HugetlbfsOps(FileOps):
         """hugetlbfs_error_remove_folio: keep it in the page cache."""
         return 0
 
+    def huge_fault(self, k, task, vma, va: int, write: bool) -> int:
+        return k.hugetlb.fault(task, vma, va, write)
+
+    def huge_get_folio(self, k, inode: Inode, index: int) -> int | None:
+        return k.hugetlb.get_folio(inode, index)
+
     def remove_folio(self, k, inode: Inode, head: int) -> None:
         filemap_remove_folio(k, inode, head)      # the last reference frees it to the pool
 
@@ -161,10 +167,10 @@ class HugeTLB:
                 return head
         return None
 
-    def get_folio(self, inode: Inode, index: int) -> int | None:
+    def get_folio(self, inode: Inode, index: int, extra_flags: int = PG_dirty) -> int | None:
         """The huge folio at page index (4K units), allocated from the pool if absent;
         hugetlb_add_to_page_cache marks it dirty."""
-        h = HugetlbfsOps.hstate(inode)
+        h = inode.private["hstate"]
         nr = 1 << h.order
         base = index - index % nr
         head = inode.pages.get(base)
@@ -175,7 +181,7 @@ class HugeTLB:
             return None
         core = self.k.core
         core.phys_zero(head, nr)
-        core.set_folio(head, h.order, PG_hugetlb | PG_head | PG_uptodate | PG_dirty, 1, inode.ino,
+        core.set_folio(head, h.order, PG_hugetlb | PG_head | PG_uptodate | extra_flags, 1, inode.ino,
                        base)
         for i in range(nr):
             inode.pages[base + i] = head + i
@@ -209,13 +215,13 @@ class HugeTLB:
         from .mm import VM_FAULT_HWPOISON_LARGE, VM_FAULT_OK, VM_FAULT_SIGBUS
 
         inode = vma.inode
-        h = HugetlbfsOps.hstate(inode)
+        h = inode.private["hstate"]
         hsize = 4096 << h.order
         haddr = va & ~(hsize - 1)
         index = vma.pgoff + ((haddr - vma.start) >> PAGE_SHIFT)
         if index << PAGE_SHIFT >= inode.size:
             return VM_FAULT_SIGBUS
-        head = self.get_folio(inode, index)
+        head = inode.ops.huge_get_folio(self.k, inode, index)
         if head is None:
             return VM_FAULT_SIGBUS                     # alloc_hugetlb_folio: -ENOSPC
         if self.k.core.flags(head) & PG_hwpoison:

@@ -222,10 +222,10 @@ class KVM:
     # ------------------------------------------------------------ stage-2
     def zap_gfn_range(self, vm: Vm, lo: int, hi: int) -> int:
         core, n = self.k.core, 0
-        for gpa, e, _level in core.pt_scan(vm.s2_root, lo << PAGE_SHIFT, hi << PAGE_SHIFT):
+        for gpa, e, level in core.pt_scan(vm.s2_root, lo << PAGE_SHIFT, hi << PAGE_SHIFT):
             if e & C.PTE_PRESENT:
-                core.pte_xchg(vm.s2_root, gpa, 0)
-                n += 1
+                core.pte_xchg(vm.s2_root, gpa, 0, level)     # a huge entry goes whole
+                n += 1 << (9 * (level - 1))
         if n:
             self.k.trace("kvm_zap", gfn=lo, npages=hi - lo, zapped=n)
         return n
@@ -287,7 +287,12 @@ class KVM:
                 return {"reason": None, "errno": u.EINTR}   # signal pending: -EINTR
             if pfn < 0:
                 return {"reason": None, "errno": -pfn}
+        level = 1
+        if s.gmem is not None and s.gmem.ops.huge:
+            level, pfn, gpa = self._huge_level(vm, s, gpa, pfn, is_private)
         entry = (pfn << PAGE_SHIFT) | C.PTE_PRESENT | C.PTE_USER | C.PTE_ACCESSED
+        if level > 1:
+            entry |= C.PTE_PSE
         if is_private:
             entry |= C.PTE_S2_PRIVATE
         if not s.flags & u.KVM_MEM_READONLY:
@@ -295,8 +300,27 @@ class KVM:
             # kvm_release_faultin_page(..., dirty = fault->map_writable): since 6.12 KVM
             # marks the folio dirty when it creates a writable SPTE, not when it zaps it
             k.mm.folio_mark_dirty(k.core.head(pfn))
-        k.core.pte_set(vm.s2_root, gpa, entry)
+        k.core.pte_set(vm.s2_root, gpa, entry, level)
         return None
+
+    def _huge_level(self, vm: Vm, s: Memslot, gpa: int, pfn: int, private: bool):
+        """Map a HugeTLB guest_memfd folio with one stage-2 entry when the slot's
+        alignment allows and the folio's range is uniformly shared or private."""
+        core = self.k.core
+        head = core.head(pfn)
+        order = core.order(head)
+        size = 4096 << order
+        hgpa = gpa & ~(size - 1)
+        if (hgpa < s.gpa or hgpa + size > s.gpa + s.size
+                or (hgpa - s.gpa + s.gmem_off) % size):
+            return 1, pfn, gpa
+        start = (s.gmem_off + (hgpa - s.gpa)) >> PAGE_SHIFT
+        ops, inode = s.gmem.ops, s.gmem
+        if any(ops.is_shared(inode, i) == private for i in range(start, start + (1 << order))):
+            return 1, pfn, gpa
+        if self.k.core.walk(vm.s2_root, hgpa)[1] < (2 if order == 9 else 3):
+            self.zap_gfn_range(vm, hgpa >> PAGE_SHIFT, (hgpa + size) >> PAGE_SHIFT)
+        return (2 if order == 9 else 3), head, hgpa
 
     @staticmethod
     def _memory_fault(gpa: int, private: bool, err: int, exit_reason: bool = True) -> dict:

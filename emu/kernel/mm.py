@@ -302,7 +302,7 @@ class MM:
             self._do_anonymous_page(vma, va, write)
             return VM_FAULT_OK
         if vma.inode.ops.huge:
-            ret = self.k.hugetlb.fault(task, vma, va, write)
+            ret = vma.inode.ops.huge_fault(self.k, task, vma, va, write)
             if ret:
                 return self._sigbus(task, va, ret, vma.inode.ops.shift(vma.inode), gup)
             return VM_FAULT_OK
