@@ -103,6 +103,9 @@ class GuestMemfdHugeOps(GuestMemfdOps):
         nr = 1 << inode.private["hstate"].order
         return head + index % nr
 
+    def reserve(self, k, inode: Inode, offset: int, length: int) -> None:
+        """guest_memfd allocates its huge folios on demand; a host mmap reserves nothing."""
+
     def huge_get_folio(self, k, inode: Inode, index: int) -> int | None:
         try:
             return k.core.head(self.get_folio(k, inode, index))

@@ -26,6 +26,7 @@ class HState:
     order: int
     free: list[int] = field(default_factory=list)     # head pfns on the free list
     nr_huge_pages: int = 0
+    resv: int = 0                                     # reserved, not yet faulted
 
     @property
     def size_kb(self) -> int:
@@ -98,11 +99,18 @@ class HugetlbfsOps(FileOps):
         if mode & u.FALLOC_FL_PUNCH_HOLE:
             if not mode & u.FALLOC_FL_KEEP_SIZE:
                 raise OSError(u.EOPNOTSUPP, "fallocate")
-            start = (off + hsize - 1) // hsize * hsize      # only whole huge pages go
+            start = (off + hsize - 1) // hsize * hsize      # whole huge pages go ...
             end = (off + length) // hsize * hsize
+            for lo, hi in ((off, min(off + length, start)), (max(end, off), off + length)):
+                if lo < hi:                                  # ... partial ones are zeroed
+                    pfn = inode.pages.get(lo >> PAGE_SHIFT)
+                    if pfn is not None:
+                        base = pfn - ((lo >> PAGE_SHIFT) % (hsize >> PAGE_SHIFT))
+                        _zero_bytes(k, base, lo % hsize, hi - lo)
             if start < end:
+                # __unmap_hugepage_range clears hwpoison entries too
                 truncate_inode_pages_range(k, inode, start >> PAGE_SHIFT, end >> PAGE_SHIFT,
-                                           even_cows=False)
+                                           even_cows=True)
             return
         for hoff in range(off // hsize * hsize, off + length, hsize):
             if k.hugetlb.get_folio(inode, hoff >> PAGE_SHIFT) is None:
@@ -118,11 +126,39 @@ class HugetlbfsOps(FileOps):
     def huge_fault(self, k, task, vma, va: int, write: bool) -> int:
         return k.hugetlb.fault(task, vma, va, write)
 
+    def reserve(self, k, inode: Inode, offset: int, length: int) -> None:
+        """hugetlb_reserve_pages: a shared mapping reserves the huge pages it may
+        fault, or mmap fails with ENOMEM (HugePages_Rsvd)."""
+        h = self.hstate(inode)
+        nr = 1 << h.order
+        resv = inode.private.setdefault("resv", set())
+        want = [i for i in range(offset >> PAGE_SHIFT, (offset + length) >> PAGE_SHIFT, nr)
+                if i not in inode.pages and i not in resv]
+        if len(h.free) - h.resv < len(want):
+            raise OSError(u.ENOMEM, "mmap: not enough free huge pages to reserve")
+        resv.update(want)
+        h.resv += len(want)
+
+    def release(self, k, inode: Inode) -> None:
+        if inode.nlink <= 1:
+            h = self.hstate(inode)
+            h.resv -= len(inode.private.pop("resv", ()))
+        super().release(k, inode)
+
     def huge_get_folio(self, k, inode: Inode, index: int) -> int | None:
         return k.hugetlb.get_folio(inode, index)
 
     def remove_folio(self, k, inode: Inode, head: int) -> None:
         filemap_remove_folio(k, inode, head)      # the last reference frees it to the pool
+
+
+def _zero_bytes(k, head: int, off: int, n: int) -> None:
+    while n > 0:
+        pfn, po = head + (off >> PAGE_SHIFT), off & 4095
+        chunk = min(4096 - po, n)
+        k.core.phys_write(pfn, po, bytes(chunk))
+        off += chunk
+        n -= chunk
 
 
 class HugeTLB:
@@ -141,7 +177,7 @@ class HugeTLB:
         return {
             "HugePages_Total": d.nr_huge_pages if d else 0,
             "HugePages_Free": len(d.free) if d else 0,
-            "HugePages_Rsvd": 0,
+            "HugePages_Rsvd": d.resv if d else 0,
             "HugePages_Surp": 0,
             "Hugepagesize": 2048,
             "Hugetlb": total_kb,
@@ -176,9 +212,16 @@ class HugeTLB:
         head = inode.pages.get(base)
         if head is not None:
             return head
+        resv = inode.private.get("resv")
+        reserved = resv is not None and base in resv
+        if not reserved and len(h.free) - h.resv <= 0:
+            return None                               # the rest is promised to others
         head = self.dequeue(h)
         if head is None:
             return None
+        if reserved:
+            resv.discard(base)
+            h.resv -= 1
         core = self.k.core
         core.phys_zero(head, nr)
         core.set_folio(head, h.order, PG_hugetlb | PG_head | PG_uptodate | extra_flags, 1, inode.ino,

@@ -25,6 +25,7 @@ PAGE_SHIFT = 12
 PAGE_SIZE = 4096
 TASK_SIZE = 1 << 47
 MMAP_BASE = 0x7F0000000000
+MAP_NORESERVE = 0x4000
 MMAP_MIN = 0x10000
 
 # vm_fault_t
@@ -398,8 +399,11 @@ class MM:
             file.inode.ops.mmap_check(self.k, file, shared, prot)
             if file.inode.ops.huge:                  # hugetlb_get_unmapped_area
                 align = 1 << file.inode.ops.shift(file.inode)
-                if length % align or offset % align or addr % align:
-                    raise OSError(u.EINVAL, "mmap: hugetlb length/offset/address alignment")
+                if offset % align or addr % align:
+                    raise OSError(u.EINVAL, "mmap: hugetlb offset/address alignment")
+                length = (length + align - 1) & ~(align - 1)    # ksys_mmap_pgoff rounds up
+                if shared and not flags & MAP_NORESERVE:
+                    file.inode.ops.reserve(self.k, file.inode, offset, length)
         if flags & (u.MAP_FIXED | u.MAP_FIXED_NOREPLACE):
             self.munmap(proc, addr, length)
         else:
@@ -417,6 +421,11 @@ class MM:
             raise OSError(u.EINVAL, "munmap")
         end = addr + page_align(length)
         mm = proc.mm
+        for vma in mm.overlapping(addr, end):      # hugetlb_vm_op_split: no splitting a huge page
+            if vma.file is not None and vma.inode.ops.huge:
+                hsize = 1 << vma.inode.ops.shift(vma.inode)
+                if (addr > vma.start and addr % hsize) or (end < vma.end and end % hsize):
+                    raise OSError(u.EINVAL, "munmap: inside a huge page")
         for vma in mm.overlapping(addr, end):
             self.zap_range(mm, max(addr, vma.start), min(end, vma.end))
             self._split_out(mm, vma, addr, end)
