@@ -33,9 +33,12 @@ class GuestMemfdOps(FileOps):
         return pfn
 
     def get_pfn(self, k, inode: Inode, index: int) -> int:
-        """__kvm_gmem_get_pfn: -EHWPOISON for a poisoned folio."""
+        """__kvm_gmem_get_pfn: -EHWPOISON for a poisoned folio (or, under a policy
+        that makes a failed guest_memfd unusable, for every index of the file)."""
+        if inode.private.get("failed"):
+            raise OSError(u.EHWPOISON, "guest_memfd is unusable after a memory failure")
         pfn = self.get_folio(k, inode, index)
-        if k.core.flags(k.core.head(pfn)) & PG_hwpoison:
+        if k.policy.faults_check and k.core.flags(k.core.head(pfn)) & PG_hwpoison:
             raise OSError(u.EHWPOISON, "guest_memfd page is poisoned")
         return pfn
 
@@ -55,7 +58,10 @@ class GuestMemfdOps(FileOps):
             return VM_FAULT_SIGBUS, 0
         if not self.is_shared(inode, index):
             return VM_FAULT_SIGBUS, 0
-        return VM_FAULT_OK, self.get_folio(k, inode, index)
+        pfn = self.get_folio(k, inode, index)
+        if inode.private.get("failed") and not k.core.flags(k.core.head(pfn)) & PG_hwpoison:
+            return VM_FAULT_SIGBUS, 0                 # the whole file is unusable
+        return VM_FAULT_OK, pfn
 
     def fallocate(self, k, inode: Inode, mode: int, off: int, length: int) -> None:
         if not mode & u.FALLOC_FL_KEEP_SIZE:
@@ -80,8 +86,17 @@ class GuestMemfdOps(FileOps):
             k.kvm.gmem_invalidate(inode, start, end)
 
     def error_remove_folio(self, k, inode: Inode, head: int) -> int:
+        """kvm_gmem_error_folio: zap stage-2 (the folio, or as the policy says) and
+        keep the folio; MF_DELAYED."""
         start = k.core.index(head)
-        self.invalidate(k, inode, start, start + (1 << k.core.order(head)))
+        scope = k.policy.stage2_unmap
+        if scope == "file":
+            self.invalidate(k, inode, 0, (inode.size + PAGE_SIZE - 1) >> PAGE_SHIFT)
+        elif scope == "folio":
+            self.invalidate(k, inode, start, start + (1 << k.core.order(head)))
+        if k.policy.gmem_after_failure == "unusable":
+            inode.private["failed"] = True
+            k.trace("gmem_unusable", ino=inode.ino)
         return u.MF_DELAYED
 
 
@@ -118,6 +133,10 @@ class GuestMemfdHugeOps(GuestMemfdOps):
         index = vma.pgoff + ((va - vma.start) >> PAGE_SHIFT)
         if not self.is_shared(vma.inode, index):
             return VM_FAULT_SIGBUS
+        if vma.inode.private.get("failed"):
+            head = vma.inode.pages.get(index)
+            if head is None or not k.core.flags(k.core.head(head)) & PG_hwpoison:
+                return VM_FAULT_SIGBUS                 # the whole file is unusable
         return k.hugetlb.fault(task, vma, va, write)
 
     def fallocate(self, k, inode: Inode, mode: int, off: int, length: int) -> None:

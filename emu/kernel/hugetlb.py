@@ -238,6 +238,10 @@ class HugeTLB:
         k, core = self.k, self.k.core
         order = core.order(head)
         h = self.by_order[order]
+        tracked = {p for p in k.memory_failure.tracked if head <= p < head + (1 << order)}
+        if tracked and not core.flags(head) & PG_hwpoison:
+            k.memory_failure.mark_on_release(head, tracked)     # reported to HugeTLB now
+            self.raw_hwp[head] = tracked
         if core.flags(head) & PG_hwpoison:
             raw = self.raw_hwp.pop(head, {head})
             h.nr_huge_pages -= 1

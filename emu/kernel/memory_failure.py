@@ -152,6 +152,7 @@ class MemoryFailure:
         self.k = k
         self.hw_memory_failure = False
         self.num_poisoned_pages = 0
+        self.tracked: set[int] = set()        # failures recorded without PG_hwpoison
         self.stats = {"total": 0, "ignored": 0, "failed": 0, "delayed": 0, "recovered": 0}
 
     def log(self, msg: str) -> None:
@@ -195,10 +196,12 @@ class MemoryFailure:
         return u.MF_RECOVERED
 
     # ------------------------------------------------------------ who to kill
-    def task_early_kill(self, proc, force_early: bool):
+    def task_early_kill(self, proc, force_early: bool, honour_early: bool = True):
         cur = self.k.current
         if force_early and cur is not None and cur.process is proc:
             return cur
+        if not honour_early:
+            return None
         for t in proc.threads:
             if not t.alive:
                 continue
@@ -217,8 +220,9 @@ class MemoryFailure:
         inode = None if anon else k.inodes.get(core.mapping(head))
         if not anon and inode is None:
             return tokill
+        honour = self.gmem_inode_of(head) is None or k.policy.early_kill == "honoured"
         for proc in k.processes():
-            t = self.task_early_kill(proc, force_early)
+            t = self.task_early_kill(proc, force_early, honour)
             if t is None:
                 continue
             if anon:
@@ -283,6 +287,23 @@ class MemoryFailure:
         tokill = self.collect_procs(head, pfn, bool(flags & u.MF_ACTION_REQUIRED))
         ttu_hwpoison = not fl & PG_swapcache
         inode = k.inodes.get(core.mapping(head))
+        gmem = self.gmem_inode_of(head) is not None
+        if gmem and k.policy.signal_all_mappers:
+            # every process with the folio mapped in host page tables, early-kill or not
+            have = {id(tk.tsk.process) for tk in tokill}
+            for mm, va, _p, _v, _l in list(k.mm.rmap_walk(head)):
+                proc = next((p for p in k.processes() if p.mm is mm), None)
+                if proc is not None and id(proc) not in have:
+                    have.add(id(proc))
+                    t = next(th for th in proc.threads if th.alive)
+                    index = core.index(pfn)
+                    vma = proc.mm.find_vma(va)
+                    addr = vma.addr_of(index) if vma is not None and vma.covers_index(index) else va
+                    tokill.append(ToKill(t, addr, 12 + core.order(head)))
+        if gmem and k.policy.host_unmap == "none":
+            forcekill = bool(core.flags(head) & PG_dirty) or bool(flags & u.MF_MUST_KILL)
+            self.kill_procs(tokill, forcekill, pfn, flags)
+            return True
         if (not flags & u.MF_MUST_KILL and not fl & PG_dirty and inode is not None
                 and inode.ops.writeback):
             if k.mm.folio_mkclean(head):
@@ -291,6 +312,11 @@ class MemoryFailure:
                 ttu_hwpoison = False
                 self.log("%#x: corrupted page was clean: dropped without side effects" % pfn)
         k.mm.try_to_unmap(head, ttu_hwpoison)
+        if gmem and k.policy.host_unmap == "file":
+            from .fs import unmap_mapping_range
+
+            unmap_mapping_range(k, inode, 0, None, even_cows=False)
+            k.trace("unmap_file", ino=inode.ino)
         unmap_success = not k.mm.folio_mapped(head)
         if not unmap_success:
             self.log("%#x: failed to unmap page (folio mapcount=%d)" % (pfn, core.mapcount(pfn)))
@@ -308,7 +334,74 @@ class MemoryFailure:
         return self.action_result(pfn, ps.type, ps.action(self, ps, pfn))
 
     # ------------------------------------------------------------ memory_failure()
+    def gmem_inode_of(self, pfn: int):
+        """The guest_memfd owning pfn's folio, if any (policy decisions apply there)."""
+        from .guest_memfd import GuestMemfdOps
+
+        inode = self.k.inodes.get(self.k.core.mapping(self.k.core.head(pfn)))
+        return inode if inode is not None and isinstance(inode.ops, GuestMemfdOps) else None
+
     def memory_failure(self, pfn: int, flags: int) -> int:
+        k, core = self.k, self.k.core
+        gmem = self.gmem_inode_of(pfn) if 0 <= pfn < core.nframes else None
+        if gmem is not None and k.policy.hwpoison_mark == "release":
+            if not k.sysctl["vm.memory_failure_recovery"]:
+                k.panic("Memory failure on page %x" % pfn)
+            if not flags & u.MF_SW_SIMULATED:
+                self.hw_memory_failure = True
+            return self.memory_failure_tracked(pfn, flags, gmem)
+        ret = self._memory_failure(pfn, flags)
+        if gmem is not None and flags & u.MF_ACTION_REQUIRED and k.policy.sigbus_current_on_consume:
+            cur = k.current
+            if cur is not None and not any(s[0] == u.SIGBUS for s in cur.reply_sigs):
+                self.sigbus_current(pfn)
+        return ret
+
+    def memory_failure_tracked(self, pfn: int, flags: int, inode) -> int:
+        """A guest_memfd folio under a policy that marks HWpoison only on release:
+        the failure goes to a global table; nothing is unmapped or flagged."""
+        k, core = self.k, self.k.core
+        head = core.head(pfn)
+        k.trace("memory_failure", pfn=pfn, flags=flags,
+                tid=k.current.tid if k.current is not None else 0)
+        first = pfn not in self.tracked
+        self.tracked.add(pfn)
+        k.trace("mf_track", pfn=pfn, ino=inode.ino, first=first)
+        if flags & u.MF_COUNT_INCREASED:
+            k.mm.folio_put(head)
+        if flags & u.MF_ACTION_REQUIRED and k.policy.sigbus_current_on_consume:
+            self.sigbus_current(pfn)
+        if not first:
+            self.action_result(pfn, MF_MSG_ALREADY_POISONED, u.MF_FAILED)
+            return -u.EHWPOISON
+        fl = core.flags(head)
+        ps = next(s for s in ERROR_STATES if fl & s.mask == s.res)
+        return self.action_result(pfn, ps.type, u.MF_DELAYED)
+
+    def sigbus_current(self, pfn: int) -> None:
+        """SIGBUS BUS_MCEERR_AR to current for a consumed failure: at current's
+        mapping of the page if it has one, else with si_addr 0 (a vCPU consuming
+        memory the host never mapped, e.g. private guest_memfd)."""
+        from .. import _core as C
+
+        k, core = self.k, self.k.core
+        cur = k.current
+        if cur is None:
+            return
+        head = core.head(pfn)
+        shift = 12 + core.order(head)
+        for vma in cur.process.mm.vmas:
+            for va, e, level in core.pt_scan(cur.process.mm.pgd, vma.start, vma.end):
+                epfn = (e & C.PTE_PFN_MASK) >> 12
+                n = 1 << (9 * (level - 1))
+                if e & (C.PTE_PRESENT | C.PTE_HWPOISON) and epfn <= pfn < epfn + n:
+                    k.signals.force_sig_mceerr(cur, u.BUS_MCEERR_AR, va + ((pfn - epfn) << 12), shift,
+                                               why="policy: SIGBUS current on a consumed failure")
+                    return
+        k.signals.force_sig_mceerr(cur, u.BUS_MCEERR_AR, 0, shift,
+                                   why="policy: SIGBUS current on a consumed failure (no host address)")
+
+    def _memory_failure(self, pfn: int, flags: int) -> int:
         k, core = self.k, self.k.core
         if not k.sysctl["vm.memory_failure_recovery"]:
             k.panic("Memory failure on page %x" % pfn)
@@ -435,6 +528,14 @@ class MemoryFailure:
         self._retire(pfn)
         k.trace("soft_offline", pfn=pfn)
         return 0
+
+    def mark_on_release(self, head: int, raw: set) -> None:
+        """A folio leaves guest_memfd with failures only tracked so far: the flag is
+        set now, so the allocator (or HugeTLB) never hands the bad pages out."""
+        self.k.core.test_set_flag(head, PG_hwpoison)
+        for pfn in sorted(raw):
+            self.log("%#x: released by guest_memfd: marked HWPoison" % pfn)
+        self.k.trace("mf_mark_on_release", pfn=head, raw=len(raw))
 
     def retire_raw(self, pfn: int) -> None:
         """A poisoned raw page of a dissolved HugeTLB folio (already counted)."""

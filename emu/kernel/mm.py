@@ -141,6 +141,9 @@ class MM:
                 self.k.synchronize_rcu()          # no CPU may still read through it
                 self.k.hugetlb.free_huge_folio(head)
                 return
+            if head in self.k.memory_failure.tracked:     # marked only now, on release
+                flags |= PG_hwpoison
+                self.k.memory_failure.mark_on_release(head, {head})
             self.core.set_flags(head, flags & PG_hwpoison)
             if not flags & PG_hwpoison:
                 self.k.buddy.free(head, self.core.order(head))

@@ -13,7 +13,11 @@ from ... import uapi as u
 
 
 class Policy:
-    """The decisions, with the MF_DELAYED-fix kernel's answers as defaults."""
+    """The decisions, with the MF_DELAYED-fix kernel's answers as defaults.
+
+    Decisions marked (gmem) apply to folios owned by a guest_memfd; every other
+    folio is handled as the kernel does whatever the policy.
+    """
 
     name = "base"
     description = ""
@@ -24,6 +28,30 @@ class Policy:
     # shmem_error_remove_folio's return: MF_DELAYED with the fix series, 0 before it.
     shmem_error_remove_folio_result = u.MF_DELAYED
 
+    # (gmem) when the failure is recorded: "mce" sets PG_hwpoison in memory_failure();
+    # "release" only tracks the pfn in a global table, and the flag is set when the
+    # folio leaves guest_memfd (and so is reported to HugeTLB then).
+    hwpoison_mark = "mce"
+    # (gmem) what memory_failure() unmaps from host page tables: "folio" (the kernel),
+    # "none", or "file" (every mapping of the whole guest_memfd).
+    host_unmap = "folio"
+    # (gmem) what error_remove_folio zaps from stage-2: "folio", "none" or "file".
+    stage2_unmap = "folio"
+    # (gmem) host and guest faults check for failed memory (__do_fault's PageHWPoison,
+    # __kvm_gmem_get_pfn's folio_test_hwpoison).
+    faults_check = True
+    # (gmem) PR_MCE_KILL_EARLY: "honoured" (task_early_kill) or "ignored".
+    early_kill = "honoured"
+    # (gmem) a dirty folio mapped in host page tables gets every mapping process
+    # signalled, early-kill or not (the kernel signals early-kill threads only).
+    signal_all_mappers = False
+    # (gmem) a consumed failure always ends in SIGBUS to current, even when current's
+    # process has no host mapping of the page (a vCPU consuming private memory).
+    sigbus_current_on_consume = False
+    # (gmem) after a failure: "usable", or "unusable" (every later fault on the file
+    # fails: host SIGBUS, guest -EHWPOISON).
+    gmem_after_failure = "usable"
+
     def describe(self) -> dict:
         out = {}
         for klass in reversed(type(self).__mro__):
@@ -31,6 +59,7 @@ class Policy:
                 if not key.startswith("_") and not callable(val) and key not in ("name", "description"):
                     out[key] = getattr(self, key)
         return out
+
 
 
 class MfDelayedFix(Policy):
@@ -46,7 +75,32 @@ class V618(Policy):
     shmem_error_remove_folio_result = 0
 
 
-PRESETS: dict[str, type[Policy]] = {p.name: p for p in (V618, MfDelayedFix)}
+class Minimum(MfDelayedFix):
+    name = "minimum"
+    description = ("the 'minimum support' proposal: track failures in a global structure, "
+                   "defer unconsumed failures, SIGBUS current on consumption, no unmapping, "
+                   "HWpoison only on release, no fault checks, PR_MCE_KILL_EARLY not handled")
+    hwpoison_mark = "release"
+    host_unmap = "none"
+    stage2_unmap = "none"
+    faults_check = False
+    early_kill = "ignored"
+    sigbus_current_on_consume = True
+
+
+class Initial(MfDelayedFix):
+    name = "initial"
+    description = ("the 'initial stage' plan: unmap the whole file from host and stage-2, "
+                   "mark HWpoison at the #MC, EARLY threads and every mapping process of a "
+                   "dirty folio get SIGBUS, guest_memfd unusable after a failure")
+    host_unmap = "file"
+    stage2_unmap = "file"
+    signal_all_mappers = True
+    sigbus_current_on_consume = True
+    gmem_after_failure = "unusable"
+
+
+PRESETS: dict[str, type[Policy]] = {p.name: p for p in (V618, MfDelayedFix, Minimum, Initial)}
 DEFAULT = "mf-delayed-fix"
 
 
