@@ -121,6 +121,17 @@ class GuestMemfdHugeOps(GuestMemfdOps):
     def reserve(self, k, inode: Inode, offset: int, length: int) -> None:
         """guest_memfd allocates its huge folios on demand; a host mmap reserves nothing."""
 
+    def remove_folio(self, k, inode: Inode, head: int) -> None:
+        """Truncation.  A poisoned page of a split folio also drops memory_failure's
+        reference: guest_memfd hands it back so the merge can report it to HugeTLB."""
+        from .fs import filemap_remove_folio
+
+        split = k.hugetlb is not None and head in k.hugetlb.split_of
+        poisoned = bool(k.core.flags(head) & PG_hwpoison)
+        filemap_remove_folio(k, inode, head)
+        if split and poisoned and k.core.refcount(head) == 1 and not k.mm.folio_mapped(head):
+            k.mm.folio_put(head)
+
     def huge_get_folio(self, k, inode: Inode, index: int) -> int | None:
         try:
             return k.core.head(self.get_folio(k, inode, index))

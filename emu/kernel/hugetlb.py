@@ -166,6 +166,8 @@ class HugeTLB:
         self.k = k
         self.hstates = hstates
         self.raw_hwp: dict[int, set[int]] = {}      # head -> poisoned raw pfns (raw_hwp_page list)
+        self.split_of: dict[int, int] = {}          # page of a split folio -> its old head
+        self.groups: dict[int, dict] = {}           # old head -> {"order", "live", "raw"}
         self.by_order = {h.order: h for h in hstates.values()}
         for h in hstates.values():
             for head in h.free:
@@ -256,6 +258,56 @@ class HugeTLB:
         core.set_folio(head, order, PG_hugetlb | PG_head, 0, 0, 0)
         h.free.append(head)
 
+    # ------------------------------------------------------------ split and merge
+    def split_gmem_folio(self, head: int) -> None:
+        """Split a HugeTLB guest_memfd folio into 4K folios: stage-2 huge entries are
+        zapped (refaults map 4K), host huge entries become 4K PTE tables."""
+        from .. import _core as C
+        from .page_alloc import PG_lru, PG_unevictable
+
+        k, core = self.k, self.k.core
+        order, flags = core.order(head), core.flags(head)
+        nr = 1 << order
+        inode = k.inodes[core.mapping(head)]
+        index0 = core.index(head)
+        inode.ops.invalidate(k, inode, index0, index0 + nr)
+        maps = []
+        for mm, va, _p, _vma, level in list(k.mm.rmap_walk(head)):
+            old = core.pte_xchg(mm.pgd, va, 0, level)
+            maps.append((mm, va, bool(old & C.PTE_RW), bool(old & C.PTE_DIRTY)))
+        sub = (flags & ~(PG_head | PG_hugetlb | PG_hwpoison)) | PG_lru | PG_unevictable | PG_uptodate
+        if any(d for *_x, d in maps):
+            sub |= PG_dirty
+        for i in range(nr):
+            core.set_folio(head + i, 0, sub, 1, inode.ino, index0 + i)
+            self.split_of[head + i] = head
+        self.groups[head] = {"order": order, "live": nr}
+        k.synchronize_rcu()
+        for mm, va, rw, dirty in maps:
+            for i in range(nr):
+                k.mm.set_pte(mm, va + (i << PAGE_SHIFT), head + i, rw, dirty)
+        k.trace("hugetlb_split", pfn=head, pages=nr)
+        k.log("HugeTLB: split guest_memfd folio %#x into %d pages" % (head, nr))
+
+    def release_split_page(self, pfn: int) -> None:
+        """A page of a split folio left guest_memfd.  When the last one goes the folio
+        is merged back, HWpoison summarized on its head, and returned to HugeTLB."""
+        k, core = self.k, self.k.core
+        head = self.split_of.pop(pfn)
+        g = self.groups[head]
+        if core.flags(pfn) & PG_hwpoison or pfn in k.memory_failure.tracked:
+            g.setdefault("raw", set()).add(pfn)
+        g["live"] -= 1
+        if g["live"]:
+            return
+        del self.groups[head]
+        raw = g.get("raw", set())
+        core.set_folio(head, g["order"], PG_hugetlb | PG_head | (PG_hwpoison if raw else 0), 0, 0, 0)
+        if raw:
+            self.raw_hwp[head] = raw
+        k.trace("hugetlb_merge", pfn=head, raw=len(raw))
+        self.free_huge_folio(head)
+
     # ------------------------------------------------------------ faults
     def fault(self, task, vma, va: int, write: bool) -> int:
         """hugetlb_fault / hugetlb_no_page: map the whole huge folio with one entry."""
@@ -294,6 +346,10 @@ class HugeTLB:
             self.raw_hwp[head] = {pfn}
             self.free_huge_folio(head)
             return mf.action_result(pfn, MF_MSG_FREE_HUGE, u.MF_RECOVERED)
+        if k.policy.split_on_poison and mf.gmem_inode_of(head) is not None \
+                and not core.flags(head) & PG_hwpoison:
+            self.split_gmem_folio(head)
+            return None                       # the generic path takes the 4K page now
         raw = self.raw_hwp.setdefault(head, set())
         if core.test_set_flag(head, PG_hwpoison):
             # already poisoned: a new raw page is still recorded and counted

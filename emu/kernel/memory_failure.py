@@ -220,7 +220,8 @@ class MemoryFailure:
         inode = None if anon else k.inodes.get(core.mapping(head))
         if not anon and inode is None:
             return tokill
-        honour = self.gmem_inode_of(head) is None or k.policy.early_kill == "honoured"
+        gmem = self.gmem_inode_of(head)
+        honour = gmem is None or k.policy.early_kill != "ignored"
         for proc in k.processes():
             t = self.task_early_kill(proc, force_early, honour)
             if t is None:
@@ -234,7 +235,18 @@ class MemoryFailure:
             for vma in proc.mm.vmas:               # collect_procs_file: a covering VMA suffices
                 if vma.file is not None and vma.inode is inode and vma.covers_index(index):
                     tokill.append(ToKill(t, vma.addr_of(index), shift))
+        if gmem is not None and k.policy.early_kill == "kvm_owner":
+            tokill += self.kvm_owners(gmem, pfn, shift, tokill, force_early)
         return tokill
+
+    def kvm_owners(self, inode, pfn: int, shift: int, have: list, force_early: bool) -> list:
+        """Policy: the processes owning the struct kvm of a guest_memfd get the early
+        kill even without a host mapping of the page (si_addr 0 then)."""
+        vm = inode.private.get("vm")
+        if vm is None or any(tk.tsk.process is vm.proc for tk in have):
+            return []
+        t = self.task_early_kill(vm.proc, force_early)
+        return [] if t is None else [ToKill(t, 0, shift)]
 
     def kill_proc(self, tk: ToKill, pfn: int, flags: int) -> int:
         t = tk.tsk
@@ -283,6 +295,11 @@ class MemoryFailure:
         if not fl & (PG_lru | PG_hugetlb):
             return True
         if not k.mm.folio_mapped(head):
+            if k.policy.early_kill == "kvm_owner" and self.gmem_inode_of(head) is not None:
+                # private guest memory: no host mapping, but the VMM owns the struct kvm
+                self.kill_procs(self.kvm_owners(self.gmem_inode_of(head), pfn, 12 + core.order(head),
+                                                [], bool(flags & u.MF_ACTION_REQUIRED)),
+                                True, pfn, flags)
             return True
         tokill = self.collect_procs(head, pfn, bool(flags & u.MF_ACTION_REQUIRED))
         ttu_hwpoison = not fl & PG_swapcache

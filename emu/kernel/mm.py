@@ -141,6 +141,10 @@ class MM:
                 self.k.synchronize_rcu()          # no CPU may still read through it
                 self.k.hugetlb.free_huge_folio(head)
                 return
+            if self.k.hugetlb is not None and head in self.k.hugetlb.split_of:
+                self.k.synchronize_rcu()
+                self.k.hugetlb.release_split_page(head)
+                return
             if head in self.k.memory_failure.tracked:     # marked only now, on release
                 flags |= PG_hwpoison
                 self.k.memory_failure.mark_on_release(head, {head})

@@ -40,7 +40,10 @@ class Policy:
     # (gmem) host and guest faults check for failed memory (__do_fault's PageHWPoison,
     # __kvm_gmem_get_pfn's folio_test_hwpoison).
     faults_check = True
-    # (gmem) PR_MCE_KILL_EARLY: "honoured" (task_early_kill) or "ignored".
+    # (gmem) PR_MCE_KILL_EARLY: "honoured" (task_early_kill), "ignored", or
+    # "kvm_owner": also the processes that own the struct kvm the guest_memfd belongs
+    # to, whether or not they map the page (si_addr is their host address of the page
+    # when they map it, else 0).
     early_kill = "honoured"
     # (gmem) a dirty folio mapped in host page tables gets every mapping process
     # signalled, early-kill or not (the kernel signals early-kill threads only).
@@ -51,6 +54,11 @@ class Policy:
     # (gmem) after a failure: "usable", or "unusable" (every later fault on the file
     # fails: host SIGBUS, guest -EHWPOISON).
     gmem_after_failure = "usable"
+    # (gmem, HugeTLB) split a huge folio on poison so only the failed 4K page goes:
+    # host and stage-2 mappings are split too, PG_hwpoison lands on the raw page
+    # (distributed), and when guest_memfd releases the pages they are merged back with
+    # the flag summarized on the head, just to return the page to HugeTLB.
+    split_on_poison = False
 
     def describe(self) -> dict:
         out = {}
@@ -100,7 +108,17 @@ class Initial(MfDelayedFix):
     gmem_after_failure = "unusable"
 
 
-PRESETS: dict[str, type[Policy]] = {p.name: p for p in (V618, MfDelayedFix, Minimum, Initial)}
+class Eventual(MfDelayedFix):
+    name = "eventual"
+    description = ("the 'eventually' plan: split the HugeTLB folio and unmap only the failed "
+                   "page from host and stage-2, distribute HWpoison on split, summarize it on "
+                   "merge to return the page to HugeTLB, and signal the processes that own "
+                   "the struct kvm (PR_MCE_KILL_EARLY works for private memory)")
+    split_on_poison = True
+    early_kill = "kvm_owner"
+
+
+PRESETS: dict[str, type[Policy]] = {p.name: p for p in (V618, MfDelayedFix, Minimum, Initial, Eventual)}
 DEFAULT = "mf-delayed-fix"
 
 
