@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("cleanup", help="remove what dead supervisors left behind")
 
+    c = sub.add_parser("compare", help="one scenario under several policies, side by side")
+    c.add_argument("policies", nargs="*", help="presets or file.py:Class (default: all presets)")
+    c.add_argument("--json", action="store_true")
+
     m = sub.add_parser("demo", help="a QEMU-shaped process meets memory errors")
     m.add_argument("--policy", default=None)
     m.add_argument("--json", action="store_true", help="the timeline as JSON")
@@ -240,6 +244,15 @@ def cmd_cleanup(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .compare import main as compare_main
+
+    try:
+        return compare_main(args.policies, args.json)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -251,7 +264,7 @@ def cmd_demo(args) -> int:
 
 COMMANDS = {"daemon": cmd_daemon, "status": cmd_status, "inject": cmd_inject,
             "dmesg": cmd_dmesg, "trace": cmd_trace, "stop": cmd_stop, "cleanup": cmd_cleanup,
-            "demo": cmd_demo}
+            "demo": cmd_demo, "compare": cmd_compare}
 
 
 def main(argv=None) -> int:

@@ -309,6 +309,8 @@ class KVM:
         core = self.k.core
         head = core.head(pfn)
         order = core.order(head)
+        if order not in (9, 18):                  # split (or never huge): 4K entries
+            return 1, pfn, gpa
         size = 4096 << order
         hgpa = gpa & ~(size - 1)
         if (hgpa < s.gpa or hgpa + size > s.gpa + s.size

@@ -246,7 +246,7 @@ class MM:
             poison = hwpoison and self.core.flags(pfn) & PG_hwpoison
             new = ((pfn << PAGE_SHIFT) | C.PTE_HWPOISON) if poison else 0
             self.zap_pte(mm, va, new, level)
-            self.k.trace("unmap", mm=mm.slot, addr=va, pfn=pfn, hwpoison=bool(poison))
+            self.k.trace("unmap", mm=mm.slot, addr=va, pfn=pfn, hwpoison=bool(poison), level=level)
 
     def folio_mkclean(self, head: int) -> bool:
         """Write-protect/clean every mapping; True if any PTE was dirty."""
