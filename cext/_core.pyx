@@ -7,7 +7,7 @@ mailbox and signal plumbing.  No policy lives here.
 """
 from libc.stdint cimport uint8_t, uint32_t, int32_t, uint64_t, int64_t
 from libc.string cimport memset, memcpy
-from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED
+from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED, MAP_POPULATE
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from cpython.exc cimport PyErr_CheckSignals
 
@@ -196,11 +196,15 @@ cdef class Core:
     cdef emu_vma *vmas_p
     cdef uint64_t _pt_next
 
-    def __cinit__(self, int core_fd, size_t core_size, int phys_fd, size_t phys_size):
+    def __cinit__(self, int core_fd, size_t core_size, int phys_fd, size_t phys_size,
+                  bint populate=False):
         cdef void *p
         self.core_base = NULL
         self.phys_base = NULL
-        p = mmap(NULL, core_size, PROT_READ | PROT_WRITE, MAP_SHARED, core_fd, 0)
+        # the supervisor populates the tables up front: no first-touch faults on the
+        # kernel's own hot paths (workers map them lazily)
+        p = mmap(NULL, core_size, PROT_READ | PROT_WRITE,
+                 MAP_SHARED | (MAP_POPULATE if populate else 0), core_fd, 0)
         if p == MAP_FAILED:
             raise OSError("mmap of the core segment failed")
         self.core_base = <uint8_t *>p
@@ -387,6 +391,66 @@ cdef class Core:
             else:
                 f.flags = flags & 0  # tail pages carry no folio flags
                 f.refcount = 0
+
+    def split_folio(self, uint64_t head, uint32_t order, uint64_t flags, int refcount):
+        """Turn a folio into 2**order order-0 folios (mapping and index kept)."""
+        cdef uint64_t i, n = 1ULL << order
+        cdef emu_frame *f
+        for i in range(n):
+            f = &self.c.frames[head + i]
+            f.head = head + i
+            f.order = 0
+            f.flags = flags
+            f.refcount = refcount
+            f.mapcount = 0
+
+    def split_and_map(self, uint64_t head, uint32_t order, uint64_t flags, list maps):
+        """Split a folio into order-0 folios and map each page with a 4K PTE in every
+        (pgd, va, bits) of `maps`, touching each frame once.  A page's refcount is its
+        page-cache reference plus one per mapping."""
+        cdef uint64_t i, j, n = 1ULL << order, va
+        cdef Py_ssize_t m = len(maps), k
+        cdef uint64_t pgds[16]
+        cdef uint64_t vas[16]
+        cdef uint64_t bitss[16]
+        cdef uint64_t *ptes[16]
+        cdef uint64_t *slot
+        cdef emu_frame *f
+        if m > 16:
+            raise ValueError("too many mappings to split in one call")
+        for k in range(m):
+            pgds[k], vas[k], bitss[k] = maps[k]
+            ptes[k] = NULL
+        for i in range(n):
+            f = &self.c.frames[head + i]
+            f.head = head + i
+            f.order = 0
+            f.flags = flags
+            f.refcount = 1 + <int>m
+            f.mapcount = <int>m
+            for k in range(m):
+                va = vas[k] + (i << 12)
+                if ptes[k] == NULL or (va & 0x1FFFFF) == 0:
+                    slot = self._slot(pgds[k], va, 1, True)
+                    ptes[k] = slot - ((va >> 12) & 511)
+                emu_st64(ptes[k] + ((va >> 12) & 511), ((head + i) << EMU_PAGE_SHIFT) | bitss[k])
+
+    def map_pages(self, uint64_t pgd, uint64_t va, uint64_t pfn0, uint64_t n, uint64_t bits):
+        """Install n 4K PTEs for contiguous frames (pfn0..) at va; each maps its own
+        order-0 folio (mapcount and refcount +1).  Tables are allocated as needed."""
+        cdef uint64_t i, e, idx
+        cdef uint64_t *pte = NULL
+        cdef uint64_t *slot
+        cdef emu_frame *f
+        for i in range(n):
+            if pte == NULL or ((va + (i << 12)) & 0x1FFFFF) == 0:
+                slot = self._slot(pgd, va + (i << 12), 1, True)
+                pte = slot - (((va + (i << 12)) >> 12) & 511)
+            emu_st64(pte + (((va + (i << 12)) >> 12) & 511),
+                     ((pfn0 + i) << EMU_PAGE_SHIFT) | bits)
+            f = &self.c.frames[pfn0 + i]
+            f.mapcount += 1
+            f.refcount += 1
 
     def set_mapping(self, uint64_t head, uint32_t mapping, uint64_t index):
         cdef uint64_t i, n = 1ULL << self.c.frames[head].order

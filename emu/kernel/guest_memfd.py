@@ -122,14 +122,16 @@ class GuestMemfdHugeOps(GuestMemfdOps):
         """guest_memfd allocates its huge folios on demand; a host mmap reserves nothing."""
 
     def remove_folio(self, k, inode: Inode, head: int) -> None:
-        """Truncation.  A poisoned page of a split folio also drops memory_failure's
-        reference: guest_memfd hands it back so the merge can report it to HugeTLB."""
+        """Truncation.  Under a policy that returns poisoned folios to HugeTLB,
+        memory_failure's pin goes with guest_memfd's reference, so HugeTLB gets the
+        folio (or, after a split, the page for the merge) with its flag."""
         from .fs import filemap_remove_folio
 
-        split = k.hugetlb is not None and head in k.hugetlb.split_of
         poisoned = bool(k.core.flags(head) & PG_hwpoison)
         filemap_remove_folio(k, inode, head)
-        if split and poisoned and k.core.refcount(head) == 1 and not k.mm.folio_mapped(head):
+        if poisoned and k.policy.return_poisoned_to_hugetlb and k.core.refcount(head) == 1 \
+                and not k.mm.folio_mapped(head):
+            k.trace("gmem_release_poisoned", pfn=head)
             k.mm.folio_put(head)
 
     def huge_get_folio(self, k, inode: Inode, index: int) -> int | None:

@@ -166,7 +166,6 @@ class HugeTLB:
         self.k = k
         self.hstates = hstates
         self.raw_hwp: dict[int, set[int]] = {}      # head -> poisoned raw pfns (raw_hwp_page list)
-        self.split_of: dict[int, int] = {}          # page of a split folio -> its old head
         self.groups: dict[int, dict] = {}           # old head -> {"order", "live", "raw"}
         self.by_order = {h.order: h for h in hstates.values()}
         for h in hstates.values():
@@ -278,22 +277,26 @@ class HugeTLB:
         sub = (flags & ~(PG_head | PG_hugetlb | PG_hwpoison)) | PG_lru | PG_unevictable | PG_uptodate
         if any(d for *_x, d in maps):
             sub |= PG_dirty
-        for i in range(nr):
-            core.set_folio(head + i, 0, sub, 1, inode.ino, index0 + i)
-            self.split_of[head + i] = head
         self.groups[head] = {"order": order, "live": nr}
         k.synchronize_rcu()
-        for mm, va, rw, dirty in maps:
-            for i in range(nr):
-                k.mm.set_pte(mm, va + (i << PAGE_SHIFT), head + i, rw, dirty)
+        core.split_and_map(head, order, sub, [
+            (mm.pgd, va, C.PTE_PRESENT | C.PTE_USER | C.PTE_ACCESSED | (C.PTE_RW if rw else 0)
+             | (C.PTE_DIRTY if dirty else 0)) for mm, va, rw, dirty in maps])
         k.trace("hugetlb_split", pfn=head, pages=nr)
         k.log("HugeTLB: split guest_memfd folio %#x into %d pages" % (head, nr))
+
+    def split_group_of(self, pfn: int) -> int | None:
+        """The old head of the split folio pfn belongs to (folios, not pages, are kept)."""
+        for head, g in self.groups.items():
+            if head <= pfn < head + (1 << g["order"]):
+                return head
+        return None
 
     def release_split_page(self, pfn: int) -> None:
         """A page of a split folio left guest_memfd.  When the last one goes the folio
         is merged back, HWpoison summarized on its head, and returned to HugeTLB."""
         k, core = self.k, self.k.core
-        head = self.split_of.pop(pfn)
+        head = self.split_group_of(pfn)
         g = self.groups[head]
         if core.flags(pfn) & PG_hwpoison or pfn in k.memory_failure.tracked:
             g.setdefault("raw", set()).add(pfn)

@@ -141,7 +141,8 @@ class MM:
                 self.k.synchronize_rcu()          # no CPU may still read through it
                 self.k.hugetlb.free_huge_folio(head)
                 return
-            if self.k.hugetlb is not None and head in self.k.hugetlb.split_of:
+            if self.k.hugetlb is not None and self.k.hugetlb.groups \
+                    and self.k.hugetlb.split_group_of(head) is not None:
                 self.k.synchronize_rcu()
                 self.k.hugetlb.release_split_page(head)
                 return

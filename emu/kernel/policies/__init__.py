@@ -59,6 +59,11 @@ class Policy:
     # (distributed), and when guest_memfd releases the pages they are merged back with
     # the flag summarized on the head, just to return the page to HugeTLB.
     split_on_poison = False
+    # (gmem, HugeTLB) when guest_memfd releases a poisoned folio it goes back to
+    # HugeTLB with the flag (memory_failure's pin dropped), so HugeTLB dissolves it
+    # and reuses the healthy pages; today's kernel keeps the pin and the huge page
+    # is never freed.
+    return_poisoned_to_hugetlb = False
 
     def describe(self) -> dict:
         out = {}
@@ -94,6 +99,7 @@ class Minimum(MfDelayedFix):
     faults_check = False
     early_kill = "ignored"
     sigbus_current_on_consume = True
+    return_poisoned_to_hugetlb = True
 
 
 class Initial(MfDelayedFix):
@@ -106,6 +112,7 @@ class Initial(MfDelayedFix):
     signal_all_mappers = True
     sigbus_current_on_consume = True
     gmem_after_failure = "unusable"
+    return_poisoned_to_hugetlb = True
 
 
 class Eventual(MfDelayedFix):
@@ -116,6 +123,7 @@ class Eventual(MfDelayedFix):
                    "the struct kvm (PR_MCE_KILL_EARLY works for private memory)")
     split_on_poison = True
     early_kill = "kvm_owner"
+    return_poisoned_to_hugetlb = True
 
 
 PRESETS: dict[str, type[Policy]] = {p.name: p for p in (V618, MfDelayedFix, Minimum, Initial, Eventual)}
