@@ -7,7 +7,13 @@ mailbox and signal plumbing.  No policy lives here.
 """
 from libc.stdint cimport uint8_t, uint32_t, int32_t, uint64_t, int64_t
 from libc.string cimport memset, memcpy
-from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED, MAP_POPULATE
+from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED
+
+cdef extern from "<sys/mman.h>":
+    int madvise(void *addr, size_t length, int advice) nogil
+
+cdef enum:
+    MADV_POPULATE_WRITE = 23
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from cpython.exc cimport PyErr_CheckSignals
 
@@ -196,15 +202,11 @@ cdef class Core:
     cdef emu_vma *vmas_p
     cdef uint64_t _pt_next
 
-    def __cinit__(self, int core_fd, size_t core_size, int phys_fd, size_t phys_size,
-                  bint populate=False):
+    def __cinit__(self, int core_fd, size_t core_size, int phys_fd, size_t phys_size):
         cdef void *p
         self.core_base = NULL
         self.phys_base = NULL
-        # the supervisor populates the tables up front: no first-touch faults on the
-        # kernel's own hot paths (workers map them lazily)
-        p = mmap(NULL, core_size, PROT_READ | PROT_WRITE,
-                 MAP_SHARED | (MAP_POPULATE if populate else 0), core_fd, 0)
+        p = mmap(NULL, core_size, PROT_READ | PROT_WRITE, MAP_SHARED, core_fd, 0)
         if p == MAP_FAILED:
             raise OSError("mmap of the core segment failed")
         self.core_base = <uint8_t *>p
@@ -265,6 +267,9 @@ cdef class Core:
         self._bind()
         for i in range(nvmas):
             self.vmas_p[i].mm = -1
+        # the page-table pool is the kernel's hot write path: populate it now, so a
+        # split or a big fault does not pay first-touch faults (frames stay lazy)
+        madvise(self.core_base + h.off_pt, npt * EMU_PTRS * 8, MADV_POPULATE_WRITE)
         self.owner = True
 
     def attach(self):

@@ -60,7 +60,7 @@ class Segments:
         a = posix_ipc.SharedMemory(names[0], posix_ipc.O_CREX, mode=0o600, size=lay["core_size"])
         b = posix_ipc.SharedMemory(names[1], posix_ipc.O_CREX, mode=0o600, size=lay["phys_size"])
         try:
-            core = _core.Core(a.fd, lay["core_size"], b.fd, lay["phys_size"], True)
+            core = _core.Core(a.fd, lay["core_size"], b.fd, lay["phys_size"])
         finally:
             a.close_fd()
             b.close_fd()
