@@ -150,6 +150,15 @@ class GuestMemfdHugeOps(GuestMemfdOps):
             head = vma.inode.pages.get(index)
             if head is None or not k.core.flags(k.core.head(head)) & PG_hwpoison:
                 return VM_FAULT_SIGBUS                 # the whole file is unusable
+        pfn = vma.inode.pages.get(index)
+        if pfn is not None and k.hugetlb.split_group_of(pfn) is not None:
+            # a split folio is mapped page by page
+            from .mm import VM_FAULT_HWPOISON, VM_FAULT_OK
+
+            if k.core.flags(pfn) & PG_hwpoison:
+                return VM_FAULT_HWPOISON
+            k.mm.set_pte(vma.mm, va & ~(PAGE_SIZE - 1), pfn, bool(vma.prot & u.PROT_WRITE), write)
+            return VM_FAULT_OK
         return k.hugetlb.fault(task, vma, va, write)
 
     def fallocate(self, k, inode: Inode, mode: int, off: int, length: int) -> None:
@@ -171,11 +180,25 @@ def kvm_gmem_convert(k, inode: Inode, offset: int, size: int, private: bool) -> 
         raise OSError(u.EINVAL, "conversion range")
     if not inode.flags & u.GUEST_MEMFD_FLAG_MMAP:
         raise OSError(u.EINVAL, "in-place conversion needs GUEST_MEMFD_FLAG_MMAP")
+    if inode.private.get("failed"):
+        raise OSError(u.EHWPOISON, "guest_memfd is unusable after a memory failure")
     start, end = offset >> PAGE_SHIFT, (offset + size) >> PAGE_SHIFT
     priv = inode.private.setdefault("private_idx", set())
     if not inode.flags & u.GUEST_MEMFD_FLAG_INIT_SHARED and not inode.private.get("converted"):
         priv.update(range(inode.size >> PAGE_SHIFT))   # the file started all private
     inode.private["converted"] = True
+    heads = []
+    if inode.ops.huge:                                 # a conversion that cuts a folio splits it
+        nr = 1 << inode.private["hstate"].order
+        for base in range(start - start % nr, end, nr):
+            pfn = inode.pages.get(base)
+            if pfn is None:
+                continue
+            head = k.core.head(pfn)
+            heads.append((base, head))
+            cut = base < start or base + nr > end
+            if cut and k.core.order(head) and k.hugetlb.split_group_of(head) is None:
+                k.hugetlb.split_gmem_folio(head, why="conversion")
     GMEM_OPS.invalidate(k, inode, start, end)
     if private:
         from .fs import unmap_mapping_range
@@ -185,6 +208,14 @@ def kvm_gmem_convert(k, inode: Inode, offset: int, size: int, private: bool) -> 
     else:
         priv.difference_update(range(start, end))
     k.trace("gmem_convert", ino=inode.ino, start=start, end=end, private=private)
+    for base, _head in heads:                         # a range uniform again merges back
+        group = k.hugetlb.split_group_of(inode.pages.get(base, -1))
+        if group is None:
+            continue
+        nr = 1 << k.hugetlb.groups[group]["order"]
+        kinds = {i in priv for i in range(base, base + nr)}
+        if len(kinds) == 1:
+            k.hugetlb.merge_gmem_folio(inode, base, group)
 
 
 HUGETLB_SIZE_FLAGS = (u.GUESTMEM_HUGETLB_FLAG_MASK << u.GUESTMEM_HUGETLB_FLAG_SHIFT)

@@ -258,7 +258,36 @@ class HugeTLB:
         h.free.append(head)
 
     # ------------------------------------------------------------ split and merge
-    def split_gmem_folio(self, head: int) -> None:
+    def merge_gmem_folio(self, inode: Inode, base: int, head: int) -> bool:
+        """Merge a split folio back (its range is uniform again): host and stage-2
+        mappings are dropped so refaults map it whole.  With any page poisoned the
+        policy either refuses or summarizes the flag on the head."""
+        from .fs import unmap_mapping_range
+
+        k, core = self.k, self.k.core
+        g = self.groups[head]
+        nr = 1 << g["order"]
+        if g["live"] != nr:
+            return False                                  # pages were punched out
+        poisoned = {p for p in range(head, head + nr)
+                    if core.flags(p) & PG_hwpoison or p in k.memory_failure.tracked}
+        if poisoned and k.policy.refuse_merge_if_poisoned:
+            k.trace("hugetlb_merge_refused", pfn=head, raw=len(poisoned))
+            return False
+        unmap_mapping_range(k, inode, base, base + nr, even_cows=False)
+        inode.ops.invalidate(k, inode, base, base + nr)
+        k.synchronize_rcu()
+        flags = core.flags(head) & (PG_dirty | PG_uptodate)
+        refs = 1 + sum(core.refcount(p) - 1 for p in poisoned)  # page cache + pins kept
+        core.set_folio(head, g["order"], PG_hugetlb | PG_head | PG_uptodate | flags
+                       | (PG_hwpoison if poisoned else 0), refs, inode.ino, base)
+        if poisoned:
+            self.raw_hwp[head] = poisoned
+        del self.groups[head]
+        k.trace("hugetlb_merge", pfn=head, raw=len(poisoned), why="conversion")
+        return True
+
+    def split_gmem_folio(self, head: int, why: str = "poison") -> None:
         """Split a HugeTLB guest_memfd folio into 4K folios: stage-2 huge entries are
         zapped (refaults map 4K), host huge entries become 4K PTE tables."""
         from .. import _core as C
@@ -282,7 +311,7 @@ class HugeTLB:
         core.split_and_map(head, order, sub, [
             (mm.pgd, va, C.PTE_PRESENT | C.PTE_USER | C.PTE_ACCESSED | (C.PTE_RW if rw else 0)
              | (C.PTE_DIRTY if dirty else 0)) for mm, va, rw, dirty in maps])
-        k.trace("hugetlb_split", pfn=head, pages=nr)
+        k.trace("hugetlb_split", pfn=head, pages=nr, why=why)
         k.log("HugeTLB: split guest_memfd folio %#x into %d pages" % (head, nr))
 
     def split_group_of(self, pfn: int) -> int | None:
@@ -351,7 +380,8 @@ class HugeTLB:
             return mf.action_result(pfn, MF_MSG_FREE_HUGE, u.MF_RECOVERED)
         if k.policy.split_on_poison and mf.gmem_inode_of(head) is not None \
                 and not core.flags(head) & PG_hwpoison:
-            self.split_gmem_folio(head)
+            if core.order(head):
+                self.split_gmem_folio(head)
             return None                       # the generic path takes the 4K page now
         raw = self.raw_hwp.setdefault(head, set())
         if core.test_set_flag(head, PG_hwpoison):

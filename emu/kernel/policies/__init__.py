@@ -64,6 +64,10 @@ class Policy:
     # and reuses the healthy pages; today's kernel keeps the pin and the huge page
     # is never freed.
     return_poisoned_to_hugetlb = False
+    # (gmem, HugeTLB) a conversion that makes a split folio's range uniform again
+    # merges it back; with part of it poisoned the merge is refused (eventual) or the
+    # flag is summarized on the merged folio's head.
+    refuse_merge_if_poisoned = False
 
     def describe(self) -> dict:
         out = {}
@@ -124,6 +128,7 @@ class Eventual(MfDelayedFix):
     split_on_poison = True
     early_kill = "kvm_owner"
     return_poisoned_to_hugetlb = True
+    refuse_merge_if_poisoned = True
 
 
 PRESETS: dict[str, type[Policy]] = {p.name: p for p in (V618, MfDelayedFix, Minimum, Initial, Eventual)}
