@@ -236,7 +236,9 @@ def _column(policy: str, out: dict, events: list, mi: dict, total0: int, qemu_st
         if ev["type"] == "memory_failure":
             bad.setdefault(ev["pfn"] & ~511, set()).add(ev["pfn"])
     tracked = any(ev["type"] == "mf_track" for ev in events)
-    running = 0 if tracked else sum(4096 * len(v) if split else 2 * MB for v in bad.values())
+    split_heads = {ev["pfn"] for ev in events if ev["type"] == "hugetlb_split"}
+    running = 0 if tracked else sum(4096 * len(v) if h in split_heads else 2 * MB
+                                    for h, v in bad.items())
     dissolved = {ev["pfn"]: ev["raw"] for ev in events if ev["type"] == "hugetlb_dissolve"}
     after = sum(4096 * dissolved[h] if h in dissolved else 2 * MB for h in bad)
     offline = "%s while running, %s after" % (_fmt_bytes(running), _fmt_bytes(after))
