@@ -207,7 +207,6 @@ def _column(policy: str, out: dict, events: list, mi: dict, total0: int, qemu_st
             sigs.append("%s: %s lsb %d" % (who, CODES.get(ev["code"], ev["code"]), ev["lsb"]))
     host_unmapped = 0
     s2 = 0
-    split = False
     end = next((ev["seq"] for ev in events if ev["type"] == "task_exit"
                 and tids.get(ev["tid"]) == "vcpu0"), None)
     for ev in events:
@@ -219,8 +218,6 @@ def _column(policy: str, out: dict, events: list, mi: dict, total0: int, qemu_st
             host_unmapped = max(host_unmapped, SIZE)
         elif ev["type"] == "kvm_zap":
             s2 += ev["zapped"] * 4096
-        elif ev["type"] == "hugetlb_split":
-            split = True
     mces = sum(1 for ev in events if ev["type"] == "mce")
     vres, _vseen, exits = out.get("vcpu", ({}, [], []))
     touched = [vres.get(name) for name, _g, _p in TOUCH]

@@ -298,9 +298,7 @@ class MM:
             return VM_FAULT_SIGSEGV
         entry, level = self.core.walk(mm.pgd, va)
         if entry & C.PTE_HWPOISON:
-            lsb = 12 + 9 * (level - 1)
-            if vma.file is not None and vma.inode.ops.huge:
-                lsb = vma.inode.ops.shift(vma.inode)
+            lsb = 12 + 9 * (level - 1)            # a huge hwpoison entry loses the huge page
             return self._sigbus(task, va, VM_FAULT_HWPOISON if lsb == 12 else VM_FAULT_HWPOISON_LARGE,
                                 lsb, gup)
         if entry & C.PTE_PRESENT:
@@ -312,8 +310,9 @@ class MM:
             return VM_FAULT_OK
         if vma.inode.ops.huge:
             ret = vma.inode.ops.huge_fault(self.k, task, vma, va, write)
-            if ret:
-                return self._sigbus(task, va, ret, vma.inode.ops.shift(vma.inode), gup)
+            if ret:                               # a split folio's page loses 4 KiB only
+                lsb = PAGE_SHIFT if ret & VM_FAULT_HWPOISON else vma.inode.ops.shift(vma.inode)
+                return self._sigbus(task, va, ret, lsb, gup)
             return VM_FAULT_OK
         index = vma.pgoff + ((va - vma.start) >> PAGE_SHIFT)
         ret, pfn = vma.inode.ops.fault(self.k, vma.inode, index)
