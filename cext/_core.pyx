@@ -23,6 +23,7 @@ cdef extern from "layout.h":
     uint64_t EMU_PTE_PRESENT, EMU_PTE_RW, EMU_PTE_USER, EMU_PTE_ACCESSED, EMU_PTE_DIRTY
     uint64_t EMU_PTE_PSE, EMU_PTE_PFN_MASK, EMU_PTE_HWPOISON, EMU_PTE_S2_PRIVATE
     int EMU_TASK_FREE, EMU_TASK_ALIVE, EMU_TASK_DEAD
+    uint64_t EMU_PG_HEAD
     ctypedef struct emu_frame:
         uint64_t flags
         int32_t refcount
@@ -145,6 +146,7 @@ PTE_PSE = EMU_PTE_PSE
 PTE_PFN_MASK = EMU_PTE_PFN_MASK
 PTE_HWPOISON = EMU_PTE_HWPOISON
 PTE_S2_PRIVATE = EMU_PTE_S2_PRIVATE
+PG_HEAD = EMU_PG_HEAD
 TASK_FREE = EMU_TASK_FREE
 TASK_ALIVE = EMU_TASK_ALIVE
 TASK_DEAD = EMU_TASK_DEAD
@@ -362,26 +364,54 @@ cdef class Core:
         self.c.frames[pfn].mapcount += d
         return self.c.frames[pfn].mapcount
 
+    cdef inline uint64_t _head(self, uint64_t pfn):
+        """compound_head(): a zero tail frame belongs to the aligned huge head."""
+        cdef emu_frame *f = &self.c.frames[pfn]
+        cdef emu_frame *h
+        cdef uint64_t cand
+        cdef int o
+        if f.head or f.flags or f.refcount or f.order or f.mapping or f.mapcount:
+            return f.head
+        for o in (9, 18):
+            cand = pfn & ~((1ULL << o) - 1)
+            h = &self.c.frames[cand]
+            if h.flags & EMU_PG_HEAD and h.order == <uint32_t>o and h.head == cand:
+                return cand
+        return pfn
+
     def head(self, uint64_t pfn):
-        return self.c.frames[pfn].head
+        return self._head(pfn)
 
     def order(self, uint64_t pfn):
         return self.c.frames[pfn].order
 
     def mapping(self, uint64_t pfn):
-        return self.c.frames[pfn].mapping
+        return self.c.frames[self._head(pfn)].mapping
 
     def index(self, uint64_t pfn):
+        cdef uint64_t h = self._head(pfn)
+        if h != pfn and self.c.frames[pfn].head == 0:     # a zero tail
+            return self.c.frames[h].index + (pfn - h)
         return self.c.frames[pfn].index
 
     def set_private(self, uint64_t pfn, uint64_t v):
         self.c.frames[pfn].private_ = v
 
     def set_folio(self, uint64_t head, uint32_t order, uint64_t flags, int refcount,
-                  uint32_t mapping, uint64_t index):
-        """Make [head, head + 2**order) one folio; tail frames point at the head."""
+                  uint32_t mapping, uint64_t index, bint clear_tails=False):
+        """Make [head, head + 2**order) one folio.  Every tail frame points at the
+        head, except for a huge folio (EMU_PG_HEAD, order 9 or 18): it is the head
+        frame alone, its tails zero (cleared here only when asked: they are zero
+        unless the folio was split before)."""
         cdef uint64_t i, n = 1ULL << order
         cdef emu_frame *f
+        if (order == 9 or order == 18) and flags & EMU_PG_HEAD:
+            if clear_tails:
+                memset(&self.c.frames[head + 1], 0, (n - 1) * sizeof(emu_frame))
+            f = &self.c.frames[head]
+            f.head, f.order, f.mapping, f.index, f.mapcount, f.private_ = head, order, mapping, index, 0, 0
+            f.flags, f.refcount = flags, refcount
+            return
         for i in range(n):
             f = &self.c.frames[head + i]
             f.head = head
@@ -401,6 +431,8 @@ cdef class Core:
         """Turn a folio into 2**order order-0 folios (mapping and index kept)."""
         cdef uint64_t i, n = 1ULL << order
         cdef emu_frame *f
+        cdef uint32_t mapping = self.c.frames[head].mapping
+        cdef uint64_t index0 = self.c.frames[head].index
         for i in range(n):
             f = &self.c.frames[head + i]
             f.head = head + i
@@ -408,6 +440,8 @@ cdef class Core:
             f.flags = flags
             f.refcount = refcount
             f.mapcount = 0
+            f.mapping = mapping
+            f.index = index0 + i
 
     def split_and_map(self, uint64_t head, uint32_t order, uint64_t flags, list maps):
         """Split a folio into order-0 folios and map each page with a 4K PTE in every
@@ -423,6 +457,8 @@ cdef class Core:
         cdef emu_frame *f
         if m > 16:
             raise ValueError("too many mappings to split in one call")
+        cdef uint32_t mapping = self.c.frames[head].mapping
+        cdef uint64_t index0 = self.c.frames[head].index
         for k in range(m):
             pgds[k], vas[k], bitss[k] = maps[k]
             ptes[k] = NULL
@@ -433,6 +469,9 @@ cdef class Core:
             f.flags = flags
             f.refcount = 1 + <int>m
             f.mapcount = <int>m
+            f.mapping = mapping                  # zero tails become real pages
+            f.index = index0 + i
+            f.private_ = 0
             for k in range(m):
                 va = vas[k] + (i << 12)
                 if ptes[k] == NULL or (va & 0x1FFFFF) == 0:
@@ -459,6 +498,8 @@ cdef class Core:
 
     def set_mapping(self, uint64_t head, uint32_t mapping, uint64_t index):
         cdef uint64_t i, n = 1ULL << self.c.frames[head].order
+        if self.c.frames[head].flags & EMU_PG_HEAD and n >= 512:    # zero tails follow
+            n = 1
         for i in range(n):
             self.c.frames[head + i].mapping = mapping
             self.c.frames[head + i].index = index + i

@@ -38,7 +38,11 @@
 /* non-present entries: a hwpoison swap entry keeps the pfn in the pfn field */
 #define EMU_PTE_HWPOISON (1ULL << 62)
 
-/* ---- struct page / struct folio (the head frame carries the folio fields) ---- */
+/* ---- struct page / struct folio (the head frame carries the folio fields) ----
+ * Tables grow with folios, not bytes: the tail frames of a HugeTLB folio (order 9
+ * or 18, naturally aligned) may stay all zero; their head is then found from the
+ * aligned head frame, which has EMU_PG_HEAD and the order. */
+#define EMU_PG_HEAD      (1ULL << 5)
 typedef struct {
     uint64_t flags;      /* EMU_PG_* */
     int32_t  refcount;   /* _refcount */

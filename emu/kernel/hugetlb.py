@@ -280,7 +280,7 @@ class HugeTLB:
         flags = core.flags(head) & (PG_dirty | PG_uptodate)
         refs = 1 + sum(core.refcount(p) - 1 for p in poisoned)  # page cache + pins kept
         core.set_folio(head, g["order"], PG_hugetlb | PG_head | PG_uptodate | flags
-                       | (PG_hwpoison if poisoned else 0), refs, inode.ino, base)
+                       | (PG_hwpoison if poisoned else 0), refs, inode.ino, base, True)
         if poisoned:
             self.raw_hwp[head] = poisoned
         del self.groups[head]
@@ -334,7 +334,8 @@ class HugeTLB:
             return
         del self.groups[head]
         raw = g.get("raw", set())
-        core.set_folio(head, g["order"], PG_hugetlb | PG_head | (PG_hwpoison if raw else 0), 0, 0, 0)
+        core.set_folio(head, g["order"], PG_hugetlb | PG_head | (PG_hwpoison if raw else 0), 0, 0, 0,
+                       True)
         if raw:
             self.raw_hwp[head] = raw
         k.trace("hugetlb_merge", pfn=head, raw=len(raw))

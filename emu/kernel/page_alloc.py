@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from collections import deque
 
+from .. import _core as C
+
 # page flags (our bit numbers, the kernel's names)
 PG_locked = 1 << 0
 PG_referenced = 1 << 1
 PG_uptodate = 1 << 2
 PG_dirty = 1 << 3
 PG_lru = 1 << 4
-PG_head = 1 << 5
+PG_head = C.PG_HEAD       # the core resolves zero tail frames through it
 PG_active = 1 << 6
 PG_writeback = 1 << 7
 PG_reserved = 1 << 8
