@@ -115,7 +115,7 @@ class Kernel:
     def inode_sync(self, inode: Inode) -> None:
         """Mirror an inode into the core's inode table."""
         self.core.inode_set(inode.slot, inode.ino, self.INODE_KIND.get(inode.ops.name, 4),
-                            inode.size, inode.flags, len(inode.pages), inode.nlink,
+                            inode.size, inode.flags, inode.nrpages, inode.nlink,
                             inode.name.encode()[:31])
 
     def inode_release(self, inode: Inode) -> None:

@@ -27,10 +27,24 @@ class Inode:
     private: dict = field(default_factory=dict)           # per-fs data
     slot: int = -1                                        # row in the core's inode table
 
-    def folio_at(self, core, index: int) -> int | None:
-        """filemap_get_folio: the head pfn of the folio covering index."""
-        pfn = self.pages.get(index)
-        return None if pfn is None else core.head(pfn)
+    huge_order: int = 0       # HugeTLB files: `pages` keeps one entry per folio (its base)
+
+    def find(self, core, index: int) -> int | None:
+        """filemap_get_folio + folio_page: the pfn of the page at index, or None.
+        A HugeTLB file is indexed by folio; a page of a split folio that left the
+        cache is seen through its frame (no longer owned by this inode)."""
+        if not self.huge_order:
+            return self.pages.get(index)
+        off = index & ((1 << self.huge_order) - 1)
+        base = self.pages.get(index - off)
+        if base is None:
+            return None
+        pfn = base + off
+        return pfn if core.mapping(pfn) == self.ino else None
+
+    @property
+    def nrpages(self) -> int:
+        return len(self.pages) << self.huge_order
 
 
 @dataclass(eq=False)
@@ -106,8 +120,13 @@ def filemap_add_folio(k, inode: Inode, index: int, order: int, flags: int) -> in
 def filemap_remove_folio(k, inode: Inode, head: int) -> None:
     core = k.core
     index = core.index(head)
-    for i in range(1 << core.order(head)):
-        inode.pages.pop(index + i, None)
+    if inode.huge_order:
+        if core.order(head):                  # a whole huge folio
+            inode.pages.pop(index, None)
+        # a page of a split folio: its frame says it left (find() checks the mapping)
+    else:
+        for i in range(1 << core.order(head)):
+            inode.pages.pop(index + i, None)
     core.set_mapping(head, 0, 0)
     core.test_clear_flag(head, PG_dirty)
     k.mm.folio_put(head)               # the page cache's reference
@@ -135,8 +154,24 @@ def truncate_inode_pages_range(k, inode: Inode, start: int, end: int | None,
     either edge has its bytes zeroed instead, as the kernel does."""
     core = k.core
     unmap_mapping_range(k, inode, start, end, even_cows)
-    heads = sorted({core.head(p) for i, p in inode.pages.items()
-                    if i >= start and (end is None or i < end)})
+    if inode.huge_order:
+        nr = 1 << inode.huge_order
+        heads = []
+        for base, pfn in sorted(inode.pages.items()):
+            if base + nr <= start or (end is not None and base >= end):
+                continue
+            if core.order(pfn):
+                heads.append(pfn)
+            else:                             # a split folio: the pages still cached
+                lo = max(start, base)
+                hi = base + nr if end is None else min(end, base + nr)
+                heads += [pfn + i - base for i in range(lo, hi)
+                          if core.mapping(pfn + i - base) == inode.ino]
+                if lo == base and hi == base + nr:
+                    del inode.pages[base]
+    else:
+        heads = sorted({core.head(p) for i, p in inode.pages.items()
+                        if i >= start and (end is None or i < end)})
     for head in heads:
         index, n = core.index(head), 1 << core.order(head)
         if index >= start and (end is None or index + n <= end):
@@ -158,7 +193,7 @@ def filemap_read(k, inode: Inode, n: int, off: int) -> bytes:
     while pos < end:
         index, po = pos >> PAGE_SHIFT, pos & (PAGE_SIZE - 1)
         chunk = min(PAGE_SIZE - po, end - pos)
-        pfn = inode.pages.get(index)
+        pfn = inode.find(core, index)
         if pfn is not None:
             if inode.ops.page_poisoned(k, pfn):
                 if out:

@@ -147,10 +147,10 @@ class GuestMemfdHugeOps(GuestMemfdOps):
         if not self.is_shared(vma.inode, index):
             return VM_FAULT_SIGBUS
         if vma.inode.private.get("failed"):
-            head = vma.inode.pages.get(index)
+            head = vma.inode.find(k.core, index)
             if head is None or not k.core.flags(k.core.head(head)) & PG_hwpoison:
                 return VM_FAULT_SIGBUS                 # the whole file is unusable
-        pfn = vma.inode.pages.get(index)
+        pfn = vma.inode.find(k.core, index)
         if pfn is not None and k.hugetlb.split_group_of(pfn) is not None:
             # a split folio is mapped page by page
             from .mm import VM_FAULT_HWPOISON, VM_FAULT_OK
@@ -191,7 +191,7 @@ def kvm_gmem_convert(k, inode: Inode, offset: int, size: int, private: bool) -> 
     if inode.ops.huge:                                 # a conversion that cuts a folio splits it
         nr = 1 << inode.private["hstate"].order
         for base in range(start - start % nr, end, nr):
-            pfn = inode.pages.get(base)
+            pfn = inode.find(k.core, base)
             if pfn is None:
                 continue
             head = k.core.head(pfn)
@@ -209,7 +209,7 @@ def kvm_gmem_convert(k, inode: Inode, offset: int, size: int, private: bool) -> 
         priv.difference_update(range(start, end))
     k.trace("gmem_convert", ino=inode.ino, start=start, end=end, private=private)
     for base, _head in heads:                         # a range uniform again merges back
-        group = k.hugetlb.split_group_of(inode.pages.get(base, -1))
+        group = k.hugetlb.split_group_of(inode.find(k.core, base) or -1)
         if group is None:
             continue
         nr = 1 << k.hugetlb.groups[group]["order"]
@@ -250,6 +250,7 @@ def kvm_gmem_create(k, proc, vm, size: int, flags: int) -> int:
     inode = k.new_inode(ops, "[kvm-gmem]")
     if hstate is not None:
         inode.private["hstate"] = hstate
+        inode.huge_order = hstate.order
     inode.size, inode.flags = size, flags
     inode.private["vm"] = vm
     k.inode_sync(inode)

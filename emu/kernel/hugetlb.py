@@ -27,6 +27,7 @@ class HState:
     free: list[int] = field(default_factory=list)     # head pfns on the free list
     nr_huge_pages: int = 0
     resv: int = 0                                     # reserved, not yet faulted
+    clean: set = field(default_factory=set)           # never used since boot: still zero
 
     @property
     def size_kb(self) -> int:
@@ -50,6 +51,7 @@ def reserve_boot_pages(nframes: int, pools: dict) -> tuple[dict[str, HState], li
             ranges.append((start, 1 << order))
             top = start
         h.nr_huge_pages = len(h.free)
+        h.clean = set(h.free)
         hstates[name] = h
     return hstates, ranges
 
@@ -103,7 +105,7 @@ class HugetlbfsOps(FileOps):
             end = (off + length) // hsize * hsize
             for lo, hi in ((off, min(off + length, start)), (max(end, off), off + length)):
                 if lo < hi:                                  # ... partial ones are zeroed
-                    pfn = inode.pages.get(lo >> PAGE_SHIFT)
+                    pfn = inode.find(k.core, lo >> PAGE_SHIFT)
                     if pfn is not None:
                         base = pfn - ((lo >> PAGE_SHIFT) % (hsize >> PAGE_SHIFT))
                         _zero_bytes(k, base, lo % hsize, hi - lo)
@@ -193,6 +195,7 @@ class HugeTLB:
         h = self.hstates.get(hname) or HState(hname, HSTATE_ORDER[hname])
         inode = self.k.new_inode(HUGETLBFS_OPS, "memfd:" + name)
         inode.private["hstate"] = h
+        inode.huge_order = h.order
         return proc.fd_install(File(inode))
 
     def dequeue(self, h: HState) -> int | None:
@@ -212,7 +215,10 @@ class HugeTLB:
         base = index - index % nr
         head = inode.pages.get(base)
         if head is not None:
-            return head
+            if self.k.core.mapping(head) == inode.ino:
+                return head
+            if self.split_group_of(head) is not None:
+                return None       # a punched page of a split folio: not refilled (limitation)
         resv = inode.private.get("resv")
         reserved = resv is not None and base in resv
         if not reserved and len(h.free) - h.resv <= 0:
@@ -224,11 +230,13 @@ class HugeTLB:
             resv.discard(base)
             h.resv -= 1
         core = self.k.core
-        core.phys_zero(head, nr)
+        if head in h.clean:
+            h.clean.discard(head)          # never used since boot: still zero
+        else:
+            core.phys_zero(head, nr)
         core.set_folio(head, h.order, PG_hugetlb | PG_head | PG_uptodate | extra_flags, 1, inode.ino,
                        base)
-        for i in range(nr):
-            inode.pages[base + i] = head + i
+        inode.pages[base] = head           # one entry per folio
         self.k.inode_sync(inode)
         return head
 

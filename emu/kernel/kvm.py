@@ -445,7 +445,7 @@ class KVM:
         backing = None
         if s is not None and s.gmem is not None:
             index = (s.gmem_off >> PAGE_SHIFT) + ((gpa - s.gpa) >> PAGE_SHIFT)
-            pfn = s.gmem.pages.get(index)
+            pfn = s.gmem.find(self.k.core, index)
             backing = pfn
         elif s is not None:
             he, hl = self.k.core.walk(vm.proc.mm.pgd, s.hva + (gpa - s.gpa))

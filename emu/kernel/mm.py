@@ -380,7 +380,7 @@ class MM:
         core = self.core
         for a in range(lo, hi, PAGE_SIZE):
             index = vma.pgoff + ((a - vma.start) >> PAGE_SHIFT)
-            pfn = inode.pages.get(index)
+            pfn = inode.find(core, index)
             if pfn is None or core.flags(pfn) & PG_hwpoison or not inode.ops.map_ok(inode, index):
                 continue
             if core.pte_get(vma.mm.pgd, a) == 0:
