@@ -5,7 +5,7 @@ The layout is defined once, in layout.h.  The supervisor uses the write-side
 accessors; workers use only the fast path (access/access_batch), their own
 mailbox and signal plumbing.  No policy lives here.
 """
-from libc.stdint cimport uint8_t, uint32_t, int32_t, uint64_t, int64_t
+from libc.stdint cimport uint8_t, uint32_t, int32_t, uint64_t, int64_t, uintptr_t
 from libc.string cimport memset, memcpy
 from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED
 
@@ -271,7 +271,11 @@ cdef class Core:
             self.vmas_p[i].mm = -1
         # the page-table pool is the kernel's hot write path: populate it now, so a
         # split or a big fault does not pay first-touch faults (frames stay lazy)
-        madvise(self.core_base + h.off_pt, npt * EMU_PTRS * 8, MADV_POPULATE_WRITE)
+        madvise(self.core_base + h.off_pt, min(npt, 4096) * EMU_PTRS * 8, MADV_POPULATE_WRITE)
+        # so is the frame table when it is small; a big one (a TiB guest) stays sparse,
+        # and a huge folio's tail frames are faulted in the first time it is split
+        if nframes * sizeof(emu_frame) <= (256 << 20):
+            madvise(self.core_base + h.off_frames, nframes * sizeof(emu_frame), MADV_POPULATE_WRITE)
         self.owner = True
 
     def attach(self):
@@ -459,9 +463,14 @@ cdef class Core:
             raise ValueError("too many mappings to split in one call")
         cdef uint32_t mapping = self.c.frames[head].mapping
         cdef uint64_t index0 = self.c.frames[head].index
+        cdef uintptr_t lo, hi
         for k in range(m):
             pgds[k], vas[k], bitss[k] = maps[k]
             ptes[k] = NULL
+        # the tail frames of a huge folio were never written: fault them in at once
+        lo = (<uintptr_t>&self.c.frames[head]) & ~(<uintptr_t>4095)
+        hi = (<uintptr_t>&self.c.frames[head + n] + 4095) & ~(<uintptr_t>4095)
+        madvise(<void *>lo, hi - lo, MADV_POPULATE_WRITE)
         for i in range(n):
             f = &self.c.frames[head + i]
             f.head = head + i

@@ -111,8 +111,8 @@ def validate(cfg: dict) -> dict:
     ram = parse_size("memory.ram", cfg["memory"]["ram"])
     if ram % 4096 or ram < (4 << 20):
         raise ConfigError("memory.ram: must be a multiple of 4K and at least 4M")
-    if ram > (64 << 30):
-        raise ConfigError("memory.ram: at most 64G")
+    if ram > (4 << 40):
+        raise ConfigError("memory.ram: at most 4T")
     cfg["memory"]["ram_bytes"] = ram
     for key, val in cfg["hugepages"].items():
         if not isinstance(val, int) or isinstance(val, bool) or val < 0:

@@ -73,7 +73,7 @@ class Supervisor:
         ram = self.cfg["memory"]["ram_bytes"]
         nframes = ram >> 12
         lim = self.cfg["limits"]
-        npt = 4096 + nframes // 128
+        npt = 4096 + nframes // 512          # enough to map all of RAM once at 4K
         self.segs = shm.Segments.create(nframes, lim["tasks"], lim["mms"], npt, lim["events"],
                                         lim["inodes"], lim["vmas"])
         self.core = self.segs.core
