@@ -92,11 +92,14 @@ class GuestMemfdOps(FileOps):
         scope = k.policy.stage2_unmap
         if scope == "file":
             self.invalidate(k, inode, 0, (inode.size + PAGE_SIZE - 1) >> PAGE_SHIFT)
-        elif scope == "folio":
+        elif scope in ("folio", "page"):          # after a split the folio is the page
             self.invalidate(k, inode, start, start + (1 << k.core.order(head)))
-        if k.policy.gmem_after_failure == "unusable":
+        after = k.policy.gmem_after_failure
+        if after == "unusable":
             inode.private["failed"] = True
             k.trace("gmem_unusable", ino=inode.ino)
+        elif after == "no_conversions":
+            inode.private["no_conversions"] = True
         return u.MF_DELAYED
 
 
@@ -180,8 +183,8 @@ def kvm_gmem_convert(k, inode: Inode, offset: int, size: int, private: bool) -> 
         raise OSError(u.EINVAL, "conversion range")
     if not inode.flags & u.GUEST_MEMFD_FLAG_MMAP:
         raise OSError(u.EINVAL, "in-place conversion needs GUEST_MEMFD_FLAG_MMAP")
-    if inode.private.get("failed"):
-        raise OSError(u.EHWPOISON, "guest_memfd is unusable after a memory failure")
+    if inode.private.get("failed") or inode.private.get("no_conversions"):
+        raise OSError(u.EHWPOISON, "guest_memfd refuses conversions after a memory failure")
     start, end = offset >> PAGE_SHIFT, (offset + size) >> PAGE_SHIFT
     priv = inode.private.setdefault("private_idx", set())
     if not inode.flags & u.GUEST_MEMFD_FLAG_INIT_SHARED and not inode.private.get("converted"):

@@ -342,6 +342,17 @@ class HugeTLB:
             return
         del self.groups[head]
         raw = g.get("raw", set())
+        if raw and not k.policy.summarize_on_merge:      # freed page by page instead
+            order = g["order"]
+            self.by_order[order].nr_huge_pages -= 1
+            for p in range(head, head + (1 << order)):
+                if p in raw:
+                    k.memory_failure.retire_raw(p)
+                else:
+                    core.set_folio(p, 0, 0, 0, 0, 0)
+                    k.buddy.free(p, 0)
+            k.trace("hugetlb_free_unmerged", pfn=head, raw=len(raw))
+            return
         core.set_folio(head, g["order"], PG_hugetlb | PG_head | (PG_hwpoison if raw else 0), 0, 0, 0,
                        True)
         if raw:
@@ -390,7 +401,12 @@ class HugeTLB:
         if k.policy.split_on_poison and mf.gmem_inode_of(head) is not None \
                 and not core.flags(head) & PG_hwpoison:
             if core.order(head):
+                nr = 1 << core.order(head)
                 self.split_gmem_folio(head)
+                if not k.policy.distribute_on_split:      # the whole old folio is flagged
+                    for p in range(head, head + nr):
+                        if p != pfn:
+                            core.test_set_flag(p, PG_hwpoison)
             return None                       # the generic path takes the 4K page now
         raw = self.raw_hwp.setdefault(head, set())
         if core.test_set_flag(head, PG_hwpoison):

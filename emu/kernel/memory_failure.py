@@ -368,9 +368,10 @@ class MemoryFailure:
                 self.hw_memory_failure = True
             return self.memory_failure_tracked(pfn, flags, gmem)
         ret = self._memory_failure(pfn, flags)
-        if gmem is not None and flags & u.MF_ACTION_REQUIRED and k.policy.sigbus_current_on_consume:
-            cur = k.current
-            if cur is not None and not any(s[0] == u.SIGBUS for s in cur.reply_sigs):
+        cur = k.current
+        if gmem is not None and cur is not None and not any(s[0] == u.SIGBUS for s in cur.reply_sigs):
+            if (flags & u.MF_ACTION_REQUIRED and k.policy.sigbus_current_on_consume) or (
+                    not flags & u.MF_ACTION_REQUIRED and k.policy.deferred_failure == "sigbus_current"):
                 self.sigbus_current(pfn)
         return ret
 

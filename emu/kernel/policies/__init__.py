@@ -33,9 +33,10 @@ class Policy:
     # folio leaves guest_memfd (and so is reported to HugeTLB then).
     hwpoison_mark = "mce"
     # (gmem) what memory_failure() unmaps from host page tables: "folio" (the kernel),
-    # "none", or "file" (every mapping of the whole guest_memfd).
+    # "page" (the failed 4K page: needs split_on_poison for a HugeTLB folio), "none",
+    # or "file" (every mapping of the whole guest_memfd).
     host_unmap = "folio"
-    # (gmem) what error_remove_folio zaps from stage-2: "folio", "none" or "file".
+    # (gmem) what error_remove_folio zaps from stage-2: "folio", "page", "none", "file".
     stage2_unmap = "folio"
     # (gmem) host and guest faults check for failed memory (__do_fault's PageHWPoison,
     # __kvm_gmem_get_pfn's folio_test_hwpoison).
@@ -51,14 +52,25 @@ class Policy:
     # (gmem) a consumed failure always ends in SIGBUS to current, even when current's
     # process has no host mapping of the page (a vCPU consuming private memory).
     sigbus_current_on_consume = False
-    # (gmem) after a failure: "usable", or "unusable" (every later fault on the file
-    # fails: host SIGBUS, guest -EHWPOISON).
+    # (gmem) a deferred failure reported by a task (no MF_ACTION_REQUIRED, e.g. a
+    # pre-6.11 MADV_HWPOISON): "defer" (the kernel) or "sigbus_current".
+    deferred_failure = "defer"
+    # (gmem) after a failure: "usable", "no_conversions" (in-place conversions are
+    # refused), or "unusable" (every later fault on the file fails: host SIGBUS,
+    # guest -EHWPOISON, and no conversions).
     gmem_after_failure = "usable"
     # (gmem, HugeTLB) split a huge folio on poison so only the failed 4K page goes:
     # host and stage-2 mappings are split too, PG_hwpoison lands on the raw page
     # (distributed), and when guest_memfd releases the pages they are merged back with
     # the flag summarized on the head, just to return the page to HugeTLB.
     split_on_poison = False
+    # (gmem, HugeTLB) on such a split, PG_hwpoison lands on the failed page only
+    # (distributed); without it every page of the old folio is flagged.
+    distribute_on_split = True
+    # (gmem, HugeTLB) when all pages of a split folio have left guest_memfd they are
+    # merged back with the flag summarized on the head, just to return the page to
+    # HugeTLB (which then dissolves it); without it they are freed one by one.
+    summarize_on_merge = True
     # (gmem, HugeTLB) when guest_memfd releases a poisoned folio it goes back to
     # HugeTLB with the flag (memory_failure's pin dropped), so HugeTLB dissolves it
     # and reuses the healthy pages; today's kernel keeps the pin and the huge page
@@ -129,6 +141,8 @@ class Eventual(MfDelayedFix):
     early_kill = "kvm_owner"
     return_poisoned_to_hugetlb = True
     refuse_merge_if_poisoned = True
+    host_unmap = "page"
+    stage2_unmap = "page"
 
 
 PRESETS: dict[str, type[Policy]] = {p.name: p for p in (V618, MfDelayedFix, Minimum, Initial, Eventual)}
