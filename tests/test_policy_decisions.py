@@ -15,8 +15,8 @@ FLAGS = (u.GUEST_MEMFD_FLAG_MMAP | u.GUEST_MEMFD_FLAG_INIT_SHARED | u.GUEST_MEMF
 
 def _policy(tmp_path, body):
     path = tmp_path / "pol.py"
-    path.write_text("from emu.kernel.policies import MfDelayedFix\n\n"
-                    "class P(MfDelayedFix):\n    name = 'p'\n" + textwrap.indent(textwrap.dedent(body), "    "))
+    head = "from emu.kernel.policies import MfDelayedFix\n\nclass P(MfDelayedFix):\n    name = 'p'\n"
+    path.write_text(head + textwrap.indent(textwrap.dedent(body), "    "))
     return "%s:P" % path
 
 
