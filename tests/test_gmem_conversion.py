@@ -6,11 +6,11 @@ A QEMU-shaped process: a 2M HugeTLB guest_memfd (MMAP | INIT_SHARED) mapped
 MAP_SHARED at hva and bound at GPA 4G on a KVM_X86_SW_PROTECTED_VM; vCPUs are
 created and run by their own clone()d thread.
 """
-import os
 import signal
 from types import SimpleNamespace
 
 import pytest
+from gmem_harness import Recorder, Stop
 
 import emu
 from emu import uapi as u
@@ -25,26 +25,6 @@ FLAGS = u.GUEST_MEMFD_FLAG_MMAP | u.GUEST_MEMFD_FLAG_INIT_SHARED | HUGE
 KPF_HUGE = 1 << u.KPF_HUGE
 KPF_COMPOUND_HEAD = 1 << u.KPF_COMPOUND_HEAD
 CUT = 0x10000                    # the page a conversion cuts out of folio 0
-
-
-class Stop(Exception):
-    """Raised from a SIGBUS handler: the access does not retry."""
-
-
-class Recorder:
-    def __init__(self, raising=False):
-        self.got = []
-        self.raising = raising
-
-    def __call__(self, signum, info):
-        assert signum == signal.SIGBUS
-        self.got.append((os.getpid(), info.si_code, info.si_addr, info.si_addr_lsb))
-        if self.raising:
-            raise Stop()
-
-    def take(self):
-        out, self.got = self.got, []
-        return out
 
 
 def pattern(page):

@@ -14,17 +14,28 @@ error, hw_poison + an access = a consumed error, corrupt_pfn = a software one.
 """
 import os
 import signal
-from types import SimpleNamespace
 
 import pytest
 from gmem_harness import (  # noqa: F401
+    FLAGS,
+    GPA,
+    KPF_HWPOISON,
+    MB2,
+    PAGE,
+    PUNCH,
+    RW,
+    SLOT,
+    TODAY,
     Recorder,
+    Second,
     Stop,
     ehwpoison,
     events,
     host_pfn,
     host_read_sigbus,
+    in_vcpu,
     poisoned,
+    qemu,
     reader,
     release_all,
     run,
@@ -33,93 +44,6 @@ from gmem_harness import (  # noqa: F401
 
 import emu
 from emu import uapi as u
-
-PAGE = 4096
-MB2 = 2 << 20
-GPA = 1 << 32
-SLOT = 1
-RW = u.PROT_READ | u.PROT_WRITE
-FLAGS = (u.GUEST_MEMFD_FLAG_MMAP | u.GUEST_MEMFD_FLAG_INIT_SHARED | u.GUEST_MEMFD_FLAG_HUGETLB
-         | u.GUESTMEM_HUGETLB_FLAG_2MB)
-PUNCH = u.FALLOC_FL_PUNCH_HOLE | u.FALLOC_FL_KEEP_SIZE
-KPF_HWPOISON = 1 << u.KPF_HWPOISON
-TODAY = ["v6.18", "mf-delayed-fix"]
-
-
-# ------------------------------------------------------------------ setup
-def qemu(host_factory, policy, folios=2, private=()):
-    """The VMM's main thread (EARLY) with a HugeTLB guest_memfd of `folios` 2M folios
-    mapped MAP_SHARED at hva and bound at GPA; folios listed in `private` are
-    converted private before anything touches them (the host never maps them)."""
-    host = host_factory(ram="256M", hugepages={"2M": 8}, policy=policy)
-    me = emu.attach(host, name="qemu")
-    me.prctl(u.PR_MCE_KILL, u.PR_MCE_KILL_SET, u.PR_MCE_KILL_EARLY)
-    rec = Recorder()
-    emu.sigaction(signal.SIGBUS, rec)
-    vm = me.open_kvm().create_vm(u.KVM_X86_SW_PROTECTED_VM)
-    size = folios * MB2
-    gfd = vm.create_guest_memfd(size, FLAGS)
-    hva = me.mmap(0, size, RW, u.MAP_SHARED, gfd, 0)
-    vm.set_user_memory_region2(SLOT, u.KVM_MEM_GUEST_MEMFD, GPA, size, hva, gfd, 0)
-    for i in private:
-        me.gmem_convert(gfd, i * MB2, MB2, private=True)
-    return SimpleNamespace(host=host, me=me, rec=rec, vm=vm, gfd=gfd, hva=hva, size=size,
-                           main_tid=os.getpid())
-
-
-def in_vcpu(env, body, vid=0):
-    """Run body(vcpu, rec) in a clone()d vCPU thread (PR_MCE_KILL_LATE, its own SIGBUS
-    recorder, its own vCPU).  Returns (tid, body's result, signals left unread)."""
-
-    def fn(task):
-        task.prctl(u.PR_MCE_KILL, u.PR_MCE_KILL_SET, u.PR_MCE_KILL_LATE)
-        rec = Recorder()
-        emu.sigaction(signal.SIGBUS, rec)
-        vcpu = env.vm.create_vcpu(vid)
-        res = body(vcpu, rec)
-        return os.getpid(), res, rec.take()
-
-    th = env.me.clone(fn, name="vcpu%d" % vid)
-    assert th.join(30) == 0
-    return th.result
-
-
-class Second:
-    """A second process (fork: it inherits the fd and the mapping, page tables
-    included).  It sets PR_MCE_KILL_LATE, optionally maps the file afresh, writes
-    one byte at each offset in `touch`, then waits; `go()` lets it idle a moment and
-    run `after(task, hva)`, and returns (tid, its signals, after's result)."""
-
-    def __init__(self, env, touch, after=None, remap=False):
-        self.r1, w1 = os.pipe()
-        r2, self.w2 = os.pipe()
-
-        def child(task):
-            task.prctl(u.PR_MCE_KILL, u.PR_MCE_KILL_SET, u.PR_MCE_KILL_LATE)
-            rec = Recorder()
-            emu.sigaction(signal.SIGBUS, rec)
-            if remap:       # a fresh mapping of the whole file: nothing faulted in yet
-                task.munmap(env.hva, env.size)
-                assert task.mmap(env.hva, env.size, RW, u.MAP_SHARED | u.MAP_FIXED,
-                                 env.gfd, 0) == env.hva
-                assert not task.pagemap(env.hva).present
-            for off in touch:
-                task.write(env.hva + off, b"\x22")
-            os.write(w1, b"R")
-            os.read(r2, 1)
-            task.idle(0.2)
-            sigs = rec.take()
-            res = after(task, env.hva) if after is not None else None
-            return os.getpid(), sigs, res
-
-        self.th = env.me.fork(child, name="second")
-        assert os.read(self.r1, 1) == b"R"
-
-    def go(self):
-        os.write(self.w2, b"G")
-        assert self.th.join(30) == 0
-        return self.th.result
-
 
 EINTR = ("err", u.EINTR, u.KVM_EXIT_INTR)
 

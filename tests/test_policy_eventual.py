@@ -18,20 +18,30 @@ threads (clone) PR_MCE_KILL_LATE creating and running their own vCPU, a 2M HugeT
 guest_memfd mapped MAP_SHARED and bound to one memslot at 4G.  hw_detect = a
 deferred error, hw_poison + an access = a consumed error.
 """
-import os
 import signal
 import time
-from types import SimpleNamespace
 
 import pytest
 from gmem_harness import (  # noqa: F401
+    FLAGS,
+    GPA,
+    KPF_COMPOUND_HEAD,
+    KPF_HUGE,
+    KPF_HWPOISON,
+    MB2,
+    PAGE,
+    RW,
+    SLOT,
     Recorder,
+    Second,
     Stop,
     ehwpoison,
     events,
     host_pfn,
     host_read_sigbus,
+    in_vcpu,
     poisoned,
+    qemu,
     reader,
     release_all,
     run,
@@ -41,89 +51,7 @@ from gmem_harness import (  # noqa: F401
 import emu
 from emu import uapi as u
 
-PAGE = 4096
-MB2 = 2 << 20
-GPA = 1 << 32
-SLOT = 1
-RW = u.PROT_READ | u.PROT_WRITE
-FLAGS = (u.GUEST_MEMFD_FLAG_MMAP | u.GUEST_MEMFD_FLAG_INIT_SHARED | u.GUEST_MEMFD_FLAG_HUGETLB
-         | u.GUESTMEM_HUGETLB_FLAG_2MB)
-KPF_HWPOISON = 1 << u.KPF_HWPOISON
-KPF_HUGE = 1 << u.KPF_HUGE
-KPF_COMPOUND_HEAD = 1 << u.KPF_COMPOUND_HEAD
 BAD = 0x5000                     # the failed page's offset in folio 0
-
-
-# ------------------------------------------------------------------ setup
-def qemu(host_factory, policy="eventual", folios=2, private=()):
-    """The VMM's main thread (EARLY) with a HugeTLB guest_memfd of `folios` 2M folios
-    mapped MAP_SHARED at hva and bound at GPA; folios listed in `private` are
-    converted private before anything touches them (the host never maps them)."""
-    host = host_factory(ram="256M", hugepages={"2M": 8}, policy=policy)
-    me = emu.attach(host, name="qemu")
-    me.prctl(u.PR_MCE_KILL, u.PR_MCE_KILL_SET, u.PR_MCE_KILL_EARLY)
-    rec = Recorder()
-    emu.sigaction(signal.SIGBUS, rec)
-    vm = me.open_kvm().create_vm(u.KVM_X86_SW_PROTECTED_VM)
-    size = folios * MB2
-    gfd = vm.create_guest_memfd(size, FLAGS)
-    hva = me.mmap(0, size, RW, u.MAP_SHARED, gfd, 0)
-    vm.set_user_memory_region2(SLOT, u.KVM_MEM_GUEST_MEMFD, GPA, size, hva, gfd, 0)
-    for i in private:
-        me.gmem_convert(gfd, i * MB2, MB2, private=True)
-    return SimpleNamespace(host=host, me=me, rec=rec, vm=vm, gfd=gfd, hva=hva, size=size,
-                           main_tid=os.getpid(), vid=0)
-
-
-def in_vcpu(env, body):
-    """Run body(vcpu, rec) in a clone()d vCPU thread (PR_MCE_KILL_LATE, its own SIGBUS
-    recorder, its own vCPU, a fresh id each call).  Returns (tid, body's result,
-    signals left unread)."""
-    vid, env.vid = env.vid, env.vid + 1
-
-    def fn(task):
-        task.prctl(u.PR_MCE_KILL, u.PR_MCE_KILL_SET, u.PR_MCE_KILL_LATE)
-        rec = Recorder()
-        emu.sigaction(signal.SIGBUS, rec)
-        vcpu = env.vm.create_vcpu(vid)
-        res = body(vcpu, rec)
-        return os.getpid(), res, rec.take()
-
-    th = env.me.clone(fn, name="vcpu%d" % vid)
-    assert th.join(30) == 0
-    return th.result
-
-
-class Second:
-    """A second process (fork: it inherits the fd and the mapping, page tables
-    included), PR_MCE_KILL_LATE; it writes one byte at each offset in `touch`, then
-    waits; `go()` lets it idle a moment and run `after(task, hva)`, and returns
-    (tid, its signals, after's result)."""
-
-    def __init__(self, env, touch, after=None):
-        self.r1, w1 = os.pipe()
-        r2, self.w2 = os.pipe()
-
-        def child(task):
-            task.prctl(u.PR_MCE_KILL, u.PR_MCE_KILL_SET, u.PR_MCE_KILL_LATE)
-            rec = Recorder()
-            emu.sigaction(signal.SIGBUS, rec)
-            for off in touch:
-                task.write(env.hva + off, b"\x22")
-            os.write(w1, b"R")
-            os.read(r2, 1)
-            task.idle(0.2)
-            sigs = rec.take()
-            res = after(task, env.hva) if after is not None else None
-            return os.getpid(), sigs, res
-
-        self.th = env.me.fork(child, name="second")
-        assert os.read(self.r1, 1) == b"R"
-
-    def go(self):
-        os.write(self.w2, b"G")
-        assert self.th.join(30) == 0
-        return self.th.result
 
 
 def guest_reads(env, reads):
@@ -164,7 +92,7 @@ def test_eventual_split_and_unmap_failed_page_from_host_page_tables(host_factory
     only the failed 4 KiB page leaves the page tables (a hwpoison entry); the other
     511 pages of the folio stay present, at their pfns, with their data, and the next
     folio is still mapped huge.  Every unmap is of one 4 KiB page (level 1)."""
-    env = qemu(host_factory)
+    env = qemu(host_factory, "eventual")
     fill(env, 0)
     fill(env, 1, b"\x33")
     head = host_pfn(env, 0)
@@ -208,7 +136,7 @@ def test_eventual_split_and_unmap_failed_page_from_stage2(host_factory, private)
     guest then maps the rest of the folio back 4 KiB at a time (level 1) and reads it;
     only the failed gpa returns -EHWPOISON (KVM_EXIT_MEMORY_FAULT, 4 KiB), every time.
     The other folio keeps its 2M stage-2 entry."""
-    env = qemu(host_factory, private=[0] if private else [])
+    env = qemu(host_factory, "eventual", private=[0] if private else [])
     bad = GPA + BAD
     others = [GPA, GPA + BAD - PAGE, GPA + BAD + PAGE, GPA + MB2 - PAGE]
 
@@ -255,7 +183,7 @@ def test_eventual_distribute_hwpoison_flag_during_split(host_factory):
     page only; the old head and the other pages of the folio are clean and no longer a
     huge compound page.  A second failure in the split folio flags its own page only
     (no second split); each counts 4 KiB."""
-    env = qemu(host_factory)
+    env = qemu(host_factory, "eventual")
     fill(env, 0)
     head = host_pfn(env, 0)
     raw = head + BAD // PAGE
@@ -281,7 +209,7 @@ def test_eventual_host_sigbus_for_failed_page_has_4k_lsb(host_factory):
     """Only 4 KiB is lost, and the signals say so: the EARLY main thread's AO at the
     #MC, and an AR on a later host access to the failed page (main thread or a second
     process), carry si_addr_lsb 12, not 21.  The neighbouring page is readable."""
-    env = qemu(host_factory)
+    env = qemu(host_factory, "eventual")
     fill(env, 0)
 
     def fault(task, hva):
@@ -307,7 +235,7 @@ def test_eventual_host_sigbus_for_failed_page_has_4k_lsb(host_factory):
 def test_eventual_consumed_failure_on_host_page_has_4k_lsb(host_factory):
     """A consumed error (machine check on a host load) in a huge folio: the consumer
     gets BUS_MCEERR_AR at the page, lsb 12; the folio was split, the rest is readable."""
-    env = qemu(host_factory)
+    env = qemu(host_factory, "eventual")
     fill(env, 0)
     pfn = host_pfn(env, 0x7000)
     env.host.hw_poison(pfn)
@@ -362,7 +290,7 @@ def test_eventual_summarize_hwpoison_on_merge_to_return_page_to_hugetlb(host_fac
     then HugeTLB dissolves it (hugetlb_dissolve raw=1): the pool shrinks by one huge
     page, the healthy 2 MiB - 4 KiB go to the page allocator, the raw page stays
     HWpoison.  The healthy folio goes back to the pool."""
-    env = qemu(host_factory)
+    env = qemu(host_factory, "eventual")
     fill(env, 0)
     fill(env, 1)
     head = host_pfn(env, 0)
@@ -408,7 +336,7 @@ def test_eventual_refuse_merge_during_conversion_when_part_is_poisoned(host_fact
     poisoned": converting the range back to uniform does not merge
     (hugetlb_merge_refused, raw=1); the folio stays split, stage-2 maps its pages at
     4 KiB, only the bad page returns -EHWPOISON, the host reads the rest."""
-    env = qemu(host_factory)
+    env = qemu(host_factory, "eventual")
     fill(env, 0)
     head = _split_and_poison(env, order)
     assert [(e["pfn"], e["raw"]) for e in events(env.host, "hugetlb_merge_refused")] == [(head, 1)]
@@ -448,7 +376,7 @@ def test_eventual_host_fault_on_fresh_mapping_of_failed_page_has_4k_lsb(host_fac
     """The same through a fresh mapping of the file (no hwpoison entry to find: the
     fault reaches guest_memfd): the split folio is mapped 4 KiB at a time, the healthy
     neighbour maps and reads, the failed page is BUS_MCEERR_AR with lsb 12."""
-    env = qemu(host_factory)
+    env = qemu(host_factory, "eventual")
     fill(env, 0)
     head = host_pfn(env, 0)
     env.host.hw_detect(head + BAD // PAGE)
