@@ -10,7 +10,7 @@ import signal
 from types import SimpleNamespace
 
 import pytest
-from gmem_harness import Recorder, Stop
+from gmem_harness import Recorder, events, host_read_sigbus
 
 import emu
 from emu import uapi as u
@@ -111,23 +111,6 @@ def guest(env, ops):
 
 def s2(env, off):
     return env.vm.gpa_to_pfn(GPA + off)
-
-
-def events(host, *types):
-    return [e for e in host.events() if e["type"] in types]
-
-
-def host_read_sigbus(env, off):
-    env.rec.raising = True
-    env.rec.take()
-    try:
-        with pytest.raises(Stop):
-            env.me.read(env.hva + off, 8)
-    finally:
-        env.rec.raising = False
-    got = env.rec.take()
-    assert len(got) == 1, got
-    return got[0][1:]
 
 
 SAMPLE = [0, 0x1000, CUT - PAGE, CUT + PAGE, 0x20000, 0x100000, MB2 - PAGE]

@@ -11,6 +11,7 @@ import os
 import signal
 
 import pytest
+from gmem_harness import Recorder, Stop
 
 import emu
 from emu import uapi as u
@@ -23,29 +24,6 @@ RW = u.PROT_READ | u.PROT_WRITE
 SHARED_GMEM = u.GUEST_MEMFD_FLAG_MMAP | u.GUEST_MEMFD_FLAG_INIT_SHARED
 PUNCH = u.FALLOC_FL_PUNCH_HOLE | u.FALLOC_FL_KEEP_SIZE
 KPF_HWPOISON = 1 << u.KPF_HWPOISON
-
-
-class Stop(Exception):
-    """Raised from a SIGBUS handler: the Python counterpart of siglongjmp."""
-
-
-class Recorder:
-    """SIGBUS handler recording (tid, si_code, si_addr, si_addr_lsb); returns, so
-    the access retries, unless `raising`."""
-
-    def __init__(self):
-        self.got = []
-        self.raising = False
-
-    def __call__(self, signum, info):
-        assert signum == signal.SIGBUS
-        self.got.append((os.getpid(), info.si_code, info.si_addr, info.si_addr_lsb))
-        if self.raising:
-            raise Stop()
-
-    def take(self):
-        out, self.got = self.got, []
-        return out
 
 
 def attach(h, name="qemu"):
