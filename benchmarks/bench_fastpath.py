@@ -2,9 +2,11 @@
 
 A worker maps a 64 MiB memfd, faults it in, then reads 8 bytes at each of 1M
 addresses in one Cython call, for three access patterns: random over 64 MiB
-(DRAM-latency bound: every design pays the same cache misses), random within a
-4 MiB working set, and a sequential scan.  Baselines, same run, same tables:
-- a plain C loop doing the same 4-level lookup and copy (no epoch, A/D or poison check);
+(DRAM-latency bound, so the batch starts the misses of the access 16 ahead),
+random within a 4 MiB working set, and a sequential scan.  Baselines, same run,
+same tables:
+- a plain C loop doing the same 4-level lookup, look-ahead prefetch and copy
+  (no epoch, TLB, A/D or poison check);
 - the pure-Python reference of the same fast path (emu._pyref), on fewer addresses.
 """
 from __future__ import annotations
