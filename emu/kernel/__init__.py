@@ -44,7 +44,7 @@ class Kernel:
             self.set_sysctl(key, val)
         self.madvise_action_required = madvise_action_required   # MF_ACTION_REQUIRED since ~6.11
         self.boot_ns = time.monotonic_ns()
-        self.dmesg_lines: collections.deque[str] = collections.deque(maxlen=20000)
+        self.dmesg_lines: collections.deque[tuple] = collections.deque(maxlen=20000)
         self.events: collections.deque[dict] = collections.deque(maxlen=50000)
         self.event_seq = 0
         self.current: Task | None = None
@@ -69,9 +69,15 @@ class Kernel:
         self.log("Linux version 6.18.0-gmem-emu (policy %s)" % self.policy.name)
 
     # ------------------------------------------------------------ logging and tracing
-    def log(self, msg: str) -> None:
-        t = (time.monotonic_ns() - self.boot_ns) / 1e9
-        self.dmesg_lines.append("[%12.6f] %s" % (t, msg))
+    def log(self, fmt: str, *args) -> None:
+        """printk: the record is stamped now and formatted when dmesg is read, so
+        logging costs the kernel path almost nothing."""
+        self.dmesg_lines.append((time.monotonic_ns(), fmt, args))
+
+    def dmesg(self) -> list[str]:
+        b = self.boot_ns
+        return ["[%12.6f] %s" % ((ts - b) / 1e9, fmt % args if args else fmt)
+                for ts, fmt, args in self.dmesg_lines]
 
     def trace(self, type_: str, **kw) -> None:
         """A structured trace event; a compact copy also goes to the shm event ring."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import uapi as u
+from .guest_memfd import GuestMemfdOps
 from .page_alloc import (
     PG_anon,
     PG_buddy,
@@ -155,8 +156,8 @@ class MemoryFailure:
         self.tracked: set[int] = set()        # failures recorded without PG_hwpoison
         self.stats = {"total": 0, "ignored": 0, "failed": 0, "delayed": 0, "recovered": 0}
 
-    def log(self, msg: str) -> None:
-        self.k.log("Memory failure: " + msg)
+    def log(self, fmt: str, *args) -> None:
+        self.k.log("Memory failure: " + fmt, *args)
 
     # ------------------------------------------------------------ bookkeeping
     def action_result(self, pfn: int, type_: str, result: int) -> int:
@@ -164,7 +165,7 @@ class MemoryFailure:
             self.num_poisoned_pages += 1
             self.stats[STAT_NAME[result]] += 1
             self.stats["total"] += 1
-        self.log("%#x: recovery action for %s: %s" % (pfn, type_, ACTION_NAME[result]))
+        self.log("%#x: recovery action for %s: %s", pfn, type_, ACTION_NAME[result])
         self.k.trace("mf_result", pfn=pfn, page=type_, result=ACTION_NAME[result])
         return 0 if result in (u.MF_RECOVERED, u.MF_DELAYED) else -u.EBUSY
 
@@ -175,7 +176,7 @@ class MemoryFailure:
         if extra_pins:
             count -= 1 << core.order(head)
         if count > 0:
-            self.log("%#x: %s still referenced by %d users" % (pfn, ps.type, count))
+            self.log("%#x: %s still referenced by %d users", pfn, ps.type, count)
             return True
         return False
 
@@ -191,7 +192,7 @@ class MemoryFailure:
         if err == u.MF_DELAYED and self.k.policy.propagate_mf_delayed:
             return u.MF_DELAYED
         if err != 0:
-            self.log("%#x: Failed to punch page: %d" % (pfn, err))
+            self.log("%#x: Failed to punch page: %d", pfn, err)
             return u.MF_FAILED
         return u.MF_RECOVERED
 
@@ -250,8 +251,7 @@ class MemoryFailure:
 
     def kill_proc(self, tk: ToKill, pfn: int, flags: int) -> int:
         t = tk.tsk
-        self.log("%#x: Sending SIGBUS to %s:%d due to hardware memory corruption"
-                 % (pfn, t.comm, t.tid))
+        self.log("%#x: Sending SIGBUS to %s:%d due to hardware memory corruption", pfn, t.comm, t.tid)
         sig = self.k.signals
         if flags & u.MF_ACTION_REQUIRED and t is self.k.current:
             ret = sig.force_sig_mceerr(t, u.BUS_MCEERR_AR, tk.addr, tk.size_shift,
@@ -261,7 +261,7 @@ class MemoryFailure:
                    .get(t.mce_policy(), "PR_MCE_KILL_EARLY"))
             ret = sig.send_sig_mceerr(t, u.BUS_MCEERR_AO, tk.addr, tk.size_shift, why=why)
         if ret < 0:
-            self.log("Error sending signal to %s:%d: %d" % (t.comm, t.tid, ret))
+            self.log("Error sending signal to %s:%d: %d", t.comm, t.tid, ret)
         return ret
 
     def kill_procs(self, tokill: list[ToKill], forcekill: bool, pfn: int, flags: int) -> None:
@@ -269,8 +269,8 @@ class MemoryFailure:
             return
         for tk in tokill:
             if self.kill_proc(tk, pfn, flags) < 0:
-                self.log("%#x: Cannot send advisory machine check signal to %s:%d"
-                         % (pfn, tk.tsk.comm, tk.tsk.tid))
+                self.log("%#x: Cannot send advisory machine check signal to %s:%d",
+                         pfn, tk.tsk.comm, tk.tsk.tid)
 
     def kill_accessing_process(self, pfn: int, flags: int) -> int:
         """Walk current's page tables for a present or hwpoison entry of pfn."""
@@ -327,7 +327,7 @@ class MemoryFailure:
                 core.test_set_flag(head, PG_dirty)
             else:
                 ttu_hwpoison = False
-                self.log("%#x: corrupted page was clean: dropped without side effects" % pfn)
+                self.log("%#x: corrupted page was clean: dropped without side effects", pfn)
         k.mm.try_to_unmap(head, ttu_hwpoison)
         if gmem and k.policy.host_unmap == "file":
             from .fs import unmap_mapping_range
@@ -336,7 +336,7 @@ class MemoryFailure:
             k.trace("unmap_file", ino=inode.ino)
         unmap_success = not k.mm.folio_mapped(head)
         if not unmap_success:
-            self.log("%#x: failed to unmap page (folio mapcount=%d)" % (pfn, core.mapcount(pfn)))
+            self.log("%#x: failed to unmap page (folio mapcount=%d)", pfn, core.mapcount(pfn))
         forcekill = bool(core.flags(head) & PG_dirty) or bool(flags & u.MF_MUST_KILL) \
             or not unmap_success
         self.kill_procs(tokill, forcekill, pfn, flags)
@@ -353,8 +353,6 @@ class MemoryFailure:
     # ------------------------------------------------------------ memory_failure()
     def gmem_inode_of(self, pfn: int):
         """The guest_memfd owning pfn's folio, if any (policy decisions apply there)."""
-        from .guest_memfd import GuestMemfdOps
-
         inode = self.k.inodes.get(self.k.core.mapping(self.k.core.head(pfn)))
         return inode if inode is not None and isinstance(inode.ops, GuestMemfdOps) else None
 
@@ -428,7 +426,7 @@ class MemoryFailure:
         k.trace("memory_failure", pfn=pfn, flags=flags,
                 tid=k.current.tid if k.current is not None else 0)
         if pfn < 0 or pfn >= core.nframes:
-            self.log("%#x: memory outside kernel control" % pfn)
+            self.log("%#x: memory outside kernel control", pfn)
             return -u.ENXIO
         if k.hugetlb is not None:
             res = k.hugetlb.try_memory_failure_hugetlb(self, pfn, flags)
@@ -456,7 +454,7 @@ class MemoryFailure:
             if core.refcount(head) == 0 and not fl & PG_buddy:
                 return self.action_result(pfn, MF_MSG_KERNEL_HIGH_ORDER, u.MF_IGNORED)
             if not self.hwpoison_handlable(head, flags):
-                self.log("%#x: unhandlable page." % pfn)
+                self.log("%#x: unhandlable page.", pfn)
                 return self.action_result(pfn, MF_MSG_GET_HWPOISON, u.MF_IGNORED)
             core.ref_add(head, 1)                             # get_hwpoison_page
         page_flags = core.flags(head)
@@ -552,7 +550,7 @@ class MemoryFailure:
         set now, so the allocator (or HugeTLB) never hands the bad pages out."""
         self.k.core.test_set_flag(head, PG_hwpoison)
         for pfn in sorted(raw):
-            self.log("%#x: released by guest_memfd: marked HWPoison" % pfn)
+            self.log("%#x: released by guest_memfd: marked HWPoison", pfn)
         self.k.trace("mf_mark_on_release", pfn=head, raw=len(raw))
 
     def retire_raw(self, pfn: int) -> None:
@@ -573,7 +571,7 @@ class MemoryFailure:
         """x86: a consumed uncorrected error in user mode (or in the guest), run as
         task_work on the consuming thread (current)."""
         k = self.k
-        k.log("mce: Uncorrected hardware memory error in user-access at %x" % phys_addr)
+        k.log("mce: Uncorrected hardware memory error in user-access at %x", phys_addr)
         flags = u.MF_ACTION_REQUIRED | (0 if ripv else u.MF_MUST_KILL)
         ret = self.memory_failure(pfn, flags)
         if ret == 0:
@@ -586,14 +584,14 @@ class MemoryFailure:
         return ret
 
     def kill_me_never(self, pfn: int) -> int:
-        self.k.log("mce: Kernel accessed poison in user space at %x" % (pfn << 12))
+        self.k.log("mce: Kernel accessed poison in user space at %x", pfn << 12)
         return self.memory_failure(pfn, 0)
 
     def hwpoison_inject(self, pfn: int) -> int:
         """debugfs hwpoison/corrupt-pfn (filter disabled)."""
         if pfn < 0 or pfn >= self.k.core.nframes:
             return -u.ENXIO
-        self.k.log("Injecting memory failure at pfn %#x" % pfn)
+        self.k.log("Injecting memory failure at pfn %#x", pfn)
         err = self.memory_failure(pfn, u.MF_SW_SIMULATED)
         return 0 if err == -u.EOPNOTSUPP else err
 

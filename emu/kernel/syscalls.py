@@ -346,7 +346,7 @@ def host_kpageflags(k, a):
 
 
 def host_dmesg(k, a):
-    return list(k.dmesg_lines)
+    return k.dmesg()
 
 
 def host_events(k, a):
