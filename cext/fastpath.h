@@ -63,6 +63,12 @@ static inline int emu_level_shift(int level) {
     return level == 1 ? 12 : (level == 2 ? 21 : 30);
 }
 
+/* The frame a present leaf entry at `level` maps for va. */
+static inline uint64_t emu_leaf_pfn(uint64_t e, uint64_t va, int level) {
+    return ((e & EMU_PTE_PFN_MASK) >> EMU_PAGE_SHIFT)
+           + ((va >> EMU_PAGE_SHIFT) & ((1ULL << (emu_level_shift(level) - EMU_PAGE_SHIFT)) - 1));
+}
+
 /* RCU-like read section: frames and tables a zap freed are reused only once
  * every task is quiescent or entered after the zap (emulated TLB shootdown). */
 static inline void emu_rcu_enter(emu_ctx *c, emu_task *t) {
@@ -120,7 +126,7 @@ size_t emu_access_locked(emu_ctx *c, emu_tlb *tlb, uint64_t pgd, uint64_t va, ui
     uint64_t want = EMU_PTE_ACCESSED | (write ? EMU_PTE_DIRTY : 0);
     while (done < n) {
         uint64_t cur = va + done, e, pfn, off, chunk;
-        int level, pshift;
+        int level;
         uint64_t *slot = emu_walk_tlb(c, tlb, pgd, cur, &level);
     retry:
         e = slot ? __atomic_load_n(slot, __ATOMIC_ACQUIRE) : 0;
@@ -128,9 +134,7 @@ size_t emu_access_locked(emu_ctx *c, emu_tlb *tlb, uint64_t pgd, uint64_t va, ui
             || (priv >= 0 && !!(e & EMU_PTE_S2_PRIVATE) != priv)) {
             *status = EMU_ACC_FAULT; *xva = cur; return done;
         }
-        pshift = emu_level_shift(level);
-        pfn = ((e & EMU_PTE_PFN_MASK) >> EMU_PAGE_SHIFT)
-              + ((cur >> EMU_PAGE_SHIFT) & ((1ULL << (pshift - EMU_PAGE_SHIFT)) - 1));
+        pfn = emu_leaf_pfn(e, cur, level);
         if (pfn >= c->nframes) { *status = EMU_ACC_BADPFN; *xva = cur; *xpfn = pfn; return done; }
         if (c->hwerr[pfn]) { *status = EMU_ACC_MCE; *xva = cur; *xpfn = pfn; return done; }
         if ((e & want) != want) {
@@ -173,8 +177,7 @@ void emu_prefetch(const emu_ctx *c, emu_tlb *tlb, uint64_t pgd, uint64_t va, int
     if (!slot) return;
     e = __atomic_load_n(slot, __ATOMIC_RELAXED);
     if (!(e & EMU_PTE_PRESENT)) return;
-    pfn = ((e & EMU_PTE_PFN_MASK) >> EMU_PAGE_SHIFT)
-          + ((va >> EMU_PAGE_SHIFT) & ((1ULL << (emu_level_shift(level) - EMU_PAGE_SHIFT)) - 1));
+    pfn = emu_leaf_pfn(e, va, level);
     if (pfn >= c->nframes) return;
     __builtin_prefetch(c->hwerr + pfn, 0, 3);
     if (write) __builtin_prefetch(c->phys + (pfn << EMU_PAGE_SHIFT) + (va & (EMU_PAGE_SIZE - 1)), 1, 3);
