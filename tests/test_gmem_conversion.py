@@ -10,20 +10,25 @@ import signal
 from types import SimpleNamespace
 
 import pytest
-from gmem_harness import Recorder, events, host_read_sigbus
+from gmem_harness import (
+    FLAGS,
+    GPA,
+    KPF_COMPOUND_HEAD,
+    KPF_HUGE,
+    MB2,
+    PAGE,
+    RW,
+    SLOT,
+    Recorder,
+    events,
+    host_read_sigbus,
+    run,
+)
 
 import emu
 from emu import uapi as u
 
-PAGE = 4096
-MB2 = 2 << 20
-GPA = 1 << 32
-SLOT = 1
-RW = u.PROT_READ | u.PROT_WRITE
 HUGE = u.GUEST_MEMFD_FLAG_HUGETLB | u.GUESTMEM_HUGETLB_FLAG_2MB
-FLAGS = u.GUEST_MEMFD_FLAG_MMAP | u.GUEST_MEMFD_FLAG_INIT_SHARED | HUGE
-KPF_HUGE = 1 << u.KPF_HUGE
-KPF_COMPOUND_HEAD = 1 << u.KPF_COMPOUND_HEAD
 CUT = 0x10000                    # the page a conversion cuts out of folio 0
 
 
@@ -66,17 +71,6 @@ def in_vcpu(env, body):
     th = env.me.clone(fn, name="vcpu%d" % vid)
     assert th.join(30) == 0
     return th.result
-
-
-def run(vcpu):
-    try:
-        vcpu.run()
-    except OSError as e:
-        m = vcpu.kvm_run.memory_fault
-        return ("err", e.errno, vcpu.kvm_run.exit_reason, m.gpa, m.size, m.flags)
-    if vcpu.kvm_run.exit_reason == u.KVM_EXIT_IO and vcpu.ucall()[0] == u.UCALL_SYNC:
-        return ("sync", vcpu.ucall()[1][0])
-    return ("exit", vcpu.kvm_run.exit_reason)
 
 
 def guest(env, ops):
