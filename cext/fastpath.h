@@ -205,7 +205,7 @@ static size_t emu_access_batch(emu_ctx *c, emu_task *t, uint64_t pgd, const uint
         if (i + EMU_PREFETCH_AHEAD < m)
             emu_prefetch(c, &tlb, pgd, addrs[i + EMU_PREFETCH_AHEAD], write);
         d = emu_access_locked(c, &tlb, pgd, addrs[i], buf + i * size, size, write, priv,
-                                     status, xva, xpfn);
+                              status, xva, xpfn);
         if (*status != EMU_ACC_OK) { *partial = d; break; }
     }
     emu_rcu_exit(t);
