@@ -23,6 +23,11 @@ madvise_action_required = true   # MADV_HWPOISON passes MF_ACTION_REQUIRED (Linu
 "vm.memory_failure_recovery" = 1
 "vm.enable_soft_offline" = 1
 
+[supervisor]
+halt_poll_ns = 200000        # after a request, poll this long for the next before sleeping
+                             # (KVM's halt_poll_ns); a thread in a system call spins as long
+                             # for its reply, as a CPU runs the kernel; 0: always sleep
+
 [limits]
 tasks = 256                  # emulated threads
 mms = 128                    # emulated processes
@@ -125,6 +130,9 @@ def validate(cfg: dict) -> dict:
     for key, val in cfg["sysctl"].items():
         if not isinstance(val, int) or isinstance(val, bool):
             raise ConfigError("sysctl.%s: expected an integer" % key)
+    poll = cfg["supervisor"]["halt_poll_ns"]
+    if not isinstance(poll, int) or isinstance(poll, bool) or not 0 <= poll <= 10_000_000:
+        raise ConfigError("supervisor.halt_poll_ns: expected an integer 0..10000000")
     for key in ("tasks", "mms", "events", "inodes", "vmas"):
         val = cfg["limits"][key]
         if not isinstance(val, int) or isinstance(val, bool) or not 1 <= val <= 1 << 20:

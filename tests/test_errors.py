@@ -343,6 +343,18 @@ def test_start_bad_ram_valueerror(ram):
     assert _emu_shm() == shm_before and _emu_socks() == socks_before
 
 
+@pytest.mark.parametrize("val", ["-1", '"fast"', "true", "10000001", "1.5"])
+def test_start_bad_halt_poll_ns_valueerror(tmp_path, val):
+    conf = tmp_path / "emu.toml"
+    conf.write_text("[supervisor]\nhalt_poll_ns = %s\n" % val)
+    shm_before, socks_before = _emu_shm(), _emu_socks()
+    with pytest.raises(ValueError) as ei:
+        emu.start(config=str(conf))
+    assert "supervisor.halt_poll_ns" in str(ei.value)
+    assert "\n" not in str(ei.value)
+    assert _emu_shm() == shm_before and _emu_socks() == socks_before
+
+
 def test_start_unknown_policy_valueerror():
     with pytest.raises(ValueError) as ei:
         emu.start(policy="nope")

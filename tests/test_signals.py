@@ -623,8 +623,20 @@ def test_two_ao_unblocked_both_delivered(host):
 
 
 # ------------------------------------------------------------------ handler that raises
-def test_raising_handler_leaves_runtime_usable(host):
+@pytest.fixture(params=["halt-polling", "no-halt-polling"])
+def polling_host(request, host_factory, tmp_path):
+    """A supervisor that polls for the next call (threads spin for their replies), and
+    one that sleeps at once (threads sleep in recv): a handler may land in either wait."""
+    poll = 200_000 if request.param == "halt-polling" else 0
+    conf = tmp_path / "emu.toml"
+    conf.write_text("[supervisor]\nhalt_poll_ns = %d\n" % poll)
+    return host_factory(config=str(conf)), poll
+
+
+def test_raising_handler_leaves_runtime_usable(polling_host):
+    host, poll = polling_host
     me = emu.attach(host, name="qemu")
+    assert me.ch.spin_ns == poll                  # announced in the greeting
     got, h = recorder(raise_on=(AR, AO))
     emu.sigaction(SIGBUS, h)
     set_policy(me, EARLY)
@@ -687,7 +699,8 @@ def test_raising_handler_leaves_runtime_usable(host):
     assert th.result == b"first"
 
 
-def test_raising_handler_in_vcpu_thread_then_usable(host):
+def test_raising_handler_in_vcpu_thread_then_usable(polling_host):
+    host, _ = polling_host
     me = emu.attach(host, name="qemu")
     base, va, pfn = shared_page(me)
     assert host.hw_poison(pfn) == 0
