@@ -25,6 +25,7 @@ from . import config as cfgmod
 from . import shm
 from . import uapi as u
 from .kernel import Kernel, KernelPanic
+from .kernel.page_alloc import POPULATE_AHEAD
 from .kernel.syscalls import HOSTCALLS, SYSCALLS
 
 log = logging.getLogger("emu.daemon")
@@ -87,6 +88,7 @@ class Supervisor:
         self.kernel = Kernel(self.core, nframes, policy=k["policy"], sysctl=self.cfg["sysctl"],
                              madvise_action_required=k["madvise_action_required"],
                              hugepages=self.cfg["hugepages"])
+        self.kernel.buddy.populate_ahead(POPULATE_AHEAD)
         if os.path.exists(self.sock_path):
             os.unlink(self.sock_path)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -116,6 +118,7 @@ class Supervisor:
         last_tick = 0.0
         poll_ns = self.cfg["supervisor"]["halt_poll_ns"]
         select, clock = self.sel.select, time.perf_counter_ns
+        buddy = self.kernel.buddy
         polling_until = 0
         try:
             while not self.stopping:
@@ -136,7 +139,8 @@ class Supervisor:
                     # halt polling: a thread that just made a call is likely to make
                     # another; waking this CPU from halt costs more than the call
                     if clock() < polling_until:
-                        os.sched_yield()          # anything runnable here goes first
+                        if not buddy.populate_ahead():    # idle work first
+                            os.sched_yield()      # then anything runnable here
                     else:
                         polling_until = 0
                 now = time.monotonic()
@@ -392,6 +396,7 @@ class Supervisor:
         if self.owner_pid is not None and not _pid_alive(self.owner_pid):
             self.stopping = True
         k.tick()
+        k.buddy.populate_ahead(POPULATE_AHEAD)
 
 
 def _death_signal(pid: int, wait: float = 0.2) -> int:
