@@ -32,6 +32,7 @@ from _common import report  # noqa: E402
 import emu  # noqa: E402
 from emu import config as cfgmod  # noqa: E402
 from emu import uapi as u  # noqa: E402
+from emu.haltpoll import others_waiting  # noqa: E402
 from emu.runtime import Channel  # noqa: E402
 
 N = 3000
@@ -71,7 +72,7 @@ def _echo_server(path: str, ready_w: int, poll_ns: int) -> None:
             if poll_ns:
                 polling_until = clock() + poll_ns
         if not events and polling_until:
-            if clock() < polling_until:
+            if clock() < polling_until and not others_waiting():
                 os.sched_yield()
             else:
                 polling_until = 0
@@ -105,6 +106,7 @@ def measure(poll_ns: int, pinned: bool) -> list[dict]:
         _echo_server(path, w, poll_ns)
     os.read(r, 1)
     ch = Channel(path)
+    ch.spin_ns = ch.halt_poll_ns                          # spins as a thread's channel does
     base, faults, maps = [], [], []
     with emu.start(ram="256M", config=conf) as host:
         me = emu.attach(host, name="bench")

@@ -24,6 +24,7 @@ from . import _core as C
 from . import config as cfgmod
 from . import shm
 from . import uapi as u
+from .haltpoll import others_waiting
 from .kernel import Kernel, KernelPanic
 from .kernel.page_alloc import POPULATE_AHEAD
 from .kernel.syscalls import HOSTCALLS, SYSCALLS
@@ -138,9 +139,9 @@ class Supervisor:
                 if not events and polling_until:
                     # halt polling: a thread that just made a call is likely to make
                     # another; waking this CPU from halt costs more than the call
-                    if clock() < polling_until:
+                    if clock() < polling_until and not others_waiting():
                         if not buddy.populate_ahead():    # idle work first
-                            os.sched_yield()      # then anything runnable here
+                            os.sched_yield()
                     else:
                         polling_until = 0
                 now = time.monotonic()

@@ -26,6 +26,7 @@ from collections import namedtuple
 from . import _core as C
 from . import shm
 from . import uapi as u
+from .haltpoll import others_waiting
 
 # ------------------------------------------------------------------ errors
 
@@ -63,9 +64,10 @@ class Channel:
             raise OSError(u.ECONNREFUSED if hasattr(u, "ECONNREFUSED") else 111,
                           "supervisor closed the connection")
         try:
-            self.spin_ns = int(json.loads(greeting)["QMP"].get("halt_poll_ns", 0))
+            self.halt_poll_ns = int(json.loads(greeting)["QMP"].get("halt_poll_ns", 0))
         except (ValueError, TypeError, KeyError, AttributeError):
-            self.spin_ns = 0
+            self.halt_poll_ns = 0
+        self.spin_ns = 0                      # an emulated thread's channel spins (attach)
         self._poll = select.poll()
         self._poll.register(self.sock, select.POLLIN)
         _channels.add(self)
@@ -111,10 +113,10 @@ class Channel:
     def _spin(self) -> None:
         """A thread in a system call keeps its CPU, as it would running the kernel:
         poll for the reply a while before sleeping in recv (the supervisor polls
-        as long for the next call).  Anything else runnable here goes first."""
+        as long for the next call), unless another task waits for a CPU."""
         poll, clock = self._poll.poll, time.perf_counter_ns
         end = clock() + self.spin_ns
-        while not poll(0) and clock() < end:
+        while not poll(0) and clock() < end and not others_waiting():
             os.sched_yield()
 
     def call(self, _cmd: str, **args):
@@ -367,6 +369,7 @@ class Task:
         self.host = host
         self.ch = Channel(host.path)
         info = self.ch.call("attach", kind=kind, parent=parent, comm=name)
+        self.ch.spin_ns = self.ch.halt_poll_ns
         self.tid, self.tgid, self.slot, self.pgd = info["tid"], info["tgid"], info["slot"], info["pgd"]
         self.name = name
         self._core = _core_for(info["segments"])
