@@ -19,9 +19,10 @@ injecting client (it adds one control-socket request).
 Also for information, the idle case again pinned two ways: the sending side
 (supervisor and client; the bare sender) on CPU 0 and the worker on CPU 1, and
 everything on CPU 0.  On these VMs (no guest halt polling) waking an idle vCPU
-costs tens of microseconds, and a process that slept for 2 ms runs cold, about
-3x slower than warm: the bare sender runs a few lines before the kill, the
-supervisor a whole memory_failure() in Python.
+costs tens of microseconds, and a process that slept for 2 ms runs cold: random
+loads over a 256 KiB working set cost 3-4x what they cost warm.  The bare sender
+runs a few lines before the kill; the supervisor, idle between errors, a whole
+memory_failure() in Python (about 200 lines before the doorbell).
 """
 from __future__ import annotations
 
