@@ -26,7 +26,8 @@ madvise_action_required = true   # MADV_HWPOISON passes MF_ACTION_REQUIRED (Linu
 [supervisor]
 halt_poll_ns = 200000        # after a request, poll this long for the next before sleeping
                              # (KVM's halt_poll_ns); a thread in a system call spins as long
-                             # for its reply, as a CPU runs the kernel; 0: always sleep
+                             # for its reply; both only while no other task waits for a
+                             # CPU; 0: always sleep
 
 [limits]
 tasks = 256                  # emulated threads

@@ -97,7 +97,7 @@ class Channel:
             else:
                 self.sock.sendall(msg)
             while rid not in self.stash:
-                if self.spin_ns:
+                if self.spin_ns:            # (a line already buffered only costs the spin)
                     self._spin()
                 line = self.rfile.readline()
                 if not line:
