@@ -154,10 +154,11 @@ class MM:
                 self.k.buddy.free(head, self.core.order(head))
 
     def folio_mapped(self, head: int) -> bool:
-        if self.core.flags(head) & PG_hugetlb:            # mapped whole, counted on the head
-            return self.core.mapcount(head) > 0
-        n = 1 << self.core.order(head)
-        return any(self.core.mapcount(head + i) > 0 for i in range(n))
+        core = self.core
+        order = core.order(head)
+        if not order or core.flags(head) & PG_hugetlb:    # HugeTLB: mapped whole, counted on the head
+            return core.mapcount(head) > 0
+        return any(core.mapcount(head + i) > 0 for i in range(1 << order))
 
     def folio_mark_dirty(self, head: int) -> None:
         self.core.test_set_flag(head, PG_dirty)
