@@ -4,15 +4,18 @@ Measured from a worker: a page fault (first touch of an anonymous page: the
 fast path stops, one request to the supervisor allocates, zeroes and maps a
 frame, the access retries) and a one-page anonymous mmap.  Baseline, same run:
 a JSON-lines echo server on a unix socket with the same loop shape as the
-supervisor's (selector, recv, split, json.loads, json.dumps, sendall) and the
-same client code.  The three are measured in interleaved blocks of 100.
+supervisor's (selector, recv, split, json.loads, json.dumps, sendall, and halt
+polling with the same window and guard) and the same client code (a thread's
+channel, which spins for its reply).  The three are measured in interleaved
+blocks of 100.
 
-For information, the same again with the client and both servers on CPU 0.
+For information, the same again without halt polling (halt_poll_ns = 0: both
+sides sleep at once), and with the client and both servers on CPU 0.
 Free-running, each server runs on the other CPU from its client (measured for
-the supervisor and the echo server alike), so every request and every reply
-wakes an idle vCPU; on these VMs that wake costs more the longer the server
-works, and the supervisor works longer per request than an echo.  On one CPU
-the figure is the software cost alone.
+the supervisor and the echo server alike); without polling every request and
+every reply wakes an idle vCPU, and on these VMs that wake costs more the
+longer the server works, and the supervisor works longer per request than an
+echo.  On one CPU the figure is the software cost alone.
 """
 from __future__ import annotations
 
