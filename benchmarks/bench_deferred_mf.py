@@ -13,8 +13,9 @@ way, whose Python handler stamps CLOCK_MONOTONIC into shared memory; measured
 from just before os.kill to that stamp.  Both receivers live side by side and
 blocks of 50 errors alternate between them.
 For information: the split of that figure at the doorbell (the kernel's
-"signal" trace event, just before tgkill), and the end-to-end figure from the
-injecting client (it adds one control-socket request).
+"signal" trace event, stamped just after the tgkill, where trace_signal_generate
+fires after complete_signal), and the end-to-end figure from the injecting
+client (it adds one control-socket request).
 
 Also for information, the idle case again pinned two ways: the sending side
 (supervisor and client; the bare sender) on CPU 0 and the worker on CPU 1, and

@@ -26,9 +26,9 @@ class Signals:
     def _queue(self, t, signo: int, code: int, addr: int, lsb: int, force: bool, why: str) -> int:
         k = self.k
         self.seq += 1
-        what = dict(tid=t.tid, signo=signo, code=code, addr=addr, lsb=lsb, force=force, why=why)
         if not t.alive:
             return -u.ESRCH
+        info = (t, signo, code, addr, lsb, force, why)
         if t is k.current:
             pend = [s for s in t.reply_sigs if s[0] == signo and s[5]]
             if pend or k.core.sig_pending(t.slot):
@@ -40,23 +40,29 @@ class Signals:
                         s[4] = True
                     if not pend:
                         t.reply_sigs.append([signo, code, addr, lsb, True, False])
-                k.trace("signal_dropped", reason="already pending", **what)
+                self._trace("signal_dropped", info, reason="already pending")
                 return 0
             t.reply_sigs.append([signo, code, addr, lsb, force, True])
-            k.trace("signal", via="current", **what)
+            self._trace("signal", info, via="current")
             return 0
         if k.core.sig_pending(t.slot):
-            k.trace("signal_dropped", reason="already pending", **what)
+            self._trace("signal_dropped", info, reason="already pending")
             return 0
         if not k.core.mb_post(t.slot, signo, code, addr, lsb, 0, self.seq):
-            k.trace("signal_dropped", reason="mailbox full", **what)
+            self._trace("signal_dropped", info, reason="mailbox full")
             return 0
-        k.trace("signal", via="mailbox", **what)
         r = C.tgkill(t.tid, t.tid, signo)
+        # trace_signal_generate fires after complete_signal() has woken the target
+        self._trace("signal", info, via="mailbox")
         # The woken thread may have been queued on this CPU: let it run its
         # handler now rather than after the rest of this kernel path.
         os.sched_yield()
         return r
+
+    def _trace(self, type_: str, info: tuple, **extra) -> None:
+        t, signo, code, addr, lsb, force, why = info
+        self.k.trace(type_, tid=t.tid, signo=signo, code=code, addr=addr, lsb=lsb, force=force,
+                     why=why, **extra)
 
     # the kernel's entry points
     def force_sig_mceerr(self, t, code: int, addr: int, lsb: int, why: str = "") -> int:
