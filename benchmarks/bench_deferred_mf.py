@@ -12,10 +12,9 @@ Baseline, same run: os.kill(SIGBUS) from one process to another idling the same
 way, whose Python handler stamps CLOCK_MONOTONIC into shared memory; measured
 from just before os.kill to that stamp.  Both receivers live side by side and
 blocks of 50 errors alternate between them.
-For information: the split of that figure at the doorbell (the kernel's
-"signal" trace event, stamped just after the tgkill, where trace_signal_generate
-fires after complete_signal), and the end-to-end figure from the injecting
-client (it adds one control-socket request).
+For information: the split of that figure at the doorbell (the "signal" trace
+event's doorbell_ns, taken just before the tgkill), and the end-to-end figure
+from the injecting client (it adds one control-socket request).
 
 Also for information, the idle case again pinned two ways: the sending side
 (supervisor and client; the bare sender) on CPU 0 and the worker on CPU 1, and
@@ -158,7 +157,7 @@ def measure(busy: bool, apart: bool = False, together: bool = False) -> dict:
                 mf = next(e for e in evs if e["type"] == "memory_failure")
                 sig = next(e for e in evs if e["type"] == "signal")
                 kernel_lat.append(done - mf["ts_ns"])
-                split.append((sig["ts_ns"] - mf["ts_ns"], done - sig["ts_ns"]))
+                split.append((sig["doorbell_ns"] - mf["ts_ns"], done - sig["doorbell_ns"]))
                 e2e.append(done - t0)
         os.sched_setaffinity(0, mask)
         for pid in (worker, bare):
