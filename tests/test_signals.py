@@ -620,6 +620,10 @@ def test_two_ao_unblocked_both_delivered(host):
     wait_for(me, got, 2)
     me.idle(GRACE)
     assert got == [(AO, va1, 12), (AO, va2, 12)]
+    # the trace: one mailbox send each, the doorbell rung before the event fired
+    sent = [e for e in host.events() if e["type"] == "signal" and e["via"] == "mailbox"]
+    assert [(e["tid"], e["code"], e["addr"]) for e in sent] == [(me.tid, AO, va1), (me.tid, AO, va2)]
+    assert all(0 < e["doorbell_ns"] <= e["ts_ns"] for e in sent)
 
 
 # ------------------------------------------------------------------ handler that raises
