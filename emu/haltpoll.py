@@ -24,6 +24,10 @@ def others_waiting() -> bool:
             _fd = os.open("/proc/loadavg", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             return True                        # cannot tell: do not poll
-    b = os.pread(_fd, 64, 0)                   # "0.10 0.28 0.38 1/77 19924\n"
-    i = b.find(b"/")
-    return int(b[b.rfind(b" ", 0, i) + 1:i]) > _ncpus
+    try:
+        b = os.pread(_fd, 64, 0)               # "0.10 0.28 0.38 1/77 19924\n"
+        i = b.find(b"/")
+        return int(b[b.rfind(b" ", 0, i) + 1:i]) > _ncpus
+    except (OSError, ValueError):              # the fd was closed or reused under us
+        _fd = -1
+        return True

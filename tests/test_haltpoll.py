@@ -1,5 +1,7 @@
 """Halt polling's guard (runnable tasks vs CPUs, from /proc/loadavg) and the
 host's event window that benchmarks and tools poll with `since`."""
+import os
+
 import emu
 import emu.haltpoll as hp
 from emu import uapi as u
@@ -19,6 +21,15 @@ def test_others_waiting_without_proc_does_not_poll(monkeypatch):
     monkeypatch.setattr(hp, "_fd", -1)
     monkeypatch.setattr(hp.os, "open", refuse)
     assert hp.others_waiting()
+
+
+def test_others_waiting_survives_its_fd_being_closed():
+    hp.others_waiting()
+    os.close(hp._fd)                               # a worker closed every fd it had
+    assert hp.others_waiting()                     # no polling this once, no error
+    assert hp._fd == -1
+    hp.others_waiting()                            # then it reopens
+    assert hp._fd >= 0
 
 
 def test_events_since_is_a_window(host):
