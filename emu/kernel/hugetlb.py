@@ -253,17 +253,23 @@ class HugeTLB:
             self.raw_hwp[head] = tracked
         if core.flags(head) & PG_hwpoison:
             raw = self.raw_hwp.pop(head, {head})
-            h.nr_huge_pages -= 1
-            for pfn in range(head, head + (1 << order)):
-                if pfn in raw:
-                    k.memory_failure.retire_raw(pfn)
-                else:
-                    core.set_folio(pfn, 0, 0, 0, 0, 0)
-                    k.buddy.free(pfn, 0)
+            self._dissolve(head, order, raw)
             k.trace("hugetlb_dissolve", pfn=head, raw=len(raw))
             return
         core.set_folio(head, order, PG_hugetlb | PG_head, 0, 0, 0)
         h.free.append(head)
+
+    def _dissolve(self, head: int, order: int, raw: set) -> None:
+        """The folio leaves HugeTLB page by page: the raw poisoned pages stay retired,
+        the healthy ones go back to the page allocator."""
+        k, core = self.k, self.k.core
+        self.by_order[order].nr_huge_pages -= 1
+        for pfn in range(head, head + (1 << order)):
+            if pfn in raw:
+                k.memory_failure.retire_raw(pfn)
+            else:
+                core.set_folio(pfn, 0, 0, 0, 0, 0)
+                k.buddy.free(pfn, 0)
 
     # ------------------------------------------------------------ split and merge
     def merge_gmem_folio(self, inode: Inode, base: int, head: int) -> bool:
@@ -343,14 +349,7 @@ class HugeTLB:
         del self.groups[head]
         raw = g.get("raw", set())
         if raw and not k.policy.summarize_on_merge:      # freed page by page instead
-            order = g["order"]
-            self.by_order[order].nr_huge_pages -= 1
-            for p in range(head, head + (1 << order)):
-                if p in raw:
-                    k.memory_failure.retire_raw(p)
-                else:
-                    core.set_folio(p, 0, 0, 0, 0, 0)
-                    k.buddy.free(p, 0)
+            self._dissolve(head, g["order"], raw)
             k.trace("hugetlb_free_unmerged", pfn=head, raw=len(raw))
             return
         core.set_folio(head, g["order"], PG_hugetlb | PG_head | (PG_hwpoison if raw else 0), 0, 0, 0,
