@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import signal
-import struct
 
+from . import records
 from . import uapi as u
 from .runtime import start
 
@@ -108,25 +107,8 @@ def run_scenario(policy: str) -> dict:
 
     with start(policy=policy, ram="256M", hugepages={"2M": 8}) as host:
         total0 = host.meminfo()["HugePages_Total"]
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(r)
-            code = 0
-            try:
-                out = _qemu(emu, host)
-                data = pickle.dumps(out)
-                os.write(w, struct.pack("I", len(data)) + data)
-            except BaseException:
-                import traceback
-
-                traceback.print_exc()
-                code = 1
-            os._exit(code)
-        os.close(w)
-        with os.fdopen(r, "rb") as f:
-            hdr = f.read(4)
-            out = pickle.loads(f.read(struct.unpack("I", hdr)[0])) if len(hdr) == 4 else {}
+        pid, r = records.fork(lambda w: records.send(w, _qemu(emu, host)))
+        out = (records.receive(r) or [{}])[0]
         _, status = os.waitpid(pid, 0)
         qemu_status = os.waitstatus_to_exitcode(status)
         events = host.events()
@@ -267,24 +249,19 @@ def _column(policy: str, out: dict, events: list, mi: dict, total0: int, qemu_st
     }
 
 
+def _run_into(w: int, policy: str) -> None:
+    try:
+        col = run_scenario(policy)
+    except BaseException as e:
+        col = {"policy": policy, "error": "%s: %s" % (type(e).__name__, e)}
+    records.send(w, col)
+
+
 def compare(policies: list[str]) -> list[dict]:
     cols = []
     for p in policies:
-        r, w = os.pipe()
-        pid = os.fork()                                   # each run in its own process
-        if pid == 0:
-            os.close(r)
-            try:
-                data = pickle.dumps(run_scenario(p))
-            except BaseException as e:
-                data = pickle.dumps({"policy": p, "error": "%s: %s" % (type(e).__name__, e)})
-            os.write(w, struct.pack("I", len(data)) + data)
-            os._exit(0)
-        os.close(w)
-        with os.fdopen(r, "rb") as f:
-            hdr = f.read(4)
-            col = pickle.loads(f.read(struct.unpack("I", hdr)[0])) if len(hdr) == 4 else \
-                {"policy": p, "error": "the run died"}
+        pid, r = records.fork(lambda w, p=p: _run_into(w, p))   # each run in its own process
+        col = (records.receive(r) or [{"policy": p, "error": "the run died"}])[0]
         os.waitpid(pid, 0)
         cols.append(col)
     return cols

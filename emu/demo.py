@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import signal
-import struct
 
+from . import records
 from . import uapi as u
 from .runtime import start
 
@@ -28,8 +27,7 @@ GPA_A, GPA_B, GPA_C, GPA_P = 0x10000, 0x20000, 0x30000, 0x100000
 
 
 def _stream(fd, entries):
-    data = pickle.dumps(list(entries))
-    os.write(fd, struct.pack("I", len(data)) + data)
+    records.send(fd, list(entries))
 
 
 def _qemu_process(host, w: int) -> None:
@@ -98,31 +96,14 @@ SIGNAME = {u.BUS_MCEERR_AO: "BUS_MCEERR_AO", u.BUS_MCEERR_AR: "BUS_MCEERR_AR",
 
 def run_demo(policy: str | None = None, as_json: bool = False) -> int:
     with start(policy=policy, ram="64M") as host:
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(r)
-            code = 0
-            try:
-                _qemu_process(host, w)
-            except BaseException:
-                import traceback
-
-                traceback.print_exc()
-                code = 1
-            os._exit(code)
-        os.close(w)
+        pid, r = records.fork(lambda w: _qemu_process(host, w))
         entries, meta = [], {}
-        with os.fdopen(r, "rb") as f:
-            while True:
-                hdr = f.read(4)
-                if len(hdr) < 4:
-                    break
-                for item in pickle.loads(f.read(struct.unpack("I", hdr)[0])):
-                    if isinstance(item[0], str):
-                        meta[item[0]] = item[1]
-                    else:
-                        entries.append(item)
+        for batch in records.receive(r):
+            for item in batch:
+                if isinstance(item[0], str):
+                    meta[item[0]] = item[1]
+                else:
+                    entries.append(item)
         _, status = os.waitpid(pid, 0)
         exitcode = os.waitstatus_to_exitcode(status)
         events = host.events()
