@@ -115,13 +115,15 @@ def release_all(env):
     env.vm.set_user_memory_region2(SLOT, u.KVM_MEM_GUEST_MEMFD, GPA, 0, 0, -1, 0)
 
 
-def qemu(host_factory, policy, folios=2, private=()):
-    """The VMM's main thread (EARLY) with a HugeTLB guest_memfd of `folios` 2M folios
-    mapped MAP_SHARED at hva and bound at GPA; folios listed in `private` are
-    converted private before anything touches them (the host never maps them)."""
+def qemu(host_factory, policy, folios=2, private=(), early=True):
+    """The VMM's main thread (EARLY unless early=False) with a HugeTLB guest_memfd of
+    `folios` 2M folios mapped MAP_SHARED at hva and bound at GPA; folios listed in
+    `private` are converted private before anything touches them (the host never
+    maps them).  policy=None: the default policy."""
     host = host_factory(ram="256M", hugepages={"2M": 8}, policy=policy)
     me = emu.attach(host, name="qemu")
-    me.prctl(u.PR_MCE_KILL, u.PR_MCE_KILL_SET, u.PR_MCE_KILL_EARLY)
+    if early:
+        me.prctl(u.PR_MCE_KILL, u.PR_MCE_KILL_SET, u.PR_MCE_KILL_EARLY)
     rec = Recorder()
     emu.sigaction(signal.SIGBUS, rec)
     vm = me.open_kvm().create_vm(u.KVM_X86_SW_PROTECTED_VM)

@@ -7,21 +7,18 @@ MAP_SHARED at hva and bound at GPA 4G on a KVM_X86_SW_PROTECTED_VM; vCPUs are
 created and run by their own clone()d thread.
 """
 import signal
-from types import SimpleNamespace
 
 import pytest
 from gmem_harness import (
-    FLAGS,
     GPA,
     KPF_COMPOUND_HEAD,
     KPF_HUGE,
     MB2,
     PAGE,
-    RW,
-    SLOT,
     Recorder,
     events,
     host_read_sigbus,
+    qemu,
     run,
 )
 
@@ -38,18 +35,7 @@ def pattern(page):
 
 
 def setup(host_factory, policy=None, folios=2):
-    kw = {} if policy is None else {"policy": policy}
-    host = host_factory(ram="256M", hugepages={"2M": 8}, **kw)
-    me = emu.attach(host, name="qemu")
-    rec = Recorder()
-    emu.sigaction(signal.SIGBUS, rec)
-    vm = me.open_kvm().create_vm(u.KVM_X86_SW_PROTECTED_VM)
-    size = folios * MB2
-    gfd = vm.create_guest_memfd(size, FLAGS)
-    hva = me.mmap(0, size, RW, u.MAP_SHARED, gfd, 0)
-    vm.set_user_memory_region2(SLOT, u.KVM_MEM_GUEST_MEMFD, GPA, size, hva, gfd, 0)
-    env = SimpleNamespace(host=host, me=me, rec=rec, vm=vm, gfd=gfd, hva=hva, size=size, vid=0)
-    return env
+    return qemu(host_factory, policy, folios, early=False)
 
 
 def host_fill(env, folio):
