@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import itertools
 import time
 
 from .. import _core as C
@@ -29,6 +30,10 @@ SYSCTL_RANGE = {
 EVENT_TYPES: dict[str, int] = {}     # trace event name -> id in the shm event ring
 
 
+def _event_type(name: str) -> int:
+    return EVENT_TYPES.setdefault(name, len(EVENT_TYPES) + 1)
+
+
 class KernelPanic(SystemExit):
     pass
 
@@ -45,7 +50,7 @@ class Kernel:
         self.madvise_action_required = madvise_action_required   # MF_ACTION_REQUIRED since ~6.11
         self.boot_ns = time.monotonic_ns()
         self.dmesg_lines: collections.deque[tuple] = collections.deque(maxlen=20000)
-        self.events: collections.deque[dict] = collections.deque(maxlen=50000)
+        self.events: collections.deque[tuple] = collections.deque(maxlen=50000)
         self.event_seq = 0
         self.current: Task | None = None
         from .hugetlb import HugeTLB, reserve_boot_pages
@@ -80,16 +85,22 @@ class Kernel:
                 for ts, fmt, args in self.dmesg_lines]
 
     def trace(self, type_: str, **kw) -> None:
-        """A structured trace event; a compact copy also goes to the shm event ring."""
+        """A structured trace event, kept as it comes and made a dict only when read
+        (`trace_events`): the kernel path pays for an append.  A compact copy goes to
+        the shm event ring."""
         self.event_seq += 1
-        kw["seq"] = self.event_seq
-        kw["ts_ns"] = time.monotonic_ns()
-        kw["type"] = type_
-        self.events.append(kw)
-        tid = EVENT_TYPES.get(type_)
-        if tid is None:
-            tid = EVENT_TYPES[type_] = len(EVENT_TYPES) + 1
-        self.core.ev_post(tid, kw.get("tid") or 0, kw.get("pfn") or 0, kw.get("addr") or 0)
+        self.events.append((self.event_seq, time.monotonic_ns(), type_, kw))
+        self.core.ev_post(EVENT_TYPES.get(type_) or _event_type(type_), kw.get("tid") or 0,
+                          kw.get("pfn") or 0, kw.get("addr") or 0)
+
+    def trace_events(self, since: int = 0) -> list[dict]:
+        """The events after seq `since` still in the ring, oldest first."""
+        ev = self.events
+        new = min(len(ev), self.event_seq - since) if since > 0 else len(ev)
+        out = [{**kw, "seq": seq, "ts_ns": ts, "type": type_}
+               for seq, ts, type_, kw in itertools.islice(reversed(ev), max(new, 0))]
+        out.reverse()
+        return out
 
     def panic(self, msg: str) -> None:
         self.log("Kernel panic - not syncing: " + msg)

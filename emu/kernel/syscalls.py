@@ -7,7 +7,6 @@ before changing anything.
 from __future__ import annotations
 
 import base64
-import itertools
 
 from .. import _core as C
 from .. import uapi as u
@@ -351,10 +350,7 @@ def host_dmesg(k, a):
 
 
 def host_events(k, a):
-    since = _int(a, "since", 0)
-    ev = k.events                      # consecutive seq numbers: skip, don't scan
-    skip = min(len(ev), max(0, since - ev[0]["seq"] + 1)) if ev else 0
-    return list(itertools.islice(ev, skip, None))
+    return k.trace_events(_int(a, "since", 0))
 
 
 def host_status(k, a):
