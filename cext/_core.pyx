@@ -23,7 +23,7 @@ cdef extern from "layout.h":
     uint64_t EMU_PTE_PRESENT, EMU_PTE_RW, EMU_PTE_USER, EMU_PTE_ACCESSED, EMU_PTE_DIRTY
     uint64_t EMU_PTE_PSE, EMU_PTE_PFN_MASK, EMU_PTE_HWPOISON, EMU_PTE_S2_PRIVATE
     int EMU_TASK_FREE, EMU_TASK_ALIVE, EMU_TASK_DEAD
-    uint64_t EMU_PG_HEAD
+    uint64_t EMU_PG_HEAD, EMU_PG_DIRTY
     ctypedef struct emu_frame:
         uint64_t flags
         int32_t refcount
@@ -147,6 +147,7 @@ PTE_PFN_MASK = EMU_PTE_PFN_MASK
 PTE_HWPOISON = EMU_PTE_HWPOISON
 PTE_S2_PRIVATE = EMU_PTE_S2_PRIVATE
 PG_HEAD = EMU_PG_HEAD
+PG_DIRTY = EMU_PG_DIRTY
 TASK_FREE = EMU_TASK_FREE
 TASK_ALIVE = EMU_TASK_ALIVE
 TASK_DEAD = EMU_TASK_DEAD
@@ -614,6 +615,27 @@ cdef class Core:
             return 0
         return emu_xchg64(slot, entry)
 
+    def pte_zap(self, uint64_t pgd, uint64_t va, uint64_t entry, int level=1):
+        """Supervisor: the table half of zapping one entry (try_to_unmap_one,
+        zap_pte_range): exchange it for `entry` (a hwpoison entry or none); if a page
+        was mapped, move the old entry's dirty bit to its folio and drop the page's
+        mapcount and the folio's reference.  Returns (old entry, head, references
+        left), head -1 when no page was mapped: the caller frees the folio at 0."""
+        cdef uint64_t *slot = self._slot(pgd, va, level, entry != 0)
+        cdef uint64_t old, pfn, head
+        if slot == NULL:
+            return 0, -1, 0
+        old = emu_xchg64(slot, entry)
+        if not old & EMU_PTE_PRESENT:
+            return old, -1, 0
+        pfn = (old & EMU_PTE_PFN_MASK) >> EMU_PAGE_SHIFT
+        head = self._head(pfn)
+        if old & EMU_PTE_DIRTY:
+            self.c.frames[head].flags |= EMU_PG_DIRTY
+        self.c.frames[pfn].mapcount -= 1
+        self.c.frames[head].refcount -= 1
+        return old, head, self.c.frames[head].refcount
+
     def pte_clear_ad(self, uint64_t pgd, uint64_t va, uint64_t bits, int level=1):
         """Supervisor: atomically clear A/D bits (folio_mkclean); returns the old entry."""
         cdef uint64_t *slot = self._slot(pgd, va, level, False)
@@ -696,6 +718,10 @@ cdef class Core:
     def mb_post(self, int slot, int signo, int code, uint64_t addr, int lsb, int pid,
                 uint64_t seq):
         """Supervisor: queue one siginfo record; False if the ring is full."""
+        return self._mb_post(slot, signo, code, addr, lsb, pid, seq)
+
+    cdef bint _mb_post(self, int slot, int signo, int code, uint64_t addr, int lsb, int pid,
+                       uint64_t seq):
         cdef emu_task *t = &self.c.tasks[slot]
         cdef uint32_t h = t.mb_head
         cdef emu_siginfo *r
@@ -707,6 +733,17 @@ cdef class Core:
         r.ts_ns = emu_now_ns()
         emu_st32(&t.mb_head, h + 1)
         return True
+
+    def sig_post(self, int slot, int tid, int signo, int code, uint64_t addr, int lsb,
+                 int pid, uint64_t seq):
+        """Supervisor: deliver to another thread: queue the siginfo record in its
+        mailbox and ring the doorbell (a SIGBUS directed at the thread).  Returns
+        (doorbell_ns, tgkill's 0 or -errno), or None if the mailbox is full."""
+        cdef uint64_t rung
+        if not self._mb_post(slot, signo, code, addr, lsb, pid, seq):
+            return None
+        rung = emu_now_ns()
+        return rung, emu_tgkill(tid, tid, signo)
 
     def mm_init(self, int slot, uint64_t pgd):
         cdef emu_mm *m = &self.c.mms[slot]

@@ -43,6 +43,7 @@
  * or 18, naturally aligned) may stay all zero; their head is then found from the
  * aligned head frame, which has EMU_PG_HEAD and the order. */
 #define EMU_PG_HEAD      (1ULL << 5)
+#define EMU_PG_DIRTY     (1ULL << 3)    /* a zapped dirty PTE moves its dirty bit here */
 typedef struct {
     uint64_t flags;      /* EMU_PG_* */
     int32_t  refcount;   /* _refcount */

@@ -314,7 +314,7 @@ class HugeTLB:
         index0 = core.index(head)
         inode.ops.invalidate(k, inode, index0, index0 + nr)
         maps = []
-        for mm, va, _p, _vma, level in list(k.mm.rmap_walk(head)):
+        for mm, va, _p, _vma, level in k.mm.rmap_walk(head):
             old = core.pte_xchg(mm.pgd, va, 0, level)
             maps.append((mm, va, bool(old & C.PTE_RW), bool(old & C.PTE_DIRTY)))
         sub = (flags & ~(PG_head | PG_hugetlb | PG_hwpoison)) | PG_lru | PG_unevictable | PG_uptodate

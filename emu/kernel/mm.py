@@ -42,7 +42,7 @@ def page_align(x: int) -> int:
     return (x + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Vma:
     """vm_area_struct."""
 
@@ -66,7 +66,7 @@ class Vma:
         return self.start + ((index - self.pgoff) << PAGE_SHIFT)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Mm:
     """mm_struct: a page-table root in the core plus the VMA list."""
 
@@ -135,23 +135,27 @@ class MM:
     def folio_put(self, head: int, n: int = 1) -> None:
         """Drop references; the last one frees the folio (a poisoned one never returns)."""
         if self.core.ref_add(head, -n) <= 0:
-            self.anon_rmap.pop(head, None)
-            flags = self.core.flags(head)
-            if flags & PG_hugetlb:
-                self.k.synchronize_rcu()          # no CPU may still read through it
-                self.k.hugetlb.free_huge_folio(head)
-                return
-            if self.k.hugetlb is not None and self.k.hugetlb.groups \
-                    and self.k.hugetlb.split_group_of(head) is not None:
-                self.k.synchronize_rcu()
-                self.k.hugetlb.release_split_page(head)
-                return
-            if head in self.k.memory_failure.tracked:     # marked only now, on release
-                flags |= PG_hwpoison
-                self.k.memory_failure.mark_on_release(head, {head})
-            self.core.set_flags(head, flags & PG_hwpoison)
-            if not flags & PG_hwpoison:
-                self.k.buddy.free(head, self.core.order(head))
+            self.folio_free(head)
+
+    def folio_free(self, head: int) -> None:
+        """__folio_put: the last reference is gone."""
+        self.anon_rmap.pop(head, None)
+        flags = self.core.flags(head)
+        if flags & PG_hugetlb:
+            self.k.synchronize_rcu()          # no CPU may still read through it
+            self.k.hugetlb.free_huge_folio(head)
+            return
+        if self.k.hugetlb is not None and self.k.hugetlb.groups \
+                and self.k.hugetlb.split_group_of(head) is not None:
+            self.k.synchronize_rcu()
+            self.k.hugetlb.release_split_page(head)
+            return
+        if head in self.k.memory_failure.tracked:     # marked only now, on release
+            flags |= PG_hwpoison
+            self.k.memory_failure.mark_on_release(head, {head})
+        self.core.set_flags(head, flags & PG_hwpoison)
+        if not flags & PG_hwpoison:
+            self.k.buddy.free(head, self.core.order(head))
 
     def folio_mapped(self, head: int) -> bool:
         core = self.core
@@ -178,17 +182,13 @@ class MM:
         self.core.ref_add(self.core.head(pfn), 1)
 
     def zap_pte(self, mm: Mm, va: int, new: int = 0, level: int = 1) -> int:
-        """ptep_get_and_clear + the rmap bookkeeping + MMU notifiers; returns the old entry."""
-        old = self.core.pte_xchg(mm.pgd, va, new, level)
+        """ptep_get_and_clear + the rmap bookkeeping + MMU notifiers; returns the old
+        entry.  The core moves the dirty bit and drops mapcount and reference."""
+        old, head, refs = self.core.pte_zap(mm.pgd, va, new, level)
         if mm.kvm_users:
             self.k.kvm.mmu_notifier_invalidate(mm, va)
-        if old & C.PTE_PRESENT:
-            pfn = (old & C.PTE_PFN_MASK) >> PAGE_SHIFT
-            head = self.core.head(pfn)
-            if old & C.PTE_DIRTY:
-                self.folio_mark_dirty(head)
-            self.core.map_add(pfn, -1)
-            self.folio_put(head)
+        if head >= 0 and refs <= 0:
+            self.folio_free(head)
         return old
 
     def zap_range(self, mm: Mm, start: int, end: int) -> int:
@@ -203,57 +203,53 @@ class MM:
         return n
 
     # ------------------------------------------------------------------ rmap
-    def rmap_walk(self, head: int):
-        """Yield (mm, va, pfn, vma, level) for every entry that maps a page of the folio
+    def rmap_walk(self, head: int) -> list[tuple]:
+        """(mm, va, pfn, vma, level) for every entry that maps a page of the folio
         (one huge entry for a HugeTLB folio)."""
         core = self.core
-        n = 1 << core.order(head)
-        if core.flags(head) & PG_hugetlb:
-            inode = self.k.inodes.get(core.mapping(head))
-            if inode is None:
-                return
-            level = 2 if core.order(head) == 9 else 3
-            index = core.index(head)
-            for vma in list(inode.i_mmap):
-                if vma.covers_index(index):
-                    va = vma.addr_of(index)
-                    e = core.pte_get(vma.mm.pgd, va, level)
-                    if e & C.PTE_PRESENT and ((e & C.PTE_PFN_MASK) >> PAGE_SHIFT) == head:
-                        yield vma.mm, va, head, vma, level
-            return
-        if core.flags(head) & PG_anon:
+        out: list[tuple] = []
+        fl = core.flags(head)
+        if fl & PG_anon and not fl & PG_hugetlb:
             ent = self.anon_rmap.get(head)
             if ent is not None:
                 mm, va = ent
                 e = core.pte_get(mm.pgd, va)
                 if e & C.PTE_PRESENT and ((e & C.PTE_PFN_MASK) >> PAGE_SHIFT) == head:
-                    yield mm, va, head, mm.find_vma(va), 1
-            return
+                    out.append((mm, va, head, mm.find_vma(va), 1))
+            return out
         inode = self.k.inodes.get(core.mapping(head))
         if inode is None:
-            return
+            return out
         index = core.index(head)
-        for vma in list(inode.i_mmap):
-            for i in range(n):
-                if not vma.covers_index(index + i):
-                    continue
-                va = vma.addr_of(index + i)
-                e = core.pte_get(vma.mm.pgd, va)
-                if e & C.PTE_PRESENT and ((e & C.PTE_PFN_MASK) >> PAGE_SHIFT) == head + i:
-                    yield vma.mm, va, head + i, vma, 1
+        order = core.order(head)
+        n, level = (1, 2 if order == 9 else 3) if fl & PG_hugetlb else (1 << order, 1)
+        for vma in inode.i_mmap:                 # the pages of the folio inside each VMA
+            pgoff = vma.pgoff
+            i = index if index > pgoff else pgoff
+            stop = pgoff + ((vma.end - vma.start) >> PAGE_SHIFT)
+            if stop > index + n:
+                stop = index + n
+            while i < stop:
+                va = vma.start + ((i - pgoff) << PAGE_SHIFT)
+                pfn = head + i - index
+                e = core.pte_get(vma.mm.pgd, va, level)
+                if e & C.PTE_PRESENT and ((e & C.PTE_PFN_MASK) >> PAGE_SHIFT) == pfn:
+                    out.append((vma.mm, va, pfn, vma, level))
+                i += 1
+        return out
 
     def try_to_unmap(self, head: int, hwpoison: bool) -> None:
         """try_to_unmap(folio, TTU_HWPOISON?): poisoned subpages become hwpoison entries."""
-        for mm, va, pfn, _vma, level in list(self.rmap_walk(head)):
-            poison = hwpoison and self.core.flags(pfn) & PG_hwpoison
-            new = ((pfn << PAGE_SHIFT) | C.PTE_HWPOISON) if poison else 0
-            self.zap_pte(mm, va, new, level)
-            self.k.trace("unmap", mm=mm.slot, addr=va, pfn=pfn, hwpoison=bool(poison), level=level)
+        core, trace = self.core, self.k.trace
+        for mm, va, pfn, _vma, level in self.rmap_walk(head):
+            poison = hwpoison and core.flags(pfn) & PG_hwpoison
+            self.zap_pte(mm, va, ((pfn << PAGE_SHIFT) | C.PTE_HWPOISON) if poison else 0, level)
+            trace("unmap", mm=mm.slot, addr=va, pfn=pfn, hwpoison=bool(poison), level=level)
 
     def folio_mkclean(self, head: int) -> bool:
         """Write-protect/clean every mapping; True if any PTE was dirty."""
         dirty = False
-        for mm, va, _pfn, _vma, level in list(self.rmap_walk(head)):
+        for mm, va, _pfn, _vma, level in self.rmap_walk(head):
             old = self.core.pte_clear_ad(mm.pgd, va, C.PTE_DIRTY, level)
             dirty |= bool(old & C.PTE_DIRTY)
         return dirty
@@ -265,7 +261,7 @@ class MM:
         flags = core.flags(old)
         mapping, index = core.mapping(old), core.index(old)
         new = k.buddy.alloc(0)
-        ptes = list(self.rmap_walk(old))
+        ptes = self.rmap_walk(old)
         # unmap first (the kernel installs migration entries), wait until no CPU can
         # still be copying through an old translation, then copy and remap
         saved = [(mm, va, core.pte_xchg(mm.pgd, va, 0)) for mm, va, _p, _v, _l in ptes]

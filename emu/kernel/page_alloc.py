@@ -15,7 +15,7 @@ from .. import _core as C
 PG_locked = 1 << 0
 PG_referenced = 1 << 1
 PG_uptodate = 1 << 2
-PG_dirty = 1 << 3
+PG_dirty = C.PG_DIRTY     # the core moves a zapped dirty PTE's bit to it
 PG_lru = 1 << 4
 PG_head = C.PG_HEAD       # the core resolves zero tail frames through it
 PG_active = 1 << 6

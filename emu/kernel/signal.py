@@ -13,9 +13,7 @@ SIGBUS is a legacy signal: one already pending makes a new one a no-op
 from __future__ import annotations
 
 import os
-import time
 
-from .. import _core as C
 from .. import uapi as u
 
 
@@ -49,13 +47,13 @@ class Signals:
         if k.core.sig_pending(t.slot):
             self._trace("signal_dropped", info, reason="already pending")
             return 0
-        if not k.core.mb_post(t.slot, signo, code, addr, lsb, 0, self.seq):
+        sent = k.core.sig_post(t.slot, t.tid, signo, code, addr, lsb, 0, self.seq)
+        if sent is None:
             self._trace("signal_dropped", info, reason="mailbox full")
             return 0
-        rung = time.monotonic_ns()
-        r = C.tgkill(t.tid, t.tid, signo)
+        rung, r = sent
         # trace_signal_generate fires after complete_signal() has woken the target
-        # (waking an idle vCPU makes this tgkill itself cost tens of microseconds)
+        # (waking an idle vCPU makes the tgkill itself cost tens of microseconds)
         self._trace("signal", info, via="mailbox", doorbell_ns=rung)
         # The woken thread may have been queued on this CPU: let it run its
         # handler now rather than after the rest of this kernel path.
