@@ -568,6 +568,35 @@ def test_legacy_queue_second_ao_dropped_while_first_pending(host):
     assert got == [(AO, va1, 12)]              # the second SIGBUS was dropped
 
 
+def test_page_mapped_twice_ao_carries_the_lower_file_offset_vma(host):
+    """collect_procs_file walks i_mmap, an interval tree ordered by vm_pgoff: a page
+    one process maps through two VMAs is reported at its address in the VMA that
+    starts lower in the file, though that VMA lies higher in memory; the second
+    SIGBUS finds the first pending and is dropped."""
+    me = emu.attach(host, name="qemu")
+    got, h = recorder()
+    emu.sigaction(SIGBUS, h)
+    set_policy(me, EARLY)
+    fd = me.memfd_create("guest-ram")
+    me.ftruncate(fd, 2 * PAGE)
+    rw, shared = u.PROT_READ | u.PROT_WRITE, u.MAP_SHARED
+    whole = me.mmap(0, 2 * PAGE, rw, shared, fd, 0)            # pgoff 0
+    alias = me.mmap(0, PAGE, rw, shared, fd, PAGE)              # pgoff 1, placed below
+    assert alias < whole
+    me.write(alias, b"\xaa" * 64)
+    pfn = me.pagemap(alias).pfn
+    me.read(whole + PAGE, 1)
+    assert me.pagemap(whole + PAGE).pfn == pfn
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {SIGBUS})
+    assert host.hw_detect(pfn) == 0
+    me.idle(0.3)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {SIGBUS})
+    wait_for(me, got)
+    me.idle(0.5)
+    assert got == [(AO, whole + PAGE, 12)]
+
+
 def test_legacy_queue_on_vcpu_thread(host):
     me = emu.attach(host, name="qemu")
     got, h = recorder()

@@ -13,7 +13,7 @@ from .mm import PAGE_SHIFT, PAGE_SIZE
 from .page_alloc import PG_dirty, PG_hwpoison
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Inode:
     ino: int
     ops: FileOps
@@ -69,6 +69,7 @@ class FileOps:
     writeback = False         # mapping_can_writeback()
     shmem = False             # shmem_mapping()
     huge = False              # hugetlbfs: huge folios, huge mappings
+    gmem = False              # guest_memfd: where the policy's gmem decisions apply
 
     def release(self, k, inode: Inode) -> None:
         inode.nlink -= 1

@@ -14,6 +14,7 @@ from .page_alloc import PG_hwpoison, PG_lru, PG_swapbacked, PG_unevictable, PG_u
 
 class GuestMemfdOps(FileOps):
     name = "kvm-gmem"
+    gmem = True
 
     # ---- helpers ----
     @staticmethod

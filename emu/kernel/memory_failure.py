@@ -8,10 +8,11 @@ branches on what a file system or a kernel version does, it asks the policy
 """
 from __future__ import annotations
 
+import time
+from collections import namedtuple
 from dataclasses import dataclass
 
 from .. import uapi as u
-from .guest_memfd import GuestMemfdOps
 from .page_alloc import (
     PG_anon,
     PG_buddy,
@@ -59,13 +60,17 @@ STAT_NAME = {u.MF_IGNORED: "ignored", u.MF_FAILED: "failed",
              u.MF_DELAYED: "delayed", u.MF_RECOVERED: "recovered"}
 
 
-@dataclass
-class ToKill:
-    """struct to_kill."""
+ToKill = namedtuple("ToKill", "tsk addr size_shift")      # struct to_kill
 
-    tsk: object
-    addr: int
-    size_shift: int
+
+def _pgoff(m: tuple) -> int:
+    return m[0]
+
+
+# why an action-optional SIGBUS went to a thread, by its PR_MCE_KILL_GET value
+AO_WHY = {u.PR_MCE_KILL_EARLY: "early kill: PR_MCE_KILL_EARLY",
+          u.PR_MCE_KILL_LATE: "early kill: PR_MCE_KILL_EARLY",
+          u.PR_MCE_KILL_DEFAULT: "early kill: vm.memory_failure_early_kill=1"}
 
 
 # ------------------------------------------------------------------ page-state handlers
@@ -157,7 +162,8 @@ class MemoryFailure:
         self.stats = {"total": 0, "ignored": 0, "failed": 0, "delayed": 0, "recovered": 0}
 
     def log(self, fmt: str, *args) -> None:
-        self.k.log("Memory failure: " + fmt, *args)
+        """pr_err with pr_fmt "Memory failure: " (printk's record, one call deep)."""
+        self.k.dmesg_lines.append((time.monotonic_ns(), "Memory failure: " + fmt, args))
 
     # ------------------------------------------------------------ bookkeeping
     def action_result(self, pfn: int, type_: str, result: int) -> int:
@@ -213,29 +219,35 @@ class MemoryFailure:
                 return t
         return None
 
-    def collect_procs(self, head: int, pfn: int, force_early: bool) -> list[ToKill]:
+    def collect_procs(self, head: int, pfn: int, force_early: bool, inode=None) -> list[ToKill]:
+        """collect_procs_anon / collect_procs_file: each process mapping the page
+        whose task_early_kill() thread is to hear of it, with the page's address
+        there (a covering VMA suffices, as page_address_in_vma)."""
         k, core = self.k, self.k.core
         tokill: list[ToKill] = []
         shift = 12 + core.order(head)
-        anon = core.flags(head) & PG_anon
-        inode = None if anon else k.inodes.get(core.mapping(head))
-        if not anon and inode is None:
+        if core.flags(head) & PG_anon:
+            ent = k.mm.anon_rmap.get(head)
+            maps = [] if ent is None else [(0, *ent)]
+        elif inode is None:
             return tokill
-        gmem = self.gmem_inode_of(head)
+        else:
+            index = core.index(pfn)
+            maps = []
+            for vma in inode.i_mmap:               # vma_interval_tree_foreach(.., index, index)
+                off = index - vma.pgoff
+                if 0 <= off < (vma.end - vma.start) >> 12:
+                    maps.append((vma.pgoff, vma.mm, vma.start + (off << 12)))
+            if len(maps) > 1:
+                maps.sort(key=_pgoff)              # the interval tree's order
+        gmem = inode if inode is not None and inode.ops.gmem else None
         honour = gmem is None or k.policy.early_kill != "ignored"
         for proc in k.processes():
             t = self.task_early_kill(proc, force_early, honour)
-            if t is None:
-                continue
-            if anon:
-                ent = k.mm.anon_rmap.get(head)
-                if ent is not None and ent[0] is proc.mm:
-                    tokill.append(ToKill(t, ent[1], shift))
-                continue
-            index = core.index(pfn)
-            for vma in proc.mm.vmas:               # collect_procs_file: a covering VMA suffices
-                if vma.file is not None and vma.inode is inode and vma.covers_index(index):
-                    tokill.append(ToKill(t, vma.addr_of(index), shift))
+            if t is not None:
+                for _, mm, addr in maps:
+                    if mm is proc.mm:
+                        tokill.append(ToKill(t, addr, shift))
         if gmem is not None and k.policy.early_kill == "kvm_owner":
             tokill += self.kvm_owners(gmem, pfn, shift, tokill, force_early)
         return tokill
@@ -257,9 +269,8 @@ class MemoryFailure:
             ret = sig.force_sig_mceerr(t, u.BUS_MCEERR_AR, tk.addr, tk.size_shift,
                                        why="action required: current consumed the error")
         else:
-            why = ("early kill: %s" % {1: "PR_MCE_KILL_EARLY", 2: "vm.memory_failure_early_kill=1"}
-                   .get(t.mce_policy(), "PR_MCE_KILL_EARLY"))
-            ret = sig.send_sig_mceerr(t, u.BUS_MCEERR_AO, tk.addr, tk.size_shift, why=why)
+            ret = sig.send_sig_mceerr(t, u.BUS_MCEERR_AO, tk.addr, tk.size_shift,
+                                      why=AO_WHY[t.mce_policy()])
         if ret < 0:
             self.log("Error sending signal to %s:%d: %d", t.comm, t.tid, ret)
         return ret
@@ -294,21 +305,21 @@ class MemoryFailure:
             return True
         if not fl & (PG_lru | PG_hugetlb):
             return True
+        inode = None if fl & PG_anon else k.inodes.get(core.mapping(head))
+        gmem = inode is not None and inode.ops.gmem
         if not k.mm.folio_mapped(head):
-            if k.policy.early_kill == "kvm_owner" and self.gmem_inode_of(head) is not None:
+            if gmem and k.policy.early_kill == "kvm_owner":
                 # private guest memory: no host mapping, but the VMM owns the struct kvm
-                self.kill_procs(self.kvm_owners(self.gmem_inode_of(head), pfn, 12 + core.order(head),
+                self.kill_procs(self.kvm_owners(inode, pfn, 12 + core.order(head),
                                                 [], bool(flags & u.MF_ACTION_REQUIRED)),
                                 True, pfn, flags)
             return True
-        tokill = self.collect_procs(head, pfn, bool(flags & u.MF_ACTION_REQUIRED))
+        tokill = self.collect_procs(head, pfn, flags & u.MF_ACTION_REQUIRED != 0, inode)
         ttu_hwpoison = not fl & PG_swapcache
-        inode = k.inodes.get(core.mapping(head))
-        gmem = self.gmem_inode_of(head) is not None
         if gmem and k.policy.signal_all_mappers:
             # every process with the folio mapped in host page tables, early-kill or not
             have = {id(tk.tsk.process) for tk in tokill}
-            for mm, va, _p, _v, _l in list(k.mm.rmap_walk(head)):
+            for mm, va, _p, _v, _l in k.mm.rmap_walk(head):
                 proc = next((p for p in k.processes() if p.mm is mm), None)
                 if proc is not None and id(proc) not in have:
                     have.add(id(proc))
@@ -337,7 +348,7 @@ class MemoryFailure:
         unmap_success = not k.mm.folio_mapped(head)
         if not unmap_success:
             self.log("%#x: failed to unmap page (folio mapcount=%d)", pfn, core.mapcount(pfn))
-        forcekill = bool(core.flags(head) & PG_dirty) or bool(flags & u.MF_MUST_KILL) \
+        forcekill = core.flags(head) & PG_dirty != 0 or flags & u.MF_MUST_KILL != 0 \
             or not unmap_success
         self.kill_procs(tokill, forcekill, pfn, flags)
         return unmap_success
@@ -354,7 +365,7 @@ class MemoryFailure:
     def gmem_inode_of(self, pfn: int):
         """The guest_memfd owning pfn's folio, if any (policy decisions apply there)."""
         inode = self.k.inodes.get(self.k.core.mapping(self.k.core.head(pfn)))
-        return inode if inode is not None and isinstance(inode.ops, GuestMemfdOps) else None
+        return inode if inode is not None and inode.ops.gmem else None
 
     def memory_failure(self, pfn: int, flags: int) -> int:
         k, core = self.k, self.k.core
