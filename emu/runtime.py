@@ -265,6 +265,7 @@ def connect(path: str | None = None) -> Host:
 SigInfo = namedtuple("SigInfo", "si_signo si_code si_errno si_pid si_addr si_addr_lsb ts_ns")
 _handlers: dict[int, object] = {}
 _self: Task | None = None
+_new_tuple = tuple.__new__
 
 
 def _dispatch(signum, frame):
@@ -274,7 +275,7 @@ def _dispatch(signum, frame):
         if rec is None:
             return
         _sig_count += 1
-        info = SigInfo(*rec)
+        info = _new_tuple(SigInfo, rec)         # SigInfo(*rec), minus a Python-level __new__
         h = _handlers.get(signum)
         try:
             if callable(h):

@@ -13,7 +13,7 @@ PF_MCE_PROCESS = 0x00000080
 PF_MCE_EARLY = 0x08000000
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Process:
     tgid: int
     mm: object
@@ -36,7 +36,7 @@ class Process:
         return f
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Task:
     tid: int
     slot: int
