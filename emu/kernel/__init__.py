@@ -65,7 +65,7 @@ class Kernel:
         self.inodes: dict[int, Inode] = {}
         self._next_ino = 1
         self.tasks: dict[int, Task] = {}              # tid -> task
-        self._procs: list[Process] = []
+        self.tasklist: list[Process] = []     # for_each_process: thread groups in creation order
         self._free_slots = list(range(core.ntasks - 1, -1, -1))
         self._free_mm = list(range(core.nmms - 1, -1, -1))
         self._free_inode = list(range(core.ninodes - 1, -1, -1))
@@ -161,7 +161,7 @@ class Kernel:
 
     def processes(self) -> list[Process]:
         """for_each_process: live thread groups in creation order."""
-        return self._procs
+        return self.tasklist
 
     def _new_mm(self) -> Mm:
         if not self._free_mm:
@@ -188,7 +188,7 @@ class Kernel:
     def new_process(self, tid: int, comm: str) -> Task:
         proc = Process(tid, self._new_mm(), comm)
         t = self._new_task(tid, comm, proc)
-        self._procs.append(proc)
+        self.tasklist.append(proc)
         return t
 
     def clone(self, parent: Task, tid: int, comm: str) -> Task:
@@ -200,7 +200,7 @@ class Kernel:
         for fd, f in parent.process.files.items():
             proc.files[fd] = f.get()
         t = self._new_task(tid, comm, proc, parent.flags)
-        self._procs.append(proc)
+        self.tasklist.append(proc)
         return t
 
     def exit_task(self, t: Task) -> None:
@@ -215,7 +215,7 @@ class Kernel:
         self._free_slots.append(t.slot)
         self.trace("task_exit", tid=t.tid, tgid=proc.tgid)
         if not any(th.alive for th in proc.threads):
-            self._procs.remove(proc)
+            self.tasklist.remove(proc)
             self.mm.exit_mmap(proc.mm)
             self._free_mm.append(proc.mm.slot)
             for f in list(proc.files.values()):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections import namedtuple
 from dataclasses import dataclass
+from functools import partial
 
 from .. import uapi as u
 from .page_alloc import (
@@ -61,16 +62,18 @@ STAT_NAME = {u.MF_IGNORED: "ignored", u.MF_FAILED: "failed",
 
 
 ToKill = namedtuple("ToKill", "tsk addr size_shift")      # struct to_kill
+_to_kill = partial(tuple.__new__, ToKill)   # ToKill((tsk, addr, size_shift)), no Python __new__
 
 
 def _pgoff(m: tuple) -> int:
     return m[0]
 
 
-# why an action-optional SIGBUS went to a thread, by its PR_MCE_KILL_GET value
-AO_WHY = {u.PR_MCE_KILL_EARLY: "early kill: PR_MCE_KILL_EARLY",
-          u.PR_MCE_KILL_LATE: "early kill: PR_MCE_KILL_EARLY",
-          u.PR_MCE_KILL_DEFAULT: "early kill: vm.memory_failure_early_kill=1"}
+# why an action-optional SIGBUS went to a thread, by its PF_MCE_* flags
+AO_WHY = {PF_MCE_PROCESS | PF_MCE_EARLY: "early kill: PR_MCE_KILL_EARLY",
+          PF_MCE_PROCESS: "early kill: PR_MCE_KILL_EARLY",
+          0: "early kill: vm.memory_failure_early_kill=1",
+          PF_MCE_EARLY: "early kill: vm.memory_failure_early_kill=1"}
 
 
 # ------------------------------------------------------------------ page-state handlers
@@ -242,12 +245,12 @@ class MemoryFailure:
                 maps.sort(key=_pgoff)              # the interval tree's order
         gmem = inode if inode is not None and inode.ops.gmem else None
         honour = gmem is None or k.policy.early_kill != "ignored"
-        for proc in k.processes():
+        for proc in k.tasklist:                    # for_each_process
             t = self.task_early_kill(proc, force_early, honour)
             if t is not None:
                 for _, mm, addr in maps:
                     if mm is proc.mm:
-                        tokill.append(ToKill(t, addr, shift))
+                        tokill.append(_to_kill((t, addr, shift)))
         if gmem is not None and k.policy.early_kill == "kvm_owner":
             tokill += self.kvm_owners(gmem, pfn, shift, tokill, force_early)
         return tokill
@@ -270,7 +273,7 @@ class MemoryFailure:
                                        why="action required: current consumed the error")
         else:
             ret = sig.send_sig_mceerr(t, u.BUS_MCEERR_AO, tk.addr, tk.size_shift,
-                                      why=AO_WHY[t.mce_policy()])
+                                      why=AO_WHY[t.flags & (PF_MCE_PROCESS | PF_MCE_EARLY)])
         if ret < 0:
             self.log("Error sending signal to %s:%d: %d", t.comm, t.tid, ret)
         return ret
@@ -464,7 +467,10 @@ class MemoryFailure:
                 return self.action_result(pfn, MF_MSG_BUDDY, u.MF_FAILED)
             if core.refcount(head) == 0 and not fl & PG_buddy:
                 return self.action_result(pfn, MF_MSG_KERNEL_HIGH_ORDER, u.MF_IGNORED)
-            if not self.hwpoison_handlable(head, flags):
+            # !HWPoisonHandlable(): LRU pages (the unevictable LRU counts) or free buddy;
+            # reserved and other kernel pages only with the caller's reference
+            # (MF_COUNT_INCREASED), which is how me_kernel is reached
+            if fl & PG_slab or not fl & PG_lru:
                 self.log("%#x: unhandlable page.", pfn)
                 return self.action_result(pfn, MF_MSG_GET_HWPOISON, u.MF_IGNORED)
             core.ref_add(head, 1)                             # get_hwpoison_page
@@ -477,13 +483,6 @@ class MemoryFailure:
                 and core.mapping(head) == 0:
             return self.action_result(pfn, MF_MSG_TRUNCATED_LRU, u.MF_IGNORED)
         return self.identify_page_state(pfn, page_flags)
-
-    def hwpoison_handlable(self, head: int, flags: int) -> bool:
-        """HWPoisonHandlable: LRU pages (the unevictable LRU counts) or free buddy.
-        Reserved and other kernel pages are 'unhandlable' unless the caller already
-        holds a reference (MF_COUNT_INCREASED), which is how me_kernel is reached."""
-        fl = self.k.core.flags(head)
-        return not fl & PG_slab and bool(fl & PG_lru)
 
     # ------------------------------------------------------------ unpoison_memory()
     def unpoison_memory(self, pfn: int) -> int:
