@@ -615,17 +615,21 @@ cdef class Core:
             return 0
         return emu_xchg64(slot, entry)
 
-    def pte_zap(self, uint64_t pgd, uint64_t va, uint64_t entry, int level=1):
-        """Supervisor: the table half of zapping one entry (try_to_unmap_one,
-        zap_pte_range): exchange it for `entry` (a hwpoison entry or none); if a page
-        was mapped, move the old entry's dirty bit to its folio and drop the page's
-        mapcount and the folio's reference.  Returns (old entry, head, references
-        left), head -1 when no page was mapped: the caller frees the folio at 0."""
-        cdef uint64_t *slot = self._slot(pgd, va, level, entry != 0)
-        cdef uint64_t old, pfn, head
+    def pte_zap(self, uint64_t pgd, uint64_t va, bint poison=False, int level=1):
+        """Supervisor: the table half of zapping one entry (zap_pte_range,
+        try_to_unmap_one): clear it, or with `poison` make it a hwpoison entry for the
+        page it mapped (make_hwpoison_entry); if a page was mapped, move the entry's
+        dirty bit to its folio and drop the page's mapcount and the folio's
+        reference.  Returns (old entry, head, references left), head -1 when no page
+        was mapped: the caller frees the folio at 0."""
+        cdef uint64_t *slot = self._slot(pgd, va, level, False)
+        cdef uint64_t old, new = 0, pfn, head
         if slot == NULL:
             return 0, -1, 0
-        old = emu_xchg64(slot, entry)
+        old = emu_ld64(slot)              # only the supervisor writes the pfn bits
+        if poison and old & EMU_PTE_PRESENT:
+            new = (old & EMU_PTE_PFN_MASK) | EMU_PTE_HWPOISON
+        old = emu_xchg64(slot, new)       # the final A/D bits the CPUs set
         if not old & EMU_PTE_PRESENT:
             return old, -1, 0
         pfn = (old & EMU_PTE_PFN_MASK) >> EMU_PAGE_SHIFT

@@ -37,10 +37,10 @@ def mapped(core, dirty: bool):
 
 
 @pytest.mark.parametrize("dirty", [True, False])
-def test_pte_zap_installs_the_entry_and_drops_the_page(core, dirty):
+def test_pte_zap_leaves_a_hwpoison_entry_and_drops_the_page(core, dirty):
     pgd, e = mapped(core, dirty)
-    poison = (PFN << 12) | C.PTE_HWPOISON
-    old, head, refs = core.pte_zap(pgd, VA, poison)
+    poison = (PFN << 12) | C.PTE_HWPOISON                  # make_hwpoison_entry(page)
+    old, head, refs = core.pte_zap(pgd, VA, True)
     assert old == e | (C.PTE_DIRTY if dirty else 0)
     assert (head, refs) == (PFN, 1)
     assert core.pte_get(pgd, VA) == poison
@@ -48,15 +48,21 @@ def test_pte_zap_installs_the_entry_and_drops_the_page(core, dirty):
     assert bool(core.flags(PFN) & PG_dirty) is dirty        # the PTE's dirty bit moved
 
 
+def test_pte_zap_without_poison_clears(core):
+    pgd, e = mapped(core, False)
+    assert core.pte_zap(pgd, VA, False) == (e, PFN, 1)
+    assert core.pte_get(pgd, VA) == 0 and core.mapcount(PFN) == 0
+
+
 def test_pte_zap_of_a_non_present_entry_changes_no_page(core):
     pgd, _ = mapped(core, True)
     poison = (PFN << 12) | C.PTE_HWPOISON
-    core.pte_zap(pgd, VA, poison)
+    core.pte_zap(pgd, VA, True)
     before = core.frame(PFN)
-    assert core.pte_zap(pgd, VA, 0) == (poison, -1, 0)     # a hwpoison entry: no page
+    assert core.pte_zap(pgd, VA, True) == (poison, -1, 0)  # no page: nothing to poison
     assert core.pte_get(pgd, VA) == 0
     assert core.frame(PFN) == before
-    assert core.pte_zap(pgd, VA + (1 << 30), 0) == (0, -1, 0)   # no table there at all
+    assert core.pte_zap(pgd, VA + (1 << 30), False) == (0, -1, 0)   # no table there at all
 
 
 def test_sig_post_queues_the_record_and_rings_the_doorbell(core):

@@ -75,14 +75,14 @@ class Kernel:
 
     # ------------------------------------------------------------ logging and tracing
     def log(self, fmt: str, *args) -> None:
-        """printk: the record is stamped now and formatted when dmesg is read, so
-        logging costs the kernel path almost nothing."""
-        self.dmesg_lines.append((time.monotonic_ns(), fmt, args))
+        """printk: the record (time, pr_fmt prefix, format, args) is stamped now and
+        formatted when dmesg is read, so logging costs the kernel path almost nothing."""
+        self.dmesg_lines.append((time.monotonic_ns(), "", fmt, args))
 
     def dmesg(self) -> list[str]:
         b = self.boot_ns
-        return ["[%12.6f] %s" % ((ts - b) / 1e9, fmt % args if args else fmt)
-                for ts, fmt, args in self.dmesg_lines]
+        return ["[%12.6f] %s%s" % ((ts - b) / 1e9, prefix, fmt % args if args else fmt)
+                for ts, prefix, fmt, args in self.dmesg_lines]
 
     def trace(self, type_: str, **kw) -> None:
         """A structured trace event, kept as it comes and made a dict only when read

@@ -146,7 +146,7 @@ def unmap_mapping_range(k, inode: Inode, start: int, end: int | None, even_cows:
             continue
         for va, e, level in core.pt_scan(vma.mm.pgd, vma.addr_of(lo), vma.addr_of(hi)):
             if e & C.PTE_PRESENT or (e & C.PTE_HWPOISON and even_cows):
-                k.mm.zap_pte(vma.mm, va, 0, level)
+                k.mm.zap_pte(vma.mm, va, False, level)
 
 
 def truncate_inode_pages_range(k, inode: Inode, start: int, end: int | None,

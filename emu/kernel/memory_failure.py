@@ -9,9 +9,7 @@ branches on what a file system or a kernel version does, it asks the policy
 from __future__ import annotations
 
 import time
-from collections import namedtuple
 from dataclasses import dataclass
-from functools import partial
 
 from .. import uapi as u
 from .page_alloc import (
@@ -61,8 +59,8 @@ STAT_NAME = {u.MF_IGNORED: "ignored", u.MF_FAILED: "failed",
              u.MF_DELAYED: "delayed", u.MF_RECOVERED: "recovered"}
 
 
-ToKill = namedtuple("ToKill", "tsk addr size_shift")      # struct to_kill
-_to_kill = partial(tuple.__new__, ToKill)   # ToKill((tsk, addr, size_shift)), no Python __new__
+# struct to_kill: (tsk, addr, size_shift), a plain tuple (built on the kernel path)
+ToKill = tuple
 
 
 def _pgoff(m: tuple) -> int:
@@ -166,7 +164,7 @@ class MemoryFailure:
 
     def log(self, fmt: str, *args) -> None:
         """pr_err with pr_fmt "Memory failure: " (printk's record, one call deep)."""
-        self.k.dmesg_lines.append((time.monotonic_ns(), "Memory failure: " + fmt, args))
+        self.k.dmesg_lines.append((time.monotonic_ns(), "Memory failure: ", fmt, args))
 
     # ------------------------------------------------------------ bookkeeping
     def action_result(self, pfn: int, type_: str, result: int) -> int:
@@ -250,7 +248,7 @@ class MemoryFailure:
             if t is not None:
                 for _, mm, addr in maps:
                     if mm is proc.mm:
-                        tokill.append(_to_kill((t, addr, shift)))
+                        tokill.append((t, addr, shift))
         if gmem is not None and k.policy.early_kill == "kvm_owner":
             tokill += self.kvm_owners(gmem, pfn, shift, tokill, force_early)
         return tokill
@@ -259,20 +257,20 @@ class MemoryFailure:
         """Policy: the processes owning the struct kvm of a guest_memfd get the early
         kill even without a host mapping of the page (si_addr 0 then)."""
         vm = inode.private.get("vm")
-        if vm is None or any(tk.tsk.process is vm.proc for tk in have):
+        if vm is None or any(t.process is vm.proc for t, _, _ in have):
             return []
         t = self.task_early_kill(vm.proc, force_early)
-        return [] if t is None else [ToKill(t, 0, shift)]
+        return [] if t is None else [(t, 0, shift)]
 
     def kill_proc(self, tk: ToKill, pfn: int, flags: int) -> int:
-        t = tk.tsk
+        t, addr, size_shift = tk
         self.log("%#x: Sending SIGBUS to %s:%d due to hardware memory corruption", pfn, t.comm, t.tid)
         sig = self.k.signals
         if flags & u.MF_ACTION_REQUIRED and t is self.k.current:
-            ret = sig.force_sig_mceerr(t, u.BUS_MCEERR_AR, tk.addr, tk.size_shift,
+            ret = sig.force_sig_mceerr(t, u.BUS_MCEERR_AR, addr, size_shift,
                                        why="action required: current consumed the error")
         else:
-            ret = sig.send_sig_mceerr(t, u.BUS_MCEERR_AO, tk.addr, tk.size_shift,
+            ret = sig.send_sig_mceerr(t, u.BUS_MCEERR_AO, addr, size_shift,
                                       why=AO_WHY[t.flags & (PF_MCE_PROCESS | PF_MCE_EARLY)])
         if ret < 0:
             self.log("Error sending signal to %s:%d: %d", t.comm, t.tid, ret)
@@ -284,7 +282,7 @@ class MemoryFailure:
         for tk in tokill:
             if self.kill_proc(tk, pfn, flags) < 0:
                 self.log("%#x: Cannot send advisory machine check signal to %s:%d",
-                         pfn, tk.tsk.comm, tk.tsk.tid)
+                         pfn, tk[0].comm, tk[0].tid)
 
     def kill_accessing_process(self, pfn: int, flags: int) -> int:
         """Walk current's page tables for a present or hwpoison entry of pfn."""
@@ -296,7 +294,7 @@ class MemoryFailure:
         for vma in cur.process.mm.vmas:
             for va, e, level in self.k.core.pt_scan(cur.process.mm.pgd, vma.start, vma.end):
                 if ((e & C.PTE_PFN_MASK) >> 12) == pfn and e & (C.PTE_PRESENT | C.PTE_HWPOISON):
-                    self.kill_proc(ToKill(cur, va, 12 + 9 * (level - 1)), pfn, flags)
+                    self.kill_proc((cur, va, 12 + 9 * (level - 1)), pfn, flags)
                     return -u.EHWPOISON
         return 0
 
@@ -321,7 +319,7 @@ class MemoryFailure:
         ttu_hwpoison = not fl & PG_swapcache
         if gmem and k.policy.signal_all_mappers:
             # every process with the folio mapped in host page tables, early-kill or not
-            have = {id(tk.tsk.process) for tk in tokill}
+            have = {id(t.process) for t, _, _ in tokill}
             for mm, va, _p, _v, _l in k.mm.rmap_walk(head):
                 proc = next((p for p in k.processes() if p.mm is mm), None)
                 if proc is not None and id(proc) not in have:
@@ -330,7 +328,7 @@ class MemoryFailure:
                     index = core.index(pfn)
                     vma = proc.mm.find_vma(va)
                     addr = vma.addr_of(index) if vma is not None and vma.covers_index(index) else va
-                    tokill.append(ToKill(t, addr, 12 + core.order(head)))
+                    tokill.append((t, addr, 12 + core.order(head)))
         if gmem and k.policy.host_unmap == "none":
             forcekill = bool(core.flags(head) & PG_dirty) or bool(flags & u.MF_MUST_KILL)
             self.kill_procs(tokill, forcekill, pfn, flags)

@@ -181,10 +181,11 @@ class MM:
         self.core.map_add(pfn, 1)
         self.core.ref_add(self.core.head(pfn), 1)
 
-    def zap_pte(self, mm: Mm, va: int, new: int = 0, level: int = 1) -> int:
-        """ptep_get_and_clear + the rmap bookkeeping + MMU notifiers; returns the old
-        entry.  The core moves the dirty bit and drops mapcount and reference."""
-        old, head, refs = self.core.pte_zap(mm.pgd, va, new, level)
+    def zap_pte(self, mm: Mm, va: int, poison: bool = False, level: int = 1) -> int:
+        """ptep_get_and_clear (a hwpoison entry left with `poison`) + the rmap
+        bookkeeping + MMU notifiers; returns the old entry.  The core moves the dirty
+        bit and drops mapcount and reference."""
+        old, head, refs = self.core.pte_zap(mm.pgd, va, poison, level)
         if mm.kvm_users:
             self.k.kvm.mmu_notifier_invalidate(mm, va)
         if head >= 0 and refs <= 0:
@@ -196,7 +197,7 @@ class MM:
         n = 0
         for va, e, level in self.core.pt_scan(mm.pgd, start, end):
             if e & C.PTE_PRESENT or e & C.PTE_HWPOISON:
-                self.zap_pte(mm, va, 0, level)
+                self.zap_pte(mm, va, False, level)
                 n += 1
         if n:
             self.k.trace("zap", mm=mm.slot, start=start, end=end, pages=n)
@@ -242,9 +243,9 @@ class MM:
         """try_to_unmap(folio, TTU_HWPOISON?): poisoned subpages become hwpoison entries."""
         core, trace = self.core, self.k.trace
         for mm, va, pfn, _vma, level in self.rmap_walk(head):
-            poison = hwpoison and core.flags(pfn) & PG_hwpoison
-            self.zap_pte(mm, va, ((pfn << PAGE_SHIFT) | C.PTE_HWPOISON) if poison else 0, level)
-            trace("unmap", mm=mm.slot, addr=va, pfn=pfn, hwpoison=bool(poison), level=level)
+            poison = hwpoison and core.flags(pfn) & PG_hwpoison != 0
+            self.zap_pte(mm, va, poison, level)
+            trace("unmap", mm=mm.slot, addr=va, pfn=pfn, hwpoison=poison, level=level)
 
     def folio_mkclean(self, head: int) -> bool:
         """Write-protect/clean every mapping; True if any PTE was dirty."""
