@@ -607,6 +607,15 @@ cdef class Core:
         cdef uint64_t *slot = self._slot(pgd, va, level, False)
         return 0 if slot == NULL else emu_ld64(slot)
 
+    def pte_pfn(self, uint64_t pgd, uint64_t va, int level=1):
+        """The pfn a present entry at `level` maps, else -1 (rmap's page_vma_mapped_walk)."""
+        cdef uint64_t *slot = self._slot(pgd, va, level, False)
+        cdef uint64_t e
+        if slot == NULL:
+            return -1
+        e = emu_ld64(slot)
+        return <int64_t>((e & EMU_PTE_PFN_MASK) >> EMU_PAGE_SHIFT) if e & EMU_PTE_PRESENT else -1
+
     def pte_xchg(self, uint64_t pgd, uint64_t va, uint64_t entry, int level=1):
         """Supervisor: ptep_get_and_clear-style exchange; returns the old entry with
         the final A/D bits the CPUs set."""

@@ -214,8 +214,7 @@ class MM:
             ent = self.anon_rmap.get(head)
             if ent is not None:
                 mm, va = ent
-                e = core.pte_get(mm.pgd, va)
-                if e & C.PTE_PRESENT and ((e & C.PTE_PFN_MASK) >> PAGE_SHIFT) == head:
+                if core.pte_pfn(mm.pgd, va) == head:
                     out.append((mm, va, head, mm.find_vma(va), 1))
             return out
         inode = self.k.inodes.get(core.mapping(head))
@@ -233,8 +232,7 @@ class MM:
             while i < stop:
                 va = vma.start + ((i - pgoff) << PAGE_SHIFT)
                 pfn = head + i - index
-                e = core.pte_get(vma.mm.pgd, va, level)
-                if e & C.PTE_PRESENT and ((e & C.PTE_PFN_MASK) >> PAGE_SHIFT) == pfn:
+                if core.pte_pfn(vma.mm.pgd, va, level) == pfn:
                     out.append((vma.mm, va, pfn, vma, level))
                 i += 1
         return out
