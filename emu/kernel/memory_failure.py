@@ -437,7 +437,7 @@ class MemoryFailure:
             self.hw_memory_failure = True
         k.trace("memory_failure", pfn=pfn, flags=flags,
                 tid=k.current.tid if k.current is not None else 0)
-        if pfn < 0 or pfn >= core.nframes:
+        if pfn < 0 or pfn >= k.nframes:
             self.log("%#x: memory outside kernel control", pfn)
             return -u.ENXIO
         if k.hugetlb is not None:

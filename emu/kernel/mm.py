@@ -159,10 +159,12 @@ class MM:
 
     def folio_mapped(self, head: int) -> bool:
         core = self.core
+        if core.mapcount(head) > 0:
+            return True
         order = core.order(head)
         if not order or core.flags(head) & PG_hugetlb:    # HugeTLB: mapped whole, counted on the head
-            return core.mapcount(head) > 0
-        return any(core.mapcount(head + i) > 0 for i in range(1 << order))
+            return False
+        return any(core.mapcount(head + i) > 0 for i in range(1, 1 << order))
 
     def folio_mark_dirty(self, head: int) -> None:
         self.core.test_set_flag(head, PG_dirty)
