@@ -42,7 +42,7 @@ import emu  # noqa: E402
 from emu import uapi as u  # noqa: E402
 from emu.shm import Segments  # noqa: E402
 
-N = 400
+N = 1000
 BLOCK = 50
 
 
