@@ -21,7 +21,7 @@ class Inode:
     size: int = 0
     flags: int = 0
     pages: dict[int, int] = field(default_factory=dict)   # index -> folio head pfn
-    i_mmap: set = field(default_factory=set)              # VMAs mapping this file
+    i_mmap: list = field(default_factory=list)    # VMAs mapping this file, vm_pgoff order
     wb_err: int = 0                                       # mapping_set_error
     nlink: int = 0                                        # open files + bindings
     private: dict = field(default_factory=dict)           # per-fs data

@@ -63,10 +63,6 @@ STAT_NAME = {u.MF_IGNORED: "ignored", u.MF_FAILED: "failed",
 ToKill = tuple
 
 
-def _pgoff(m: tuple) -> int:
-    return m[0]
-
-
 # why an action-optional SIGBUS went to a thread, by its PF_MCE_* flags
 AO_WHY = {PF_MCE_PROCESS | PF_MCE_EARLY: "early kill: PR_MCE_KILL_EARLY",
           PF_MCE_PROCESS: "early kill: PR_MCE_KILL_EARLY",
@@ -229,7 +225,7 @@ class MemoryFailure:
         shift = 12 + core.order(head)
         if core.flags(head) & PG_anon:
             ent = k.mm.anon_rmap.get(head)
-            maps = [] if ent is None else [(0, *ent)]
+            maps = [] if ent is None else [ent]
         elif inode is None:
             return tokill
         else:
@@ -238,15 +234,13 @@ class MemoryFailure:
             for vma in inode.i_mmap:               # vma_interval_tree_foreach(.., index, index)
                 off = index - vma.pgoff
                 if 0 <= off < (vma.end - vma.start) >> 12:
-                    maps.append((vma.pgoff, vma.mm, vma.start + (off << 12)))
-            if len(maps) > 1:
-                maps.sort(key=_pgoff)              # the interval tree's order
+                    maps.append((vma.mm, vma.start + (off << 12)))
         gmem = inode if inode is not None and inode.ops.gmem else None
         honour = gmem is None or k.policy.early_kill != "ignored"
         for proc in k.tasklist:                    # for_each_process
             t = self.task_early_kill(proc, force_early, honour)
             if t is not None:
-                for _, mm, addr in maps:
+                for mm, addr in maps:
                     if mm is proc.mm:
                         tokill.append((t, addr, shift))
         if gmem is not None and k.policy.early_kill == "kvm_owner":

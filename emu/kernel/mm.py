@@ -117,6 +117,25 @@ class Mm:
         return addr
 
 
+# mm/interval_tree.c: a file's i_mmap holds its VMAs in vm_pgoff order (an equal
+# key goes after those already there), the order rmap and collect_procs walk them in.
+def _vm_pgoff(vma: Vma) -> int:
+    return vma.pgoff
+
+
+def vma_interval_tree_insert(vma: Vma, root: list) -> None:
+    bisect.insort_right(root, vma, key=_vm_pgoff)
+
+
+def vma_interval_tree_insert_after(vma: Vma, prev: Vma, root: list) -> None:
+    """fork (dup_mmap): the child's VMA goes right after the parent's."""
+    root.insert(root.index(prev) + 1, vma)
+
+
+def vma_interval_tree_remove(vma: Vma, root: list) -> None:
+    root.remove(vma)
+
+
 class MM:
     """The memory-management part of the kernel: owns frames' lifetimes in mappings."""
 
@@ -417,7 +436,7 @@ class MM:
         self.k.vma_link(vma)
         if file is not None:
             file.get()
-            file.inode.i_mmap.add(vma)
+            vma_interval_tree_insert(vma, file.inode.i_mmap)
         self.k.trace("mmap", mm=mm.slot, addr=addr, length=length)
         return addr
 
@@ -438,7 +457,7 @@ class MM:
     def _split_out(self, mm: Mm, vma: Vma, start: int, end: int) -> None:
         self.k.vma_unlink(vma)
         if vma.file is not None:
-            vma.inode.i_mmap.discard(vma)
+            vma_interval_tree_remove(vma, vma.inode.i_mmap)
         for lo, hi in ((vma.start, min(start, vma.end)), (max(end, vma.start), vma.end)):
             if lo < hi:
                 piece = Vma(mm, lo, hi, vma.prot, vma.shared, vma.file,
@@ -446,7 +465,7 @@ class MM:
                 self.k.vma_link(piece)
                 if vma.file is not None:
                     vma.file.get()
-                    vma.inode.i_mmap.add(piece)
+                    vma_interval_tree_insert(piece, vma.inode.i_mmap)
         if vma.file is not None:
             vma.file.put(self.k)
 
@@ -473,7 +492,7 @@ class MM:
             self.k.vma_link(nv)
             if vma.file is not None:
                 vma.file.get()
-                vma.inode.i_mmap.add(nv)
+                vma_interval_tree_insert_after(nv, vma, vma.inode.i_mmap)
             for va, e, level in core.pt_scan(src.pgd, vma.start, vma.end):
                 if e & C.PTE_HWPOISON:
                     core.pte_set(dst.pgd, va, e, level)   # copy_nonpresent_pte
