@@ -363,9 +363,16 @@ class MemoryFailure:
         return inode if inode is not None and inode.ops.gmem else None
 
     def memory_failure(self, pfn: int, flags: int) -> int:
-        k, core = self.k, self.k.core
-        gmem = self.gmem_inode_of(pfn) if 0 <= pfn < core.nframes else None
-        if gmem is not None and k.policy.hwpoison_mark == "release":
+        k, pol = self.k, self.k.policy
+        k.trace("memory_failure", pfn=pfn, flags=flags,
+                tid=k.current.tid if k.current is not None else 0)
+        # the policy's guest_memfd decisions; the folio's file is looked up only for them
+        sigbus_cur = (pol.sigbus_current_on_consume if flags & u.MF_ACTION_REQUIRED
+                      else pol.deferred_failure == "sigbus_current")
+        gmem = None
+        if pol.hwpoison_mark == "release" or sigbus_cur:
+            gmem = self.gmem_inode_of(pfn) if 0 <= pfn < k.nframes else None
+        if gmem is not None and pol.hwpoison_mark == "release":
             if not k.sysctl["vm.memory_failure_recovery"]:
                 k.panic("Memory failure on page %x" % pfn)
             if not flags & u.MF_SW_SIMULATED:
@@ -373,10 +380,9 @@ class MemoryFailure:
             return self.memory_failure_tracked(pfn, flags, gmem)
         ret = self._memory_failure(pfn, flags)
         cur = k.current
-        if gmem is not None and cur is not None and not any(s[0] == u.SIGBUS for s in cur.reply_sigs):
-            if (flags & u.MF_ACTION_REQUIRED and k.policy.sigbus_current_on_consume) or (
-                    not flags & u.MF_ACTION_REQUIRED and k.policy.deferred_failure == "sigbus_current"):
-                self.sigbus_current(pfn)
+        if gmem is not None and sigbus_cur and cur is not None \
+                and not any(s[0] == u.SIGBUS for s in cur.reply_sigs):
+            self.sigbus_current(pfn)
         return ret
 
     def memory_failure_tracked(self, pfn: int, flags: int, inode) -> int:
@@ -384,8 +390,6 @@ class MemoryFailure:
         the failure goes to a global table; nothing is unmapped or flagged."""
         k, core = self.k, self.k.core
         head = core.head(pfn)
-        k.trace("memory_failure", pfn=pfn, flags=flags,
-                tid=k.current.tid if k.current is not None else 0)
         first = pfn not in self.tracked
         self.tracked.add(pfn)
         k.trace("mf_track", pfn=pfn, ino=inode.ino, first=first)
@@ -429,8 +433,6 @@ class MemoryFailure:
             k.panic("Memory failure on page %x" % pfn)
         if not flags & u.MF_SW_SIMULATED:
             self.hw_memory_failure = True
-        k.trace("memory_failure", pfn=pfn, flags=flags,
-                tid=k.current.tid if k.current is not None else 0)
         if pfn < 0 or pfn >= k.nframes:
             self.log("%#x: memory outside kernel control", pfn)
             return -u.ENXIO
