@@ -3,10 +3,11 @@
 A worker (the main thread of a QEMU-shaped process, PR_MCE_KILL_EARLY) has
 dirtied a shared memfd mapping and idles.  Each iteration a patrol-scrub error
 is reported on one of its pages (host.hw_detect).  Measured: from the moment
-memory_failure() begins in the supervisor (the kernel's trace timestamp) to the
-end of the worker's SIGBUS handler (stamped by the worker into shared memory,
-CLOCK_MONOTONIC).  The figure covers the whole kernel path: page-state
-dispatch, rmap walk, unmap, thread selection, mailbox, doorbell, delivery.
+memory_failure() begins in the supervisor (its "memory_failure" trace event, the
+function's first line) to the end of the worker's SIGBUS handler (stamped by the
+worker into shared memory, CLOCK_MONOTONIC).  The figure covers the whole kernel
+path: page-state dispatch, rmap walk, unmap, thread selection, mailbox, doorbell,
+delivery.
 
 Baseline, same run: os.kill(SIGBUS) from one process to another idling the same
 way, whose Python handler stamps CLOCK_MONOTONIC into shared memory; measured
