@@ -728,13 +728,9 @@ cdef class Core:
         cdef emu_task *t = &self.c.tasks[slot]
         return emu_ld32(&t.mb_tail) != t.mb_head
 
-    def mb_post(self, int slot, int signo, int code, uint64_t addr, int lsb, int pid,
-                uint64_t seq):
-        """Supervisor: queue one siginfo record; False if the ring is full."""
-        return self._mb_post(slot, signo, code, addr, lsb, pid, seq)
-
     cdef bint _mb_post(self, int slot, int signo, int code, uint64_t addr, int lsb, int pid,
                        uint64_t seq):
+        """Queue one siginfo record in a task's mailbox; False if the ring is full."""
         cdef emu_task *t = &self.c.tasks[slot]
         cdef uint32_t h = t.mb_head
         cdef emu_siginfo *r

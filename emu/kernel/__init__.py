@@ -79,6 +79,14 @@ class Kernel:
         formatted when dmesg is read, so logging costs the kernel path almost nothing."""
         self.dmesg_lines.append((time.monotonic_ns(), "", fmt, args))
 
+    def logger(self, pr_fmt: str):
+        """printk for a file whose messages carry a pr_fmt prefix ("Memory failure: ")."""
+        lines, now = self.dmesg_lines, time.monotonic_ns
+
+        def log(fmt: str, *args) -> None:
+            lines.append((now(), pr_fmt, fmt, args))
+        return log
+
     def dmesg(self) -> list[str]:
         b = self.boot_ns
         return ["[%12.6f] %s%s" % ((ts - b) / 1e9, prefix, fmt % args if args else fmt)
@@ -158,10 +166,6 @@ class Kernel:
             self.core.vma_clear(vma.slot)
             self._free_vma.append(vma.slot)
             vma.slot = -1
-
-    def processes(self) -> list[Process]:
-        """for_each_process: live thread groups in creation order."""
-        return self.tasklist
 
     def _new_mm(self) -> Mm:
         if not self._free_mm:

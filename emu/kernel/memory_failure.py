@@ -8,7 +8,6 @@ branches on what a file system or a kernel version does, it asks the policy
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 from .. import uapi as u
@@ -157,10 +156,7 @@ class MemoryFailure:
         self.num_poisoned_pages = 0
         self.tracked: set[int] = set()        # failures recorded without PG_hwpoison
         self.stats = {"total": 0, "ignored": 0, "failed": 0, "delayed": 0, "recovered": 0}
-
-    def log(self, fmt: str, *args) -> None:
-        """pr_err with pr_fmt "Memory failure: " (printk's record, one call deep)."""
-        self.k.dmesg_lines.append((time.monotonic_ns(), "Memory failure: ", fmt, args))
+        self.log = k.logger("Memory failure: ")
 
     # ------------------------------------------------------------ bookkeeping
     def action_result(self, pfn: int, type_: str, result: int) -> int:
@@ -315,7 +311,7 @@ class MemoryFailure:
             # every process with the folio mapped in host page tables, early-kill or not
             have = {id(t.process) for t, _, _ in tokill}
             for mm, va, _p, _v, _l in k.mm.rmap_walk(head):
-                proc = next((p for p in k.processes() if p.mm is mm), None)
+                proc = next((p for p in k.tasklist if p.mm is mm), None)
                 if proc is not None and id(proc) not in have:
                     have.add(id(proc))
                     t = next(th for th in proc.threads if th.alive)

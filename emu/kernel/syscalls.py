@@ -355,7 +355,7 @@ def host_events(k, a):
 
 def host_status(k, a):
     procs = []
-    for p in k.processes():
+    for p in k.tasklist:
         procs.append({
             "tgid": p.tgid, "comm": p.comm, "vmas": len(p.mm.vmas), "fds": len(p.files),
             "maps": [{"start": s, "end": e, "prot": pr, "shared": sh, "ino": ino, "pgoff": off}
