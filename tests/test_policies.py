@@ -522,6 +522,11 @@ def test_initial_dirty_host_mapped_folio_sigbus_all_processes_mapping_it(host_fa
     assert sigs2 == [(tid2, u.BUS_MCEERR_AO, env.hva + 0x5000, 21)]
     assert sigs3 == []
     assert env.rec.got == [(env.main_tid, u.BUS_MCEERR_AO, env.hva + 0x5000, 21)]
+    # the trace says why each got it: the EARLY main thread by early kill, the LATE
+    # second process by the policy alone
+    assert sorted((e["tid"], e["why"]) for e in events(env.host, "signal")) == sorted([
+        (env.main_tid, "early kill: PR_MCE_KILL_EARLY"),
+        (tid2, "policy: every process mapping the folio")])
 
 
 def test_initial_sigbus_current_for_consumed_memory_failure(host_factory):

@@ -58,15 +58,18 @@ STAT_NAME = {u.MF_IGNORED: "ignored", u.MF_FAILED: "failed",
              u.MF_DELAYED: "delayed", u.MF_RECOVERED: "recovered"}
 
 
-# struct to_kill: (tsk, addr, size_shift), a plain tuple (built on the kernel path)
+# struct to_kill: (tsk, addr, size_shift, why), a plain tuple (built on the kernel
+# path); `why` is the emulator's note of the decision that picked tsk (trace, demo)
 ToKill = tuple
 
 
-# why an action-optional SIGBUS went to a thread, by its PF_MCE_* flags
-AO_WHY = {PF_MCE_PROCESS | PF_MCE_EARLY: "early kill: PR_MCE_KILL_EARLY",
-          PF_MCE_PROCESS: "early kill: PR_MCE_KILL_EARLY",
-          0: "early kill: vm.memory_failure_early_kill=1",
-          PF_MCE_EARLY: "early kill: vm.memory_failure_early_kill=1"}
+# why task_early_kill() picked a thread, by its PF_MCE_* flags (PF_MCE_PROCESS alone,
+# i.e. PR_MCE_KILL_LATE, is picked only as current by force_early: action required)
+EARLY_WHY = {PF_MCE_PROCESS | PF_MCE_EARLY: "early kill: PR_MCE_KILL_EARLY",
+             PF_MCE_PROCESS: "force_early: the consuming thread",
+             0: "early kill: vm.memory_failure_early_kill=1",
+             PF_MCE_EARLY: "early kill: vm.memory_failure_early_kill=1"}
+_MCE_BITS = PF_MCE_PROCESS | PF_MCE_EARLY
 
 
 # ------------------------------------------------------------------ page-state handlers
@@ -238,7 +241,7 @@ class MemoryFailure:
             if t is not None:
                 for mm, addr in maps:
                     if mm is proc.mm:
-                        tokill.append((t, addr, shift))
+                        tokill.append((t, addr, shift, EARLY_WHY[t.flags & _MCE_BITS]))
         if gmem is not None and k.policy.early_kill == "kvm_owner":
             tokill += self.kvm_owners(gmem, pfn, shift, tokill, force_early)
         return tokill
@@ -247,21 +250,21 @@ class MemoryFailure:
         """Policy: the processes owning the struct kvm of a guest_memfd get the early
         kill even without a host mapping of the page (si_addr 0 then)."""
         vm = inode.private.get("vm")
-        if vm is None or any(t.process is vm.proc for t, _, _ in have):
+        if vm is None or any(tk[0].process is vm.proc for tk in have):
             return []
         t = self.task_early_kill(vm.proc, force_early)
-        return [] if t is None else [(t, 0, shift)]
+        return [] if t is None else [
+            (t, 0, shift, "policy: owner of the struct kvm, " + EARLY_WHY[t.flags & _MCE_BITS])]
 
     def kill_proc(self, tk: ToKill, pfn: int, flags: int) -> int:
-        t, addr, size_shift = tk
+        t, addr, size_shift, why = tk
         self.log("%#x: Sending SIGBUS to %s:%d due to hardware memory corruption", pfn, t.comm, t.tid)
         sig = self.k.signals
         if flags & u.MF_ACTION_REQUIRED and t is self.k.current:
             ret = sig.force_sig_mceerr(t, u.BUS_MCEERR_AR, addr, size_shift,
                                        why="action required: current consumed the error")
         else:
-            ret = sig.send_sig_mceerr(t, u.BUS_MCEERR_AO, addr, size_shift,
-                                      why=AO_WHY[t.flags & (PF_MCE_PROCESS | PF_MCE_EARLY)])
+            ret = sig.send_sig_mceerr(t, u.BUS_MCEERR_AO, addr, size_shift, why=why)
         if ret < 0:
             self.log("Error sending signal to %s:%d: %d", t.comm, t.tid, ret)
         return ret
@@ -284,7 +287,7 @@ class MemoryFailure:
         for vma in cur.process.mm.vmas:
             for va, e, level in self.k.core.pt_scan(cur.process.mm.pgd, vma.start, vma.end):
                 if ((e & C.PTE_PFN_MASK) >> 12) == pfn and e & (C.PTE_PRESENT | C.PTE_HWPOISON):
-                    self.kill_proc((cur, va, 12 + 9 * (level - 1)), pfn, flags)
+                    self.kill_proc((cur, va, 12 + 9 * (level - 1), "kill_accessing_process"), pfn, flags)
                     return -u.EHWPOISON
         return 0
 
@@ -309,7 +312,7 @@ class MemoryFailure:
         ttu_hwpoison = not fl & PG_swapcache
         if gmem and k.policy.signal_all_mappers:
             # every process with the folio mapped in host page tables, early-kill or not
-            have = {id(t.process) for t, _, _ in tokill}
+            have = {id(tk[0].process) for tk in tokill}
             for mm, va, _p, _v, _l in k.mm.rmap_walk(head):
                 proc = next((p for p in k.tasklist if p.mm is mm), None)
                 if proc is not None and id(proc) not in have:
@@ -318,7 +321,8 @@ class MemoryFailure:
                     index = core.index(pfn)
                     vma = proc.mm.find_vma(va)
                     addr = vma.addr_of(index) if vma is not None and vma.covers_index(index) else va
-                    tokill.append((t, addr, 12 + core.order(head)))
+                    tokill.append((t, addr, 12 + core.order(head),
+                                   "policy: every process mapping the folio"))
         if gmem and k.policy.host_unmap == "none":
             forcekill = bool(core.flags(head) & PG_dirty) or bool(flags & u.MF_MUST_KILL)
             self.kill_procs(tokill, forcekill, pfn, flags)
