@@ -91,7 +91,7 @@ def _emu_worker(host, shared, w, busy: bool, cpu: int | None) -> None:
     a = me.mmap(0, N * 4096, u.PROT_READ | u.PROT_WRITE, u.MAP_SHARED, fd, 0)
     me.write(a, b"\xab" * (N * 4096))
     pfns = [me.pagemap(a + i * 4096).pfn for i in range(N)]
-    os.write(w, struct.pack("<I%dQ" % N, me.slot, *pfns))
+    os.write(w, struct.pack("<%dQ" % N, *pfns))
     _idle_forever(me, busy)
 
 
@@ -130,7 +130,7 @@ def measure(busy: bool, apart: bool = False, together: bool = False) -> dict:
         worker = os.fork()
         if worker == 0:
             _emu_worker(host, shared, w, busy, recv_cpu)
-        _slot, *pfns = struct.unpack("<I%dQ" % N, _read_exactly(r, 4 + 8 * N))
+        pfns = struct.unpack("<%dQ" % N, _read_exactly(r, 8 * N))
         _pin(0 if apart or together else None)
         since = host.events()[-1]["seq"]
         for blk in range(0, N, BLOCK):
