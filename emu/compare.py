@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from multiprocessing.connection import Connection
 
 from . import records
 from . import uapi as u
@@ -107,7 +108,7 @@ def run_scenario(policy: str) -> dict:
 
     with start(policy=policy, ram="256M", hugepages={"2M": 8}) as host:
         total0 = host.meminfo()["HugePages_Total"]
-        pid, r = records.fork(lambda w: records.send(w, _qemu(emu, host)))
+        pid, r = records.fork(lambda w: w.send(_qemu(emu, host)))
         out = (records.receive(r) or [{}])[0]
         _, status = os.waitpid(pid, 0)
         qemu_status = os.waitstatus_to_exitcode(status)
@@ -249,12 +250,12 @@ def _column(policy: str, out: dict, events: list, mi: dict, total0: int, qemu_st
     }
 
 
-def _run_into(w: int, policy: str) -> None:
+def _run_into(w: Connection, policy: str) -> None:
     try:
         col = run_scenario(policy)
     except BaseException as e:
         col = {"policy": policy, "error": "%s: %s" % (type(e).__name__, e)}
-    records.send(w, col)
+    w.send(col)
 
 
 def compare(policies: list[str]) -> list[dict]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from multiprocessing.connection import Connection
 
 from . import records
 from . import uapi as u
@@ -26,11 +27,7 @@ PAGE = 4096
 GPA_A, GPA_B, GPA_C, GPA_P = 0x10000, 0x20000, 0x30000, 0x100000
 
 
-def _stream(fd, entries):
-    records.send(fd, list(entries))
-
-
-def _qemu_process(host, w: int) -> None:
+def _qemu_process(host, w: Connection) -> None:
     """Runs in a child: the QEMU-shaped process (it may die of SIGBUS)."""
     from workers.qemu_like import QemuLike
 
@@ -39,10 +36,10 @@ def _qemu_process(host, w: int) -> None:
     tids = {q.me.tid: "main"}
     for i, (th, _, _) in enumerate(q.vcpus):
         tids[th.pid] = "vcpu%d" % i
-    _stream(w, [("tids", tids), ("hva", q.ram.hva)])
+    w.send([("tids", tids), ("hva", q.ram.hva)])
 
     def flush():
-        _stream(w, j)
+        w.send(list(j))
         j.clear()
 
     def pfn_of(gpa):
@@ -87,7 +84,7 @@ def _qemu_process(host, w: int) -> None:
     q.vcpu(0, "read", GPA_C + 0x8, n=8)
     flush()
     q.stop()
-    _stream(w, [("done", None)])
+    w.send([("done", None)])
 
 
 SIGNAME = {u.BUS_MCEERR_AO: "BUS_MCEERR_AO", u.BUS_MCEERR_AR: "BUS_MCEERR_AR",

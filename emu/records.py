@@ -1,4 +1,5 @@
-"""Records from a forked child to its parent: length-prefixed pickles over a pipe.
+"""Records from a forked child to its parent over a pipe: the standard library's
+multiprocessing Connection (length-prefixed pickles).
 
 The demo and `emu compare` run each QEMU-shaped process in a child of its own, so
 a process that dies of SIGBUS, as QEMU may, cannot take the caller with it.
@@ -6,40 +7,35 @@ a process that dies of SIGBUS, as QEMU may, cannot take the caller with it.
 from __future__ import annotations
 
 import os
-import pickle
-import struct
 import traceback
+from multiprocessing.connection import Connection
 
 
-def send(fd: int, obj) -> None:
-    data = pickle.dumps(obj)
-    data = struct.pack("I", len(data)) + data
-    while data:
-        data = data[os.write(fd, data):]
-
-
-def receive(fd: int) -> list:
-    """Every record until EOF; closes fd."""
+def receive(conn: Connection) -> list:
+    """Every record until the child's end closes; closes conn."""
     out = []
-    with os.fdopen(fd, "rb") as f:
-        while len(hdr := f.read(4)) == 4:
-            out.append(pickle.loads(f.read(struct.unpack("I", hdr)[0])))
-    return out
+    with conn:
+        while True:
+            try:
+                out.append(conn.recv())
+            except EOFError:
+                return out
 
 
-def fork(fn) -> tuple[int, int]:
-    """Run fn(write_fd) in a forked child that exits 0, or 1 after printing its
-    traceback; returns (pid, read_fd)."""
+def fork(fn) -> tuple[int, Connection]:
+    """Run fn(conn) in a forked child, which sends records with conn.send(); the
+    child exits 0, or 1 after printing its traceback.  Returns (pid, the parent's
+    end for `receive`)."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(r)
         code = 0
         try:
-            fn(w)
+            fn(Connection(w, readable=False))
         except BaseException:
             traceback.print_exc()
             code = 1
         os._exit(code)
     os.close(w)
-    return pid, r
+    return pid, Connection(r, writable=False)

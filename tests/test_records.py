@@ -6,8 +6,8 @@ from emu import records
 
 def test_records_arrive_and_a_failing_child_exits_1():
     def child(w):
-        records.send(w, {"a": 1})
-        records.send(w, list(range(100_000)))       # larger than a pipe buffer
+        w.send({"a": 1})
+        w.send(list(range(100_000)))       # larger than a pipe buffer
         raise RuntimeError("the child fails after sending")
 
     pid, r = records.fork(child)
