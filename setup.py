@@ -17,6 +17,7 @@ setup(
         [ext],
         language_level=3,
         compiler_directives={"boundscheck": False, "wraparound": False, "cdivision": True,
-                             "initializedcheck": False, "linetrace": debug},
+                             "initializedcheck": False, "linetrace": debug,
+                             "binding": False},
     )
 )
