@@ -23,7 +23,7 @@ cdef extern from "layout.h":
     uint64_t EMU_PTE_PRESENT, EMU_PTE_RW, EMU_PTE_USER, EMU_PTE_ACCESSED, EMU_PTE_DIRTY
     uint64_t EMU_PTE_PSE, EMU_PTE_PFN_MASK, EMU_PTE_HWPOISON, EMU_PTE_S2_PRIVATE
     int EMU_TASK_FREE, EMU_TASK_ALIVE, EMU_TASK_DEAD
-    uint64_t EMU_PG_HEAD, EMU_PG_DIRTY
+    uint64_t EMU_PG_HEAD, EMU_PG_DIRTY, EMU_PG_HWPOISON
     ctypedef struct emu_frame:
         uint64_t flags
         int32_t refcount
@@ -53,12 +53,13 @@ cdef extern from "layout.h":
     ctypedef struct emu_inode:
         uint32_t ino, kind
         uint64_t size, flags, nrpages
-        int32_t nlink
+        int32_t nlink, i_mmap
         char name[32]
     ctypedef struct emu_vma:
         int32_t mm
         uint32_t prot, shared, ino
         uint64_t start, end, pgoff
+        int32_t i_mmap_next
     ctypedef struct emu_event:
         uint64_t seq, ts_ns
         int32_t type, tid
@@ -148,6 +149,11 @@ PTE_HWPOISON = EMU_PTE_HWPOISON
 PTE_S2_PRIVATE = EMU_PTE_S2_PRIVATE
 PG_HEAD = EMU_PG_HEAD
 PG_DIRTY = EMU_PG_DIRTY
+PG_HWPOISON = EMU_PG_HWPOISON
+cdef enum:                      # sig_send's outcomes
+    C_SEND_POSTED = 0
+    C_SEND_PENDING = 1
+SEND_POSTED, SEND_PENDING = C_SEND_POSTED, C_SEND_PENDING
 TASK_FREE = EMU_TASK_FREE
 TASK_ALIVE = EMU_TASK_ALIVE
 TASK_DEAD = EMU_TASK_DEAD
@@ -632,22 +638,108 @@ cdef class Core:
         reference.  Returns (old entry, head, references left), head -1 when no page
         was mapped: the caller frees the folio at 0."""
         cdef uint64_t *slot = self._slot(pgd, va, level, False)
-        cdef uint64_t old, new = 0, pfn, head
+        cdef uint64_t old, head
         if slot == NULL:
             return 0, -1, 0
+        old = self._zap(slot, poison)
+        if not old & EMU_PTE_PRESENT:
+            return old, -1, 0
+        head = self._head((old & EMU_PTE_PFN_MASK) >> EMU_PAGE_SHIFT)
+        return old, head, self.c.frames[head].refcount
+
+    cdef uint64_t _zap(self, uint64_t *slot, bint poison):
+        cdef uint64_t old, new = 0, pfn, head
         old = emu_ld64(slot)              # only the supervisor writes the pfn bits
         if poison and old & EMU_PTE_PRESENT:
             new = (old & EMU_PTE_PFN_MASK) | EMU_PTE_HWPOISON
         old = emu_xchg64(slot, new)       # the final A/D bits the CPUs set
-        if not old & EMU_PTE_PRESENT:
-            return old, -1, 0
-        pfn = (old & EMU_PTE_PFN_MASK) >> EMU_PAGE_SHIFT
-        head = self._head(pfn)
-        if old & EMU_PTE_DIRTY:
-            self.c.frames[head].flags |= EMU_PG_DIRTY
-        self.c.frames[pfn].mapcount -= 1
-        self.c.frames[head].refcount -= 1
-        return old, head, self.c.frames[head].refcount
+        if old & EMU_PTE_PRESENT:
+            pfn = (old & EMU_PTE_PFN_MASK) >> EMU_PAGE_SHIFT
+            head = self._head(pfn)
+            if old & EMU_PTE_DIRTY:
+                self.c.frames[head].flags |= EMU_PG_DIRTY
+            self.c.frames[pfn].mapcount -= 1
+            self.c.frames[head].refcount -= 1
+        return old
+
+    # ------------------------------------------------------------ rmap over i_mmap
+    def i_mmap_set(self, int islot, slots):
+        """Supervisor: mirror a file's i_mmap (VMA slots, in vm_pgoff order) as a chain."""
+        cdef int32_t *link = &self.inodes_p[islot].i_mmap
+        cdef int s
+        for s in slots:
+            link[0] = s + 1
+            link = &self.vmas_p[s].i_mmap_next
+        link[0] = 0
+
+    def vma_address(self, int islot, uint64_t index):
+        """vma_interval_tree_foreach(vma, &mapping->i_mmap, index, index): (mm slot,
+        address of index) for every VMA of the file covering it, in i_mmap order."""
+        cdef int32_t s = self.inodes_p[islot].i_mmap
+        cdef emu_vma *v
+        out = []
+        while s:
+            v = &self.vmas_p[s - 1]
+            if v.mm >= 0 and v.pgoff <= index and index - v.pgoff < (v.end - v.start) >> EMU_PAGE_SHIFT:
+                out.append((v.mm, v.start + ((index - v.pgoff) << EMU_PAGE_SHIFT)))
+            s = v.i_mmap_next
+        return out
+
+    def rmap_file(self, int islot, uint64_t head, uint64_t index, uint64_t nr, int level):
+        """rmap_walk_file: (vma slot, va, pfn) for every entry at `level` that maps one of
+        the nr pages of the folio at head (file offset index), in i_mmap order."""
+        return self._rmap(islot, head, index, nr, level, False, False)
+
+    def unmap_file(self, int islot, uint64_t head, uint64_t index, uint64_t nr, int level,
+                   bint hwpoison, sends=None):
+        """try_to_unmap of a file folio: zap every entry rmap_file finds; with
+        `hwpoison` a page flagged PG_hwpoison keeps a hwpoison entry.  Then, with
+        `sends` (mailbox records (slot, tid, signo, code, addr, lsb, pid, seq)), send
+        each as sig_send does, in the same call: signals decided before the unmap
+        leave the moment the PTEs are gone.  Returns (entries zapped: (vma slot, va,
+        pfn, poisoned, references left on the folio), CLOCK_MONOTONIC after the last
+        zap, sig_send's result per record); the caller frees the folio at 0."""
+        zapped = self._rmap(islot, head, index, nr, level, True, hwpoison)
+        cdef uint64_t done = emu_now_ns()
+        sent = []
+        if sends:
+            for slot, tid, signo, code, addr, lsb, pid, seq in sends:
+                sent.append(self._send(slot, tid, signo, code, addr, lsb, pid, seq))
+        return zapped, done, sent
+
+    cdef list _rmap(self, int islot, uint64_t head, uint64_t index, uint64_t nr, int level,
+                    bint zap, bint hwpoison):
+        cdef int32_t s = self.inodes_p[islot].i_mmap
+        cdef emu_vma *v
+        cdef uint64_t i, stop, va, pfn, e, *slot
+        cdef bint poison
+        out = []
+        while s:
+            v = &self.vmas_p[s - 1]
+            if v.mm < 0:                  # unlinked, its i_mmap not yet re-synced
+                s = v.i_mmap_next
+                continue
+            i = index if index > v.pgoff else v.pgoff
+            stop = v.pgoff + ((v.end - v.start) >> EMU_PAGE_SHIFT)
+            if stop > index + nr:
+                stop = index + nr
+            while i < stop:
+                va = v.start + ((i - v.pgoff) << EMU_PAGE_SHIFT)
+                pfn = head + i - index
+                slot = self._slot(self.c.mms[v.mm].pgd, va, level, False)
+                if slot != NULL:
+                    e = emu_ld64(slot)
+                    if e & EMU_PTE_PRESENT and (e & EMU_PTE_PFN_MASK) >> EMU_PAGE_SHIFT == pfn:
+                        if not zap:
+                            out.append((s - 1, va, pfn))
+                        else:
+                            poison = hwpoison and self.c.frames[pfn].flags & EMU_PG_HWPOISON != 0
+                            self._zap(slot, poison)
+                            out.append((s - 1, va, pfn, poison,
+                                        self.c.frames[self._head(pfn)].refcount))
+                i += 1
+            s = v.i_mmap_next
+        return out
 
     def pte_clear_ad(self, uint64_t pgd, uint64_t va, uint64_t bits, int level=1):
         """Supervisor: atomically clear A/D bits (folio_mkclean); returns the old entry."""
@@ -742,6 +834,23 @@ cdef class Core:
         r.ts_ns = emu_now_ns()
         emu_st32(&t.mb_head, h + 1)
         return True
+
+    cdef tuple _send(self, int slot, int tid, int signo, int code, uint64_t addr, int lsb,
+                     int pid, uint64_t seq):
+        cdef uint64_t rung
+        cdef emu_task *t = &self.c.tasks[slot]
+        if emu_ld32(&t.mb_tail) != t.mb_head:     # so the ring always has room
+            return C_SEND_PENDING, 0, 0
+        self._mb_post(slot, signo, code, addr, lsb, pid, seq)
+        rung = emu_now_ns()
+        return C_SEND_POSTED, rung, emu_tgkill(tid, tid, signo)
+
+    def sig_send(self, int slot, int tid, int signo, int code, uint64_t addr, int lsb,
+                 int pid, uint64_t seq):
+        """Supervisor: send a SIGBUS-class (legacy, non-queueing) signal to another
+        thread: dropped while one is still pending (legacy_queue), else sig_post.
+        Returns (SEND_POSTED, doorbell_ns, tgkill's 0 or -errno) or (SEND_PENDING, 0, 0)."""
+        return self._send(slot, tid, signo, code, addr, lsb, pid, seq)
 
     def sig_post(self, int slot, int tid, int signo, int code, uint64_t addr, int lsb,
                  int pid, uint64_t seq):

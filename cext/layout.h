@@ -19,7 +19,7 @@
 #include <stdint.h>
 
 #define EMU_MAGIC        0x756d652d6d656d67ULL   /* "gmem-emu" */
-#define EMU_VERSION      1
+#define EMU_VERSION      2
 #define EMU_PAGE_SHIFT   12
 #define EMU_PAGE_SIZE    4096
 #define EMU_PTRS         512        /* entries per page-table page */
@@ -44,6 +44,7 @@
  * aligned head frame, which has EMU_PG_HEAD and the order. */
 #define EMU_PG_HEAD      (1ULL << 5)
 #define EMU_PG_DIRTY     (1ULL << 3)    /* a zapped dirty PTE moves its dirty bit here */
+#define EMU_PG_HWPOISON  (1ULL << 12)   /* try_to_unmap(TTU_HWPOISON) leaves hwpoison entries */
 typedef struct {
     uint64_t flags;      /* EMU_PG_* */
     int32_t  refcount;   /* _refcount */
@@ -111,7 +112,7 @@ typedef struct {
     uint64_t flags;           /* e.g. GUEST_MEMFD_FLAG_* */
     uint64_t nrpages;         /* pages in the page cache */
     int32_t  nlink;
-    int32_t  pad;
+    int32_t  i_mmap;          /* first VMA slot + 1 of i_mmap (vm_pgoff order), 0 = none */
     char     name[32];
 } emu_inode;
 
@@ -122,6 +123,8 @@ typedef struct {
     uint32_t ino;             /* 0 = anonymous */
     uint64_t start, end;
     uint64_t pgoff;
+    int32_t  i_mmap_next;     /* next VMA slot + 1 in its file's i_mmap, 0 = last */
+    int32_t  pad;
 } emu_vma;
 
 /* ---- one trace event ---- */

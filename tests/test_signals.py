@@ -838,3 +838,80 @@ def test_ao_with_default_disposition_kills_whole_process(host):
     while time.monotonic() < end and len(host.status()["processes"]) > 1:
         me.idle(0.05)
     assert [p["tgid"] for p in host.status()["processes"]] == [me.tgid]
+
+
+# ------------------------------------------------------------------ kill_procs sent with the unmap
+@pytest.mark.parametrize("with_unmap", [True, False], ids=["core-sends-at-unmap", "kill_procs-sends"])
+def test_signals_sent_with_the_unmap_are_those_kill_procs_sends(host_factory, monkeypatch,
+                                                                 with_unmap):
+    """When the kill is decided before the unmap (a dirty page), the core sends
+    kill_procs' signals in try_to_unmap's own call.  The same case run both ways gives
+    the same signals, drops, dmesg lines and trace: every unmap before the first
+    doorbell, the signals in to_kill order, a pending SIGBUS dropping the next."""
+    from emu.kernel.memory_failure import MemoryFailure
+
+    calls_r, calls_w = os.pipe()
+    real = MemoryFailure.send_with_unmap
+
+    def send_with_unmap(self, *a):
+        records = real(self, *a) if with_unmap else None
+        os.write(calls_w, b"y" if records else b"n")
+        return records
+
+    monkeypatch.setattr(MemoryFailure, "send_with_unmap", send_with_unmap)
+    host = host_factory()                       # forked now: the supervisor has the patch
+    me = emu.attach(host, name="qemu")
+    got, h = recorder()
+    emu.sigaction(SIGBUS, h)
+    set_policy(me, EARLY)
+    base, va1, pfn1 = shared_page(me, target=1)
+    va2 = base + 2 * PAGE
+    me.write(va2, b"\xbb" * 64)
+    pfn2 = me.pagemap(va2).pfn
+    ready, done = Counter(), Event()
+
+    def monitor(task):
+        ogot, oh = recorder()
+        emu.sigaction(SIGBUS, oh)
+        set_policy(task, EARLY)
+        ready.post()
+        wait_for(task, ogot, 2)
+        assert done.wait(task)
+        return task.tid, ogot
+
+    ch = me.fork(monitor, name="monitor")
+    ready.wait(1)
+    since = host.events()[-1]["seq"]
+    signal.pthread_sigmask(signal.SIG_BLOCK, {SIGBUS})
+    assert host.hw_detect(pfn1) == 0
+    assert host.hw_detect(pfn2) == 0
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {SIGBUS})
+    wait_for(me, got)
+    done.set()
+    assert ch.join(15) == 0
+    mon_tid, mon_got = ch.result
+    me.idle(GRACE)
+
+    assert os.read(calls_r, 16) == (b"yy" if with_unmap else b"nn")
+    assert got == [(AO, va1, 12)]                       # the second found the first pending
+    assert mon_got == [(AO, va1, 12), (AO, va2, 12)]
+    who = {me.tid: "qemu", mon_tid: "monitor"}
+    trace = [(e["type"], who.get(e.get("tid")), e.get("addr"), e.get("reason"))
+             for e in host.events(since) if e["type"] in ("unmap", "signal", "signal_dropped")]
+    assert trace == [("unmap", None, va1, None), ("unmap", None, va1, None),
+                     ("signal", "qemu", va1, None), ("signal", "monitor", va1, None),
+                     ("unmap", None, va2, None), ("unmap", None, va2, None),
+                     ("signal_dropped", "qemu", va2, "already pending"),
+                     ("signal", "monitor", va2, None)]
+    evs = host.events(since)
+    for pfn in (pfn1, pfn2):
+        unmaps = [e["ts_ns"] for e in evs if e["type"] == "unmap" and e["pfn"] == pfn]
+        rung = [e["doorbell_ns"] for e in evs if e["type"] == "signal"
+                and e["addr"] == (va1 if pfn == pfn1 else va2)]
+        assert max(unmaps) <= min(rung)
+    sending = [line.split("] ", 1)[1] for line in host.dmesg() if "Sending SIGBUS" in line]
+    assert sending == ["Memory failure: %#x: Sending SIGBUS to %s:%d due to hardware memory "
+                       "corruption" % (pfn, comm, tid)
+                       for pfn in (pfn1, pfn2) for comm, tid in (("qemu", me.tid),
+                                                                 ("monitor", mon_tid))]
+    assert me.pagemap(va1).hwpoison and me.pagemap(va2).hwpoison

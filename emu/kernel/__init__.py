@@ -70,6 +70,7 @@ class Kernel:
         self._free_mm = list(range(core.nmms - 1, -1, -1))
         self._free_inode = list(range(core.ninodes - 1, -1, -1))
         self._free_vma = list(range(core.nvmas - 1, -1, -1))
+        self.vma_of: dict[int, object] = {}       # core VMA slot -> Vma (the core's rmap names slots)
         self._pt_pending: collections.deque = collections.deque()
         self.log("Linux version 6.18.0-gmem-emu (policy %s)" % self.policy.name)
 
@@ -92,12 +93,12 @@ class Kernel:
         return ["[%12.6f] %s%s" % ((ts - b) / 1e9, prefix, fmt % args if args else fmt)
                 for ts, prefix, fmt, args in self.dmesg_lines]
 
-    def trace(self, type_: str, **kw) -> None:
+    def trace(self, type_: str, _ts: int = 0, **kw) -> None:
         """A structured trace event, kept as it comes and made a dict only when read
         (`trace_events`): the kernel path pays for an append.  A compact copy goes to
-        the shm event ring."""
+        the shm event ring.  `_ts`: when it happened, if that was earlier than now."""
         self.event_seq += 1
-        self.events.append((self.event_seq, time.monotonic_ns(), type_, kw))
+        self.events.append((self.event_seq, _ts or time.monotonic_ns(), type_, kw))
         self.core.ev_post(EVENT_TYPES.get(type_) or _event_type(type_), kw.get("tid") or 0,
                           kw.get("pfn") or 0, kw.get("addr") or 0)
 
@@ -156,14 +157,21 @@ class Kernel:
         if not self._free_vma:
             raise OSError(12, "too many mappings")
         vma.slot = self._free_vma.pop()
+        self.vma_of[vma.slot] = vma
         vma.mm.insert(vma)
         self.core.vma_set(vma.slot, vma.mm.slot, vma.start, vma.end, vma.prot, vma.shared,
                           vma.inode.ino if vma.file is not None else 0, vma.pgoff)
+
+    def i_mmap_sync(self, inode: Inode) -> None:
+        """Mirror a file's i_mmap into the core, whose rmap walks it (after any change)."""
+        if inode.slot >= 0:
+            self.core.i_mmap_set(inode.slot, [v.slot for v in inode.i_mmap])
 
     def vma_unlink(self, vma) -> None:
         vma.mm.remove(vma)
         if vma.slot >= 0:
             self.core.vma_clear(vma.slot)
+            del self.vma_of[vma.slot]
             self._free_vma.append(vma.slot)
             vma.slot = -1
 

@@ -224,23 +224,18 @@ class MemoryFailure:
         shift = 12 + core.order(head)
         if core.flags(head) & PG_anon:
             ent = k.mm.anon_rmap.get(head)
-            maps = [] if ent is None else [ent]
+            maps = [] if ent is None else [(ent[0].slot, ent[1])]
         elif inode is None:
             return tokill
-        else:
-            index = core.index(pfn)
-            maps = []
-            for vma in inode.i_mmap:               # vma_interval_tree_foreach(.., index, index)
-                off = index - vma.pgoff
-                if 0 <= off < (vma.end - vma.start) >> 12:
-                    maps.append((vma.mm, vma.start + (off << 12)))
+        else:                                      # vma_interval_tree_foreach(.., index, index)
+            maps = core.vma_address(inode.slot, core.index(pfn))
         gmem = inode if inode is not None and inode.ops.gmem else None
         honour = gmem is None or k.policy.early_kill != "ignored"
         for proc in k.tasklist:                    # for_each_process
             t = self.task_early_kill(proc, force_early, honour)
             if t is not None:
                 for mm, addr in maps:
-                    if mm is proc.mm:
+                    if mm == proc.mm.slot:
                         tokill.append((t, addr, shift, EARLY_WHY[t.flags & _MCE_BITS]))
         if gmem is not None and k.policy.early_kill == "kvm_owner":
             tokill += self.kvm_owners(gmem, pfn, shift, tokill, force_early)
@@ -256,11 +251,14 @@ class MemoryFailure:
         return [] if t is None else [
             (t, 0, shift, "policy: owner of the struct kvm, " + EARLY_WHY[t.flags & _MCE_BITS])]
 
-    def kill_proc(self, tk: ToKill, pfn: int, flags: int) -> int:
+    def kill_proc(self, tk: ToKill, pfn: int, flags: int, sent=False) -> int:
+        """`sent`: the core's result if it sent this signal already (send_with_unmap)."""
         t, addr, size_shift, why = tk
         self.log("%#x: Sending SIGBUS to %s:%d due to hardware memory corruption", pfn, t.comm, t.tid)
         sig = self.k.signals
-        if flags & u.MF_ACTION_REQUIRED and t is self.k.current:
+        if sent is not False:
+            ret = sig.send_sig_mceerr_sent(t, u.BUS_MCEERR_AO, addr, size_shift, why, sent)
+        elif flags & u.MF_ACTION_REQUIRED and t is self.k.current:
             ret = sig.force_sig_mceerr(t, u.BUS_MCEERR_AR, addr, size_shift,
                                        why="action required: current consumed the error")
         else:
@@ -269,13 +267,25 @@ class MemoryFailure:
             self.log("Error sending signal to %s:%d: %d", t.comm, t.tid, ret)
         return ret
 
-    def kill_procs(self, tokill: list[ToKill], forcekill: bool, pfn: int, flags: int) -> None:
+    def kill_procs(self, tokill: list[ToKill], forcekill: bool, pfn: int, flags: int,
+                   sent: list | None = None) -> None:
         if not forcekill:
             return
-        for tk in tokill:
-            if self.kill_proc(tk, pfn, flags) < 0:
+        for i, tk in enumerate(tokill):
+            if self.kill_proc(tk, pfn, flags, False if sent is None else sent[i]) < 0:
                 self.log("%#x: Cannot send advisory machine check signal to %s:%d",
                          pfn, tk[0].comm, tk[0].tid)
+
+    def send_with_unmap(self, tokill: list[ToKill], head: int, inode, flags: int) -> list | None:
+        """kill_procs' mailbox records, for the core to send in try_to_unmap's own call,
+        right after the last zap, when the kill is decided before the unmap (a dirty
+        folio or MF_MUST_KILL) and every target is another live thread: the signals
+        leave as soon as the PTEs are gone, and kill_procs then logs and traces each
+        in order.  None: kill_procs sends them itself, after the unmap."""
+        if inode is None or not tokill or not (self.k.core.flags(head) & PG_dirty
+                                               or flags & u.MF_MUST_KILL):
+            return None
+        return self.k.signals.mailbox_records(tokill, u.SIGBUS, u.BUS_MCEERR_AO)
 
     def kill_accessing_process(self, pfn: int, flags: int) -> int:
         """Walk current's page tables for a present or hwpoison entry of pfn."""
@@ -334,8 +344,12 @@ class MemoryFailure:
             else:
                 ttu_hwpoison = False
                 self.log("%#x: corrupted page was clean: dropped without side effects", pfn)
-        k.mm.try_to_unmap(head, ttu_hwpoison)
-        if gmem and k.policy.host_unmap == "file":
+        file_unmap = gmem and k.policy.host_unmap == "file"   # runs between unmap and kill
+        records = None if file_unmap else self.send_with_unmap(tokill, head, inode, flags)
+        sent = k.mm.try_to_unmap(head, ttu_hwpoison, records)
+        if sent:
+            k.signals.doorbells_rung()
+        if file_unmap:
             from .fs import unmap_mapping_range
 
             unmap_mapping_range(k, inode, 0, None, even_cows=False)
@@ -345,7 +359,7 @@ class MemoryFailure:
             self.log("%#x: failed to unmap page (folio mapcount=%d)", pfn, core.mapcount(pfn))
         forcekill = core.flags(head) & PG_dirty != 0 or flags & u.MF_MUST_KILL != 0 \
             or not unmap_success
-        self.kill_procs(tokill, forcekill, pfn, flags)
+        self.kill_procs(tokill, forcekill, pfn, flags, sent if records else None)
         return unmap_success
 
     def identify_page_state(self, pfn: int, page_flags: int) -> int:

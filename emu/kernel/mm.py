@@ -241,30 +241,48 @@ class MM:
         inode = self.k.inodes.get(core.mapping(head))
         if inode is None:
             return out
-        index = core.index(head)
-        order = core.order(head)
-        n, level = (1, 2 if order == 9 else 3) if fl & PG_hugetlb else (1 << order, 1)
-        for vma in inode.i_mmap:                 # the pages of the folio inside each VMA
-            pgoff = vma.pgoff
-            i = index if index > pgoff else pgoff
-            stop = pgoff + ((vma.end - vma.start) >> PAGE_SHIFT)
-            if stop > index + n:
-                stop = index + n
-            while i < stop:
-                va = vma.start + ((i - pgoff) << PAGE_SHIFT)
-                pfn = head + i - index
-                if core.pte_pfn(vma.mm.pgd, va, level) == pfn:
-                    out.append((vma.mm, va, pfn, vma, level))
-                i += 1
+        n, level = self._span(head, fl)
+        vma_of = self.k.vma_of
+        for s, va, pfn in core.rmap_file(inode.slot, head, core.index(head), n, level):
+            vma = vma_of[s]
+            out.append((vma.mm, va, pfn, vma, level))
         return out
 
-    def try_to_unmap(self, head: int, hwpoison: bool) -> None:
-        """try_to_unmap(folio, TTU_HWPOISON?): poisoned subpages become hwpoison entries."""
-        core, trace = self.core, self.k.trace
-        for mm, va, pfn, _vma, level in self.rmap_walk(head):
-            poison = hwpoison and core.flags(pfn) & PG_hwpoison != 0
-            self.zap_pte(mm, va, poison, level)
-            trace("unmap", mm=mm.slot, addr=va, pfn=pfn, hwpoison=poison, level=level)
+    def _span(self, head: int, fl: int) -> tuple[int, int]:
+        """(pages, level) a folio is mapped with: page by page, or one HugeTLB entry."""
+        order = self.core.order(head)
+        return (1, 2 if order == 9 else 3) if fl & PG_hugetlb else (1 << order, 1)
+
+    def try_to_unmap(self, head: int, hwpoison: bool, sends: list | None = None) -> list:
+        """try_to_unmap(folio, TTU_HWPOISON?): poisoned subpages become hwpoison entries.
+
+        A file folio's rmap walk and zaps run in the core, in one call, after the MMU
+        notifiers of its mappings (try_to_unmap_one's invalidate_range_start).  With
+        `sends` (mailbox records, file folios only) that call also sends them, right
+        after the last zap; the core's sig_send results are returned."""
+        core, k = self.core, self.k
+        fl = core.flags(head)
+        inode = None if fl & PG_anon and not fl & PG_hugetlb else k.inodes.get(core.mapping(head))
+        if inode is None:
+            assert not sends, "the core sends only after a file folio's unmap"
+            for mm, va, pfn, _vma, level in self.rmap_walk(head):
+                poison = hwpoison and core.flags(pfn) & PG_hwpoison != 0
+                self.zap_pte(mm, va, poison, level)
+                k.trace("unmap", mm=mm.slot, addr=va, pfn=pfn, hwpoison=poison, level=level)
+            return []
+        n, level = self._span(head, fl)
+        index, vma_of = core.index(head), k.vma_of
+        if k.kvm.vms:
+            for s, va, _pfn in core.rmap_file(inode.slot, head, index, n, level):
+                if vma_of[s].mm.kvm_users:
+                    k.kvm.mmu_notifier_invalidate(vma_of[s].mm, va)
+        zapped, done, sent = core.unmap_file(inode.slot, head, index, n, level, hwpoison, sends)
+        for s, va, pfn, poison, refs in zapped:
+            if refs <= 0:
+                self.folio_free(head)
+            k.trace("unmap", _ts=done, mm=vma_of[s].mm.slot, addr=va, pfn=pfn, hwpoison=poison,
+                    level=level)
+        return sent
 
     def folio_mkclean(self, head: int) -> bool:
         """Write-protect/clean every mapping; True if any PTE was dirty."""
@@ -437,6 +455,7 @@ class MM:
         if file is not None:
             file.get()
             vma_interval_tree_insert(vma, file.inode.i_mmap)
+            self.k.i_mmap_sync(file.inode)
         self.k.trace("mmap", mm=mm.slot, addr=addr, length=length)
         return addr
 
@@ -467,6 +486,7 @@ class MM:
                     vma.file.get()
                     vma_interval_tree_insert(piece, vma.inode.i_mmap)
         if vma.file is not None:
+            self.k.i_mmap_sync(vma.inode)
             vma.file.put(self.k)
 
     def populate(self, task, addr: int, length: int, write: bool) -> None:
@@ -493,6 +513,7 @@ class MM:
             if vma.file is not None:
                 vma.file.get()
                 vma_interval_tree_insert_after(nv, vma, vma.inode.i_mmap)
+                self.k.i_mmap_sync(vma.inode)
             for va, e, level in core.pt_scan(src.pgd, vma.start, vma.end):
                 if e & C.PTE_HWPOISON:
                     core.pte_set(dst.pgd, va, e, level)   # copy_nonpresent_pte

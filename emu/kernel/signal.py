@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 
+from .. import _core as C
 from .. import uapi as u
 
 
@@ -44,21 +45,41 @@ class Signals:
             t.reply_sigs.append([signo, code, addr, lsb, force, True])
             self._trace("signal", info, via="current")
             return 0
-        if k.core.sig_pending(t.slot):
+        ret = self._sent(info, k.core.sig_send(t.slot, t.tid, signo, code, addr, lsb, 0, self.seq))
+        self.doorbells_rung()
+        return ret
+
+    def mailbox_records(self, targets: list, signo: int, code: int) -> list | None:
+        """The mailbox records _queue would send to (thread, addr, lsb, ...) targets, for
+        a caller that has the core send them; None if a target is current or dead
+        (its signal must take _queue's own way).  Each record takes the next seq."""
+        cur = self.k.current
+        for tk in targets:
+            if tk[0] is cur or not tk[0].alive:
+                return None
+        out = []
+        for tk in targets:
+            t = tk[0]
+            self.seq += 1
+            out.append((t.slot, t.tid, signo, code, tk[1], tk[2], 0, self.seq))
+        return out
+
+    def _sent(self, info: tuple, result: tuple) -> int:
+        """Account for the core's sig_send of `info`: the trace event, the return value."""
+        status, rung, r = result
+        if status == C.SEND_PENDING:
             self._trace("signal_dropped", info, reason="already pending")
             return 0
-        sent = k.core.sig_post(t.slot, t.tid, signo, code, addr, lsb, 0, self.seq)
-        if sent is None:
-            self._trace("signal_dropped", info, reason="mailbox full")
-            return 0
-        rung, r = sent
         # trace_signal_generate fires after complete_signal() has woken the target
         # (waking an idle vCPU makes the tgkill itself cost tens of microseconds)
         self._trace("signal", info, via="mailbox", doorbell_ns=rung)
-        # The woken thread may have been queued on this CPU: let it run its
-        # handler now rather than after the rest of this kernel path.
-        os.sched_yield()
         return r
+
+    @staticmethod
+    def doorbells_rung() -> None:
+        """A woken thread may have been queued on this CPU: let it run its handler
+        now rather than after the rest of this kernel path."""
+        os.sched_yield()
 
     def _trace(self, type_: str, info: tuple, **extra) -> None:
         t, signo, code, addr, lsb, force, why = info
@@ -66,6 +87,12 @@ class Signals:
                      why=why, **extra)
 
     # the kernel's entry points
+    def send_sig_mceerr_sent(self, t, code: int, addr: int, lsb: int, why: str,
+                             result: tuple) -> int:
+        """send_sig_mceerr whose mailbox record the core has already sent (result:
+        sig_send's): what is left is its trace and return value."""
+        return self._sent((t, u.SIGBUS, code, addr, lsb, False, why), result)
+
     def force_sig_mceerr(self, t, code: int, addr: int, lsb: int, why: str = "") -> int:
         return self._queue(t, u.SIGBUS, code, addr, lsb, True, why)
 
