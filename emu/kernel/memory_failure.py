@@ -347,8 +347,6 @@ class MemoryFailure:
         file_unmap = gmem and k.policy.host_unmap == "file"   # runs between unmap and kill
         records = None if file_unmap else self.send_with_unmap(tokill, head, inode, flags)
         sent = k.mm.try_to_unmap(head, ttu_hwpoison, records)
-        if sent:
-            k.signals.doorbells_rung()
         if file_unmap:
             from .fs import unmap_mapping_range
 

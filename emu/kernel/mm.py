@@ -277,6 +277,8 @@ class MM:
                 if vma_of[s].mm.kvm_users:
                     k.kvm.mmu_notifier_invalidate(vma_of[s].mm, va)
         zapped, done, sent = core.unmap_file(inode.slot, head, index, n, level, hwpoison, sends)
+        if sent:
+            k.signals.doorbells_rung()
         for s, va, pfn, poison, refs in zapped:
             if refs <= 0:
                 self.folio_free(head)
