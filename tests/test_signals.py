@@ -909,6 +909,7 @@ def test_signals_sent_with_the_unmap_are_those_kill_procs_sends(host_factory, mo
         rung = [e["doorbell_ns"] for e in evs if e["type"] == "signal"
                 and e["addr"] == (va1 if pfn == pfn1 else va2)]
         assert max(unmaps) <= min(rung)
+    assert all(e["ts_ns"] == e["doorbell_ns"] for e in evs if e["type"] == "signal")
     sending = [line.split("] ", 1)[1] for line in host.dmesg() if "Sending SIGBUS" in line]
     assert sending == ["Memory failure: %#x: Sending SIGBUS to %s:%d due to hardware memory "
                        "corruption" % (pfn, comm, tid)

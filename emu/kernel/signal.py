@@ -71,8 +71,9 @@ class Signals:
             self._trace("signal_dropped", info, reason="already pending")
             return 0
         # trace_signal_generate fires after complete_signal() has woken the target
-        # (waking an idle vCPU makes the tgkill itself cost tens of microseconds)
-        self._trace("signal", info, via="mailbox", doorbell_ns=rung)
+        # (waking an idle vCPU makes the tgkill itself cost tens of microseconds);
+        # stamped with the doorbell, as the woken thread may already have run
+        self._trace("signal", info, _ts=rung, via="mailbox", doorbell_ns=rung)
         return r
 
     @staticmethod
@@ -81,10 +82,10 @@ class Signals:
         now rather than after the rest of this kernel path."""
         os.sched_yield()
 
-    def _trace(self, type_: str, info: tuple, **extra) -> None:
+    def _trace(self, type_: str, info: tuple, _ts: int = 0, **extra) -> None:
         t, signo, code, addr, lsb, force, why = info
-        self.k.trace(type_, tid=t.tid, signo=signo, code=code, addr=addr, lsb=lsb, force=force,
-                     why=why, **extra)
+        self.k.trace(type_, _ts, tid=t.tid, signo=signo, code=code, addr=addr, lsb=lsb,
+                     force=force, why=why, **extra)
 
     # the kernel's entry points
     def send_sig_mceerr_sent(self, t, code: int, addr: int, lsb: int, why: str,
