@@ -115,6 +115,13 @@ def shared_page(me, backing="memfd", npages=4, target=1):
     return base, va, pm.pfn
 
 
+def dirty_page(me, base, index, byte=b"\xbb"):
+    """Dirty page `index` of the shared mapping at base; returns (va, pfn)."""
+    va = base + index * PAGE
+    me.write(va, byte * 64)
+    return va, me.pagemap(va).pfn
+
+
 def set_policy(task, policy):
     if policy is not None:
         task.prctl(u.PR_MCE_KILL, u.PR_MCE_KILL_SET, policy)
@@ -552,9 +559,7 @@ def test_legacy_queue_second_ao_dropped_while_first_pending(host):
     emu.sigaction(SIGBUS, h)
     set_policy(me, EARLY)
     base, va1, pfn1 = shared_page(me, target=1)
-    va2 = base + 2 * PAGE
-    me.write(va2, b"\xbb" * 64)
-    pfn2 = me.pagemap(va2).pfn
+    va2, pfn2 = dirty_page(me, base, 2, b"\xbb")
     assert pfn2 != pfn1
 
     signal.pthread_sigmask(signal.SIG_BLOCK, {SIGBUS})
@@ -603,9 +608,7 @@ def test_legacy_queue_on_vcpu_thread(host):
     emu.sigaction(SIGBUS, h)
     set_policy(me, LATE)
     base, va1, pfn1 = shared_page(me, target=1)
-    va2 = base + 3 * PAGE
-    me.write(va2, b"\xcc" * 64)
-    pfn2 = me.pagemap(va2).pfn
+    va2, pfn2 = dirty_page(me, base, 3, b"\xcc")
     ready, injected = Counter(), Event()
 
     def vcpu(task):
@@ -639,9 +642,7 @@ def test_two_ao_unblocked_both_delivered(host):
     emu.sigaction(SIGBUS, h)
     set_policy(me, EARLY)
     base, va1, pfn1 = shared_page(me, target=1)
-    va2 = base + 2 * PAGE
-    me.write(va2, b"\xbb" * 64)
-    pfn2 = me.pagemap(va2).pfn
+    va2, pfn2 = dirty_page(me, base, 2, b"\xbb")
 
     assert host.hw_detect(pfn1) == 0
     wait_for(me, got, 1)
@@ -865,9 +866,7 @@ def test_signals_sent_with_the_unmap_are_those_kill_procs_sends(host_factory, mo
     emu.sigaction(SIGBUS, h)
     set_policy(me, EARLY)
     base, va1, pfn1 = shared_page(me, target=1)
-    va2 = base + 2 * PAGE
-    me.write(va2, b"\xbb" * 64)
-    pfn2 = me.pagemap(va2).pfn
+    va2, pfn2 = dirty_page(me, base, 2, b"\xbb")
     ready, done = Counter(), Event()
 
     def monitor(task):
