@@ -837,13 +837,18 @@ cdef class Core:
 
     cdef tuple _send(self, int slot, int tid, int signo, int code, uint64_t addr, int lsb,
                      int pid, uint64_t seq):
-        cdef uint64_t rung
         cdef emu_task *t = &self.c.tasks[slot]
         if emu_ld32(&t.mb_tail) != t.mb_head:     # so the ring always has room
             return C_SEND_PENDING, 0, 0
-        self._mb_post(slot, signo, code, addr, lsb, pid, seq)
+        return (C_SEND_POSTED,) + self._post(slot, tid, signo, code, addr, lsb, pid, seq)
+
+    cdef object _post(self, int slot, int tid, int signo, int code, uint64_t addr, int lsb,
+                      int pid, uint64_t seq):
+        cdef uint64_t rung
+        if not self._mb_post(slot, signo, code, addr, lsb, pid, seq):
+            return None
         rung = emu_now_ns()
-        return C_SEND_POSTED, rung, emu_tgkill(tid, tid, signo)
+        return rung, emu_tgkill(tid, tid, signo)
 
     def sig_send(self, int slot, int tid, int signo, int code, uint64_t addr, int lsb,
                  int pid, uint64_t seq):
@@ -857,11 +862,7 @@ cdef class Core:
         """Supervisor: deliver to another thread: queue the siginfo record in its
         mailbox and ring the doorbell (a SIGBUS directed at the thread).  Returns
         (doorbell_ns, tgkill's 0 or -errno), or None if the mailbox is full."""
-        cdef uint64_t rung
-        if not self._mb_post(slot, signo, code, addr, lsb, pid, seq):
-            return None
-        rung = emu_now_ns()
-        return rung, emu_tgkill(tid, tid, signo)
+        return self._post(slot, tid, signo, code, addr, lsb, pid, seq)
 
     def mm_init(self, int slot, uint64_t pgd):
         cdef emu_mm *m = &self.c.mms[slot]
