@@ -65,6 +65,7 @@ class Supervisor:
         self._pidfd = None
         self.segs = None
         self.listener = None
+        self.log_where = _log_where()
 
     # ------------------------------------------------------------ lifecycle
     def boot(self) -> None:
@@ -249,17 +250,31 @@ class Supervisor:
 
     # ------------------------------------------------------------ requests
     def _handle(self, c: Conn, line: bytes) -> None:
-        rid = None
-        k = self.kernel
+        """One request.  Bad input (a line that is not a JSON object, an argument the
+        kernel refused with OSError) gets an errno; any other exception is an
+        emulator bug: reported as BUG() in dmesg and the log, the kernel tainted,
+        and the caller told so, never given an errno it would take for bad input."""
         try:
             req = json.loads(line)
-            if not isinstance(req, dict):
-                raise ValueError("request: expected an object")
-            rid = req.get("id")
-            name = req.get("execute")
-            args = req.get("arguments") or {}
-            if not isinstance(args, dict):
-                raise ValueError("arguments: expected an object")
+        except Exception as e:                 # ValueError, RecursionError from a hostile line
+            self._send(c, _generic(None, "request: not JSON: %s" % _one_line(e)))
+            return
+        if not isinstance(req, dict):
+            self._send(c, _generic(None, "request: expected an object"))
+            return
+        rid = req.get("id")
+        name = req.get("execute")
+        args = req.get("arguments")
+        if args is None:
+            args = {}
+        if not isinstance(name, str):
+            self._send(c, _generic(rid, "execute: expected a command name"))
+            return
+        if not isinstance(args, dict):
+            self._send(c, _generic(rid, "arguments: expected an object"))
+            return
+        k = self.kernel
+        try:
             fn = SYSCALLS.get(name)
             if fn is not None:
                 t = c.task
@@ -299,24 +314,44 @@ class Supervisor:
         except KernelPanic:
             raise
         except OSError as e:
-            err = e.errno if isinstance(e.errno, int) else u.EINVAL
+            err = e.errno if isinstance(e.errno, int) and e.errno > 0 else None
+            if err is None:                     # an OSError without an errno: not validation
+                self._bug(c, rid, name, e)
+                return
             rep = {"id": rid, "error": {"class": "OSError", "errno": err,
                                         "desc": e.strerror or os.strerror(err)}}
-            if c.task is not None and c.task.reply_sigs:
-                # signals queued on current are delivered on return to user
-                # whatever the system call returns
-                rep["sigs"], c.task.reply_sigs = c.task.reply_sigs, []
+            self._reply_sigs(c, rep)
             self._send(c, rep)
-        except (ValueError, TypeError, KeyError) as e:
-            self._send(c, {"id": rid, "error": {"class": "GenericError", "errno": u.EINVAL,
-                                                "desc": str(e)}})
         except MemoryError as e:
-            self._send(c, {"id": rid, "error": {"class": "OSError", "errno": u.ENOMEM,
-                                                "desc": str(e) or "out of memory"}})
-        except Exception as e:                 # e.g. RecursionError from a hostile line
-            log.warning("request failed: %s: %s", type(e).__name__, e)
-            self._send(c, {"id": rid, "error": {"class": "GenericError", "errno": u.EINVAL,
-                                                "desc": "%s: %s" % (type(e).__name__, e)}})
+            # frames or page tables ran out where Linux would fail the allocation
+            # (-ENOMEM, VM_FAULT_OOM) before installing anything
+            rep = {"id": rid, "error": {"class": "OSError", "errno": u.ENOMEM,
+                                        "desc": str(e) or "out of memory"}}
+            self._reply_sigs(c, rep)
+            self._send(c, rep)
+        except Exception as e:
+            self._bug(c, rid, name, e)
+
+    def _reply_sigs(self, c: Conn, rep: dict) -> None:
+        if c.task is not None and c.task.reply_sigs:
+            # signals queued on current are delivered on return to user
+            # whatever the system call returns
+            rep["sigs"], c.task.reply_sigs = c.task.reply_sigs, []
+
+    def _bug(self, c: Conn, rid, name: str, e: BaseException) -> None:
+        """An emulator bug: BUG() in dmesg, the traceback in the daemon log, the kernel
+        tainted; the caller gets EmulatorBug, and the supervisor serves on."""
+        t = c.task
+        where = self.kernel.report_bug(e, t.tid if t else c.pid, t.comm if t else "emu-host")
+        log.error("emulator bug in %r (kernel BUG at %s), kernel tainted", name, where,
+                  exc_info=e)
+        rep = {"id": rid, "error": {
+            "class": "EmulatorBug", "errno": u.EIO, "where": where,
+            "desc": "emulator bug in %s: %s: %s at %s; the traceback is in dmesg "
+                    "(host.dmesg(), `emu dmesg`) and in the daemon log (%s); the kernel is "
+                    "tainted" % (name, type(e).__name__, _one_line(e), where, self.log_where)}}
+        self._reply_sigs(c, rep)
+        self._send(c, rep)
 
     def _attach(self, c: Conn, a: dict):
         if c.task is not None:
@@ -398,6 +433,24 @@ class Supervisor:
             self.stopping = True
         k.tick()
         k.buddy.populate_ahead(POPULATE_AHEAD)
+
+
+def _generic(rid, desc: str) -> dict:
+    """A protocol-level error: the line was not a request."""
+    return {"id": rid, "error": {"class": "GenericError", "errno": u.EINVAL, "desc": desc}}
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:200] or type(e).__name__
+
+
+def _log_where() -> str:
+    """Where this process's log (stderr) goes, for an error message."""
+    try:
+        path = os.readlink("/proc/self/fd/2")
+    except OSError:
+        return "the supervisor's stderr"
+    return path if path.startswith("/") and os.path.isfile(path) else "the supervisor's stderr"
 
 
 def _death_signal(pid: int, wait: float = 0.2) -> int:

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import collections
 import itertools
+import os
 import time
+import traceback
 
 from .. import _core as C
+from .. import uapi as u
 from .fs import Inode
 from .kvm import KVM
 from .memory_failure import MemoryFailure
@@ -72,6 +75,8 @@ class Kernel:
         self._free_vma = list(range(core.nvmas - 1, -1, -1))
         self.vma_of: dict[int, object] = {}       # core VMA slot -> Vma (the core's rmap names slots)
         self._pt_pending: collections.deque = collections.deque()
+        self.tainted = 0                          # /proc/sys/kernel/tainted
+        self.oops_count = 0
         self.log("Linux version 6.18.0-gmem-emu (policy %s)" % self.policy.name)
 
     # ------------------------------------------------------------ logging and tracing
@@ -110,6 +115,42 @@ class Kernel:
                for seq, ts, type_, kw in itertools.islice(reversed(ev), max(new, 0))]
         out.reverse()
         return out
+
+    # ------------------------------------------------------------ bugs (kernel/panic.c, lib/bug.c)
+    def add_taint(self, flag: int) -> None:
+        self.tainted |= 1 << flag
+
+    def print_tainted(self) -> str:
+        """print_tainted(): "Not tainted", or one column per taint bit."""
+        if not self.tainted:
+            return "Not tainted"
+        return "Tainted: " + "".join(c[0] if self.tainted >> i & 1 else c[1]
+                                     for i, c in enumerate(u.TAINT_CHARS))
+
+    def report_bug(self, exc: BaseException, pid: int, comm: str) -> str:
+        """An unexpected exception unwound a kernel path: the emulator's BUG().  Like
+        an oops with panic_on_oops=0 the record goes to the log, the kernel is
+        tainted (TAINT_DIE: the path stopped half way, its state may be partial) and
+        keeps serving.  Returns "file:line" of the frame that raised."""
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = _source(frames[-1]) if frames else "?"
+        fn = frames[-1].name if frames else "?"
+        self.oops_count += 1
+        self.add_taint(u.TAINT_DIE)
+        self.log("------------[ cut here ]------------")
+        self.log("kernel BUG at %s!", where)
+        self.log("Oops: %s: %s [#%d] SMP", type(exc).__name__, _one_line(exc), self.oops_count)
+        self.log("CPU: 0 PID: %d Comm: %.15s %s 6.18.0-gmem-emu", pid, comm, self.print_tainted())
+        self.log("RIP: %s", fn)
+        self.log("Call Trace:")
+        self.log(" <TASK>")
+        for fr in frames:
+            self.log("  %s in %s", _source(fr), fr.name)
+            if fr.line:
+                self.log("    %s", fr.line)
+        self.log(" </TASK>")
+        self.log("---[ end trace %016x ]---", 0)
+        return where
 
     def panic(self, msg: str) -> None:
         self.log("Kernel panic - not syncing: " + msg)
@@ -252,6 +293,17 @@ class Kernel:
             self.core.pt_release(self._pt_pending.popleft()[1])
 
     # ------------------------------------------------------------ observability
+    def limits(self) -> dict:
+        """Each table the core sizes at boot ([limits] in the config): in use and max."""
+        core = self.core
+        return {
+            "tasks": {"used": core.ntasks - len(self._free_slots), "max": core.ntasks},
+            "mms": {"used": core.nmms - len(self._free_mm), "max": core.nmms},
+            "inodes": {"used": core.ninodes - len(self._free_inode), "max": core.ninodes},
+            "vmas": {"used": core.nvmas - len(self._free_vma), "max": core.nvmas},
+            "pt_pages": {"used": core.pt_used, "max": core.npt - 1},
+        }
+
     def meminfo(self) -> dict:
         total = self.nframes * 4
         return {
@@ -293,3 +345,18 @@ class Kernel:
         if fl & P.PG_reserved:
             bits |= 1 << 32                  # KPF_RESERVED
         return bits
+
+
+_PKG_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _source(fr) -> str:
+    """file:line of a traceback frame, relative to the source tree when inside it."""
+    path = fr.filename
+    if path.startswith(_PKG_ROOT + os.sep):
+        path = path[len(_PKG_ROOT) + 1:]
+    return "%s:%s" % (path, fr.lineno)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200]

@@ -371,7 +371,12 @@ def host_status(k, a):
     return {"policy": k.policy.name, "sysctl": dict(k.sysctl), "meminfo": mi, "files": files,
             "mf_stats": dict(k.memory_failure.stats), "processes": procs,
             "inodes": len(k.inodes), "pt_pages": k.core.pt_used,
-            "madvise_action_required": k.madvise_action_required}
+            "madvise_action_required": k.madvise_action_required,
+            "tainted": k.tainted, "taint": k.print_tainted(), "limits": k.limits()}
+
+
+def host_tainted(k, a):
+    return k.tainted
 
 
 def host_policy(k, a):
@@ -383,4 +388,5 @@ HOSTCALLS = {
     "hw_poison": host_hw_poison, "hw_detect": host_hw_detect, "meminfo": host_meminfo,
     "mf_stats": host_mf_stats, "kpageflags": host_kpageflags, "dmesg": host_dmesg,
     "events": host_events, "status": host_status, "policy": host_policy,
+    "tainted": host_tainted,
 }
