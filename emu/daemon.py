@@ -82,7 +82,8 @@ class Supervisor:
         ram = self.cfg["memory"]["ram_bytes"]
         nframes = ram >> 12
         lim = self.cfg["limits"]
-        npt = 4096 + nframes // 512          # enough to map all of RAM once at 4K
+        # enough to map all of RAM once at 4K, plus a PGD/PUD/PMD/PTE chain per process
+        npt = 4096 + nframes // 512 + 4 * lim["mms"]
         self.segs = shm.Segments.create(nframes, lim["tasks"], lim["mms"], npt, lim["events"],
                                         lim["inodes"], lim["vmas"])
         self.core = self.segs.core
@@ -361,12 +362,15 @@ class Supervisor:
         comm = a.get("comm") or "emu"
         if not isinstance(comm, str):
             raise OSError(u.EINVAL, "comm")
+        if not isinstance(kind, str):
+            raise OSError(u.EINVAL, "kind: process, clone or fork")
         if c.pid in k.tasks:
             raise OSError(u.EEXIST, "pid %d is already a task" % c.pid)
         if kind == "process":
             t = k.new_process(c.pid, comm)
         elif kind in ("clone", "fork"):
-            parent = k.tasks.get(a.get("parent"))
+            pid = a.get("parent")
+            parent = k.tasks.get(pid) if isinstance(pid, int) else None
             if parent is None or not parent.alive:
                 raise OSError(u.ESRCH, "parent task")
             t = (k.clone if kind == "clone" else k.fork)(parent, c.pid, comm)

@@ -21,6 +21,7 @@ ENODEV = _errno.ENODEV
 EINVAL = _errno.EINVAL
 ENFILE = _errno.ENFILE
 EMFILE = _errno.EMFILE
+EFBIG = _errno.EFBIG
 ENOSPC = _errno.ENOSPC
 ESPIPE = _errno.ESPIPE
 ENOSYS = _errno.ENOSYS

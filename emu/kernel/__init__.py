@@ -169,7 +169,8 @@ class Kernel:
     # ------------------------------------------------------------ objects
     def new_inode(self, ops, name: str) -> Inode:
         if not self._free_inode:
-            raise OSError(23, "too many open files in system")          # ENFILE
+            raise OSError(u.ENFILE, "too many open files in system (limits.inodes = %d)"
+                          % self.core.ninodes)
         ino = self._next_ino
         self._next_ino += 1
         inode = Inode(ino, ops, name, nlink=1, slot=self._free_inode.pop())
@@ -196,7 +197,7 @@ class Kernel:
         """Insert a VMA into its mm and the core's VMA table (ENOMEM past the limit,
         as max_map_count does)."""
         if not self._free_vma:
-            raise OSError(12, "too many mappings")
+            raise OSError(u.ENOMEM, "too many mappings (limits.vmas = %d)" % self.core.nvmas)
         vma.slot = self._free_vma.pop()
         self.vma_of[vma.slot] = vma
         vma.mm.insert(vma)
@@ -216,19 +217,34 @@ class Kernel:
             self._free_vma.append(vma.slot)
             vma.slot = -1
 
+    def vmas_available(self, n: int, what: str) -> None:
+        """ENOMEM up front when n more VMAs would not fit (max_map_count's check in
+        do_mmap and __split_vma), so nothing is changed half way."""
+        if n > len(self._free_vma):
+            raise OSError(u.ENOMEM, "%s: too many mappings (limits.vmas = %d)"
+                          % (what, self.core.nvmas))
+
+    def _check_new_task(self, tid: int, new_mm: bool) -> None:
+        """copy_process's up-front checks: nothing is built before they pass."""
+        if tid in self.tasks:
+            raise OSError(u.EEXIST, "task %d exists" % tid)
+        if not self._free_slots:                  # nr_threads >= max_threads: -EAGAIN
+            raise OSError(u.EAGAIN, "too many threads (limits.tasks = %d)" % self.core.ntasks)
+        if new_mm and not self._free_mm:
+            raise OSError(u.ENOMEM, "too many processes (limits.mms = %d)" % self.core.nmms)
+        if new_mm and self.core.pt_free < 1:
+            raise OSError(u.ENOMEM, "page-table pool exhausted")
+
     def _new_mm(self) -> Mm:
         if not self._free_mm:
-            raise OSError(12, "too many processes")
+            raise OSError(u.ENOMEM, "too many processes (limits.mms = %d)" % self.core.nmms)
         slot = self._free_mm.pop()
         pgd = self.core.pt_alloc()
         self.core.mm_init(slot, pgd)
         return Mm(slot, pgd)
 
     def _new_task(self, tid: int, comm: str, proc: Process, flags: int = 0) -> Task:
-        if tid in self.tasks:
-            raise OSError(17, "task %d exists" % tid)
-        if not self._free_slots:
-            raise OSError(11, "too many threads")
+        self._check_new_task(tid, False)
         slot = self._free_slots.pop()
         t = Task(tid, slot, comm[:15], proc, flags)
         self.core.task_init(slot, tid, proc.tgid, proc.mm.slot, comm.encode()[:15])
@@ -239,6 +255,7 @@ class Kernel:
         return t
 
     def new_process(self, tid: int, comm: str) -> Task:
+        self._check_new_task(tid, True)
         proc = Process(tid, self._new_mm(), comm)
         t = self._new_task(tid, comm, proc)
         self.tasklist.append(proc)
@@ -248,8 +265,17 @@ class Kernel:
         return self._new_task(tid, comm, parent.process, parent.flags)
 
     def fork(self, parent: Task, tid: int, comm: str) -> Task:
+        """copy_process: checks first; a dup_mmap that runs out of frames or page
+        tables is undone (mmput of the half-built mm) and fork fails with ENOMEM."""
+        self._check_new_task(tid, True)
+        self.vmas_available(len(parent.process.mm.vmas), "fork")
         proc = Process(tid, self._new_mm(), comm)
-        self.mm.dup_mmap(parent.process.mm, proc.mm)
+        try:
+            self.mm.dup_mmap(parent.process.mm, proc.mm)
+        except MemoryError as e:
+            self.mm.exit_mmap(proc.mm)
+            self._free_mm.append(proc.mm.slot)
+            raise OSError(u.ENOMEM, "fork: %s" % e) from None
         for fd, f in parent.process.files.items():
             proc.files[fd] = f.get()
         t = self._new_task(tid, comm, proc, parent.flags)

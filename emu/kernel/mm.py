@@ -438,6 +438,8 @@ class MM:
                 raise OSError(u.EINVAL, "mmap")
             if flags & u.MAP_FIXED_NOREPLACE and mm.overlapping(addr, addr + length):
                 raise OSError(u.EEXIST, "mmap")
+        fixed = flags & (u.MAP_FIXED | u.MAP_FIXED_NOREPLACE)
+        self.k.vmas_available(1 + (self._splits(mm, addr, addr + length) if fixed else 0), "mmap")
         align = PAGE_SIZE
         if file is not None:
             file.inode.ops.mmap_check(self.k, file, shared, prot)
@@ -471,9 +473,15 @@ class MM:
                 hsize = 1 << vma.inode.ops.shift(vma.inode)
                 if (addr > vma.start and addr % hsize) or (end < vma.end and end % hsize):
                     raise OSError(u.EINVAL, "munmap: inside a huge page")
+        self.k.vmas_available(self._splits(mm, addr, end), "munmap")
         for vma in mm.overlapping(addr, end):
             self.zap_range(mm, max(addr, vma.start), min(end, vma.end))
             self._split_out(mm, vma, addr, end)
+
+    @staticmethod
+    def _splits(mm: Mm, start: int, end: int) -> int:
+        """VMAs an unmap of [start, end) cuts in two (each needs one more VMA)."""
+        return sum(1 for vma in mm.overlapping(start, end) if vma.start < start and vma.end > end)
 
     def _split_out(self, mm: Mm, vma: Vma, start: int, end: int) -> None:
         self.k.vma_unlink(vma)
