@@ -243,3 +243,38 @@ def test_limits_in_status(host):
     assert lim["tasks"]["max"] >= 1024 and lim["mms"]["max"] >= 512
     assert lim["vmas"]["max"] >= 16384 and lim["inodes"]["max"] >= 4096
     assert all(v["used"] == 0 for k, v in lim.items() if k != "pt_pages")
+
+
+# ------------------------------------------------------------------ running out of RAM
+def test_shmem_fallocate_out_of_memory_enomem_and_undone(host_factory):
+    host = host_factory(ram="8M")
+    me = emu.attach(host, name="t")
+    fd = me.memfd_create("big")
+    me.pwrite(fd, b"keep", 0)
+    before = settled(host)
+    mi = host.meminfo()
+    with pytest.raises(OSError) as ei:
+        me.fallocate(fd, 0, 0, 16 << 20)              # twice the RAM
+    assert ei.value.errno == errno.ENOMEM
+    assert settled(host) == before and host.meminfo() == mi
+    assert me.pread(fd, 4, 0) == b"keep"
+    assert host.tainted() == 0
+
+
+def test_map_populate_does_not_signal_and_ignores_failure(host_factory):
+    """mm_populate faults with GUP: past EOF it stops without a SIGBUS, and out of
+    memory it stops too; mmap succeeds either way, as vm_mmap_pgoff ignores it."""
+    host = host_factory(ram="8M")
+    me = emu.attach(host, name="t")
+    got = []
+    emu.sigaction(signal.SIGBUS, lambda s, i: got.append(i.si_code))
+    fd = me.memfd_create("short")
+    me.ftruncate(fd, PAGE)
+    a = me.mmap(0, 4 * PAGE, RW, u.MAP_SHARED | u.MAP_POPULATE, fd, 0)
+    me.idle(0.1)
+    assert got == []
+    assert me.pagemap(a).present and not me.pagemap(a + PAGE).present
+    b = me.mmap(0, 16 << 20, RW, ANON | u.MAP_POPULATE)  # more than the RAM
+    assert me.pagemap(b).present
+    me.munmap(b, 16 << 20)
+    assert host.tainted() == 0

@@ -510,10 +510,15 @@ class MM:
             vma.file.put(self.k)
 
     def populate(self, task, addr: int, length: int, write: bool) -> None:
-        for va in range(addr, addr + length, PAGE_SIZE):
-            e, _ = self.core.walk(task.process.mm.pgd, va)
-            if not e & C.PTE_PRESENT:
-                self.handle_mm_fault(task, va, write)
+        """mm_populate (MAP_POPULATE): faults the range in with GUP, which signals
+        nothing; it stops at the first failure, and mmap ignores it (vm_mmap_pgoff)."""
+        try:
+            for va in range(addr, addr + length, PAGE_SIZE):
+                e, _ = self.core.walk(task.process.mm.pgd, va)
+                if not e & C.PTE_PRESENT and self.handle_mm_fault(task, va, write, gup=True):
+                    return
+        except MemoryError:
+            return
 
     def exit_mmap(self, mm: Mm) -> None:
         for vma in list(mm.vmas):
