@@ -83,7 +83,8 @@ class Supervisor:
         nframes = ram >> 12
         lim = self.cfg["limits"]
         # enough to map all of RAM once at 4K, plus a PGD/PUD/PMD/PTE chain per process
-        npt = 4096 + nframes // 512 + 4 * lim["mms"]
+        npt = (lim["page_tables"] + 1 if lim["page_tables"]       # (page 0 is never used)
+               else 4096 + nframes // 512 + 4 * lim["mms"])
         self.segs = shm.Segments.create(nframes, lim["tasks"], lim["mms"], npt, lim["events"],
                                         lim["inodes"], lim["vmas"])
         self.core = self.segs.core

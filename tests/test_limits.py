@@ -239,10 +239,10 @@ def test_inode_limit_enfile_and_nothing_changes(host_factory, tmp_path):
 
 def test_limits_in_status(host):
     lim = host.status()["limits"]
-    assert set(lim) == {"tasks", "mms", "inodes", "vmas", "pt_pages"}
+    assert set(lim) == {"tasks", "mms", "inodes", "vmas", "page_tables"}
     assert lim["tasks"]["max"] >= 1024 and lim["mms"]["max"] >= 512
     assert lim["vmas"]["max"] >= 16384 and lim["inodes"]["max"] >= 4096
-    assert all(v["used"] == 0 for k, v in lim.items() if k != "pt_pages")
+    assert all(v["used"] == 0 for k, v in lim.items() if k != "page_tables")
 
 
 # ------------------------------------------------------------------ running out of RAM
@@ -277,4 +277,65 @@ def test_map_populate_does_not_signal_and_ignores_failure(host_factory):
     b = me.mmap(0, 16 << 20, RW, ANON | u.MAP_POPULATE)  # more than the RAM
     assert me.pagemap(b).present
     me.munmap(b, 16 << 20)
+    assert host.tainted() == 0
+
+
+def test_split_out_of_page_tables_enomem_then_works(host_factory, tmp_path):
+    """`eventual` splits a 2M folio mapped by 4 processes: 4 new PTE tables.  With the
+    page-table pool used up (a filler process faults pages 2M apart) corrupt_pfn fails
+    with ENOMEM before anything changes; once the filler exits, the same call works."""
+    conf = tmp_path / "pt.toml"
+    conf.write_text("[limits]\npage_tables = 64\n")
+    host = host_factory(ram="256M", hugepages={"2M": 2}, policy="eventual", config=str(conf))
+    me = emu.attach(host, name="qemu")
+    vm = me.open_kvm().create_vm(u.KVM_X86_SW_PROTECTED_VM)
+    gfd = vm.create_guest_memfd(MB2, FLAGS)
+    hva = me.mmap(0, MB2, RW, u.MAP_SHARED, gfd, 0)
+    me.write(hva, b"\x11" * MB2)
+    head = me.pagemap(hva).pfn
+    go, go_fill = os.pipe(), os.pipe()
+    ready = os.pipe()
+
+    def mapper(task):
+        assert task.read(hva, 1) == b"\x11"
+        os.write(ready[1], b"r")
+        os.read(go[0], 1)
+
+    def filler(task):
+        base = 1 << 40
+        n = 0
+        try:
+            while True:                       # one PTE table per 2M step
+                a = task.mmap(base + n * MB2, PAGE, RW, ANON | u.MAP_FIXED)
+                task.write(a, b"f")
+                n += 1
+        except OSError as e:
+            assert e.errno == errno.ENOMEM, e
+        os.write(ready[1], b"r")
+        os.read(go_fill[0], 1)
+        return n
+
+    mappers = [me.fork(mapper, name="m%d" % i) for i in range(3)]
+    fill = me.fork(filler, name="filler")
+    for _ in range(4):
+        os.read(ready[0], 1)
+    assert host.status()["limits"]["page_tables"]["used"] == 64
+    before = settled(host)
+    mi, mf = host.meminfo(), host.mf_stats()
+    with pytest.raises(OSError) as ei:
+        host.corrupt_pfn(head + 3)
+    assert ei.value.errno == errno.ENOMEM
+    assert host.status() == before and host.meminfo() == mi and host.mf_stats() == mf
+    assert me.pagemap(hva + 3 * PAGE).present and not host.kpageflags(head + 3) & (1 << u.KPF_HWPOISON)
+    assert me.read(hva, 4) == b"\x11" * 4
+    os.write(go_fill[1], b"g")                # the filler exits: its tables come back
+    assert fill.join(30) == 0 and fill.result > 10
+    end = time.monotonic() + 10
+    while host.status()["limits"]["page_tables"]["used"] > 40 and time.monotonic() < end:
+        time.sleep(0.05)
+    assert host.corrupt_pfn(head + 3) == 0
+    assert host.mf_stats()["total"] == 1
+    assert me.pagemap(hva).present and me.pagemap(hva + 3 * PAGE).hwpoison
+    os.write(go[1], b"ggg")
+    assert [m.join(30) for m in mappers] == [0] * 3
     assert host.tainted() == 0

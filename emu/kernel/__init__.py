@@ -327,7 +327,7 @@ class Kernel:
             "mms": {"used": core.nmms - len(self._free_mm), "max": core.nmms},
             "inodes": {"used": core.ninodes - len(self._free_inode), "max": core.ninodes},
             "vmas": {"used": core.nvmas - len(self._free_vma), "max": core.nvmas},
-            "pt_pages": {"used": core.pt_used, "max": core.npt - 1},
+            "page_tables": {"used": core.pt_used, "max": core.npt - 1},
         }
 
     def meminfo(self) -> dict:

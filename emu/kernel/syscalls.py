@@ -134,7 +134,11 @@ def madvise_inject_error(k, t, start: int, end: int, advice: int) -> int:
             flags = u.MF_COUNT_INCREASED | u.MF_SW_SIMULATED
             if k.madvise_action_required:
                 flags |= u.MF_ACTION_REQUIRED
-            ret = k.memory_failure.memory_failure(pfn, flags)
+            try:
+                ret = k.memory_failure.memory_failure(pfn, flags)
+            except OSError:             # refused up front (a split out of page tables):
+                k.mm.folio_put(head)    # GUP's reference was not taken over
+                raise
             if ret == -u.EOPNOTSUPP:
                 ret = 0
         if ret:
