@@ -136,7 +136,7 @@ class Supervisor:
                         except BlockingIOError:
                             pass
                     else:
-                        self._readable(key.data)
+                        self._guarded(self._readable, key.data)
                         if poll_ns:
                             polling_until = clock() + poll_ns
                 if not events and polling_until:
@@ -150,7 +150,7 @@ class Supervisor:
                 now = time.monotonic()
                 if now - last_tick >= 0.1:
                     last_tick = now
-                    self._supervise()
+                    self._guarded(self._supervise)
         except KernelPanic as e:
             log.error("kernel panic: %s", e)
         finally:
@@ -333,6 +333,18 @@ class Supervisor:
             self._send(c, rep)
         except Exception as e:
             self._bug(c, rid, name, e)
+
+    def _guarded(self, fn, *args) -> None:
+        """Kernel work outside a request (a task's teardown on EOF, housekeeping): an
+        unexpected exception is an emulator bug too, reported, and the kernel serves on."""
+        try:
+            fn(*args)
+        except (KernelPanic, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            where = self.kernel.report_bug(e, 0, "kworker/0:0")
+            log.error("emulator bug in %s (kernel BUG at %s), kernel tainted", fn.__name__,
+                      where, exc_info=e)
 
     def _reply_sigs(self, c: Conn, rep: dict) -> None:
         if c.task is not None and c.task.reply_sigs:

@@ -10,6 +10,7 @@ import errno
 import io
 import json
 import socket
+import time
 from contextlib import redirect_stdout
 
 import pytest
@@ -255,3 +256,30 @@ def test_emu_status_shows_taint_and_limits(monkeypatch, host_factory):
     assert "Tainted: G      D" in text and "(tainted=128)" in text and "emu dmesg" in text
     js = json.loads(status("--json"))
     assert js["tainted"] == D and js["limits"]["tasks"] == {"used": 0, "max": 1024}
+
+
+def test_bug_outside_a_request_is_reported_and_the_kernel_serves_on(monkeypatch, host_factory):
+    """A bug in a dead task's teardown (EOF on its socket, no request to answer) is
+    recorded the same way, and the supervisor keeps running."""
+    from emu.kernel import Kernel
+
+    real = Kernel.exit_task
+
+    def broken(self, t):
+        if t.comm == "doomed":
+            raise IndexError("teardown")
+        return real(self, t)
+
+    monkeypatch.setattr(Kernel, "exit_task", broken)
+    host = host_factory()
+    me = emu.attach(host, name="parent")
+    th = me.fork(lambda task: None, name="doomed")
+    assert th.join(30) == 0
+    deadline = time.monotonic() + 5
+    while host.tainted() == 0 and time.monotonic() < deadline:
+        me.idle(0.05)
+    assert host.tainted() == D
+    rec = bug_record(host)
+    assert rec[2].startswith("Oops: IndexError: teardown")
+    assert "PID: 0 Comm: kworker/0:0" in rec[3]
+    still_serves(host)
