@@ -31,6 +31,15 @@ def settled(host, timeout=10.0):
         prev = cur
 
 
+def comes_back(host, before, timeout=5.0):
+    """host.status() once it equals `before` again (frames and page tables a rollback
+    freed return after a grace period, at the next tick), else the last one seen."""
+    end = time.monotonic() + timeout
+    while (cur := host.status()) != before and time.monotonic() < end:
+        time.sleep(0.05)
+    return cur
+
+
 def limited(host_factory, tmp_path, **limits):
     conf = tmp_path / "limits.toml"
     conf.write_text("[limits]\n" + "".join("%s = %d\n" % kv for kv in limits.items()))
@@ -256,7 +265,7 @@ def test_shmem_fallocate_out_of_memory_enomem_and_undone(host_factory):
     with pytest.raises(OSError) as ei:
         me.fallocate(fd, 0, 0, 16 << 20)              # twice the RAM
     assert ei.value.errno == errno.ENOMEM
-    assert settled(host) == before and host.meminfo() == mi
+    assert comes_back(host, before) == before and host.meminfo() == mi
     assert me.pread(fd, 4, 0) == b"keep"
     assert host.tainted() == 0
 
@@ -338,4 +347,21 @@ def test_split_out_of_page_tables_enomem_then_works(host_factory, tmp_path):
     assert me.pagemap(hva).present and me.pagemap(hva + 3 * PAGE).hwpoison
     os.write(go[1], b"ggg")
     assert [m.join(30) for m in mappers] == [0] * 3
+    assert host.tainted() == 0
+
+
+def test_fork_out_of_memory_enomem_and_undone(host_factory):
+    """fork copies private anonymous pages (the emulator has no COW across
+    processes): with RAM for only one copy, the half-built child is torn down and
+    the attach fails with ENOMEM; nothing is left behind."""
+    host = host_factory(ram="8M")
+    me = emu.attach(host, name="t")
+    n = 1200                                          # 4.7 MiB of 8
+    a = me.mmap(0, n * PAGE, RW, ANON)
+    me.write(a, b"\x33" * (n * PAGE))
+    before = settled(host)
+    mi = host.meminfo()
+    assert _attach_errno(host, "fork", me.tid) == errno.ENOMEM
+    assert comes_back(host, before) == before and host.meminfo() == mi
+    assert me.read(a + (n - 1) * PAGE, 4) == b"\x33" * 4
     assert host.tainted() == 0
