@@ -266,7 +266,7 @@ class Host:
         if self.private_pid is not None and os.getpid() == self._owner_pid:
             try:
                 self._call("shutdown")
-            except KernelGone:
+            except (KernelGone, ConnectionRefusedError, FileNotFoundError):
                 pass                        # it died or stopped already: reap it below
             try:
                 os.waitpid(self.private_pid, 0)
@@ -492,7 +492,11 @@ class Task:
         self._wd = None
         self._pid = os.getpid()
         self.ch = Channel(host.path)
-        info = self.ch.call("attach", kind=kind, parent=parent, comm=name)
+        try:
+            info = self.ch.call("attach", kind=kind, parent=parent, comm=name)
+        except BaseException:
+            self.ch.close()
+            raise
         self.ch.spin_ns = self.ch.halt_poll_ns
         self.tid, self.tgid, self.slot, self.pgd = info["tid"], info["tgid"], info["slot"], info["pgd"]
         self.name = name

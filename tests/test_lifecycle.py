@@ -482,11 +482,11 @@ def test_closed_host_is_unmapped_from_the_caller():
         assert _emu_maps() == [], _emu_maps()
     # the handles that outlived their machine are clean errors, never a segfault
     for me, a, _ in kept:
-        for op in (lambda: me.read(a, 4), lambda: me.write(a, b"z"),
-                   lambda: me.read_batch([a], 4), lambda: me._core.access_read(0, 0, a, bytearray(4)),
-                   lambda: me.mmap(0, PAGE, RW, ANON)):
+        for fn, args in ((me.read, (a, 4)), (me.write, (a, b"z")), (me.read_batch, ([a], 4)),
+                         (lambda *x: me._core.access_read(*x), (0, 0, a, bytearray(4))),  # noqa: B023
+                         (me.mmap, (0, PAGE, RW, ANON))):
             try:
-                op()
+                fn(*args)
             except OSError as e:
                 assert e.errno in (u.ESHUTDOWN, u.ESRCH), e
             else:
@@ -653,3 +653,157 @@ def test_start_close_is_an_orderly_shutdown_for_workers():
         assert e.errno == u.ESHUTDOWN
     else:
         raise AssertionError("the owner's thread outlived its machine")
+
+
+# ------------------------------------------------------------------ (i) logs and cleanup
+def test_crashed_daemon_log_survives_later_starts():
+    """A.11: a SIGKILLed daemon's log is rotated by the next boots' cleanup, not deleted."""
+    from test_cli import emu_cmd
+
+    base = os.path.join(shm.runtime_dir(), "crash-test-%d" % os.getpid())
+    sock = base + ".sock"
+    r = emu_cmd("daemon", "--background", "--socket", sock, "--ram", "32M")
+    assert r.returncode == 0, r.stderr
+    try:
+        with open(base + ".pid") as f:
+            dpid = int(f.read())
+        with open(base + ".log", "a") as f:
+            f.write("Traceback (most recent call last): the last words\n")
+        os.kill(dpid, signal.SIGKILL)
+        assert poll(lambda: not proc_alive(dpid))
+        for _ in range(2):
+            with emu.start(ram="32M"):
+                pass
+        assert not os.path.exists(base + ".pid") and not os.path.exists(sock)
+        assert shm_of(dpid) == []
+        with open(base + ".log.1") as f:
+            assert "the last words" in f.read()
+    finally:
+        for ext in (".log", ".log.1", ".log.2", ".pid", ".sock"):
+            if os.path.exists(base + ext):
+                os.unlink(base + ext)
+
+
+def test_cleanup_keeps_a_few_rotated_logs(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    rd = shm.runtime_dir()
+    for i in range(5):
+        with open(os.path.join(rd, "emu.log"), "w") as f:
+            f.write("run %d\n" % i)
+        shm.cleanup()
+    names = sorted(os.listdir(rd))
+    assert names == ["emu.log.1", "emu.log.2", "emu.log.3"], names
+    for n, want in (("emu.log.1", "run 4"), ("emu.log.2", "run 3"), ("emu.log.3", "run 2")):
+        with open(os.path.join(rd, n)) as f:
+            assert f.read().strip() == want
+
+
+def _dead_pids(n):
+    """Pids no process has: above pid_max."""
+    with open("/proc/sys/kernel/pid_max") as f:
+        top = int(f.read())
+    return [top + 1 + i for i in range(n)]
+
+
+def test_concurrent_cleanups_of_the_same_dead_entries(tmp_path, monkeypatch):
+    """§2.5: supervisors booting at once clean the same dead entries; none fails."""
+    import posix_ipc
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    rd = shm.runtime_dir()
+    dead = _dead_pids(40)
+    for p in dead:
+        for n in shm.segment_names(p):
+            posix_ipc.SharedMemory(n, posix_ipc.O_CREX, mode=0o600, size=4096).close_fd()
+        for ext in (".pid", ".sock", ".log"):
+            with open(os.path.join(rd, "d%d%s" % (p, ext)), "w") as f:
+                f.write("log of %d\n" % p if ext == ".log" else "")
+        open(os.path.join(rd, "priv-%d.sock" % p), "w").close()
+    go_r, go_w = os.pipe()
+    kids = []
+    for _ in range(4):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.read(go_r, 1)
+                shm.cleanup()
+                code = 0
+            finally:
+                os._exit(code)
+        kids.append(pid)
+    os.write(go_w, b"xxxx")
+    codes = [os.waitstatus_to_exitcode(os.waitpid(k, 0)[1]) for k in kids]
+    assert codes == [0, 0, 0, 0]
+    assert [p for p in dead if shm_of(p)] == []
+    names = sorted(os.listdir(rd))
+    assert names == sorted("d%d.log.1" % p for p in dead), names   # rotated once, not lost
+
+
+# ------------------------------------------------------------------ (j) the supervisor SIGKILLed
+STATES = """
+    import os, sys, time
+    import emu
+    from emu import uapi as u
+    h = emu.connect(sys.argv[1])
+    me = emu.attach(h, name=sys.argv[2])
+    a = me.mmap(0, 8 * 4096, u.PROT_READ | u.PROT_WRITE, u.MAP_PRIVATE | u.MAP_ANONYMOUS)
+    me.write(a, b"data" * 8192)
+    print("ready", os.getpid(), flush=True)
+    mode = sys.argv[2]
+    try:
+        if mode == "blocked":                 # in a call the stopped supervisor never answers
+            sys.stdin.readline()
+            me.mmap(0, 4096, u.PROT_READ, u.MAP_PRIVATE | u.MAP_ANONYMOUS)
+        elif mode == "idle":
+            me.idle(120)
+        else:                                 # the fast path: no call to the kernel at all
+            while True:
+                me.write(a, b"spin")
+                me.read(a, 4)
+    except OSError as e:
+        print("error", e.errno, e.strerror, flush=True)
+        sys.exit(3)
+    print("no notice", flush=True)
+"""
+
+
+def test_supervisor_sigkilled_every_worker_notices():
+    """Blocked in a call, idle, spinning in the fast path: each one exits or gets a
+    clear error (the time to notice is measured in benchmarks/bench_supervisor_death.py)."""
+    h = emu.start(ram="64M")
+    spid = h.private_pid
+    workers = {}
+    try:
+        for mode in ("blocked", "idle", "spin"):
+            p = subprocess.Popen([sys.executable, "-c", textwrap.dedent(STATES), h.path, mode],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, cwd=NEUTRAL_CWD)
+            line = p.stdout.readline()
+            assert line.startswith("ready"), (line, p.stderr.read())
+            workers[mode] = p
+        os.kill(spid, signal.SIGSTOP)
+        workers["blocked"].stdin.write("go\n")
+        workers["blocked"].stdin.flush()
+        time.sleep(0.3)                            # its request sits unanswered
+        assert workers["blocked"].poll() is None
+        t0 = time.monotonic()
+        _kill_supervisor(h)
+        for mode, p in workers.items():
+            out, err = p.communicate(timeout=10)   # generous: the figure is ~ms
+            assert p.returncode == -signal.SIGKILL or (
+                p.returncode == 3 and "error %d" % u.ESRCH in out), (mode, p.returncode, out, err)
+            assert "no notice" not in out
+            assert "the supervisor (pid %d) died" % spid in err or p.returncode == 3, err
+        assert time.monotonic() - t0 < 10
+        # what the dead one left is gone at the next `emu cleanup`: nothing in
+        # /dev/shm, nothing in the runtime directory
+        _cleanup_cmd()
+        assert leftovers(spid) == []
+        assert [e for e in os.listdir(shm.runtime_dir()) if str(spid) in e] == []
+    finally:
+        for p in workers.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        h.close()
