@@ -137,7 +137,7 @@ class Channel:
                     line = self.rfile.readline()
                 except (ConnectionResetError, ValueError):     # reset, or closed here
                     line = b""
-                if not line:
+                if not line.endswith(b"\n"):     # EOF, or a last line cut short
                     raise self.gone()
                 rep = json.loads(line)
                 if rep.get("id") in self.outstanding:

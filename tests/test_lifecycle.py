@@ -575,8 +575,10 @@ def _attached(script, sock):
     return p
 
 
-def test_emu_stop_is_an_orderly_shutdown(tmp_path):
+def test_emu_stop_is_an_orderly_shutdown(tmp_path, monkeypatch):
     from test_cli import emu_cmd
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))    # its log stays ours to read
 
     sock = os.path.join(shm.runtime_dir(), "stop-test-%d.sock" % os.getpid())
     cfg = tmp_path / "emu.toml"
@@ -591,6 +593,7 @@ def test_emu_stop_is_an_orderly_shutdown(tmp_path):
         t0 = time.monotonic()
         r = emu_cmd("stop", "--socket", sock)
         assert r.returncode == 0, r.stderr
+        assert not proc_alive(dpid)                # emu stop returns once it is done
         polite, careless, deaf = procs
         out, err = polite.communicate(timeout=30)
         # a clear error everywhere, and a normal exit for the process that handles it
@@ -656,9 +659,12 @@ def test_start_close_is_an_orderly_shutdown_for_workers():
 
 
 # ------------------------------------------------------------------ (i) logs and cleanup
-def test_crashed_daemon_log_survives_later_starts():
+def test_crashed_daemon_log_survives_later_starts(tmp_path, monkeypatch):
     """A.11: a SIGKILLed daemon's log is rotated by the next boots' cleanup, not deleted."""
     from test_cli import emu_cmd
+
+    # a runtime directory of its own: a concurrent run of an older emu would delete the log
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
 
     base = os.path.join(shm.runtime_dir(), "crash-test-%d" % os.getpid())
     sock = base + ".sock"
