@@ -20,6 +20,7 @@ import socket
 import struct
 import sys
 import time
+import traceback
 
 import psutil
 
@@ -498,11 +499,19 @@ def run(cfg: dict, sock_path: str, owner_pid: int | None = None, pidfile: str | 
 def _private_child(keep: int) -> None:
     """Right after the fork: hold none of the caller's fds (a parent waiting for
     EOF on a pipe must not wait for us), and none of its Python state that would
-    use them.  Only this thread survived the fork; it takes no lock another
-    thread of the caller could hold but the interpreter's own (reset at fork) and
-    logging's (reset at fork too)."""
-    os.closerange(3, keep)
-    os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
+    use them.  As if the supervisor were exec'd: an fd the caller did not make
+    inheritable (PEP 446: Python's default, O_CLOEXEC) is closed; stdio and the
+    ones it did (os.set_inheritable) stay.  Only this thread survived the fork;
+    it takes no lock another thread of the caller could hold but the
+    interpreter's own (reset at fork) and logging's (reset at fork too)."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd != keep:
+            try:
+                if not os.get_inheritable(fd):
+                    os.close(fd)
+            except OSError:                 # the listing's own fd, gone already
+                pass
     gc.freeze()                  # the caller's objects are never finalized here: their
     #                              fd numbers are closed and may be reused by ours
     sys.stdout = open(1, "w", buffering=1, closefd=False)
@@ -536,8 +545,8 @@ def spawn_private(cfg: dict) -> tuple[int, str]:
         except BaseException as e:
             try:
                 os.write(w, ("error %s: %s\n" % (type(e).__name__, e)).encode())
-            except OSError:
-                pass
+            except OSError:                       # after "ready": the caller's stderr
+                traceback.print_exc()             # is its only trace (no log file)
             code = 1
         os._exit(code)
     os.close(w)

@@ -503,16 +503,22 @@ def test_closed_host_is_unmapped_from_the_caller():
 # ------------------------------------------------------------------ (g) no inherited fds
 def test_private_supervisor_holds_none_of_the_callers_fds():
     r, w = os.pipe()                               # non-inheritable, as Python makes them
+    r2, w2 = os.pipe()
+    os.set_inheritable(w2, True)                   # passed on, as exec would
     h = emu.start(ram="64M")
     try:
-        wino = os.fstat(w).st_ino
         held = []
         for fd in os.listdir(f"/proc/{h.private_pid}/fd"):
             try:
                 held.append(os.readlink(f"/proc/{h.private_pid}/fd/{fd}"))
             except OSError:
                 pass
-        assert f"pipe:[{wino}]" not in held, held
+        assert f"pipe:[{os.fstat(w).st_ino}]" not in held, held
+        assert f"pipe:[{os.fstat(r).st_ino}]" not in held, held
+        assert f"pipe:[{os.fstat(w2).st_ino}]" in held, held
+        assert len(held) < 16, held                # its own: stdio, socket, selector, wakeup
+        os.close(r2)
+        os.close(w2)
         # a parent waiting for EOF on the pipe gets it at once, not at supervisor exit
         os.close(w)
         import select as sel
