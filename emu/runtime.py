@@ -390,6 +390,7 @@ class _Watchdog:
 
     def __init__(self, sup_pid: int, core):
         self._stop_r, self._stop_w = os.pipe()
+        self._sup_pid = sup_pid
         try:
             self._pidfd = os.pidfd_open(sup_pid)
         except OSError:
@@ -406,9 +407,20 @@ class _Watchdog:
                 return
         if core.shutdown:
             return
+        self.die()
+
+    def dead(self, timeout: float) -> bool:
+        """Has the supervisor died (waiting up to `timeout` s: a connection sees
+        EOF at exit_files(), a moment before the pidfd fires)?"""
+        if self._pidfd < 0:
+            return True
+        return bool(select.select([self._pidfd], [], [], timeout)[0])
+
+    def die(self) -> None:
+        """The kernel died: so does this thread, at once, as its other threads."""
         try:
             os.write(2, b"emu: pid %d: the supervisor (pid %d) died; its threads die with it\n"
-                     % (os.getpid(), sup_pid))
+                     % (os.getpid(), self._sup_pid))
         except OSError:
             pass
         os.kill(os.getpid(), signal.SIGKILL)
@@ -698,9 +710,16 @@ class Task:
             self._retire(u.ESRCH, EXITED_MSG)
 
     def _gone(self, e: KernelGone) -> KernelGone:
-        """The supervisor closed this thread's connection: retire it here too."""
-        if e.errno == u.ESRCH and self.alive and self._core.shutdown:
-            e = KernelGone(u.ESHUTDOWN, SHUTDOWN_MSG)
+        """The supervisor closed this thread's connection: retire it here too.
+        If the supervisor died, this thread dies with it, as the watchdog would
+        make it a moment later (whatever the race, the same outcome)."""
+        if e.errno == u.ESRCH and self.alive:
+            if self._core.shutdown:
+                e = KernelGone(u.ESHUTDOWN, SHUTDOWN_MSG)
+            elif self._wd is not None and self._wd.dead(1.0):
+                self._wd.die()
+            else:
+                e = KernelGone(u.ESRCH, "the supervisor closed this thread's connection")
         if self.alive:
             self._retire(e.errno, e.strerror)
         return e
