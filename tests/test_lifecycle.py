@@ -301,6 +301,7 @@ def test_supervisor_sigkilled_next_start_cleans_up():
     try:
         assert shm_of(pid) == []
         assert not os.path.exists(sock_of(pid))
+        assert [e for e in os.listdir(shm.runtime_dir()) if str(pid) in e] == []
         assert works(h2) == 0
     finally:
         h2.close()
