@@ -234,8 +234,20 @@ def cmd_trace(args) -> int:
 
 
 def cmd_stop(args) -> int:
+    """Like `systemctl stop`: returns once the daemon has exited (its attached
+    processes got ESHUTDOWN; stragglers are killed after its grace period)."""
+    import select
+
     h = _connect(args)
+    pid = h._call("segments")["pid"]
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        pidfd = None
     h._call("shutdown")
+    if pidfd is not None:
+        select.select([pidfd], [], [], 3600)
+        os.close(pidfd)
     return 0
 
 

@@ -28,6 +28,8 @@ halt_poll_ns = 200000        # after a request, poll this long for the next befo
                              # (KVM's halt_poll_ns); a thread in a system call spins as long
                              # for its reply; both only while no other task waits for a
                              # CPU; 0: always sleep
+shutdown_grace_ms = 5000     # emu stop: attached processes get ESHUTDOWN (and a doorbell);
+                             # one still attached after this long is SIGKILLed
 
 [limits]                     # core tables, sized at boot; past one: ENOMEM (EAGAIN for
                              # tasks, as fork past max_threads), before anything changes
@@ -137,6 +139,9 @@ def validate(cfg: dict) -> dict:
     poll = cfg["supervisor"]["halt_poll_ns"]
     if not isinstance(poll, int) or isinstance(poll, bool) or not 0 <= poll <= 10_000_000:
         raise ConfigError("supervisor.halt_poll_ns: expected an integer 0..10000000")
+    grace = cfg["supervisor"]["shutdown_grace_ms"]
+    if not isinstance(grace, int) or isinstance(grace, bool) or not 0 <= grace <= 3_600_000:
+        raise ConfigError("supervisor.shutdown_grace_ms: expected an integer 0..3600000")
     for key in ("tasks", "mms", "events", "inodes", "vmas"):
         val = cfg["limits"][key]
         if not isinstance(val, int) or isinstance(val, bool) or not 1 <= val <= 1 << 20:

@@ -8,7 +8,9 @@ and, as a backstop, by polling psutil.
 """
 from __future__ import annotations
 
+import faulthandler
 import fcntl
+import gc
 import json
 import logging
 import os
@@ -16,7 +18,9 @@ import selectors
 import signal
 import socket
 import struct
+import sys
 import time
+import traceback
 
 import psutil
 
@@ -33,6 +37,7 @@ log = logging.getLogger("emu.daemon")
 
 VERSION = "0.1.0"
 SIG_GROUP_EXIT = signal.SIGRTMIN + 6        # worker doorbell: die like the rest of the group
+SIG_SHUTDOWN = signal.SIGRTMIN + 7          # worker doorbell: the kernel shuts down (ESHUTDOWN)
 GROUP_EXIT_GRACE = 1.0
 
 
@@ -157,23 +162,45 @@ class Supervisor:
             self.shutdown()
 
     def shutdown(self) -> None:
+        """An orderly shutdown, as init does at poweroff.  The kernel marks itself
+        shutting down (workers' watchdogs then let their process live); the socket
+        goes, so nothing new connects; every connection gets a SHUTDOWN event and
+        EOF, so a pending or next call fails with ESHUTDOWN; every attached thread
+        but the owner gets the shutdown doorbell, which raises ESHUTDOWN where it
+        runs (idle or not) and retires the thread.  A process may then exit as it
+        likes (status 0 if it handles the error).  One still attached, that is
+        still mapping the machine, after supervisor.shutdown_grace_ms is
+        SIGKILLed, as systemd follows SIGTERM with SIGKILL."""
         if self.segs is None:
             return
         self.core.set_shutdown()
-        victims = []
-        kernel = getattr(self, "kernel", None)
-        for t in list(kernel.tasks.values()) if kernel is not None else []:
-            if t.tid != self.owner_pid and t.tid != os.getpid():
-                victims.append(t.tid)
-        self._stop_pids(victims)
-        for c in list(self.conns.values()):
-            self._close(c, dead=False)
         if self.listener is not None:
             try:
-                self.listener.close()
+                self.sel.unregister(self.listener)
+            except (KeyError, ValueError):
+                pass
+            self.listener.close()
+            self.listener = None
+            try:
                 os.unlink(self.sock_path)
             except OSError:
                 pass
+        victims = []
+        kernel = getattr(self, "kernel", None)
+        for t in list(kernel.tasks.values()) if kernel is not None else []:
+            if t.alive and t.tid != self.owner_pid and t.tid != os.getpid():
+                victims.append(t.tid)
+        for c in list(self.conns.values()):
+            try:
+                c.sock.setblocking(False)   # a peer that does not read must not stall us
+                c.sock.send(b'{"event":"SHUTDOWN"}\n')
+            except OSError:
+                pass
+            self._close(c, dead=False)
+        for tid in victims:
+            C.tgkill(tid, tid, int(SIG_SHUTDOWN))
+        grace = self.cfg.get("supervisor", {}).get("shutdown_grace_ms", 5000) / 1000
+        self._stop_pids(victims, self.segs.names[0], grace)
         self.segs.unlink()
         self.segs = None
         if self.pidfile:
@@ -187,14 +214,24 @@ class Supervisor:
             pass
 
     @staticmethod
-    def _stop_pids(pids) -> None:
-        for pid in pids:
+    def _stop_pids(pids, segment: str, grace: float) -> None:
+        """Wait up to `grace` s for each pid to exit or to let go of the machine
+        (unmap `segment`); SIGKILL the rest and wait for them to die."""
+        end = time.monotonic() + grace
+        pending = list(pids)
+        while pending:
+            pending = [p for p in pending if _pid_alive(p) and _maps(p, segment)]
+            if not pending or time.monotonic() >= end:
+                break
+            time.sleep(0.01)
+        for pid in pending:
+            log.warning("pid %d still attached %.1f s after shutdown: killed", pid, grace)
             try:
-                psutil.Process(pid).kill()
-            except psutil.Error:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
                 pass
         end = time.monotonic() + 2
-        while any(_pid_alive(p) for p in pids) and time.monotonic() < end:   # zombies count as gone
+        while any(_pid_alive(p) for p in pending) and time.monotonic() < end:   # zombies count as gone
             time.sleep(0.01)
 
     # ------------------------------------------------------------ connections
@@ -300,8 +337,12 @@ class Supervisor:
             elif name == "attach":
                 ret = self._attach(c, args)
             elif name == "exit":
-                if c.task is not None:
-                    c.task.clean_exit = True
+                # a clean exit: retired now, so the caller may attach again at once
+                t, c.task = c.task, None
+                if t is not None and t.alive:
+                    t.clean_exit = True
+                    t.conn = None
+                    self._task_died(t)
                 ret = 0
             elif name == "reap":
                 ret = self._reap(c, args)
@@ -393,7 +434,8 @@ class Supervisor:
         c.task = t
         return {"slot": t.slot, "tid": t.tid, "tgid": t.tgid, "pgd": t.process.mm.pgd,
                 "segments": list(self.segs.names), "supervisor_pid": os.getpid(),
-                "mce_flags": t.flags, "group_exit_sig": int(SIG_GROUP_EXIT)}
+                "mce_flags": t.flags, "group_exit_sig": int(SIG_GROUP_EXIT),
+                "shutdown_sig": int(SIG_SHUTDOWN)}
 
     def _reap(self, c: Conn, a: dict) -> int:
         """A parent is about to reap a worker that exited (it waited with WNOWAIT):
@@ -490,6 +532,15 @@ def _death_signal(pid: int, wait: float = 0.2) -> int:
         time.sleep(0.002)
 
 
+def _maps(pid: int, segment: str) -> bool:
+    """Does pid still map the shm segment `segment` (/emu-<pid>-core)?"""
+    try:
+        with open("/proc/%d/maps" % pid) as f:
+            return ("/dev/shm" + segment) in f.read()
+    except OSError:
+        return False
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
@@ -515,13 +566,43 @@ def run(cfg: dict, sock_path: str, owner_pid: int | None = None, pidfile: str | 
         sup.serve_forever(ready_fd)
 
 
+def _private_child(keep: int) -> None:
+    """Right after the fork: hold none of the caller's fds (a parent waiting for
+    EOF on a pipe must not wait for us), and none of its Python state that would
+    use them.  As if the supervisor were exec'd: an fd the caller did not make
+    inheritable (PEP 446: Python's default, O_CLOEXEC) is closed; stdio and the
+    ones it did (os.set_inheritable) stay.  Only this thread survived the fork;
+    it takes no lock another thread of the caller could hold but the
+    interpreter's own (reset at fork) and logging's (reset at fork too)."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd != keep:
+            try:
+                if not os.get_inheritable(fd):
+                    os.close(fd)
+            except OSError:                 # the listing's own fd, gone already
+                pass
+    gc.freeze()                  # the caller's objects are never finalized here: their
+    #                              fd numbers are closed and may be reused by ours
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
+    for lg in [logging.getLogger()] + [v for v in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(v, logging.Logger)]:
+        lg.handlers = []             # the caller's handlers write to closed fds: warnings
+    #                                  go to stderr (logging.lastResort)
+    if faulthandler.is_enabled():
+        faulthandler.enable(file=2)
+    from . import runtime
+    runtime._cores.clear()            # the caller's mappings of other machines
+
+
 def spawn_private(cfg: dict) -> tuple[int, str]:
     """Fork a private supervisor owned by this process; returns (pid, socket)."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:                                  # the supervisor
         try:
-            os.close(r)
+            _private_child(keep=w)
             os.setpgid(0, 0)
             for s in (signal.SIGBUS, signal.SIGUSR1, signal.SIGUSR2):
                 signal.signal(s, signal.SIG_DFL)
@@ -534,8 +615,8 @@ def spawn_private(cfg: dict) -> tuple[int, str]:
         except BaseException as e:
             try:
                 os.write(w, ("error %s: %s\n" % (type(e).__name__, e)).encode())
-            except OSError:
-                pass
+            except OSError:                       # after "ready": the caller's stderr
+                traceback.print_exc()             # is its only trace (no log file)
             code = 1
         os._exit(code)
     os.close(w)

@@ -49,6 +49,36 @@ def _oserror(err: dict) -> Exception:
     return OSError(e, desc)
 
 
+class KernelGone(OSError):
+    """The emulated kernel is no longer there for this thread: ESHUTDOWN after an
+    orderly shutdown (`emu stop`, Host.close), ESRCH if the supervisor died or the
+    thread exited.  (A subclass, so OSError(ESHUTDOWN) does not turn into
+    BrokenPipeError; `e.errno` is what to test.)"""
+
+
+SHUTDOWN_MSG = "the emulated kernel has shut down"
+DIED_MSG = "the supervisor has gone away"
+EXITED_MSG = "this emulated thread has exited"
+
+
+class _Gone:
+    """Stands in for the channel and the CPU of a retired thread: any use is a
+    clean OSError, and nothing can reach the memory that was unmapped."""
+    __slots__ = ("errno", "why")
+
+    def __init__(self, err: int, why: str):
+        self.errno, self.why = err, why
+
+    def __getattr__(self, name):
+        raise KernelGone(self.errno, self.why)
+
+    def __call__(self, *a, **k):
+        raise KernelGone(self.errno, self.why)
+
+    def close(self) -> None:
+        pass
+
+
 # ------------------------------------------------------------------ the channel
 _channels: weakref.WeakSet = weakref.WeakSet()
 
@@ -80,6 +110,7 @@ class Channel:
         except (ValueError, TypeError, KeyError, AttributeError):
             self.halt_poll_ns = 0
         self.spin_ns = 0                      # an emulated thread's channel spins (attach)
+        self.shutdown = False                 # the supervisor announced an orderly shutdown
         self._poll = select.poll()
         self._poll.register(self.sock, select.POLLIN)
         _channels.add(self)
@@ -100,27 +131,41 @@ class Channel:
                          separators=(",", ":")).encode() + b"\n"
         self.outstanding.add(rid)
         try:
-            if len(msg) > 65536:
-                old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGBUS})
-                try:
+            try:
+                if len(msg) > 65536:
+                    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGBUS})
+                    try:
+                        self.sock.sendall(msg)
+                    finally:
+                        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+                else:
                     self.sock.sendall(msg)
-                finally:
-                    signal.pthread_sigmask(signal.SIG_SETMASK, old)
-            else:
-                self.sock.sendall(msg)
+            except (BrokenPipeError, ConnectionResetError):
+                pass                        # closed: read what it said last, then EOF
             while rid not in self.stash:
                 if self.spin_ns:            # (a line already buffered only costs the spin)
                     self._spin()
-                line = self.rfile.readline()
-                if not line:
-                    raise OSError(u.ESRCH, "the supervisor has gone away")
+                try:
+                    line = self.rfile.readline()
+                except (ConnectionResetError, ValueError):     # reset, or closed here
+                    line = b""
+                if not line.endswith(b"\n"):     # EOF, or a last line cut short
+                    raise self.gone()
                 rep = json.loads(line)
                 if rep.get("id") in self.outstanding:
                     self.stash[rep["id"]] = rep
+                elif rep.get("event") == "SHUTDOWN":
+                    self.shutdown = True
             return self.stash.pop(rid)
         finally:
             self.outstanding.discard(rid)
             self.stash.pop(rid, None)
+
+    def gone(self) -> KernelGone:
+        """The error for a connection the supervisor closed."""
+        if self.shutdown:
+            return KernelGone(u.ESHUTDOWN, SHUTDOWN_MSG)
+        return KernelGone(u.ESRCH, DIED_MSG)
 
     def _spin(self) -> None:
         """A thread in a system call keeps its CPU, as it would running the kernel:
@@ -149,6 +194,8 @@ def _after_fork_child() -> None:
                 pass
     C.unbind_self()
     global _self
+    if _self is not None and _self._wd is not None:
+        _self._wd.forget()              # its thread did not survive the fork; its fds did
     _self = None
 
 
@@ -164,6 +211,7 @@ class Host:
         self.private_pid = pid
         self._ch: Channel | None = None
         self._ch_pid = None
+        self._segments: set[tuple] = set()    # the cores this process mapped through it
 
     @property
     def ch(self) -> Channel:
@@ -226,19 +274,34 @@ class Host:
         return self._call("policy")
 
     def close(self) -> None:
+        """Stop a private supervisor (its owner only), then let go of the machine:
+        this process's emulated thread on it is retired (an orderly shutdown for
+        a private host, a clean exit for a connect()ed daemon) and its memory is
+        unmapped from this process."""
+        stopped = False
         if self.private_pid is not None and os.getpid() == self._owner_pid:
             try:
                 self._call("shutdown")
-            except OSError:
-                pass
+            except (KernelGone, ConnectionRefusedError, FileNotFoundError):
+                pass                        # it died or stopped already: reap it below
             try:
                 os.waitpid(self.private_pid, 0)
             except ChildProcessError:
                 pass
             self.private_pid = None
+            stopped = True
         if self._ch is not None and self._ch_pid == os.getpid():
             self._ch.close()
         self._ch = None
+        t = _self
+        if t is not None and t.host is self and t.alive:
+            if stopped:
+                t._retire(u.ESHUTDOWN, SHUTDOWN_MSG)
+            else:
+                t.exit()
+        for key in self._segments:
+            _release_core(key)
+        self._segments.clear()
 
     def __enter__(self):
         return self
@@ -335,17 +398,69 @@ def _real_prctl(*a) -> int:
     return r
 
 
-def _watchdog(sup_pid: int, core) -> None:
-    """Worker threads exit when their kernel dies (but not on an orderly shutdown)."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
-    try:
-        fd = os.pidfd_open(sup_pid)
-    except OSError:
-        fd = None
-    if fd is not None:
-        select.select([fd], [], [])
-    if not core.shutdown:
+class _Watchdog:
+    """A thread that waits on the supervisor's pidfd: if the kernel dies (not an
+    orderly shutdown, which comes as ESHUTDOWN and a doorbell), this process dies
+    with it at once, whatever its main thread is doing (blocked in a call, idle,
+    or spinning in the fast path).  stop() ends it and closes its fds."""
+
+    def __init__(self, sup_pid: int, core):
+        self._stop_r, self._stop_w = os.pipe()
+        self._sup_pid = sup_pid
+        try:
+            self._pidfd = os.pidfd_open(sup_pid)
+        except OSError:
+            self._pidfd = -1                  # already gone: fire at once
+        self._thread = threading.Thread(target=self._run, args=(sup_pid, core), daemon=True,
+                                        name="emu-watchdog")
+        self._thread.start()
+
+    def _run(self, sup_pid: int, core) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        if self._pidfd >= 0:
+            r, _, _ = select.select([self._pidfd, self._stop_r], [], [])
+            if self._stop_r in r:
+                return
+        if core.shutdown:
+            return
+        self.die()
+
+    def dead(self, timeout: float) -> bool:
+        """Has the supervisor died (waiting up to `timeout` s: a connection sees
+        EOF at exit_files(), a moment before the pidfd fires)?"""
+        if self._pidfd < 0:
+            return True
+        return bool(select.select([self._pidfd], [], [], timeout)[0])
+
+    def die(self) -> None:
+        """The kernel died: so does this thread, at once, as its other threads."""
+        try:
+            os.write(2, b"emu: pid %d: the supervisor (pid %d) died; its threads die with it\n"
+                     % (os.getpid(), self._sup_pid))
+        except OSError:
+            pass
         os.kill(os.getpid(), signal.SIGKILL)
+
+    def stop(self) -> None:
+        if self._stop_w < 0:
+            return
+        try:
+            os.write(self._stop_w, b"x")
+        except OSError:
+            pass
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+        self.forget()
+
+    def forget(self) -> None:
+        """Close the fds (after a fork the thread is not ours to stop)."""
+        for fd in (self._pidfd, self._stop_r, self._stop_w):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._pidfd = self._stop_r = self._stop_w = -1
 
 
 _cores: dict[tuple, object] = {}
@@ -365,10 +480,27 @@ def _backend(core):
 
 
 def _core_for(names) -> object:
+    """The segments of one supervisor, mapped once per process (a forked child
+    reuses the mapping it inherited)."""
     key = tuple(names)
     if key not in _cores:
         _cores[key] = shm.Segments.open(key).core
     return _cores[key]
+
+
+def _release_core(key: tuple) -> None:
+    """Forget a supervisor's segments: the mapping goes with the last reference
+    (Core.__dealloc__ unmaps), so nothing can touch unmapped memory."""
+    _cores.pop(key, None)
+
+
+def _on_shutdown(signum, frame):
+    """The supervisor's shutdown doorbell: the emulated thread is retired and
+    the interrupted code gets ESHUTDOWN (a handler is Python's siglongjmp)."""
+    t = _self
+    if t is not None and t.alive:
+        t._retire(u.ESHUTDOWN, SHUTDOWN_MSG)
+        raise KernelGone(u.ESHUTDOWN, SHUTDOWN_MSG + " (emu stop)")
 
 
 # ------------------------------------------------------------------ the emulated thread
@@ -384,17 +516,32 @@ class Task:
         if _self is not None and _self.alive:
             raise OSError(u.EBUSY, "this process is already an emulated thread")
         self.host = host
+        self.alive = False
+        self._wd = None
+        self._pid = os.getpid()
         self.ch = Channel(host.path)
-        info = self.ch.call("attach", kind=kind, parent=parent, comm=name)
+        try:
+            info = self.ch.call("attach", kind=kind, parent=parent, comm=name)
+        except BaseException:
+            self.ch.close()
+            raise
         self.ch.spin_ns = self.ch.halt_poll_ns
         self.tid, self.tgid, self.slot, self.pgd = info["tid"], info["tgid"], info["slot"], info["pgd"]
         self.name = name
-        self._core = _core_for(info["segments"])
+        self._names = tuple(info["segments"])
+        host._segments.add(self._names)
+        self._core = _core_for(self._names)
         self._core.bind_self(self.slot)
         self._rd, self._wr, self._bt = _backend(self._core)
         C.install_group_exit(info["group_exit_sig"])
-        threading.Thread(target=_watchdog, args=(info["supervisor_pid"], self._core),
-                         daemon=True, name="emu-watchdog").start()
+        self._group_exit_sig = info["group_exit_sig"]
+        sig = info.get("shutdown_sig")
+        if sig:
+            try:
+                signal.signal(sig, _on_shutdown)
+            except ValueError:              # not the main thread: the grace period's kill
+                pass
+        self._wd = _Watchdog(info["supervisor_pid"], self._core)
         self.alive = True
         _self = self
 
@@ -403,7 +550,10 @@ class Task:
 
     # ---- system calls ----
     def _call(self, _cmd: str, **args):
-        rep = self.ch.request(_cmd, args)
+        try:
+            rep = self.ch.request(_cmd, args)
+        except KernelGone as e:
+            raise self._gone(e) from None
         sigs = rep.get("sigs")
         if sigs:
             self._deliver(sigs)
@@ -561,13 +711,58 @@ class Task:
         self._call("gmem_convert", fd=fd, offset=offset, size=size, private=private)
 
     def exit(self) -> None:
-        """A clean thread exit (the supervisor sees EOF right after)."""
+        """A clean thread exit: the kernel retires this thread before exit()
+        returns (as a thread's exit; the main thread's takes its process with
+        it, exit_group).  This process may attach again afterwards."""
+        if not self.alive:
+            return
+        if os.getpid() != self._pid:
+            raise OSError(u.EBADF, "this emulated thread belongs to another process")
+        try:
+            self.ch.call("exit")
+        except KernelGone as e:
+            self._gone(e)                   # the kernel is gone: so is this thread
+        finally:
+            self._retire(u.ESRCH, EXITED_MSG)
+
+    def _gone(self, e: KernelGone) -> KernelGone:
+        """The supervisor closed this thread's connection: retire it here too.
+        If the supervisor died, this thread dies with it, as the watchdog would
+        make it a moment later (whatever the race, the same outcome)."""
+        if e.errno == u.ESRCH and self.alive:
+            if self._core.shutdown:
+                e = KernelGone(u.ESHUTDOWN, SHUTDOWN_MSG)
+            elif self._wd is not None and self._wd.dead(1.0):
+                self._wd.die()
+            else:
+                e = KernelGone(u.ESRCH, "the supervisor closed this thread's connection")
         if self.alive:
-            try:
-                self.ch.call("exit")
-            except OSError:
+            self._retire(e.errno, e.strerror)
+        return e
+
+    def _retire(self, err: int, why: str) -> None:
+        """Forget the kernel's thread in this process: the watchdog stops and its
+        fds close, signals no longer reach the old slot, the channel closes, and
+        the memory is unmapped once nothing refers to it; later use of this
+        handle is a clean OSError(err)."""
+        global _self
+        if not self.alive:
+            return
+        self.alive = False
+        if _self is self:
+            _self = None
+            C.unbind_self()
+            try:                            # a late group-exit doorbell: no longer ours
+                signal.signal(self._group_exit_sig, signal.SIG_IGN)
+            except ValueError:
                 pass
-            self.alive = False
+        wd, self._wd = self._wd, None
+        if wd is not None:
+            wd.stop()
+        ch, self.ch = self.ch, _Gone(err, why)
+        ch.close()
+        self._core = self._rd = self._wr = self._bt = _Gone(err, why)
+        _release_core(self._names)
 
 
 class Kvm:
@@ -943,6 +1138,9 @@ def _spawn(parent: Task, kind: str, fn, args, name: str) -> Thread:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
             if _self is not None:
                 _self.exit()
+        except KernelGone as e:             # the kernel stopped under it: one line, no traceback
+            os.write(2, ("emu: %s (pid %d): %s\n" % (name, os.getpid(), e.strerror)).encode())
+            code = 1
         except BaseException:
             traceback.print_exc()
             code = 1

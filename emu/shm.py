@@ -96,9 +96,33 @@ def _alive_supervisor(pid: int) -> bool:
         return False
 
 
+LOG_KEEP = 3                     # rotated logs of dead daemons kept: X.log.1 .. X.log.3
+
+
 def cleanup() -> list[str]:
-    """Remove segments, sockets and pid files whose supervisor is gone."""
-    removed = []
+    """Remove segments, sockets and pid files whose supervisor is gone; rotate
+    (never delete) a gone daemon's log, so its last words survive.  Supervisors
+    booting at once serialize on a lock of the runtime directory, and an entry
+    someone else removed meanwhile is simply gone."""
+    rd = runtime_dir()
+    lock = os.open(rd, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _cleanup(rd)
+    finally:
+        os.close(lock)
+
+
+def _unlink(path: str, removed: list[str]) -> None:
+    try:
+        os.unlink(path)
+        removed.append(path)
+    except FileNotFoundError:
+        pass
+
+
+def _cleanup(rd: str) -> list[str]:
+    removed: list[str] = []
     try:
         entries = os.listdir("/dev/shm")
     except OSError:
@@ -109,7 +133,10 @@ def cleanup() -> list[str]:
         parts = ent.split("-")
         if len(parts) < 3 or not parts[1].isdigit():
             continue
-        if os.stat(os.path.join("/dev/shm", ent)).st_uid != os.getuid():
+        try:
+            if os.stat(os.path.join("/dev/shm", ent)).st_uid != os.getuid():
+                continue
+        except FileNotFoundError:
             continue
         if not _alive_supervisor(int(parts[1])):
             try:
@@ -117,26 +144,36 @@ def cleanup() -> list[str]:
                 removed.append("/dev/shm/" + ent)
             except posix_ipc.ExistentialError:
                 pass
-    rd = runtime_dir()
     for ent in os.listdir(rd):
         path = os.path.join(rd, ent)
         if ent.endswith(".pid"):
             if not _pidfile_locked(path):
-                os.unlink(path)
-                removed.append(path)
-                sock = path[:-4] + ".sock"
-                if os.path.exists(sock):
-                    os.unlink(sock)
-                    removed.append(sock)
+                _unlink(path, removed)
+                _unlink(path[:-4] + ".sock", removed)
         elif ent.endswith(".log") and not os.path.exists(path[:-4] + ".pid"):
-            os.unlink(path)
-            removed.append(path)
+            rotate_log(path)
         elif ent.startswith("priv-") and ent.endswith(".sock"):
             pid = ent[5:-5]
             if pid.isdigit() and not _alive_supervisor(int(pid)):
-                os.unlink(path)
-                removed.append(path)
+                _unlink(path, removed)
     return removed
+
+
+def rotate_log(path: str, keep: int = LOG_KEEP) -> str | None:
+    """path -> path.1 -> ... -> path.<keep> (the oldest dropped), as logrotate
+    does; an empty log is just removed.  Returns the new name, or None."""
+    try:
+        if os.path.getsize(path) == 0:
+            os.unlink(path)
+            return None
+        for i in range(keep - 1, 0, -1):
+            src = "%s.%d" % (path, i)
+            if os.path.exists(src):
+                os.replace(src, "%s.%d" % (path, i + 1))
+        os.replace(path, path + ".1")
+    except FileNotFoundError:
+        return None
+    return path + ".1"
 
 
 def _pidfile_locked(path: str) -> bool:

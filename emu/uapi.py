@@ -28,6 +28,7 @@ ENOSYS = _errno.ENOSYS
 EOPNOTSUPP = _errno.EOPNOTSUPP
 ENOTTY = _errno.ENOTTY
 EACCES = _errno.EACCES
+ESHUTDOWN = _errno.ESHUTDOWN
 EHWPOISON = 133
 
 # ---- signals and si_code ----

@@ -852,6 +852,7 @@ def test_signals_sent_with_the_unmap_are_those_kill_procs_sends(host_factory, mo
     from emu.kernel.memory_failure import MemoryFailure
 
     calls_r, calls_w = os.pipe()
+    os.set_inheritable(calls_w, True)           # the supervisor keeps only inheritable fds
     real = MemoryFailure.send_with_unmap
 
     def send_with_unmap(self, *a):

@@ -298,6 +298,7 @@ def _vcpu_thread(task, idx: int, ram: GuestRam, cmd_r: int, rep_w: int, recover:
 
 if __name__ == "__main__":
     import argparse
+    import errno
 
     ap = argparse.ArgumentParser(description="a QEMU-shaped process against a running emu daemon")
     ap.add_argument("--socket")
@@ -313,4 +314,9 @@ if __name__ == "__main__":
                 print("%s  %s" % (who, text))
             q.journal.clear()
     except KeyboardInterrupt:
+        q.stop()
+    except OSError as e:                   # `emu stop`: the host went away under the VM
+        if e.errno != errno.ESHUTDOWN:
+            raise
+        print("qemu-like: %s; exiting" % e.strerror)
         q.stop()
