@@ -9,6 +9,8 @@ forked (it inherits the patch), as test_signals.py does."""
 import errno
 import io
 import json
+import os
+import signal
 import socket
 import time
 from contextlib import redirect_stdout
@@ -260,26 +262,31 @@ def test_emu_status_shows_taint_and_limits(monkeypatch, host_factory):
 
 def test_bug_outside_a_request_is_reported_and_the_kernel_serves_on(monkeypatch, host_factory):
     """A bug in a dead task's teardown (EOF on its socket, no request to answer) is
-    recorded the same way, and the supervisor keeps running."""
+    recorded the same way, and the supervisor keeps running.  The thread dies of
+    SIGKILL (no exit request) and its parent does not reap it until the BUG is in:
+    the supervisor meets the death first as EOF, outside any request."""
     from emu.kernel import Kernel
 
     real = Kernel.exit_task
+    raised = []
 
     def broken(self, t):
-        if t.comm == "doomed":
+        if t.comm == "doomed" and not raised:
+            raised.append(t.tid)
             raise IndexError("teardown")
         return real(self, t)
 
     monkeypatch.setattr(Kernel, "exit_task", broken)
     host = host_factory()
     me = emu.attach(host, name="parent")
-    th = me.fork(lambda task: None, name="doomed")
-    assert th.join(30) == 0
-    deadline = time.monotonic() + 5
+    th = me.fork(lambda task: os.kill(os.getpid(), signal.SIGKILL), name="doomed")
+    deadline = time.monotonic() + 10
     while host.tainted() == 0 and time.monotonic() < deadline:
         me.idle(0.05)
     assert host.tainted() == D
     rec = bug_record(host)
     assert rec[2].startswith("Oops: IndexError: teardown")
     assert "PID: 0 Comm: kworker/0:0" in rec[3]
+    assert th.join(30) == -signal.SIGKILL          # the reap retires it: no second BUG
+    assert sum(1 for line in host.dmesg() if "kernel BUG at" in line) == 1
     still_serves(host)
