@@ -8,6 +8,7 @@ and, as a backstop, by polling psutil.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -30,6 +31,7 @@ from .kernel.page_alloc import POPULATE_AHEAD
 from .kernel.syscalls import HOSTCALLS, SYSCALLS
 
 log = logging.getLogger("emu.daemon")
+EVENT_WRITE = selectors.EVENT_WRITE
 
 VERSION = "0.1.0"
 SIG_GROUP_EXIT = signal.SIGRTMIN + 6        # worker doorbell: die like the rest of the group
@@ -37,11 +39,12 @@ GROUP_EXIT_GRACE = 1.0
 
 
 class Conn:
-    __slots__ = ("sock", "pid", "uid", "rbuf", "task", "closed")
+    __slots__ = ("sock", "pid", "uid", "rbuf", "wbuf", "task", "closed")
 
     def __init__(self, sock, pid, uid):
         self.sock, self.pid, self.uid = sock, pid, uid
         self.rbuf = b""
+        self.wbuf = b""          # reply bytes the peer has not taken yet
         self.task = None
         self.closed = False
 
@@ -49,6 +52,51 @@ class Conn:
 # socket.recv(n) allocates n bytes first: a 1 MiB buffer costs an mmap/munmap
 # pair per request (~15-25 us here); a longer line just arrives in pieces.
 RECV_SIZE = 65536
+# The longest request line the supervisor buffers; a longer one is refused with
+# EMSGSIZE and its connection closed.  The greeting tells clients (Task.pwrite
+# splits its data to fit).
+MAX_REQUEST = 1 << 20
+
+
+class BadRequest(OSError):
+    """A malformed request envelope: EINVAL, with the request id when it was readable."""
+
+    def __init__(self, msg: str, rid=None):
+        super().__init__(u.EINVAL, msg)
+        self.rid = rid
+
+
+def _no_constant(s: str):
+    raise ValueError("%s is not JSON" % s)
+
+
+def _finite_float(s: str) -> float:
+    v = float(s)
+    if v in (float("inf"), float("-inf")):
+        raise ValueError("number out of range: %s" % s[:40])
+    return v
+
+
+def parse_request(line: bytes) -> tuple:
+    """(id, command, arguments) of one request line, or BadRequest.  Strict JSON
+    (no NaN/Infinity, UTF-8), an object with a string "execute" and an object
+    (or absent/null) "arguments"; "id" is any JSON value, echoed back."""
+    try:
+        req = json.loads(line, parse_constant=_no_constant, parse_float=_finite_float)
+    except (ValueError, RecursionError) as e:           # JSONDecodeError, UnicodeDecodeError
+        raise BadRequest("request: not valid JSON: %s" % str(e)[:200]) from None
+    if not isinstance(req, dict):
+        raise BadRequest("request: expected an object")
+    rid = req.get("id")
+    name = req.get("execute")
+    if not isinstance(name, str):
+        raise BadRequest("execute: expected a command name", rid)
+    args = req.get("arguments")
+    if args is None:
+        args = {}
+    elif not isinstance(args, dict):
+        raise BadRequest("arguments: expected an object", rid)
+    return rid, name, args
 
 
 class Supervisor:
@@ -65,6 +113,8 @@ class Supervisor:
         self._pidfd = None
         self.segs = None
         self.listener = None
+        self._spare_fd = None           # given up to accept-and-close when out of fds
+        self._accept_warned = 0.0
 
     # ------------------------------------------------------------ lifecycle
     def boot(self) -> None:
@@ -100,6 +150,7 @@ class Supervisor:
             os.umask(old)
         self.listener.listen(128)
         self.listener.setblocking(False)
+        self._spare_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         self.sel.register(self.listener, selectors.EVENT_READ, None)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -124,7 +175,7 @@ class Supervisor:
         try:
             while not self.stopping:
                 events = select(0 if polling_until else 0.1)
-                for key, _ in events:
+                for key, mask in events:
                     if key.data is None:
                         self._accept()
                     elif key.data == "wake":
@@ -132,6 +183,8 @@ class Supervisor:
                             os.read(self._wake_r, 512)
                         except BlockingIOError:
                             pass
+                    elif mask & EVENT_WRITE:
+                        self._writable(key.data)
                     else:
                         self._readable(key.data)
                         if poll_ns:
@@ -165,6 +218,9 @@ class Supervisor:
         self._stop_pids(victims)
         for c in list(self.conns.values()):
             self._close(c, dead=False)
+        if self._spare_fd is not None:
+            os.close(self._spare_fd)
+            self._spare_fd = None
         if self.listener is not None:
             try:
                 self.listener.close()
@@ -200,43 +256,137 @@ class Supervisor:
             sock, _ = self.listener.accept()
         except BlockingIOError:
             return
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        except OSError as e:
+            self._accept_failed(e)
+            return
+        try:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        except OSError:
+            sock.close()
+            return
         pid, uid, _gid = struct.unpack("3i", creds)
         if uid != os.getuid():
             log.warning("refusing uid %d (pid %d)", uid, pid)
             sock.close()
             return
-        sock.setblocking(True)
+        # non-blocking: a peer that does not read its replies must not stall the
+        # one thread that runs the kernel (see _send)
+        sock.setblocking(False)
         c = Conn(sock, pid, uid)
         self.conns[sock.fileno()] = c
         self.sel.register(sock, selectors.EVENT_READ, c)
         self._send(c, {"QMP": {"version": VERSION, "capabilities": [],
-                               "halt_poll_ns": self.cfg["supervisor"]["halt_poll_ns"]}})
+                               "halt_poll_ns": self.cfg["supervisor"]["halt_poll_ns"],
+                               "max_request": MAX_REQUEST}})
+
+    def _accept_failed(self, e: OSError) -> None:
+        """accept() failed, typically EMFILE: the pending connection would keep the
+        listener readable and the loop spinning.  Free the spare fd, accept it and
+        close it at once (the peer sees EOF before the greeting), re-arm the spare."""
+        now = time.monotonic()
+        if now - self._accept_warned >= 1.0:
+            self._accept_warned = now
+            log.warning("accept: %s: refusing connections", e.strerror or e)
+        if e.errno not in (errno.EMFILE, errno.ENFILE) or self._spare_fd is None:
+            return
+        os.close(self._spare_fd)
+        self._spare_fd = None
+        try:
+            self.listener.accept()[0].close()
+        except OSError:
+            pass
+        try:
+            self._spare_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            pass
 
     def _readable(self, c: Conn) -> None:
         try:
             data = c.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
         except OSError:
             data = b""
         if not data:
             self._close(c, dead=True)
             return
+        if b"\n" not in data:                 # most of a long line: just keep it
+            c.rbuf += data
+            if len(c.rbuf) > MAX_REQUEST:
+                self._too_long(c)
+            return
         c.rbuf += data
-        while b"\n" in c.rbuf and not c.closed:
-            line, c.rbuf = c.rbuf.split(b"\n", 1)
+        self._lines(c)
+
+    def _lines(self, c: Conn) -> None:
+        """Run the complete request lines buffered on c, in order, while its
+        replies are being taken (a peer that stops reading stops being served)."""
+        while not c.closed and not c.wbuf:
+            line, sep, rest = c.rbuf.partition(b"\n")
+            if not sep:
+                if len(c.rbuf) > MAX_REQUEST:
+                    self._too_long(c)
+                return
+            if len(line) > MAX_REQUEST:
+                self._too_long(c)
+                return
+            c.rbuf = rest
             if line.strip():
                 self._handle(c, line)
 
+    def _too_long(self, c: Conn) -> None:
+        log.warning("pid %d: request line over %d bytes: closing its connection",
+                    c.pid, MAX_REQUEST)
+        c.rbuf = b""
+        self._send(c, {"id": None, "error": {
+            "class": "GenericError", "errno": errno.EMSGSIZE,
+            "desc": "request line over %d bytes" % MAX_REQUEST}})
+        self._close(c, dead=True)
+
     def _send(self, c: Conn, obj) -> None:
+        data = json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+        if c.wbuf:
+            c.wbuf += data
+            return
         try:
-            c.sock.sendall(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
+            n = c.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError:                   # the peer is gone: EOF on its read side closes it
+            return
+        if n < len(data):                 # the peer's buffer is full: wait for POLLOUT,
+            c.wbuf = data[n:]             # and read nothing more from it meanwhile
+            self.sel.modify(c.sock, selectors.EVENT_WRITE, c)
+
+    def _writable(self, c: Conn) -> None:
+        try:
+            n = c.sock.send(c.wbuf)
+        except (BlockingIOError, InterruptedError):
+            return
         except OSError:
-            pass
+            self._close(c, dead=True)
+            return
+        c.wbuf = c.wbuf[n:]
+        if not c.wbuf:
+            self.sel.modify(c.sock, selectors.EVENT_READ, c)
+            self._lines(c)
+
+    def _flush(self, c: Conn, timeout: float = 0.2) -> None:
+        """Closing: give the peer a moment to take what it was sent."""
+        if c.wbuf:
+            try:
+                c.sock.settimeout(timeout)
+                c.sock.sendall(c.wbuf)
+            except OSError:
+                pass
+            c.wbuf = b""
 
     def _close(self, c: Conn, dead: bool) -> None:
         if c.closed:
             return
         c.closed = True
+        if not dead:
+            self._flush(c)
         try:
             self.sel.unregister(c.sock)
         except (KeyError, ValueError):
@@ -252,14 +402,11 @@ class Supervisor:
         rid = None
         k = self.kernel
         try:
-            req = json.loads(line)
-            if not isinstance(req, dict):
-                raise ValueError("request: expected an object")
-            rid = req.get("id")
-            name = req.get("execute")
-            args = req.get("arguments") or {}
-            if not isinstance(args, dict):
-                raise ValueError("arguments: expected an object")
+            try:
+                rid, name, args = parse_request(line)
+            except BadRequest as e:
+                rid = e.rid
+                raise
             fn = SYSCALLS.get(name)
             if fn is not None:
                 t = c.task

@@ -64,9 +64,11 @@ class Channel:
             raise OSError(u.ECONNREFUSED if hasattr(u, "ECONNREFUSED") else 111,
                           "supervisor closed the connection")
         try:
-            self.halt_poll_ns = int(json.loads(greeting)["QMP"].get("halt_poll_ns", 0))
+            qmp = json.loads(greeting)["QMP"]
+            self.halt_poll_ns = int(qmp.get("halt_poll_ns", 0))
+            self.max_request = int(qmp.get("max_request", 1 << 20))
         except (ValueError, TypeError, KeyError, AttributeError):
-            self.halt_poll_ns = 0
+            self.halt_poll_ns, self.max_request = 0, 1 << 20
         self.spin_ns = 0                      # an emulated thread's channel spins (attach)
         self._poll = select.poll()
         self._poll.register(self.sock, select.POLLIN)
@@ -442,8 +444,23 @@ class Task:
         return base64.b64decode(self._call("pread", fd=fd, n=n, offset=offset))
 
     def pwrite(self, fd: int, data: bytes, offset: int = 0) -> int:
-        return self._call("pwrite", fd=fd, data=base64.b64encode(bytes(data)).decode(),
-                          offset=offset)
+        # one request line is at most ch.max_request bytes: write in pieces that fit
+        # (base64 is 4/3 of the data), as write(2) returns what it wrote so far
+        data = bytes(data)
+        step = max(4096, (self.ch.max_request - 4096) // 4 * 3)
+        done = 0
+        while True:
+            chunk = data[done:done + step]
+            try:
+                n = self._call("pwrite", fd=fd, data=base64.b64encode(chunk).decode(),
+                               offset=offset + done if isinstance(offset, int) else offset)
+            except OSError:
+                if done:
+                    return done
+                raise
+            done += n
+            if done >= len(data) or n < len(chunk):
+                return done
 
     def fallocate(self, fd: int, mode: int, offset: int, length: int) -> None:
         self._call("fallocate", fd=fd, mode=mode, offset=offset, length=length)
