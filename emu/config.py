@@ -92,7 +92,11 @@ def merge(base: dict, over: dict, where: str = "") -> dict:
 def build(file: str | None = None, ram=None, hugepages=None, policy=None, sysctl=None,
           madvise_action_required=None) -> dict:
     """The effective configuration, validated; raises ConfigError."""
+    import os
+
     cfg = default()
+    if file is not None and not isinstance(file, (str, bytes, os.PathLike)):
+        raise ConfigError("config: expected a path, got %s" % type(file).__name__)
     if file:
         cfg = merge(cfg, load_file(file))
     if ram is not None:
@@ -108,6 +112,8 @@ def build(file: str | None = None, ram=None, hugepages=None, policy=None, sysctl
         cfg["kernel"]["policy"] = policy
     if madvise_action_required is not None:
         cfg["kernel"]["madvise_action_required"] = madvise_action_required
+    if sysctl and not isinstance(sysctl, dict):
+        raise ConfigError("sysctl: expected a mapping like {'vm.memory_failure_early_kill': 1}")
     for key, val in (sysctl or {}).items():
         if key not in cfg["sysctl"]:
             raise ConfigError("sysctl.%s: unknown sysctl" % key)

@@ -17,6 +17,7 @@ import selectors
 import signal
 import socket
 import struct
+import sys
 import time
 
 import psutil
@@ -77,17 +78,26 @@ def _finite_float(s: str) -> float:
     return v
 
 
+_ENVELOPE = frozenset(("execute", "arguments", "id"))
+
+
 def parse_request(line: bytes) -> tuple:
     """(id, command, arguments) of one request line, or BadRequest.  Strict JSON
     (no NaN/Infinity, UTF-8), an object with a string "execute" and an object
     (or absent/null) "arguments"; "id" is any JSON value, echoed back."""
     try:
-        req = json.loads(line, parse_constant=_no_constant, parse_float=_finite_float)
-    except (ValueError, RecursionError) as e:           # JSONDecodeError, UnicodeDecodeError
+        req = json.loads(line.decode("utf-8"), parse_constant=_no_constant,
+                         parse_float=_finite_float)
+    except UnicodeDecodeError as e:
+        raise BadRequest("request: not UTF-8 (byte %d)" % e.start) from None
+    except (ValueError, RecursionError) as e:           # JSONDecodeError, digits limit
         raise BadRequest("request: not valid JSON: %s" % str(e)[:200]) from None
     if not isinstance(req, dict):
         raise BadRequest("request: expected an object")
     rid = req.get("id")
+    extra = req.keys() - _ENVELOPE
+    if extra:
+        raise BadRequest("request: unexpected member %r" % sorted(extra)[0][:64], rid)
     name = req.get("execute")
     if not isinstance(name, str):
         raise BadRequest("execute: expected a command name", rid)
@@ -287,7 +297,7 @@ class Supervisor:
         if now - self._accept_warned >= 1.0:
             self._accept_warned = now
             log.warning("accept: %s: refusing connections", e.strerror or e)
-        if e.errno not in (errno.EMFILE, errno.ENFILE) or self._spare_fd is None:
+        if e.errno not in (u.EMFILE, errno.ENFILE) or self._spare_fd is None:
             return
         os.close(self._spare_fd)
         self._spare_fd = None
@@ -339,7 +349,7 @@ class Supervisor:
                     c.pid, MAX_REQUEST)
         c.rbuf = b""
         self._send(c, {"id": None, "error": {
-            "class": "GenericError", "errno": errno.EMSGSIZE,
+            "class": "GenericError", "errno": u.EMSGSIZE,
             "desc": "request line over %d bytes" % MAX_REQUEST}})
         self._close(c, dead=True)
 
@@ -471,14 +481,19 @@ class Supervisor:
         k = self.kernel
         kind = a.get("kind", "process")
         comm = a.get("comm") or "emu"
+        parent = a.get("parent")
         if not isinstance(comm, str):
             raise OSError(u.EINVAL, "comm")
+        if not isinstance(kind, str):
+            raise OSError(u.EINVAL, "kind: process, clone or fork")
+        if parent is not None and (not isinstance(parent, int) or isinstance(parent, bool)):
+            raise OSError(u.EINVAL, "parent: expected a tid")
         if c.pid in k.tasks:
             raise OSError(u.EEXIST, "pid %d is already a task" % c.pid)
         if kind == "process":
             t = k.new_process(c.pid, comm)
         elif kind in ("clone", "fork"):
-            parent = k.tasks.get(a.get("parent"))
+            parent = k.tasks.get(parent)
             if parent is None or not parent.alive:
                 raise OSError(u.ESRCH, "parent task")
             t = (k.clone if kind == "clone" else k.fork)(parent, c.pid, comm)
@@ -570,8 +585,12 @@ def _death_signal(pid: int, wait: float = 0.2) -> int:
 def _pid_alive(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.AccessDenied:
+        return True
     except psutil.Error:
         return False
+    except OSError:          # EMFILE and the like: cannot tell now, so not dead
+        return True
 
 
 def run(cfg: dict, sock_path: str, owner_pid: int | None = None, pidfile: str | None = None,
@@ -592,6 +611,17 @@ def run(cfg: dict, sock_path: str, owner_pid: int | None = None, pidfile: str | 
         sup.serve_forever(ready_fd)
 
 
+def _private_log() -> None:
+    """A private supervisor logs to its owner's stderr, whatever handlers the owner
+    had configured (they were forked along and may keep records in memory)."""
+    h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(logging.Formatter("emu-daemon[%d]: %%(message)s" % os.getpid()))
+    lg = logging.getLogger("emu")
+    lg.handlers[:] = [h]
+    lg.propagate = False
+    lg.setLevel(logging.WARNING)
+
+
 def spawn_private(cfg: dict) -> tuple[int, str]:
     """Fork a private supervisor owned by this process; returns (pid, socket)."""
     r, w = os.pipe()
@@ -603,6 +633,7 @@ def spawn_private(cfg: dict) -> tuple[int, str]:
             for s in (signal.SIGBUS, signal.SIGUSR1, signal.SIGUSR2):
                 signal.signal(s, signal.SIG_DFL)
             path = os.path.join(shm.runtime_dir(), "priv-%d.sock" % os.getpid())
+            _private_log()
             run(cfg, path, owner_pid=os.getppid(), ready_fd=w)
             code = 0
         except SystemExit as e:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import array
 import base64
 import ctypes
+import errno
 import json
 import os
 import pickle
@@ -38,6 +39,7 @@ def _oserror(err: dict) -> OSError:
 
 
 # ------------------------------------------------------------------ the channel
+GREETING_TIMEOUT = 30.0     # seconds for the supervisor to say hello after connect()
 _channels: weakref.WeakSet = weakref.WeakSet()
 
 
@@ -53,16 +55,33 @@ class Channel:
             self.sock.connect(path)
         except OSError as e:
             self.sock.close()
-            raise OSError(e.errno, "cannot reach the supervisor at %s: %s"
-                          % (path, e.strerror)) from None
+            err = e.errno if e.errno is not None else u.ENAMETOOLONG   # sun_path overflow
+            raise OSError(err, "cannot reach the supervisor at %s: %s"
+                          % (path, e.strerror or os.strerror(err))) from None
+        except TypeError:
+            self.sock.close()
+            raise TypeError("socket path: expected str, bytes or os.PathLike, got %s"
+                            % type(path).__name__) from None
         self.rfile = self.sock.makefile("rb")
         self.seq = 0
         self.outstanding: set[int] = set()
         self.stash: dict[int, dict] = {}
-        greeting = self.rfile.readline()
+        self.sock.settimeout(GREETING_TIMEOUT)       # a stopped or wedged supervisor
+        try:
+            greeting = self.rfile.readline()
+        except TimeoutError:
+            self.close()
+            raise OSError(errno.ETIMEDOUT, "no greeting from the supervisor at %s within %g s"
+                          % (path, GREETING_TIMEOUT)) from None
+        except OSError as e:
+            self.close()
+            raise OSError(e.errno or errno.ECONNRESET, "the supervisor at %s: %s"
+                          % (path, e.strerror)) from None
+        self.sock.settimeout(None)
         if not greeting:
-            raise OSError(u.ECONNREFUSED if hasattr(u, "ECONNREFUSED") else 111,
-                          "supervisor closed the connection")
+            self.close()
+            raise OSError(errno.ECONNREFUSED, "the supervisor at %s closed the connection "
+                          "(another user's, or out of file descriptors)" % path)
         try:
             qmp = json.loads(greeting)["QMP"]
             self.halt_poll_ns = int(qmp.get("halt_poll_ns", 0))
@@ -154,9 +173,12 @@ class Host:
         self.private_pid = pid
         self._ch: Channel | None = None
         self._ch_pid = None
+        self._closed = False
 
     @property
     def ch(self) -> Channel:
+        if self._closed:
+            raise OSError(errno.EBADF, "this host handle is closed")
         if self._ch is None or self._ch_pid != os.getpid():
             self._ch = Channel(self.path)
             self._ch_pid = os.getpid()
@@ -225,6 +247,7 @@ class Host:
         if self._ch is not None and self._ch_pid == os.getpid():
             self._ch.close()
         self._ch = None
+        self._closed = True
 
     def __enter__(self):
         return self

@@ -26,6 +26,8 @@ EOPNOTSUPP = _errno.EOPNOTSUPP
 ENOTTY = _errno.ENOTTY
 EACCES = _errno.EACCES
 EHWPOISON = 133
+ENAMETOOLONG = _errno.ENAMETOOLONG
+EMSGSIZE = _errno.EMSGSIZE
 
 # ---- signals and si_code ----
 SIGBUS = 7
