@@ -807,3 +807,54 @@ def test_daemon_files_modes():
         os.unlink(base + ".log")
     except FileNotFoundError:
         pass
+
+
+# ------------------------------------------------------------------ a buggy worker
+def _stray_store(host, where):
+    """A worker that stores into the core segment at `where`(core info, own slot):
+    returns how it ended (the exit status, -11 for SIGSEGV)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            import faulthandler
+
+            faulthandler.disable()
+            me = emu.attach(host, name="stray")
+            core = me._core
+            info = core.info()
+            cv, _pv = core.views()
+            off = where(info, me.slot)
+            cv[off] = cv[off]                # a store of the same byte: harmless if allowed
+            code = 0
+            me.exit()
+        except BaseException:
+            code = 2
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def _other_slot(info, slot):
+    far = (slot + 64) % info["ntasks"]          # 64 slots away: another page
+    return info["off_tasks"] + far * info["sizeof_task"]
+
+
+STRAY = {
+    "header": (lambda info, slot: info["off_epoch"], -11),
+    "struct-page": (lambda info, slot: info["off_hwerr"] - 64, -11),
+    "hwerr": (lambda info, slot: info["off_hwerr"] + 5, -11),
+    "another-task": (_other_slot, -11),
+    "own-task": (lambda info, slot: info["off_tasks"] + slot * info["sizeof_task"]
+                 + info["off_task_rcu_epoch"], 0),
+    "page-tables": (lambda info, slot: info["off_pt"] + 4096, 0),
+}
+
+
+@pytest.mark.parametrize("where,code", STRAY.values(), ids=STRAY.keys())
+def test_worker_cannot_write_kernel_tables(host, where, code):
+    """Workers map the kernel's tables read-only: a stray store is a SIGSEGV in
+    the worker, not a silently corrupted struct page, hwerr byte or mailbox."""
+    before = settled(host)
+    assert _stray_store(host, where) == code
+    unchanged(host, before)
