@@ -11,6 +11,7 @@ from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAI
 
 cdef extern from "<sys/mman.h>":
     int madvise(void *addr, size_t length, int advice) nogil
+    int mprotect(void *addr, size_t length, int prot) nogil
 
 cdef enum:
     MADV_POPULATE_WRITE = 23
@@ -207,6 +208,7 @@ cdef class Core:
     cdef uint8_t *phys_base
     cdef readonly size_t core_size, phys_size
     cdef readonly bint owner
+    cdef readonly bint worker_ro   # protect_worker() ran: kernel tables read-only here
     cdef object _pt_free        # supervisor only: free page-table pages
     cdef emu_inode *inodes_p
     cdef emu_vma *vmas_p
@@ -292,6 +294,24 @@ cdef class Core:
         if h.magic != EMU_MAGIC or h.version != EMU_VERSION:
             raise OSError("not a gmem-emu core segment")
         self._bind()
+
+    cdef void _protect(self, size_t start, size_t end, int prot) except *:
+        import errno as _errno
+        if end > start and mprotect(self.core_base + start, end - start, prot) != 0:
+            raise OSError(_errno.EACCES, "mprotect of the core segment failed")
+
+    def protect_worker(self):
+        """Worker: map read-only what an emulated CPU never writes, so a stray store
+        faults (SIGSEGV) instead of corrupting the kernel's tables.  A CPU writes
+        page-table entries (A/D bits), frame contents and its own task slot; the
+        header, struct pages, hwerr, mms, inodes, VMAs and the trace ring are the
+        kernel's.  All task slots start read-only; bind_self opens the caller's."""
+        cdef emu_header *h = self.c.hdr
+        self._protect(0, h.off_tasks, PROT_READ)
+        self._protect(h.off_tasks, h.off_mms, PROT_READ)
+        self._protect(h.off_mms, h.off_pt, PROT_READ)
+        self._protect(h.off_events, self.core_size, PROT_READ)
+        self.worker_ro = True
 
     # ------------------------------------------------------------ header
     @property
@@ -1062,8 +1082,19 @@ cdef class Core:
 
     # ------------------------------------------------------------ worker: signals
     def bind_self(self, int slot):
-        """Worker: this process is task `slot`; the signal handler uses its mailbox."""
+        """Worker: this process is task `slot`; the signal handler uses its mailbox.
+        With protect_worker, only the pages holding this slot are writable (a page
+        may hold a few neighbouring slots too: emu_task is not page-sized)."""
         global emu_self_task, emu_supervisor_pid
+        cdef emu_header *h = self.c.hdr
+        cdef size_t a, b
+        if slot < 0 or <uint64_t>slot >= h.ntasks:
+            raise OSError(22, "task slot %d out of range" % slot)
+        if self.worker_ro:
+            a = h.off_tasks + <size_t>slot * sizeof(emu_task)
+            b = a + sizeof(emu_task)
+            self._protect(h.off_tasks, h.off_mms, PROT_READ)
+            self._protect(a & ~(<size_t>4095), (b + 4095) & ~(<size_t>4095), PROT_READ | PROT_WRITE)
         emu_self_task = &self.c.tasks[slot]
         emu_supervisor_pid = <int>self.c.hdr.supervisor_pid
 

@@ -8,9 +8,13 @@
  *   phys:  frame contents, nframes * 4096 bytes ("physical memory")
  *
  * Only the supervisor (the emulated kernel) writes these tables.  Workers (the
- * emulated CPUs) read them lock-free and write exactly three things, all with
- * atomics: the accessed/dirty bits of leaf page-table entries, their own
- * rcu_epoch word, and the tail of their own siginfo mailbox.
+ * emulated CPUs) read them lock-free and write: the accessed/dirty bits of leaf
+ * page-table entries (cmpxchg), frame contents in phys, and in their own task
+ * slot the rcu_epoch word and mailbox tail (atomics), handled_ns/handled_count
+ * and exit_sig (plain stores, read by the supervisor only after the fact).
+ * A worker maps everything else of the core segment read-only
+ * (Core.protect_worker: header..hwerr, mms..vmas, events, other task slots);
+ * every section starts on a page boundary so that this is possible.
  *
  * Everything is sized at supervisor start and never shrunk while mapped.
  */

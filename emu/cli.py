@@ -113,7 +113,13 @@ def cmd_daemon(args) -> int:
                            madvise_action_required=False if args.legacy_madvise else None)
         from .kernel.policies import load
 
-        load(cfg["kernel"]["policy"])
+        try:
+            load(cfg["kernel"]["policy"])
+        except ValueError:
+            raise
+        except Exception as e:          # the user's policy file failed to import
+            raise CliError("policy: cannot load %s: %s: %s"
+                           % (cfg["kernel"]["policy"], type(e).__name__, e)) from None
     except (cfgmod.ConfigError, ValueError) as e:
         raise CliError(str(e)) from None
     if args.print_config:
@@ -121,6 +127,7 @@ def cmd_daemon(args) -> int:
         return 0
     sock = args.socket or shm.default_socket()
     pidfile = os.path.splitext(sock)[0] + ".pid"
+    _check_socket_path(sock)
     import logging
 
     logging.basicConfig(level=logging.INFO, format="emu-daemon: %(message)s")
@@ -131,7 +138,14 @@ def cmd_daemon(args) -> int:
             if isinstance(e.code, str):
                 raise CliError(e.code.removeprefix("emu daemon: ")) from None
             raise
+        except OSError as e:
+            raise CliError("daemon: %s" % _oserror_text(e)) from None
         return 0
+    logpath = os.path.splitext(sock)[0] + ".log"
+    try:
+        logfd = os.open(logpath, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    except OSError as e:
+        raise CliError("daemon: cannot open %s: %s" % (logpath, e.strerror)) from None
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -140,8 +154,6 @@ def cmd_daemon(args) -> int:
         if os.fork():
             os._exit(0)
         devnull = os.open(os.devnull, os.O_RDWR)
-        logfd = os.open(os.path.splitext(sock)[0] + ".log",
-                        os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         os.dup2(devnull, 0)
         os.dup2(logfd, 1)                 # detach from the caller's terminal or pipes
         os.dup2(logfd, 2)
@@ -151,11 +163,17 @@ def cmd_daemon(args) -> int:
         except SystemExit as e:
             os.write(w, ("error %s\n" % e.code).encode())
             code = 1
+        except OSError as e:
+            os.write(w, ("error daemon: %s\n" % _oserror_text(e)).replace("\n", " ").encode()
+                     + b"\n")
+            code = 1
         except BaseException as e:
-            os.write(w, ("error %s\n" % e).encode())
+            os.write(w, ("error %s: %s" % (type(e).__name__, e)).replace("\n", " ").encode()
+                     + b"\n")
             code = 1
         os._exit(code)
     os.close(w)
+    os.close(logfd)
     os.waitpid(pid, 0)
     with os.fdopen(r) as f:
         line = f.readline().strip()
@@ -163,6 +181,20 @@ def cmd_daemon(args) -> int:
         raise CliError(line.removeprefix("error ").removeprefix("emu daemon: ") or "daemon failed")
     print("emu daemon ready on %s" % sock)
     return 0
+
+
+def _oserror_text(e: OSError) -> str:
+    where = " (%s)" % e.filename if e.filename else ""
+    return "%s%s" % (e.strerror or e, where)
+
+
+def _check_socket_path(sock: str) -> None:
+    """What bind(2) would refuse, said before anything is created."""
+    if len(os.fsencode(sock)) >= 108:                       # sizeof(sun_path)
+        raise CliError("--socket: path longer than 107 bytes: %s" % sock)
+    d = os.path.dirname(os.path.abspath(sock))
+    if not os.path.isdir(d):
+        raise CliError("--socket: no such directory: %s" % d)
 
 
 def cmd_status(args) -> int:
@@ -221,8 +253,11 @@ def cmd_trace(args) -> int:
 
     events = _connect(args).events()
     if args.chrome:
-        with open(args.chrome, "w") as f:
-            json.dump(to_chrome(events), f)
+        try:
+            with open(args.chrome, "w") as f:
+                json.dump(to_chrome(events), f)
+        except OSError as e:
+            raise CliError("trace --chrome %s: %s" % (args.chrome, e.strerror)) from None
         print("%d events written to %s (open in ui.perfetto.dev or chrome://tracing)"
               % (len(events), args.chrome))
         return 0
@@ -294,6 +329,15 @@ def main(argv=None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as e:               # e.g. the supervisor went away mid-command
+        print("emu: %s" % _oserror_text(e).replace("\n", " "), file=sys.stderr)
+        return 1
+    except Exception as e:             # a bug in emu itself: still one line, unless asked
+        if os.environ.get("EMU_DEBUG"):
+            raise
+        print("emu: internal error: %s: %s (EMU_DEBUG=1 shows the traceback)"
+              % (type(e).__name__, str(e).replace("\n", " ")), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

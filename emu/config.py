@@ -75,6 +75,8 @@ def load_file(path: str) -> dict:
         raise ConfigError("config: cannot read %s: %s" % (path, e.strerror)) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError("config: %s: %s" % (path, e)) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError("config: %s: not UTF-8 text (byte %d)" % (path, e.start)) from None
 
 
 def merge(base: dict, over: dict, where: str = "") -> dict:
@@ -95,7 +97,11 @@ def merge(base: dict, over: dict, where: str = "") -> dict:
 def build(file: str | None = None, ram=None, hugepages=None, policy=None, sysctl=None,
           madvise_action_required=None) -> dict:
     """The effective configuration, validated; raises ConfigError."""
+    import os
+
     cfg = default()
+    if file is not None and not isinstance(file, (str, bytes, os.PathLike)):
+        raise ConfigError("config: expected a path, got %s" % type(file).__name__)
     if file:
         cfg = merge(cfg, load_file(file))
     if ram is not None:
@@ -111,6 +117,8 @@ def build(file: str | None = None, ram=None, hugepages=None, policy=None, sysctl
         cfg["kernel"]["policy"] = policy
     if madvise_action_required is not None:
         cfg["kernel"]["madvise_action_required"] = madvise_action_required
+    if sysctl and not isinstance(sysctl, dict):
+        raise ConfigError("sysctl: expected a mapping like {'vm.memory_failure_early_kill': 1}")
     for key, val in (sysctl or {}).items():
         if key not in cfg["sysctl"]:
             raise ConfigError("sysctl.%s: unknown sysctl" % key)
@@ -133,9 +141,12 @@ def validate(cfg: dict) -> dict:
     pol = cfg["kernel"]["policy"]
     if not isinstance(pol, str) and not isinstance(pol, type):
         raise ConfigError("kernel.policy: expected a preset name or path.py:Class")
+    from .kernel import SYSCTL_RANGE
+
     for key, val in cfg["sysctl"].items():
-        if not isinstance(val, int) or isinstance(val, bool):
-            raise ConfigError("sysctl.%s: expected an integer" % key)
+        lo, hi = SYSCTL_RANGE.get(key, (-(1 << 63), (1 << 63) - 1))
+        if not isinstance(val, int) or isinstance(val, bool) or not lo <= val <= hi:
+            raise ConfigError("sysctl.%s: expected an integer %d..%d" % (key, lo, hi))
     poll = cfg["supervisor"]["halt_poll_ns"]
     if not isinstance(poll, int) or isinstance(poll, bool) or not 0 <= poll <= 10_000_000:
         raise ConfigError("supervisor.halt_poll_ns: expected an integer 0..10000000")

@@ -8,6 +8,7 @@ and, as a backstop, by polling psutil.
 """
 from __future__ import annotations
 
+import errno
 import faulthandler
 import fcntl
 import gc
@@ -34,6 +35,7 @@ from .kernel.page_alloc import POPULATE_AHEAD
 from .kernel.syscalls import HOSTCALLS, SYSCALLS
 
 log = logging.getLogger("emu.daemon")
+EVENT_WRITE = selectors.EVENT_WRITE
 
 VERSION = "0.1.0"
 SIG_GROUP_EXIT = signal.SIGRTMIN + 6        # worker doorbell: die like the rest of the group
@@ -42,11 +44,12 @@ GROUP_EXIT_GRACE = 1.0
 
 
 class Conn:
-    __slots__ = ("sock", "pid", "uid", "rbuf", "task", "closed")
+    __slots__ = ("sock", "pid", "uid", "rbuf", "wbuf", "task", "closed")
 
     def __init__(self, sock, pid, uid):
         self.sock, self.pid, self.uid = sock, pid, uid
         self.rbuf = b""
+        self.wbuf = b""          # reply bytes the peer has not taken yet
         self.task = None
         self.closed = False
 
@@ -54,6 +57,60 @@ class Conn:
 # socket.recv(n) allocates n bytes first: a 1 MiB buffer costs an mmap/munmap
 # pair per request (~15-25 us here); a longer line just arrives in pieces.
 RECV_SIZE = 65536
+# The longest request line the supervisor buffers; a longer one is refused with
+# EMSGSIZE and its connection closed.  The greeting tells clients (Task.pwrite
+# splits its data to fit).
+MAX_REQUEST = 1 << 20
+
+
+class BadRequest(OSError):
+    """A malformed request envelope: EINVAL, with the request id when it was readable."""
+
+    def __init__(self, msg: str, rid=None):
+        super().__init__(u.EINVAL, msg)
+        self.rid = rid
+
+
+def _no_constant(s: str):
+    raise ValueError("%s is not JSON" % s)
+
+
+def _finite_float(s: str) -> float:
+    v = float(s)
+    if v in (float("inf"), float("-inf")):
+        raise ValueError("number out of range: %s" % s[:40])
+    return v
+
+
+_ENVELOPE = frozenset(("execute", "arguments", "id"))
+
+
+def parse_request(line: bytes) -> tuple:
+    """(id, command, arguments) of one request line, or BadRequest.  Strict JSON
+    (no NaN/Infinity, UTF-8), an object with a string "execute" and an object
+    (or absent/null) "arguments"; "id" is any JSON value, echoed back."""
+    try:
+        req = json.loads(line.decode("utf-8"), parse_constant=_no_constant,
+                         parse_float=_finite_float)
+    except UnicodeDecodeError as e:
+        raise BadRequest("request: not UTF-8 (byte %d)" % e.start) from None
+    except (ValueError, RecursionError) as e:           # JSONDecodeError, digits limit
+        raise BadRequest("request: not valid JSON: %s" % str(e)[:200]) from None
+    if not isinstance(req, dict):
+        raise BadRequest("request: expected an object")
+    rid = req.get("id")
+    extra = req.keys() - _ENVELOPE
+    if extra:
+        raise BadRequest("request: unexpected member %r" % sorted(extra)[0][:64], rid)
+    name = req.get("execute")
+    if not isinstance(name, str):
+        raise BadRequest("execute: expected a command name", rid)
+    args = req.get("arguments")
+    if args is None:
+        args = {}
+    elif not isinstance(args, dict):
+        raise BadRequest("arguments: expected an object", rid)
+    return rid, name, args
 
 
 class Supervisor:
@@ -71,6 +128,8 @@ class Supervisor:
         self.segs = None
         self.listener = None
         self.log_where = _log_where()
+        self._spare_fd = None           # given up to accept-and-close when out of fds
+        self._accept_warned = 0.0
 
     # ------------------------------------------------------------ lifecycle
     def boot(self) -> None:
@@ -108,6 +167,7 @@ class Supervisor:
             os.umask(old)
         self.listener.listen(128)
         self.listener.setblocking(False)
+        self._spare_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         self.sel.register(self.listener, selectors.EVENT_READ, None)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -132,7 +192,7 @@ class Supervisor:
         try:
             while not self.stopping:
                 events = select(0 if polling_until else 0.1)
-                for key, _ in events:
+                for key, mask in events:
                     if key.data is None:
                         self._accept()
                     elif key.data == "wake":
@@ -140,6 +200,8 @@ class Supervisor:
                             os.read(self._wake_r, 512)
                         except BlockingIOError:
                             pass
+                    elif mask & EVENT_WRITE:
+                        self._writable(key.data)
                     else:
                         self._guarded(self._readable, key.data)
                         if poll_ns:
@@ -174,6 +236,9 @@ class Supervisor:
         if self.segs is None:
             return
         self.core.set_shutdown()
+        if self._spare_fd is not None:
+            os.close(self._spare_fd)
+            self._spare_fd = None
         if self.listener is not None:
             try:
                 self.sel.unregister(self.listener)
@@ -191,12 +256,8 @@ class Supervisor:
             if t.alive and t.tid != self.owner_pid and t.tid != os.getpid():
                 victims.append(t.tid)
         for c in list(self.conns.values()):
-            try:
-                c.sock.setblocking(False)   # a peer that does not read must not stall us
-                c.sock.send(b'{"event":"SHUTDOWN"}\n')
-            except OSError:
-                pass
-            self._close(c, dead=False)
+            self._send(c, {"event": "SHUTDOWN"})    # queued after any reply still unread
+            self._close(c, dead=False)              # flushes, bounded by _flush's timeout
         for tid in victims:
             C.tgkill(tid, tid, int(SIG_SHUTDOWN))
         grace = self.cfg.get("supervisor", {}).get("shutdown_grace_ms", 5000) / 1000
@@ -240,43 +301,137 @@ class Supervisor:
             sock, _ = self.listener.accept()
         except BlockingIOError:
             return
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        except OSError as e:
+            self._accept_failed(e)
+            return
+        try:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        except OSError:
+            sock.close()
+            return
         pid, uid, _gid = struct.unpack("3i", creds)
         if uid != os.getuid():
             log.warning("refusing uid %d (pid %d)", uid, pid)
             sock.close()
             return
-        sock.setblocking(True)
+        # non-blocking: a peer that does not read its replies must not stall the
+        # one thread that runs the kernel (see _send)
+        sock.setblocking(False)
         c = Conn(sock, pid, uid)
         self.conns[sock.fileno()] = c
         self.sel.register(sock, selectors.EVENT_READ, c)
         self._send(c, {"QMP": {"version": VERSION, "capabilities": [],
-                               "halt_poll_ns": self.cfg["supervisor"]["halt_poll_ns"]}})
+                               "halt_poll_ns": self.cfg["supervisor"]["halt_poll_ns"],
+                               "max_request": MAX_REQUEST}})
+
+    def _accept_failed(self, e: OSError) -> None:
+        """accept() failed, typically EMFILE: the pending connection would keep the
+        listener readable and the loop spinning.  Free the spare fd, accept it and
+        close it at once (the peer sees EOF before the greeting), re-arm the spare."""
+        now = time.monotonic()
+        if now - self._accept_warned >= 1.0:
+            self._accept_warned = now
+            log.warning("accept: %s: refusing connections", e.strerror or e)
+        if e.errno not in (u.EMFILE, errno.ENFILE) or self._spare_fd is None:
+            return
+        os.close(self._spare_fd)
+        self._spare_fd = None
+        try:
+            self.listener.accept()[0].close()
+        except OSError:
+            pass
+        try:
+            self._spare_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            pass
 
     def _readable(self, c: Conn) -> None:
         try:
             data = c.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
         except OSError:
             data = b""
         if not data:
             self._close(c, dead=True)
             return
+        if b"\n" not in data:                 # most of a long line: just keep it
+            c.rbuf += data
+            if len(c.rbuf) > MAX_REQUEST:
+                self._too_long(c)
+            return
         c.rbuf += data
-        while b"\n" in c.rbuf and not c.closed:
-            line, c.rbuf = c.rbuf.split(b"\n", 1)
+        self._lines(c)
+
+    def _lines(self, c: Conn) -> None:
+        """Run the complete request lines buffered on c, in order, while its
+        replies are being taken (a peer that stops reading stops being served)."""
+        while not c.closed and not c.wbuf:
+            line, sep, rest = c.rbuf.partition(b"\n")
+            if not sep:
+                if len(c.rbuf) > MAX_REQUEST:
+                    self._too_long(c)
+                return
+            if len(line) > MAX_REQUEST:
+                self._too_long(c)
+                return
+            c.rbuf = rest
             if line.strip():
                 self._handle(c, line)
 
+    def _too_long(self, c: Conn) -> None:
+        log.warning("pid %d: request line over %d bytes: closing its connection",
+                    c.pid, MAX_REQUEST)
+        c.rbuf = b""
+        self._send(c, {"id": None, "error": {
+            "class": "GenericError", "errno": u.EMSGSIZE,
+            "desc": "request line over %d bytes" % MAX_REQUEST}})
+        self._close(c, dead=True)
+
     def _send(self, c: Conn, obj) -> None:
+        data = json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+        if c.wbuf:
+            c.wbuf += data
+            return
         try:
-            c.sock.sendall(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
+            n = c.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError:                   # the peer is gone: EOF on its read side closes it
+            return
+        if n < len(data):                 # the peer's buffer is full: wait for POLLOUT,
+            c.wbuf = data[n:]             # and read nothing more from it meanwhile
+            self.sel.modify(c.sock, selectors.EVENT_WRITE, c)
+
+    def _writable(self, c: Conn) -> None:
+        try:
+            n = c.sock.send(c.wbuf)
+        except (BlockingIOError, InterruptedError):
+            return
         except OSError:
-            pass
+            self._close(c, dead=True)
+            return
+        c.wbuf = c.wbuf[n:]
+        if not c.wbuf:
+            self.sel.modify(c.sock, selectors.EVENT_READ, c)
+            self._lines(c)
+
+    def _flush(self, c: Conn, timeout: float = 0.2) -> None:
+        """Closing: give the peer a moment to take what it was sent."""
+        if c.wbuf:
+            try:
+                c.sock.settimeout(timeout)
+                c.sock.sendall(c.wbuf)
+            except OSError:
+                pass
+            c.wbuf = b""
 
     def _close(self, c: Conn, dead: bool) -> None:
         if c.closed:
             return
         c.closed = True
+        if not dead:
+            self._flush(c)
         try:
             self.sel.unregister(c.sock)
         except (KeyError, ValueError):
@@ -294,23 +449,9 @@ class Supervisor:
         emulator bug: reported as BUG() in dmesg and the log, the kernel tainted,
         and the caller told so, never given an errno it would take for bad input."""
         try:
-            req = json.loads(line)
-        except Exception as e:                 # ValueError, RecursionError from a hostile line
-            self._send(c, _generic(None, "request: not JSON: %s" % _one_line(e)))
-            return
-        if not isinstance(req, dict):
-            self._send(c, _generic(None, "request: expected an object"))
-            return
-        rid = req.get("id")
-        name = req.get("execute")
-        args = req.get("arguments")
-        if args is None:
-            args = {}
-        if not isinstance(name, str):
-            self._send(c, _generic(rid, "execute: expected a command name"))
-            return
-        if not isinstance(args, dict):
-            self._send(c, _generic(rid, "arguments: expected an object"))
+            rid, name, args = parse_request(line)
+        except BadRequest as e:                # the line is not a request: no kernel work
+            self._send(c, _generic(e.rid, e.strerror))
             return
         k = self.kernel
         try:
@@ -414,17 +555,19 @@ class Supervisor:
         k = self.kernel
         kind = a.get("kind", "process")
         comm = a.get("comm") or "emu"
+        parent = a.get("parent")
         if not isinstance(comm, str):
             raise OSError(u.EINVAL, "comm")
         if not isinstance(kind, str):
             raise OSError(u.EINVAL, "kind: process, clone or fork")
+        if parent is not None and (not isinstance(parent, int) or isinstance(parent, bool)):
+            raise OSError(u.EINVAL, "parent: expected a tid")
         if c.pid in k.tasks:
             raise OSError(u.EEXIST, "pid %d is already a task" % c.pid)
         if kind == "process":
             t = k.new_process(c.pid, comm)
         elif kind in ("clone", "fork"):
-            pid = a.get("parent")
-            parent = k.tasks.get(pid) if isinstance(pid, int) else None
+            parent = k.tasks.get(parent)
             if parent is None or not parent.alive:
                 raise OSError(u.ESRCH, "parent task")
             t = (k.clone if kind == "clone" else k.fork)(parent, c.pid, comm)
@@ -544,8 +687,12 @@ def _maps(pid: int, segment: str) -> bool:
 def _pid_alive(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.AccessDenied:
+        return True
     except psutil.Error:
         return False
+    except OSError:          # EMFILE and the like: cannot tell now, so not dead
+        return True
 
 
 def run(cfg: dict, sock_path: str, owner_pid: int | None = None, pidfile: str | None = None,
@@ -596,6 +743,17 @@ def _private_child(keep: int) -> None:
     runtime._cores.clear()            # the caller's mappings of other machines
 
 
+def _private_log() -> None:
+    """A private supervisor logs to its owner's stderr, whatever handlers the owner
+    had configured (they were forked along and may keep records in memory)."""
+    h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(logging.Formatter("emu-daemon[%d]: %%(message)s" % os.getpid()))
+    lg = logging.getLogger("emu")
+    lg.handlers[:] = [h]
+    lg.propagate = False
+    lg.setLevel(logging.WARNING)
+
+
 def spawn_private(cfg: dict) -> tuple[int, str]:
     """Fork a private supervisor owned by this process; returns (pid, socket)."""
     r, w = os.pipe()
@@ -607,6 +765,7 @@ def spawn_private(cfg: dict) -> tuple[int, str]:
             for s in (signal.SIGBUS, signal.SIGUSR1, signal.SIGUSR2):
                 signal.signal(s, signal.SIG_DFL)
             path = os.path.join(shm.runtime_dir(), "priv-%d.sock" % os.getpid())
+            _private_log()
             run(cfg, path, owner_pid=os.getppid(), ready_fd=w)
             code = 0
         except SystemExit as e:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import array
 import base64
 import ctypes
+import errno
 import json
 import os
 import pickle
@@ -80,6 +81,7 @@ class _Gone:
 
 
 # ------------------------------------------------------------------ the channel
+GREETING_TIMEOUT = 30.0     # seconds for the supervisor to say hello after connect()
 _channels: weakref.WeakSet = weakref.WeakSet()
 
 
@@ -95,20 +97,39 @@ class Channel:
             self.sock.connect(path)
         except OSError as e:
             self.sock.close()
-            raise OSError(e.errno, "cannot reach the supervisor at %s: %s"
-                          % (path, e.strerror)) from None
+            err = e.errno if e.errno is not None else u.ENAMETOOLONG   # sun_path overflow
+            raise OSError(err, "cannot reach the supervisor at %s: %s"
+                          % (path, e.strerror or os.strerror(err))) from None
+        except TypeError:
+            self.sock.close()
+            raise TypeError("socket path: expected str, bytes or os.PathLike, got %s"
+                            % type(path).__name__) from None
         self.rfile = self.sock.makefile("rb")
         self.seq = 0
         self.outstanding: set[int] = set()
         self.stash: dict[int, dict] = {}
-        greeting = self.rfile.readline()
-        if not greeting:
-            raise OSError(u.ECONNREFUSED if hasattr(u, "ECONNREFUSED") else 111,
-                          "supervisor closed the connection")
+        self.sock.settimeout(GREETING_TIMEOUT)       # a stopped or wedged supervisor
         try:
-            self.halt_poll_ns = int(json.loads(greeting)["QMP"].get("halt_poll_ns", 0))
+            greeting = self.rfile.readline()
+        except TimeoutError:
+            self.close()
+            raise OSError(errno.ETIMEDOUT, "no greeting from the supervisor at %s within %g s"
+                          % (path, GREETING_TIMEOUT)) from None
+        except OSError as e:
+            self.close()
+            raise OSError(e.errno or errno.ECONNRESET, "the supervisor at %s: %s"
+                          % (path, e.strerror)) from None
+        self.sock.settimeout(None)
+        if not greeting:
+            self.close()
+            raise OSError(errno.ECONNREFUSED, "the supervisor at %s closed the connection "
+                          "(another user's, or out of file descriptors)" % path)
+        try:
+            qmp = json.loads(greeting)["QMP"]
+            self.halt_poll_ns = int(qmp.get("halt_poll_ns", 0))
+            self.max_request = int(qmp.get("max_request", 1 << 20))
         except (ValueError, TypeError, KeyError, AttributeError):
-            self.halt_poll_ns = 0
+            self.halt_poll_ns, self.max_request = 0, 1 << 20
         self.spin_ns = 0                      # an emulated thread's channel spins (attach)
         self.shutdown = False                 # the supervisor announced an orderly shutdown
         self._poll = select.poll()
@@ -212,9 +233,12 @@ class Host:
         self._ch: Channel | None = None
         self._ch_pid = None
         self._segments: set[tuple] = set()    # the cores this process mapped through it
+        self._closed = False
 
     @property
     def ch(self) -> Channel:
+        if self._closed:
+            raise OSError(errno.EBADF, "this host handle is closed")
         if self._ch is None or self._ch_pid != os.getpid():
             self._ch = Channel(self.path)
             self._ch_pid = os.getpid()
@@ -302,6 +326,7 @@ class Host:
         for key in self._segments:
             _release_core(key)
         self._segments.clear()
+        self._closed = True
 
     def __enter__(self):
         return self
@@ -608,8 +633,23 @@ class Task:
         return base64.b64decode(self._call("pread", fd=fd, n=n, offset=offset))
 
     def pwrite(self, fd: int, data: bytes, offset: int = 0) -> int:
-        return self._call("pwrite", fd=fd, data=base64.b64encode(bytes(data)).decode(),
-                          offset=offset)
+        # one request line is at most ch.max_request bytes: write in pieces that fit
+        # (base64 is 4/3 of the data), as write(2) returns what it wrote so far
+        data = bytes(data)
+        step = max(4096, (self.ch.max_request - 4096) // 4 * 3)
+        done = 0
+        while True:
+            chunk = data[done:done + step]
+            try:
+                n = self._call("pwrite", fd=fd, data=base64.b64encode(chunk).decode(),
+                               offset=offset + done if isinstance(offset, int) else offset)
+            except OSError:
+                if done:
+                    return done
+                raise
+            done += n
+            if done >= len(data) or n < len(chunk):
+                return done
 
     def fallocate(self, fd: int, mode: int, offset: int, length: int) -> None:
         self._call("fallocate", fd=fd, mode=mode, offset=offset, length=length)

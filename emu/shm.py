@@ -78,6 +78,7 @@ class Segments:
             a.close_fd()
             b.close_fd()
         core.attach()
+        core.protect_worker()             # kernel tables read-only in a worker
         return cls(core, names, False)
 
     def unlink(self) -> None:

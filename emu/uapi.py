@@ -11,6 +11,7 @@ ESRCH = _errno.ESRCH
 EINTR = _errno.EINTR
 EIO = _errno.EIO
 ENXIO = _errno.ENXIO
+ERANGE = _errno.ERANGE
 EBADF = _errno.EBADF
 EAGAIN = _errno.EAGAIN
 ENOMEM = _errno.ENOMEM
@@ -30,6 +31,8 @@ ENOTTY = _errno.ENOTTY
 EACCES = _errno.EACCES
 ESHUTDOWN = _errno.ESHUTDOWN
 EHWPOISON = 133
+ENAMETOOLONG = _errno.ENAMETOOLONG
+EMSGSIZE = _errno.EMSGSIZE
 
 # ---- signals and si_code ----
 SIGBUS = 7

@@ -332,8 +332,12 @@ SYSCALLS = {
 
 # ------------------------------------------------------------------ host controls
 def _pfn(k, a):
-    pfn = _int(a, "pfn")
-    return pfn
+    """A pfn written to a debugfs u64 attribute: simple_attr_write's kstrtoull
+    refuses a value past 64 bits with -ERANGE before the handler sees it."""
+    pfn = a.get("pfn")
+    if isinstance(pfn, int) and not isinstance(pfn, bool) and pfn >= 1 << 64:
+        raise OSError(u.ERANGE, "pfn: out of range for a u64")
+    return _int(a, "pfn")
 
 
 def host_sysctl(k, a):
