@@ -198,6 +198,9 @@ class MM:
             e |= C.PTE_DIRTY
         if level > 1:
             e |= C.PTE_PSE
+            stale = self.core.pt_detach(mm.pgd, va, level)
+            if stale:            # a table left by an earlier munmap of 4K mappings here
+                self.k.defer_pt_free(stale)
         self.core.pte_set(mm.pgd, va, e, level)
         self.core.map_add(pfn, 1)
         self.core.ref_add(self.core.head(pfn), 1)
