@@ -25,6 +25,9 @@ ENOSYS = _errno.ENOSYS
 EOPNOTSUPP = _errno.EOPNOTSUPP
 ENOTTY = _errno.ENOTTY
 EACCES = _errno.EACCES
+ECHILD = _errno.ECHILD
+ENOEXEC = _errno.ENOEXEC
+ECONNREFUSED = _errno.ECONNREFUSED
 EHWPOISON = 133
 
 # ---- signals and si_code ----
