@@ -8,13 +8,13 @@ retired by poison.  The last test is a short run of the crash soak
 (benchmarks/soak_crash.py).
 """
 import os
-import signal
 import sys
 import time
 
 import pytest
 
 import emu
+from emu import _core as C
 from emu import uapi as u
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
@@ -123,3 +123,37 @@ def test_stage2_huge_entry_over_split_folio_frees_its_page_table(host_factory):
 
     assert in_process(host, body) == 0
     assert_clean(host)
+
+
+# ====================================================== what outlives a process
+@pytest.fixture
+def kernel():
+    """An emulated kernel in this process, on a private pair of segments (no
+    supervisor: the test looks at the kernel's own tables)."""
+    from emu import shm
+    from emu.kernel import Kernel
+
+    segs = shm.Segments.create(4096, 8, 8, 256, 64, 16, 64)
+    try:
+        yield Kernel(segs.core, 4096)
+    finally:
+        segs.unlink()
+
+
+def test_poisoned_anon_page_keeps_no_rmap_to_its_dead_mm(kernel):
+    """memory_failure keeps its reference on a poisoned anonymous page (the frame is
+    retired), but the page is mapped nowhere once unmapped: its rmap entry must go
+    with the mapping, not stay pointing at the mm (whose slot the next process
+    reuses) for the life of the supervisor: one leaked entry per poisoned page."""
+    k = kernel
+    t = k.new_process(os.getpid(), "victim")    # late kill, AO: no signal is sent
+    addr = k.mm.mmap(t.process, 0, PAGE, RW, ANON, None, 0)
+    k.mm.handle_mm_fault(t, addr, True)
+    e, _level = k.core.walk(t.process.mm.pgd, addr)
+    pfn = (e & C.PTE_PFN_MASK) >> 12
+    assert pfn in k.mm.anon_rmap
+    assert k.memory_failure.memory_failure(pfn, 0) == 0
+    assert k.core.flags(pfn) & C.PG_HWPOISON and k.core.refcount(pfn) == 1   # retired
+    assert pfn not in k.mm.anon_rmap            # unmapped: a hwpoison entry, no rmap
+    k.exit_task(t)
+    assert k.mm.anon_rmap == {}

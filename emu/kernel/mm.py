@@ -212,8 +212,14 @@ class MM:
         old, head, refs = self.core.pte_zap(mm.pgd, va, poison, level)
         if mm.kvm_users:
             self.k.kvm.mmu_notifier_invalidate(mm, va)
-        if head >= 0 and refs <= 0:
-            self.folio_free(head)
+        if head >= 0:
+            if refs <= 0:
+                self.folio_free(head)
+            elif self.anon_rmap.get(head, (None,))[0] is mm and not self.core.mapcount(head):
+                # still referenced (poison retired it) but mapped nowhere: no rmap
+                # left (folio_lock_anon_vma_read finds none for an unmapped folio),
+                # and none that outlives its mm
+                del self.anon_rmap[head]
         return old
 
     def zap_range(self, mm: Mm, start: int, end: int) -> int:
