@@ -1007,6 +1007,7 @@ cdef class Core:
         cdef emu_header *h = self.c.hdr
         return {"nframes": h.nframes, "npt": h.npt, "ntasks": h.ntasks, "off_pt": h.off_pt,
                 "off_hwerr": h.off_hwerr, "off_tasks": h.off_tasks,
+                "off_frames": h.off_frames, "sizeof_frame": sizeof(emu_frame),
                 "off_epoch": <size_t>&(<emu_header *>0).epoch,
                 "sizeof_task": sizeof(emu_task),
                 "off_task_rcu_epoch": <size_t>&(<emu_task *>0).rcu_epoch}

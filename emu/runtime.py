@@ -209,6 +209,12 @@ class Host:
     def policy(self) -> dict:
         return self._call("policy")
 
+    def check_invariants(self) -> list[str]:
+        """The emulated kernel's CONFIG_DEBUG_VM-style self-check: one line per broken
+        invariant (frames conserved, HardwareCorrupted, HugeTLB pools, no mapping of a
+        freed frame, mapcounts), empty when all hold."""
+        return self._call("check_invariants")
+
     def close(self) -> None:
         if self.private_pid is not None and os.getpid() == self._owner_pid:
             try:
