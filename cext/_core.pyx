@@ -368,6 +368,20 @@ cdef class Core:
         self.c.frames[pfn].refcount += d
         return self.c.frames[pfn].refcount
 
+    def frames_scan(self):
+        """Supervisor (debug_vm): the pfns whose frame has flags, a refcount or a
+        mapcount set, and those flagged EMU_PG_HWPOISON, in one pass over the table."""
+        cdef uint64_t i
+        cdef emu_frame *f
+        busy, poisoned = [], []
+        for i in range(self.c.nframes):
+            f = &self.c.frames[i]
+            if f.flags or f.refcount or f.mapcount:
+                busy.append(i)
+                if f.flags & EMU_PG_HWPOISON:
+                    poisoned.append(i)
+        return busy, poisoned
+
     def mapcount(self, uint64_t pfn):
         return self.c.frames[pfn].mapcount
 

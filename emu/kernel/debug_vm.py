@@ -7,8 +7,6 @@ recomputed from the tables and compared with what meminfo reports.  It only read
 """
 from __future__ import annotations
 
-import re
-
 from .. import _core as C
 from .mm import TASK_SIZE
 from .page_alloc import PG_buddy, PG_head, PG_hugetlb, PG_hwpoison, PG_reserved
@@ -19,15 +17,12 @@ _NAME = {FREE: "free", PENDING: "freed (grace period)", POOL: "HugeTLB pool", SP
          RESERVED: "reserved", USED: "in use", POISONED: "poisoned"}
 _GONE = (FREE, PENDING, POOL)            # a frame nobody may map
 _MAX = 20                                 # violations reported per invariant
-_HWP_BYTE, _HWP_BIT = divmod(PG_hwpoison.bit_length() - 1, 8)   # the flag inside frame.flags
-_HWP_BIT = 1 << _HWP_BIT
-_HWP_SET = bytes(1 if b & _HWP_BIT else 0 for b in range(256))
 
 
 class _Frames:
     """The shared frame table (emu_frame, see cext/layout.h), read in place.  Only
-    frames with a flag, a reference or a mapping are looked at one by one: they are
-    found by scanning the raw columns (fresh and free tail frames are all zero)."""
+    frames with a flag, a reference or a mapping are looked at one by one (fresh and
+    free tail frames have none); the core finds them in one pass."""
 
     def __init__(self, core):
         info = core.info()
@@ -37,18 +32,15 @@ class _Frames:
         self.q = q = raw.cast("Q")
         self.w = w = size // 8
         self.n = n
-        flagged = _nonzero(bytes(q[0::w]))
-        counted = _nonzero(bytes(q[1::w]))          # refcount | mapcount << 32 (int32 each)
+        busy, self.poisoned = core.frames_scan()
         self.ref_nz, self.map_nz = {}, {}
-        for pfn in counted:
-            v = q[pfn * w + 1]
+        for pfn in busy:
+            v = q[pfn * w + 1]                     # refcount | mapcount << 32 (int32 each)
             if v & 0xFFFFFFFF:
                 self.ref_nz[pfn] = _s32(v)
             if v >> 32:
                 self.map_nz[pfn] = _s32(v >> 32)
-        self.interesting = sorted(set(flagged) | set(counted))
-        hb = bytes(raw[_HWP_BYTE::size]).translate(_HWP_SET)
-        self.poisoned = [m.start() for m in re.finditer(b"\x01", hb)]
+        self.interesting = busy
 
     def flags(self, pfn: int) -> int:
         return self.q[pfn * self.w]
@@ -61,28 +53,6 @@ class _Frames:
 
     def order(self, pfn: int) -> int:
         return self.q[pfn * self.w + 3] & 0xFFFFFFFF
-
-
-_NZ = re.compile(b"[^\x00]")
-
-
-_CHUNK = 4096
-_ZERO = bytes(_CHUNK)
-
-
-def _nonzero(col: bytes) -> list[int]:
-    """Indexes of the non-zero 8-byte words of a column (zero chunks skipped whole)."""
-    out, last = [], -1
-    for base in range(0, len(col), _CHUNK):
-        chunk = col[base:base + _CHUNK]
-        if chunk == _ZERO[:len(chunk)]:
-            continue
-        for m in _NZ.finditer(chunk):
-            i = (base + m.start()) >> 3
-            if i != last:
-                out.append(i)
-                last = i
-    return out
 
 
 def _s32(v: int) -> int:
