@@ -233,3 +233,42 @@ def test_detects_a_broken_state(host_factory, monkeypatch, name):
     bad = h.check_invariants()
     assert any(line.startswith(prefix) for line in bad), bad
     assert all("\n" not in line for line in bad)
+
+
+def test_conversion_split_keeps_the_raw_page_poisoned(host_factory):
+    """A conversion that cuts a poisoned HugeTLB guest_memfd folio splits it: the
+    HWPoison flag moves to the raw page (as folio_clear_hugetlb_hwpoison does), so
+    the page stays poisoned for kpageflags, HardwareCorrupted and the guest.  (Found
+    by the soak: the split dropped the flag, and the folio later merged clean.)"""
+    h = host_factory(ram="128M", hugepages={"2M": 2})
+    me, got = attach(h)
+    vm = me.open_kvm().create_vm(u.KVM_X86_SW_PROTECTED_VM)
+    flags = (u.GUEST_MEMFD_FLAG_MMAP | u.GUEST_MEMFD_FLAG_INIT_SHARED | u.GUEST_MEMFD_FLAG_HUGETLB
+             | u.GUESTMEM_HUGETLB_FLAG_2MB)
+    gfd = vm.create_guest_memfd(MB2, flags)
+    hva = me.mmap(0, MB2, RW, u.MAP_SHARED, gfd, 0)
+    vm.set_user_memory_region2(1, u.KVM_MEM_GUEST_MEMFD, GPA, MB2, hva, gfd, 0)
+    me.write(hva + 2 * PAGE, b"d" * 8)
+    raw = me.pagemap(hva + 2 * PAGE).pfn
+    assert h.corrupt_pfn(raw) == 0
+    assert h.meminfo()["HardwareCorrupted"] == 4
+    me.gmem_convert(gfd, 4 * PAGE, 2 * PAGE, True)          # cuts the folio: split
+    assert h.kpageflags(raw) & (1 << u.KPF_HWPOISON)
+    assert not h.kpageflags(raw + 1) & (1 << u.KPF_HWPOISON)
+    assert h.meminfo()["HardwareCorrupted"] == 4
+    assert h.check_invariants() == []
+
+    def guest(g):
+        v = yield g.read(GPA + 2 * PAGE, 8, False)
+        yield g.sync(v)
+
+    vcpu = vm.create_vcpu(0)
+    vcpu.set_guest(guest)
+    with pytest.raises(OSError) as ei:
+        vcpu.run()
+    assert ei.value.errno == u.EHWPOISON
+    me.gmem_convert(gfd, 4 * PAGE, 2 * PAGE, False)         # uniform again: merged
+    me.munmap(hva, MB2)
+    me.close(gfd)
+    assert h.meminfo()["HardwareCorrupted"] == 4
+    assert h.check_invariants() == []
