@@ -43,15 +43,17 @@ OPS = {
     "punch": ((0, 7), (0, 7), (1, 2)),
     "fork": ((0, 7), (0, 1 << 16), (0, 1)),
     "clone": ((0, 7), (0, 1 << 16), (0, 1)),
-    "vm": (),
+    "vm": ((0, 1),),
     "guest": ((0, GMEM_PAGES - 1), (0, PAGE - 1), (1, 64), (0, 1), (0, 2)),
     "inject": ((0, 7), (0, 1 << 12), (0, len(INJECT) - 1)),
     "unpoison": (),
     "convert": ((0, GMEM_PAGES - 1), (1, 4), (0, 1)),
+    "prctl": ((0, 2),),
+    "sigdfl": (),
 }
 WEIGHTS = {"anon": 2, "shmem": 2, "huge": 1, "munmap": 1, "read": 4, "write": 4, "madvise": 2,
            "punch": 1, "fork": 1, "clone": 1, "vm": 1, "guest": 3, "inject": 2, "unpoison": 1,
-           "convert": 1}
+           "convert": 1, "prctl": 1, "sigdfl": 1}
 KINDS = [k for k, w in WEIGHTS.items() for _ in range(w)]
 
 
@@ -198,7 +200,7 @@ class World:
             return "none"
         page %= m.npages
         size = PAGE
-        if m.kind == "huge":
+        if m.kind in ("huge", "gmem-huge"):
             size = MB2
             page, npages = 0, 1
         self.me.fallocate(m.fd, PUNCH, (m.foff + page) * PAGE if size == PAGE else 0,
@@ -242,18 +244,23 @@ class World:
     def op_clone(self, i, off, write):
         return self._child(i, off, write, "clone")
 
-    def op_vm(self):
+    def op_vm(self, huge):
+        """A VM whose slot is a 2 MiB mmap-able guest_memfd (HugeTLB-backed with
+        `huge`); ops address its first GMEM_PAGES pages."""
         if self.vm is not None:
             return "none"
         me = self.me
         vm = me.open_kvm().create_vm(u.KVM_X86_SW_PROTECTED_VM)
-        size = GMEM_PAGES * PAGE
-        gfd = vm.create_guest_memfd(size, u.GUEST_MEMFD_FLAG_MMAP | u.GUEST_MEMFD_FLAG_INIT_SHARED)
+        size = MB2
+        flags = u.GUEST_MEMFD_FLAG_MMAP | u.GUEST_MEMFD_FLAG_INIT_SHARED
+        if huge:
+            flags |= u.GUEST_MEMFD_FLAG_HUGETLB | u.GUESTMEM_HUGETLB_FLAG_2MB
+        gfd = vm.create_guest_memfd(size, flags)
         hva = me.mmap(0, size, RW, u.MAP_SHARED, gfd, 0)
         vm.set_user_memory_region2(1, u.KVM_MEM_GUEST_MEMFD, GPA, size, hva, gfd, 0)
         vcpu = vm.create_vcpu(0)
         self.vm = (vm, vcpu, gfd)
-        return self._add(hva, GMEM_PAGES, "gmem", gfd)
+        return self._add(hva, GMEM_PAGES, "gmem-huge" if huge else "gmem", gfd)
 
     def op_guest(self, page, off, n, write, priv):
         if self.vm is None:
@@ -303,7 +310,7 @@ class World:
         e = self.me.pagemap(m.addr + page * PAGE)
         if e.present:
             return e.pfn
-        if m.kind == "gmem" and self.vm is not None:
+        if m.kind.startswith("gmem") and self.vm is not None:
             return self.vm[0].gpa_to_pfn(GPA + (m.foff + page) * PAGE)["backing_pfn"]
         return None
 
@@ -325,6 +332,21 @@ class World:
             return "none"
         npages = min(npages, GMEM_PAGES - page)
         self.me.gmem_convert(self.vm[2], page * PAGE, npages * PAGE, bool(private))
+        return 0
+
+
+    def op_prctl(self, mode):
+        """PR_MCE_KILL: early, late, or back to the sysctl's default."""
+        if mode == 2:
+            return self.me.prctl(u.PR_MCE_KILL, u.PR_MCE_KILL_CLEAR)
+        return self.me.prctl(u.PR_MCE_KILL, u.PR_MCE_KILL_SET,
+                             (u.PR_MCE_KILL_LATE, u.PR_MCE_KILL_EARLY)[mode])
+
+    def op_sigdfl(self):
+        """SIGBUS back to SIG_DFL: the next one kills the worker (seen as its exit)."""
+        import emu
+
+        emu.sigaction(signal.SIGBUS, signal.SIG_DFL)
         return 0
 
 

@@ -56,7 +56,7 @@ def check(ops):
 
 
 # the paths every CI run covers, whatever hypothesis draws
-GUEST_MCE = [("vm",), ("guest", 0, 8, 16, 1, 1), ("guest", 1, 0, 8, 1, 2), ("inject", 0, 0, 1),
+GUEST_MCE = [("vm", 0), ("guest", 0, 8, 16, 1, 1), ("guest", 1, 0, 8, 1, 2), ("inject", 0, 0, 1),
              ("guest", 0, 0, 8, 0, 1), ("read", 0, 0, 8), ("convert", 1, 1, 1),
              ("guest", 1, 0, 8, 0, 2), ("inject", 0, 1, 2), ("punch", 0, 1, 1),
              ("guest", 1, 0, 8, 0, 0)]
@@ -68,12 +68,17 @@ FILES = [("shmem", 4), ("write", 0, 0, 256, 1), ("madvise", 0, 1, 1, 0), ("punch
          ("read", 0, 4096, 8), ("madvise", 0, 2, 1, 2), ("read", 0, 2 * 4096, 8), ("huge",),
          ("write", 1, 0, 8, 2), ("inject", 1, 3, 0), ("read", 1, 0, 8), ("inject", 1, 0, 2),
          ("fork", 1, 0, 0), ("punch", 1, 0, 1), ("read", 1, 0, 8)]
+HUGE_GMEM = [("vm", 1), ("prctl", 1), ("read", 0, 0, 8), ("guest", 2, 0, 8, 1, 0),
+             ("inject", 0, 2, 0), ("guest", 2, 0, 8, 0, 0), ("read", 0, 3 * 4096, 8),
+             ("convert", 4, 2, 1), ("guest", 4, 0, 8, 0, 2), ("sigdfl",), ("read", 0, 2 * 4096, 8),
+             ("read", 0, 0, 8)]
 
 
 @given(ops=op_lists())
 @example(ops=GUEST_MCE)
 @example(ops=ANON)
 @example(ops=FILES)
+@example(ops=HUGE_GMEM)
 def test_random_sequences_keep_invariants_and_backends_agree(ops):
     check(ops)
 
