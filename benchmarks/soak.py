@@ -7,7 +7,8 @@ Sequence i is drawn from random.Random((seed, i)) with the op grammar of
 emu._oracle (the property tests' own).  Each backend (the Cython core, the
 pure-Python reference) runs every sequence in a fresh worker process, in its own
 runner process with its own supervisor; a supervisor serves `--batch` sequences and
-is then replaced, so poisoned frames and shrunk HugeTLB pools do not pile up (each
+is then replaced (the next one boots with the next policy preset), so poisoned
+frames and shrunk HugeTLB pools do not pile up (each
 worker's exit tears down its mappings, files and VM; check_invariants also runs
 after that teardown).  Both runners see the same sequences in the same order, so
 their supervisors have the same history.
@@ -35,6 +36,7 @@ from _common import report  # noqa: E402
 import emu  # noqa: E402
 from emu import _oracle as O  # noqa: E402
 
+POLICIES = ("mf-delayed-fix", "v6.18", "minimum", "initial", "eventual")
 RAM = "96M"
 HUGEPAGES = {"2M": 4}
 BASELINE_CALLS = 2000
@@ -43,6 +45,11 @@ BASELINE_CALLS = 2000
 def sequence(seed: int, i: int, lo: int, hi: int) -> list[tuple]:
     rng = random.Random("%d/%d" % (seed, i))
     return O.gen_ops(lambda a, b: rng.randint(a, b), rng.randint(lo, hi))
+
+
+def policy_of(args, n: int) -> str:
+    """The policy preset batch n // batch runs under: the presets in turn."""
+    return args.policies[(n // args.batch) % len(args.policies)]
 
 
 def round_trip_rate(h) -> float:
@@ -64,7 +71,7 @@ def runner(backend: str, args, which: list[int], out) -> None:
             if n % args.batch == 0:
                 if h is not None:
                     h.close()
-                h = emu.start(ram=RAM, hugepages=HUGEPAGES)
+                h = emu.start(ram=RAM, hugepages=HUGEPAGES, policy=policy_of(args, n))
                 if n % (args.batch * 10) == 0:
                     t = time.perf_counter()
                     base.append(round_trip_rate(h))
@@ -104,10 +111,11 @@ def spawn(backend: str, args, which: list[int]):
 def replay(args, i: int) -> None:
     """Run one sequence on both backends in this process and show the outcomes."""
     ops = sequence(args.seed, i, args.min_ops, args.max_ops)
-    print("sequence %d: %s" % (i, ops))
+    policy = policy_of(args, i)
+    print("sequence %d (policy %s): %s" % (i, policy, ops))
     res = {}
     for backend in ("cython", "python"):
-        h = emu.start(ram=RAM, hugepages=HUGEPAGES)
+        h = emu.start(ram=RAM, hugepages=HUGEPAGES, policy=policy)
         try:
             res[backend] = O.run_sequence(h, ops, backend)
         finally:
@@ -126,16 +134,22 @@ def main(argv=None) -> int:
     ap.add_argument("--min-ops", type=int, default=5)
     ap.add_argument("--max-ops", type=int, default=20)
     ap.add_argument("--batch", type=int, default=250, help="sequences per supervisor")
+    ap.add_argument("--policies", default=",".join(POLICIES),
+                    help="policy presets, one per batch in turn (default: all)")
     ap.add_argument("--only", type=int, default=None, help="replay sequence I and show it")
     args = ap.parse_args(argv)
     if args.sequences < 1 or args.min_ops < 1 or args.max_ops < args.min_ops or args.batch < 1:
         ap.error("--sequences, --min-ops, --batch must be positive and --max-ops >= --min-ops")
+    args.policies = [p for p in args.policies.split(",") if p]
+    if not args.policies:
+        ap.error("--policies: at least one preset")
     if args.only is not None:
         replay(args, args.only)
         return 0
     which = list(range(args.sequences))
-    print("soak: %d sequences of %d-%d ops, seed %d, both backends in parallel"
-          % (args.sequences, args.min_ops, args.max_ops, args.seed), flush=True)
+    print("soak: %d sequences of %d-%d ops, seed %d, policies %s (one per batch of %d), "
+          "both backends in parallel" % (args.sequences, args.min_ops, args.max_ops, args.seed,
+                                         ",".join(args.policies), args.batch), flush=True)
     runners = {b: spawn(b, args, which) for b in ("cython", "python")}
     got: dict[str, dict] = {b: {} for b in runners}
     summary: dict[str, dict] = {}
