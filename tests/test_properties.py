@@ -2,10 +2,11 @@
 (MADV_HWPOISON, DONTNEED, SOFT_OFFLINE)/fallocate punch hole/fork/clone/guest
 access/injection (corrupt_pfn, hw_poison, hw_detect)/unpoison/guest_memfd conversion,
 each run in a worker process on the Cython core and on the pure-Python reference CPU
-(emu._pyref), each on a fresh supervisor.  After every step the emulated kernel's
-invariants hold (host.check_invariants() is empty), and the two runs agree byte for
-byte on data read, on errnos, on every signal (si_code, si_addr as mapping and
-offset, si_addr_lsb) and on the worker's exit status.
+(emu._pyref), each on a fresh supervisor booted with a drawn policy preset.  After
+every step the emulated kernel's invariants hold (host.check_invariants() is
+empty), and the two runs agree byte for byte on data read, on errnos, on every
+signal (si_code, si_addr as mapping and offset, si_addr_lsb) and on the worker's
+exit status.
 
 CI runs a few derandomized examples (profile "ci"); HYPOTHESIS_PROFILE=dev runs
 more, and benchmarks/soak.py runs thousands."""
@@ -33,11 +34,14 @@ def op_lists(draw, min_size=1, max_size=14):
     return O.gen_ops(lambda lo, hi: draw(st.integers(lo, hi)), n)
 
 
-def run_both(ops):
+POLICIES = ["mf-delayed-fix", "v6.18", "minimum", "initial", "eventual"]
+
+
+def run_both(ops, policy="mf-delayed-fix"):
     """The sequence on each backend, each on its own fresh supervisor."""
     out = {}
     for backend in ("cython", "python"):
-        h = emu.start(ram="96M", hugepages={"2M": 4})
+        h = emu.start(ram="96M", hugepages={"2M": 4}, policy=policy)
         try:
             out[backend] = O.run_sequence(h, ops, backend)
         finally:
@@ -45,8 +49,8 @@ def run_both(ops):
     return out
 
 
-def check(ops):
-    res = run_both(ops)
+def check(ops, policy="mf-delayed-fix"):
+    res = run_both(ops, policy)
     for backend, r in res.items():
         assert not r["hung"] and not r["error"], (backend, r["error"])
         assert r["bad"] == [], (backend, r["bad"])
@@ -74,13 +78,14 @@ HUGE_GMEM = [("vm", 1), ("prctl", 1), ("read", 0, 0, 8), ("guest", 2, 0, 8, 1, 0
              ("read", 0, 0, 8)]
 
 
-@given(ops=op_lists())
-@example(ops=GUEST_MCE)
-@example(ops=ANON)
-@example(ops=FILES)
-@example(ops=HUGE_GMEM)
-def test_random_sequences_keep_invariants_and_backends_agree(ops):
-    check(ops)
+@given(ops=op_lists(), policy=st.sampled_from(POLICIES))
+@example(ops=GUEST_MCE, policy="mf-delayed-fix")
+@example(ops=ANON, policy="v6.18")
+@example(ops=FILES, policy="mf-delayed-fix")
+@example(ops=HUGE_GMEM, policy="mf-delayed-fix")
+@example(ops=HUGE_GMEM, policy="eventual")
+def test_random_sequences_keep_invariants_and_backends_agree(ops, policy):
+    check(ops, policy)
 
 
 def test_the_examples_reach_the_paths_they_name():
