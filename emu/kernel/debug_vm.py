@@ -61,7 +61,7 @@ def _s32(v: int) -> int:
 
 
 def _mms(k):
-    """(name, pgd) of every live address space: host mms and stage-2 roots."""
+    """(name, pgd, stage2) of every live address space: host mms and stage-2 roots."""
     for proc in k.tasklist:
         yield "mm %d (tgid %d)" % (proc.mm.slot, proc.tgid), proc.mm.pgd, False
     for i, vm in enumerate(k.kvm.vms):
@@ -69,6 +69,8 @@ def _mms(k):
 
 
 def check_invariants(k) -> list[str]:
+    """One line per violated invariant ("<invariant>: <what, with pfn/address>"),
+    at most _MAX per invariant; empty when the kernel's state is consistent."""
     out: list[str] = []
     core, hugetlb, mf = k.core, k.hugetlb, k.memory_failure
     fr = _Frames(core)
@@ -160,7 +162,7 @@ def check_invariants(k) -> list[str]:
 
     # -- a poisoned frame is never free
     for pfn in fr.poisoned:
-        if cls[pfn] in (FREE, POOL) or cls[pfn] == PENDING:
+        if cls[pfn] in _GONE:
             bad("hwpoison", "poisoned pfn %#x is %s" % (pfn, _NAME[cls[pfn]]))
 
     # -- HardwareCorrupted counts the raw pages known to be poisoned
