@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 import emu
 from emu import _oracle as O
 
-settings.register_profile("ci", max_examples=20, deadline=None, derandomize=True,
+settings.register_profile("ci", max_examples=20, deadline=None, derandomize=True, database=None,
                           suppress_health_check=list(HealthCheck), print_blob=True)
-settings.register_profile("dev", max_examples=200, deadline=None,
+settings.register_profile("dev", max_examples=200, deadline=None, database=None,
                           suppress_health_check=list(HealthCheck), print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
