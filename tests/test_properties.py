@@ -102,3 +102,20 @@ def test_the_examples_reach_the_paths_they_name():
     assert forked == ["ok", [0, ["07" * 8, []]]]            # the child's copy of page 1
     kinds = {(s["op"][0], s["out"][0]) for r in res.values() for s in r["steps"]}
     assert {("read", "stopped"), ("unpoison", "errno"), ("inject", "ok")} <= kinds
+
+
+def test_soak_runs_and_reports(capsys):
+    """benchmarks/soak.py: a short run on both backends prints its counts and figures
+    and exits 0 (the figures themselves are for benchmarks, not asserted)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "soak.py")
+    spec = importlib.util.spec_from_file_location("soak", path)
+    soak = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(soak)
+    assert soak.main(["--sequences", "6", "--batch", "3", "--seed", "3", "--max-ops", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "sequences run: 6 per backend (12 in all)" in out
+    assert "invariant violations: 0 (in 0 sequences)" in out
+    assert "backend disagreements: 0 sequences" in out
+    assert out.count("| ratio") == 4
