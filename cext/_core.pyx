@@ -368,6 +368,20 @@ cdef class Core:
         self.c.frames[pfn].refcount += d
         return self.c.frames[pfn].refcount
 
+    def frames_scan(self):
+        """Supervisor (debug_vm): the pfns whose frame has flags, a refcount or a
+        mapcount set, and those flagged EMU_PG_HWPOISON, in one pass over the table."""
+        cdef uint64_t i
+        cdef emu_frame *f
+        busy, poisoned = [], []
+        for i in range(self.c.nframes):
+            f = &self.c.frames[i]
+            if f.flags or f.refcount or f.mapcount:
+                busy.append(i)
+                if f.flags & EMU_PG_HWPOISON:
+                    poisoned.append(i)
+        return busy, poisoned
+
     def mapcount(self, uint64_t pfn):
         return self.c.frames[pfn].mapcount
 
@@ -1030,6 +1044,7 @@ cdef class Core:
         cdef emu_header *h = self.c.hdr
         return {"nframes": h.nframes, "npt": h.npt, "ntasks": h.ntasks, "off_pt": h.off_pt,
                 "off_hwerr": h.off_hwerr, "off_tasks": h.off_tasks,
+                "off_frames": h.off_frames, "sizeof_frame": sizeof(emu_frame),
                 "off_epoch": <size_t>&(<emu_header *>0).epoch,
                 "sizeof_task": sizeof(emu_task),
                 "off_task_rcu_epoch": <size_t>&(<emu_task *>0).rcu_epoch}

@@ -109,7 +109,10 @@ def cleanup() -> list[str]:
         parts = ent.split("-")
         if len(parts) < 3 or not parts[1].isdigit():
             continue
-        if os.stat(os.path.join("/dev/shm", ent)).st_uid != os.getuid():
+        try:
+            if os.stat(os.path.join("/dev/shm", ent)).st_uid != os.getuid():
+                continue
+        except FileNotFoundError:        # another supervisor's start unlinked it meanwhile
             continue
         if not _alive_supervisor(int(parts[1])):
             try:
@@ -118,24 +121,28 @@ def cleanup() -> list[str]:
             except posix_ipc.ExistentialError:
                 pass
     rd = runtime_dir()
+
+    def unlink(path: str) -> None:
+        try:                               # a concurrent cleanup may have been first
+            os.unlink(path)
+            removed.append(path)
+        except FileNotFoundError:
+            pass
+
     for ent in os.listdir(rd):
         path = os.path.join(rd, ent)
         if ent.endswith(".pid"):
             if not _pidfile_locked(path):
-                os.unlink(path)
-                removed.append(path)
+                unlink(path)
                 sock = path[:-4] + ".sock"
                 if os.path.exists(sock):
-                    os.unlink(sock)
-                    removed.append(sock)
+                    unlink(sock)
         elif ent.endswith(".log") and not os.path.exists(path[:-4] + ".pid"):
-            os.unlink(path)
-            removed.append(path)
+            unlink(path)
         elif ent.startswith("priv-") and ent.endswith(".sock"):
             pid = ent[5:-5]
             if pid.isdigit() and not _alive_supervisor(int(pid)):
-                os.unlink(path)
-                removed.append(path)
+                unlink(path)
     return removed
 
 
