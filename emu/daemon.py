@@ -349,8 +349,8 @@ class Supervisor:
         settle the death now, while /proc still shows the zombie's exit status."""
         tid = a.get("tid")
         t = self.kernel.tasks.get(tid) if isinstance(tid, int) else None
-        if t is None or c.task is None or not t.alive:
-            return 0
+        if t is None or c.task is None or not t.alive or _pid_alive(tid):
+            return 0                    # only a worker that has exited is settled here
         if t.conn is not None:
             self._close(t.conn, dead=True)
         else:

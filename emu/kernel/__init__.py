@@ -226,7 +226,8 @@ class Kernel:
         self.tasks.pop(t.tid, None)
         self._free_slots.append(t.slot)
         self.trace("task_exit", tid=t.tid, tgid=proc.tgid)
-        if not any(th.alive for th in proc.threads):
+        proc.threads.remove(t)              # __unhash_process: no dead thread stays listed
+        if not proc.threads:
             self.tasklist.remove(proc)
             self.mm.exit_mmap(proc.mm)
             self._free_mm.append(proc.mm.slot)
