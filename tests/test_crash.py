@@ -8,6 +8,7 @@ retired by poison.  The last test is a short run of the crash soak
 (benchmarks/soak_crash.py).
 """
 import os
+import signal
 import sys
 import time
 
@@ -157,3 +158,240 @@ def test_poisoned_anon_page_keeps_no_rmap_to_its_dead_mm(kernel):
     assert pfn not in k.mm.anon_rmap            # unmapped: a hwpoison entry, no rmap
     k.exit_task(t)
     assert k.mm.anon_rmap == {}
+
+
+# ====================================================== deaths at chosen points
+def _poisoned_anon_page(me, host, how="hw_poison"):
+    a = me.mmap(0, PAGE, RW, ANON)
+    me.write(a, b"data")
+    pfn = me.pagemap(a).pfn
+    if how == "hw_poison":
+        assert host.hw_poison(pfn) == 0          # latent: the next access consumes it
+    return a, pfn
+
+
+def test_sigkill_inside_the_sigbus_handler(host):
+    """The worker consumes poison (AR #MC, a SIGBUS on itself) and its handler
+    SIGKILLs the thread: it dies inside the handler, with the poison handled."""
+    base = host.meminfo()
+
+    def body(me):
+        a, _pfn = _poisoned_anon_page(me, host)
+
+        def handler(signum, info):
+            assert info.si_code == u.BUS_MCEERR_AR
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        emu.sigaction(signal.SIGBUS, handler)
+        me.read(a, 4)
+        raise AssertionError("survived the poisoned read")
+
+    assert in_process(host, body) == -signal.SIGKILL
+    st = assert_clean(host)
+    mi = st["meminfo"]
+    assert mi["HardwareCorrupted"] == base["HardwareCorrupted"] + 4      # retired, once
+    assert mi["MemFree"] == base["MemFree"] - 4                         # all but that page
+    assert host.mf_stats()["total"] == 1
+
+
+def test_clone_thread_sigkilled_while_main_thread_waits_takes_the_group(host):
+    """A clone()d thread SIGKILLed while the main thread sits in join(): exit_group,
+    the main thread dies of SIGKILL too, and the process is torn down once."""
+    base = host.meminfo()
+
+    def body(me):
+        a = me.mmap(0, 16 * PAGE, RW, ANON)
+        me.write(a, b"x" * 16 * PAGE)
+
+        def spin(t):
+            while True:
+                t.write(a + PAGE, b"spin")
+                t.read(a, 8)
+
+        th = me.clone(spin, name="spinner")
+        time.sleep(0.05)
+        os.kill(th.pid, signal.SIGKILL)
+        th.join(30)
+        me.idle(30)                  # exit_group ends this thread before it returns
+        raise AssertionError("the group survived")
+
+    assert in_process(host, body) == -signal.SIGKILL
+    st = assert_clean(host)
+    assert st["meminfo"]["MemFree"] == base["MemFree"]
+
+
+def test_main_thread_sigkilled_while_a_vcpu_spins(host_factory):
+    """The VMM's main thread dies while its vCPU thread runs a guest that never
+    exits to it: the vCPU thread goes with the group; the VM, its guest_memfd,
+    stage-2 tables and memory are all released."""
+    host = host_factory(ram="128M", hugepages={"2M": 2})
+    base = host.meminfo()
+
+    def guest(g):
+        while True:
+            v = yield g.read(GPA + PAGE, 8)
+            yield g.write(GPA + 3 * PAGE, v)
+
+    def body(me):
+        vm = me.open_kvm().create_vm(u.KVM_X86_SW_PROTECTED_VM)
+        gfd = vm.create_guest_memfd(MB2, HUGE_GMEM)
+        hva = me.mmap(0, MB2, RW, u.MAP_SHARED, gfd, 0)
+        me.write(hva + PAGE, b"guest ok")
+        vm.set_user_memory_region2(1, u.KVM_MEM_GUEST_MEMFD, GPA, MB2, hva, gfd, 0)
+        r, w = os.pipe()
+
+        def vcpu_main(t):
+            vcpu = vm.create_vcpu(0)
+            vcpu.set_guest(guest)
+            os.write(w, b"R")
+            while True:
+                vcpu.run()
+
+        me.clone(vcpu_main, name="vcpu0")
+        assert os.read(r, 1) == b"R"
+        time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    assert in_process(host, body) == -signal.SIGKILL
+    st = assert_clean(host)
+    assert st["meminfo"]["MemFree"] == base["MemFree"]
+
+
+def test_fork_child_that_dies_before_it_attaches_is_echild(host_factory, tmp_path):
+    """fork()/clone() whose new worker dies before it is attached (here: the kernel
+    is out of task slots) fails with ECHILD, as an OSError, and leaves the parent
+    usable."""
+    cfg = tmp_path / "emu.toml"
+    cfg.write_text("[limits]\ntasks = 1\n")
+    host = host_factory(config=str(cfg))
+
+    def body(me):
+        for how in (me.fork, me.clone):
+            try:
+                how(lambda t: 0)
+            except OSError as e:
+                assert e.errno == u.ECHILD, e
+            else:
+                raise AssertionError("the new task attached past limits.tasks")
+        a = me.mmap(0, PAGE, RW, ANON)
+        me.write(a, b"still fine")
+        assert me.read(a, 10) == b"still fine"
+
+    assert in_process(host, body) == 0
+    assert_clean(host)
+
+
+def test_pending_sigbus_of_a_dead_task_does_not_reach_the_next_one(host_factory, tmp_path):
+    """A task dies with a SIGBUS still queued in its mailbox (blocked).  The next task
+    gets the same slot (there is only one): it must not receive that record, and a
+    SIGBUS sent to it is delivered, not dropped as already pending."""
+    cfg = tmp_path / "emu.toml"
+    cfg.write_text("[limits]\ntasks = 1\n")
+    host = host_factory(config=str(cfg))
+
+    def victim(me, w):
+        me.prctl(u.PR_MCE_KILL, u.PR_MCE_KILL_SET, u.PR_MCE_KILL_EARLY)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGBUS})
+        a, pfn = _poisoned_anon_page(me, host, how="none")
+        os.write(w, b"%d\n" % pfn)
+        while True:
+            signal.pause()
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            me = emu.attach(host, name="victim")
+            victim(me, w)
+        finally:
+            os._exit(1)
+    pfn = int(os.read(r, 64))
+    assert host.corrupt_pfn(pfn) == 0                 # AO to the early-kill victim
+    assert [e["tid"] for e in host.events() if e["type"] == "signal"] == [pid]
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    settled(host)
+
+    def successor(me):
+        got = []
+        emu.sigaction(signal.SIGBUS, lambda s, info: got.append((info.si_code, info.si_addr)))
+        me.prctl(u.PR_MCE_KILL, u.PR_MCE_KILL_SET, u.PR_MCE_KILL_EARLY)
+        a, pfn = _poisoned_anon_page(me, host, how="none")
+        me.idle(0.2)
+        assert got == [], got                           # nothing of the victim's
+        assert host.corrupt_pfn(pfn) == 0
+        end = time.monotonic() + 10
+        while not got and time.monotonic() < end:
+            me.idle(0.01)
+        assert got == [(u.BUS_MCEERR_AO, a)], got
+
+    assert in_process(host, successor) == 0
+    assert_clean(host)
+
+
+def test_worker_killed_with_half_a_request_sent(host):
+    """A worker dies after sending part of a request line: the partial line goes
+    with its connection; the thread is retired and nothing else changes."""
+    import json
+    import socket
+
+    base = host.meminfo()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(host.path)
+            f = s.makefile("rb")
+            f.readline()
+            s.sendall(json.dumps({"execute": "attach", "arguments": {}, "id": 1}).encode() + b"\n")
+            assert "return" in json.loads(f.readline())
+            s.sendall(b'{"execute": "mmap", "arguments": {"addr": 0, "len')
+            time.sleep(0.1)
+            os.kill(os.getpid(), signal.SIGKILL)
+        finally:
+            os._exit(1)
+    _, st = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(st) == -signal.SIGKILL
+    st = assert_clean(host)
+    assert st["meminfo"]["MemFree"] == base["MemFree"]
+
+
+def test_exited_threads_leave_the_thread_group(kernel):
+    """A long-lived process whose threads come and go keeps only its live threads
+    in the group (a thread list that only grows is a leak per thread ever created,
+    walked by every memory_failure)."""
+    k = kernel
+    main = k.new_process(os.getpid(), "vmm")
+    for tid in range(10**6, 10**6 + 20):                    # no such processes
+        k.exit_task(k.clone(main, tid, "vcpu"))
+    assert main.process.threads == [main]
+    assert main.process in k.tasklist
+    k.exit_task(main)
+    assert main.process not in k.tasklist and k.tasks == {}
+
+
+def test_reap_of_a_live_thread_retires_nothing(host):
+    """"reap" settles the death of a worker that has exited; asked for a thread that
+    is still running, it must not retire it."""
+    import select
+
+    me = emu.attach(host, name="parent")
+    r, w = os.pipe()
+    stop_r, stop_w = os.pipe()
+
+    def sibling(t):
+        a = t.mmap(0, PAGE, RW, ANON)
+        os.write(w, b"R")
+        while not select.select([stop_r], [], [], 0.01)[0]:
+            t.write(a, b"alive")
+            assert t.read(a, 5) == b"alive"
+        return "done"
+
+    th = me.clone(sibling, name="sibling")
+    assert os.read(r, 1) == b"R"
+    me.ch.call("reap", tid=th.pid)
+    time.sleep(0.2)
+    threads = [x["tid"] for p in host.status()["processes"] for x in p["threads"]]
+    assert th.pid in threads
+    os.write(stop_w, b"x")
+    assert th.join(30) == 0 and th.result == "done"
