@@ -16,6 +16,7 @@ cdef enum:
     MADV_POPULATE_WRITE = 23
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from cpython.exc cimport PyErr_CheckSignals
+from cpython.mem cimport PyMem_Malloc, PyMem_Free
 
 cdef extern from "layout.h":
     uint64_t EMU_MAGIC
@@ -472,22 +473,40 @@ cdef class Core:
         """Split a folio into order-0 folios and map each page with a 4K PTE in every
         (pgd, va, bits) of `maps`, touching each frame once.  A page's refcount is its
         page-cache reference plus one per mapping."""
-        cdef uint64_t i, j, n = 1ULL << order, va
+        cdef uint64_t n = 1ULL << order
         cdef Py_ssize_t m = len(maps), k
-        cdef uint64_t pgds[16]
-        cdef uint64_t vas[16]
-        cdef uint64_t bitss[16]
-        cdef uint64_t *ptes[16]
-        cdef uint64_t *slot
-        cdef emu_frame *f
-        if m > 16:
-            raise ValueError("too many mappings to split in one call")
+        cdef uint64_t *arr
+        cdef uint64_t *pgds
+        cdef uint64_t *vas
+        cdef uint64_t *bitss
+        cdef uint64_t **ptes
         cdef uint32_t mapping = self.c.frames[head].mapping
         cdef uint64_t index0 = self.c.frames[head].index
+        seen = set()
+        need = sum(self.pt_missing(pgd_, va_, n, seen) for pgd_, va_, _b in maps)
+        if need > self.pt_free:            # checked before any frame or entry changes
+            raise MemoryError("page-table pool exhausted: the split needs %d pages, %d free"
+                              % (need, self.pt_free))
+        arr = <uint64_t *>PyMem_Malloc((4 * m + 1) * sizeof(uint64_t))
+        if arr == NULL:
+            raise MemoryError()
+        pgds, vas, bitss, ptes = arr, arr + m, arr + 2 * m, <uint64_t **>(arr + 3 * m)
+        try:
+            for k in range(m):
+                pgds[k], vas[k], bitss[k] = maps[k]
+                ptes[k] = NULL
+            self._split_map(head, n, flags, m, mapping, index0, pgds, vas, bitss, ptes)
+        finally:
+            PyMem_Free(arr)
+
+    cdef int _split_map(self, uint64_t head, uint64_t n, uint64_t flags, Py_ssize_t m,
+                        uint32_t mapping, uint64_t index0, uint64_t *pgds, uint64_t *vas,
+                        uint64_t *bitss, uint64_t **ptes) except -1:
+        cdef uint64_t i, va
+        cdef Py_ssize_t k
+        cdef uint64_t *slot
+        cdef emu_frame *f
         cdef uintptr_t lo, hi
-        for k in range(m):
-            pgds[k], vas[k], bitss[k] = maps[k]
-            ptes[k] = NULL
         # the tail frames of a huge folio were never written: fault them in at once
         lo = (<uintptr_t>&self.c.frames[head]) & ~(<uintptr_t>4095)
         hi = (<uintptr_t>&self.c.frames[head + n] + 4095) & ~(<uintptr_t>4095)
@@ -508,6 +527,7 @@ cdef class Core:
                     slot = self._slot(pgds[k], va, 1, True)
                     ptes[k] = slot - ((va >> 12) & 511)
                 emu_st64(ptes[k] + ((va >> 12) & 511), ((head + i) << EMU_PAGE_SHIFT) | bitss[k])
+        return 0
 
     def map_pages(self, uint64_t pgd, uint64_t va, uint64_t pfn0, uint64_t n, uint64_t bits):
         """Install n 4K PTEs for contiguous frames (pfn0..) at va; each maps its own
@@ -587,6 +607,30 @@ cdef class Core:
     @property
     def pt_used(self):
         return self._pt_next - 1 - len(self._pt_free)
+
+    @property
+    def pt_free(self):
+        """Page-table pages pt_alloc can still hand out."""
+        return self.c.npt - self._pt_next + len(self._pt_free)
+
+    def pt_missing(self, uint64_t pgd, uint64_t va, uint64_t npages, set seen=None):
+        """How many page-table pages mapping [va, va + npages 4K pages) with 4K PTEs
+        would allocate (pte_set/split_and_map), so a caller can check up front.
+        `seen` collects the missing tables across calls (one mm may appear twice)."""
+        cdef uint64_t a = va & ~(<uint64_t>0x1FFFFF), end = va + (npages << EMU_PAGE_SHIFT)
+        cdef int level, lvl
+        cdef uint64_t *slot
+        if seen is None:
+            seen = set()
+        n0 = len(seen)
+        while a < end:
+            slot = emu_walk(&self.c, pgd, a, &level)
+            if slot != NULL and level > 1:
+                # (a huge leaf there is cleared before the split) tables below `level` are missing: one per level, shared by the range
+                for lvl in range(level - 1, 0, -1):
+                    seen.add((pgd, lvl, a >> (12 + 9 * lvl)))
+            a += 0x200000
+        return len(seen) - n0
 
     def walk(self, uint64_t pgd, uint64_t va):
         """(entry, level) of the entry that decides va; level 1=PTE, 2=PMD, 3=PUD, 4=PGD."""

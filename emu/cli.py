@@ -182,6 +182,10 @@ def cmd_status(args) -> int:
     print("memory_failure    total %(total)d  recovered %(recovered)d  delayed %(delayed)d  "
           "failed %(failed)d  ignored %(ignored)d" % mf)
     print("sysctl            " + "  ".join("%s=%s" % kv for kv in st["sysctl"].items()))
+    print("kernel            %s (tainted=%d)%s" % (
+        st["taint"], st["tainted"], "  emulator bug: see `emu dmesg`" if st["tainted"] else ""))
+    print("limits            " + "  ".join("%s %d/%d" % (name, v["used"], v["max"])
+                                           for name, v in st["limits"].items()))
     print()
     print("%-8s %-8s %-16s %-8s %s" % ("TGID", "TID", "COMM", "MCE_KILL", "VMAS/FDS"))
     for p in st["processes"]:

@@ -29,12 +29,15 @@ halt_poll_ns = 200000        # after a request, poll this long for the next befo
                              # for its reply; both only while no other task waits for a
                              # CPU; 0: always sleep
 
-[limits]
-tasks = 256                  # emulated threads
-mms = 128                    # emulated processes
+[limits]                     # core tables, sized at boot; past one: ENOMEM (EAGAIN for
+                             # tasks, as fork past max_threads), before anything changes
+tasks = 1024                 # emulated threads (~0.8 KiB of shm each; each is an OS process)
+mms = 512                    # emulated processes (each also reserves 4 page-table pages)
 events = 65536               # trace ring entries
-inodes = 1024                # files (memfd, guest_memfd, ...)
-vmas = 4096                  # mappings, all processes together
+inodes = 4096                # files (memfd, guest_memfd, KVM fds, ...): ENFILE past it
+vmas = 16384                 # mappings, all processes together (48 bytes each)
+page_tables = 0              # page-table pages (4 KiB each; host and stage-2 tables);
+                             # 0: enough to map all RAM at 4K plus 4 per process
 """
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.I)
@@ -138,4 +141,7 @@ def validate(cfg: dict) -> dict:
         val = cfg["limits"][key]
         if not isinstance(val, int) or isinstance(val, bool) or not 1 <= val <= 1 << 20:
             raise ConfigError("limits.%s: expected an integer 1..1048576" % key)
+    val = cfg["limits"]["page_tables"]
+    if not isinstance(val, int) or isinstance(val, bool) or not (val == 0 or 16 <= val <= 1 << 24):
+        raise ConfigError("limits.page_tables: expected 0 (automatic) or an integer 16..16777216")
     return cfg

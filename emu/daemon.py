@@ -66,6 +66,7 @@ class Supervisor:
         self._pidfd = None
         self.segs = None
         self.listener = None
+        self.log_where = _log_where()
 
     # ------------------------------------------------------------ lifecycle
     def boot(self) -> None:
@@ -82,7 +83,9 @@ class Supervisor:
         ram = self.cfg["memory"]["ram_bytes"]
         nframes = ram >> 12
         lim = self.cfg["limits"]
-        npt = 4096 + nframes // 512          # enough to map all of RAM once at 4K
+        # enough to map all of RAM once at 4K, plus a PGD/PUD/PMD/PTE chain per process
+        npt = (lim["page_tables"] + 1 if lim["page_tables"]       # (page 0 is never used)
+               else 4096 + nframes // 512 + 4 * lim["mms"])
         self.segs = shm.Segments.create(nframes, lim["tasks"], lim["mms"], npt, lim["events"],
                                         lim["inodes"], lim["vmas"])
         self.core = self.segs.core
@@ -134,7 +137,7 @@ class Supervisor:
                         except BlockingIOError:
                             pass
                     else:
-                        self._readable(key.data)
+                        self._guarded(self._readable, key.data)
                         if poll_ns:
                             polling_until = clock() + poll_ns
                 if not events and polling_until:
@@ -148,7 +151,7 @@ class Supervisor:
                 now = time.monotonic()
                 if now - last_tick >= 0.1:
                     last_tick = now
-                    self._supervise()
+                    self._guarded(self._supervise)
         except KernelPanic as e:
             log.error("kernel panic: %s", e)
         finally:
@@ -250,17 +253,31 @@ class Supervisor:
 
     # ------------------------------------------------------------ requests
     def _handle(self, c: Conn, line: bytes) -> None:
-        rid = None
-        k = self.kernel
+        """One request.  Bad input (a line that is not a JSON object, an argument the
+        kernel refused with OSError) gets an errno; any other exception is an
+        emulator bug: reported as BUG() in dmesg and the log, the kernel tainted,
+        and the caller told so, never given an errno it would take for bad input."""
         try:
             req = json.loads(line)
-            if not isinstance(req, dict):
-                raise ValueError("request: expected an object")
-            rid = req.get("id")
-            name = req.get("execute")
-            args = req.get("arguments") or {}
-            if not isinstance(args, dict):
-                raise ValueError("arguments: expected an object")
+        except Exception as e:                 # ValueError, RecursionError from a hostile line
+            self._send(c, _generic(None, "request: not JSON: %s" % _one_line(e)))
+            return
+        if not isinstance(req, dict):
+            self._send(c, _generic(None, "request: expected an object"))
+            return
+        rid = req.get("id")
+        name = req.get("execute")
+        args = req.get("arguments")
+        if args is None:
+            args = {}
+        if not isinstance(name, str):
+            self._send(c, _generic(rid, "execute: expected a command name"))
+            return
+        if not isinstance(args, dict):
+            self._send(c, _generic(rid, "arguments: expected an object"))
+            return
+        k = self.kernel
+        try:
             fn = SYSCALLS.get(name)
             if fn is not None:
                 t = c.task
@@ -300,24 +317,56 @@ class Supervisor:
         except KernelPanic:
             raise
         except OSError as e:
-            err = e.errno if isinstance(e.errno, int) else u.EINVAL
+            err = e.errno if isinstance(e.errno, int) and e.errno > 0 else None
+            if err is None:                     # an OSError without an errno: not validation
+                self._bug(c, rid, name, e)
+                return
             rep = {"id": rid, "error": {"class": "OSError", "errno": err,
                                         "desc": e.strerror or os.strerror(err)}}
-            if c.task is not None and c.task.reply_sigs:
-                # signals queued on current are delivered on return to user
-                # whatever the system call returns
-                rep["sigs"], c.task.reply_sigs = c.task.reply_sigs, []
+            self._reply_sigs(c, rep)
             self._send(c, rep)
-        except (ValueError, TypeError, KeyError) as e:
-            self._send(c, {"id": rid, "error": {"class": "GenericError", "errno": u.EINVAL,
-                                                "desc": str(e)}})
         except MemoryError as e:
-            self._send(c, {"id": rid, "error": {"class": "OSError", "errno": u.ENOMEM,
-                                                "desc": str(e) or "out of memory"}})
-        except Exception as e:                 # e.g. RecursionError from a hostile line
-            log.warning("request failed: %s: %s", type(e).__name__, e)
-            self._send(c, {"id": rid, "error": {"class": "GenericError", "errno": u.EINVAL,
-                                                "desc": "%s: %s" % (type(e).__name__, e)}})
+            # frames or page tables ran out where Linux would fail the allocation
+            # (-ENOMEM, VM_FAULT_OOM) before installing anything
+            rep = {"id": rid, "error": {"class": "OSError", "errno": u.ENOMEM,
+                                        "desc": str(e) or "out of memory"}}
+            self._reply_sigs(c, rep)
+            self._send(c, rep)
+        except Exception as e:
+            self._bug(c, rid, name, e)
+
+    def _guarded(self, fn, *args) -> None:
+        """Kernel work outside a request (a task's teardown on EOF, housekeeping): an
+        unexpected exception is an emulator bug too, reported, and the kernel serves on."""
+        try:
+            fn(*args)
+        except (KernelPanic, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            where = self.kernel.report_bug(e, 0, "kworker/0:0")
+            log.error("emulator bug in %s (kernel BUG at %s), kernel tainted", fn.__name__,
+                      where, exc_info=e)
+
+    def _reply_sigs(self, c: Conn, rep: dict) -> None:
+        if c.task is not None and c.task.reply_sigs:
+            # signals queued on current are delivered on return to user
+            # whatever the system call returns
+            rep["sigs"], c.task.reply_sigs = c.task.reply_sigs, []
+
+    def _bug(self, c: Conn, rid, name: str, e: BaseException) -> None:
+        """An emulator bug: BUG() in dmesg, the traceback in the daemon log, the kernel
+        tainted; the caller gets EmulatorBug, and the supervisor serves on."""
+        t = c.task
+        where = self.kernel.report_bug(e, t.tid if t else c.pid, t.comm if t else "emu-host")
+        log.error("emulator bug in %r (kernel BUG at %s), kernel tainted", name, where,
+                  exc_info=e)
+        rep = {"id": rid, "error": {
+            "class": "EmulatorBug", "errno": u.EIO, "where": where,
+            "desc": "emulator bug in %s: %s: %s at %s; the traceback is in dmesg "
+                    "(host.dmesg(), `emu dmesg`) and in the daemon log (%s); the kernel is "
+                    "tainted" % (name, type(e).__name__, _one_line(e), where, self.log_where)}}
+        self._reply_sigs(c, rep)
+        self._send(c, rep)
 
     def _attach(self, c: Conn, a: dict):
         if c.task is not None:
@@ -327,12 +376,15 @@ class Supervisor:
         comm = a.get("comm") or "emu"
         if not isinstance(comm, str):
             raise OSError(u.EINVAL, "comm")
+        if not isinstance(kind, str):
+            raise OSError(u.EINVAL, "kind: process, clone or fork")
         if c.pid in k.tasks:
             raise OSError(u.EEXIST, "pid %d is already a task" % c.pid)
         if kind == "process":
             t = k.new_process(c.pid, comm)
         elif kind in ("clone", "fork"):
-            parent = k.tasks.get(a.get("parent"))
+            pid = a.get("parent")
+            parent = k.tasks.get(pid) if isinstance(pid, int) else None
             if parent is None or not parent.alive:
                 raise OSError(u.ESRCH, "parent task")
             t = (k.clone if kind == "clone" else k.fork)(parent, c.pid, comm)
@@ -399,6 +451,24 @@ class Supervisor:
             self.stopping = True
         k.tick()
         k.buddy.populate_ahead(POPULATE_AHEAD)
+
+
+def _generic(rid, desc: str) -> dict:
+    """A protocol-level error: the line was not a request."""
+    return {"id": rid, "error": {"class": "GenericError", "errno": u.EINVAL, "desc": desc}}
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:200] or type(e).__name__
+
+
+def _log_where() -> str:
+    """Where this process's log (stderr) goes, for an error message."""
+    try:
+        path = os.readlink("/proc/self/fd/2")
+    except OSError:
+        return "the supervisor's stderr"
+    return path if path.startswith("/") and os.path.isfile(path) else "the supervisor's stderr"
 
 
 def _death_signal(pid: int, wait: float = 0.2) -> int:

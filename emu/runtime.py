@@ -31,7 +31,19 @@ from .haltpoll import others_waiting
 # ------------------------------------------------------------------ errors
 
 
-def _oserror(err: dict) -> OSError:
+class EmulatorBug(RuntimeError):
+    """The emulated kernel hit an unexpected exception (its BUG()): not an errno, not
+    bad input.  The message says where; the traceback is in dmesg and the daemon log."""
+
+    def __init__(self, desc: str, where: str | None = None):
+        super().__init__(desc)
+        self.where = where
+
+
+def _oserror(err: dict) -> Exception:
+    """The exception an error reply stands for: OSError(errno), or EmulatorBug."""
+    if err.get("class") == "EmulatorBug":
+        return EmulatorBug(err.get("desc") or "emulator bug", err.get("where"))
     e = err.get("errno", u.EINVAL)
     desc = err.get("desc") or os.strerror(e)
     return OSError(e, desc)
@@ -205,6 +217,10 @@ class Host:
 
     def status(self) -> dict:
         return self._call("status")
+
+    def tainted(self) -> int:
+        """The kernel's taint mask, as /proc/sys/kernel/tainted (uapi.TAINT_* bits)."""
+        return self._call("tainted")
 
     def policy(self) -> dict:
         return self._call("policy")

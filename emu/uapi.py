@@ -12,13 +12,16 @@ EINTR = _errno.EINTR
 EIO = _errno.EIO
 ENXIO = _errno.ENXIO
 EBADF = _errno.EBADF
+EAGAIN = _errno.EAGAIN
 ENOMEM = _errno.ENOMEM
 EFAULT = _errno.EFAULT
 EBUSY = _errno.EBUSY
 EEXIST = _errno.EEXIST
 ENODEV = _errno.ENODEV
 EINVAL = _errno.EINVAL
+ENFILE = _errno.ENFILE
 EMFILE = _errno.EMFILE
+EFBIG = _errno.EFBIG
 ENOSPC = _errno.ENOSPC
 ESPIPE = _errno.ESPIPE
 ENOSYS = _errno.ENOSYS
@@ -216,3 +219,28 @@ class KvmX86Mce:
     misc: int = 0
     mcg_status: int = 0
     bank: int = 0
+
+# ---- kernel taint (include/linux/panic.h, kernel/panic.c taint_flags[]) ----
+TAINT_PROPRIETARY_MODULE = 0
+TAINT_FORCED_MODULE = 1
+TAINT_CPU_OUT_OF_SPEC = 2
+TAINT_FORCED_RMMOD = 3
+TAINT_MACHINE_CHECK = 4
+TAINT_BAD_PAGE = 5
+TAINT_USER = 6
+TAINT_DIE = 7
+TAINT_OVERRIDDEN_ACPI_TABLE = 8
+TAINT_WARN = 9
+TAINT_CRAP = 10
+TAINT_FIRMWARE_WORKAROUND = 11
+TAINT_OOT_MODULE = 12
+TAINT_UNSIGNED_MODULE = 13
+TAINT_SOFTLOCKUP = 14
+TAINT_LIVEPATCH = 15
+TAINT_AUX = 16
+TAINT_RANDSTRUCT = 17
+TAINT_TEST = 18
+TAINT_FWCTL = 19
+# (set char, clear char) per bit, as print_tainted() shows them after "Tainted: "
+TAINT_CHARS = ("PG", "F ", "S ", "R ", "M ", "B ", "U ", "D ", "A ", "W ", "C ", "I ", "O ",
+               "E ", "L ", "K ", "X ", "T ", "N ", "J ")

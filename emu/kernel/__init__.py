@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import collections
 import itertools
+import os
 import time
+import traceback
 
 from .. import _core as C
+from .. import uapi as u
 from .fs import Inode
 from .kvm import KVM
 from .memory_failure import MemoryFailure
@@ -72,6 +75,8 @@ class Kernel:
         self._free_vma = list(range(core.nvmas - 1, -1, -1))
         self.vma_of: dict[int, object] = {}       # core VMA slot -> Vma (the core's rmap names slots)
         self._pt_pending: collections.deque = collections.deque()
+        self.tainted = 0                          # /proc/sys/kernel/tainted
+        self.oops_count = 0
         self.log("Linux version 6.18.0-gmem-emu (policy %s)" % self.policy.name)
 
     # ------------------------------------------------------------ logging and tracing
@@ -111,6 +116,42 @@ class Kernel:
         out.reverse()
         return out
 
+    # ------------------------------------------------------------ bugs (kernel/panic.c, lib/bug.c)
+    def add_taint(self, flag: int) -> None:
+        self.tainted |= 1 << flag
+
+    def print_tainted(self) -> str:
+        """print_tainted(): "Not tainted", or one column per taint bit."""
+        if not self.tainted:
+            return "Not tainted"
+        return "Tainted: " + "".join(c[0] if self.tainted >> i & 1 else c[1]
+                                     for i, c in enumerate(u.TAINT_CHARS))
+
+    def report_bug(self, exc: BaseException, pid: int, comm: str) -> str:
+        """An unexpected exception unwound a kernel path: the emulator's BUG().  Like
+        an oops with panic_on_oops=0 the record goes to the log, the kernel is
+        tainted (TAINT_DIE: the path stopped half way, its state may be partial) and
+        keeps serving.  Returns "file:line" of the frame that raised."""
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = _source(frames[-1]) if frames else "?"
+        fn = frames[-1].name if frames else "?"
+        self.oops_count += 1
+        self.add_taint(u.TAINT_DIE)
+        self.log("------------[ cut here ]------------")
+        self.log("kernel BUG at %s!", where)
+        self.log("Oops: %s: %s [#%d] SMP", type(exc).__name__, _one_line(exc), self.oops_count)
+        self.log("CPU: 0 PID: %d Comm: %.15s %s 6.18.0-gmem-emu", pid, comm, self.print_tainted())
+        self.log("RIP: %s", fn)
+        self.log("Call Trace:")
+        self.log(" <TASK>")
+        for fr in frames:
+            self.log("  %s in %s", _source(fr), fr.name)
+            if fr.line:
+                self.log("    %s", fr.line)
+        self.log(" </TASK>")
+        self.log("---[ end trace %016x ]---", 0)
+        return where
+
     def panic(self, msg: str) -> None:
         self.log("Kernel panic - not syncing: " + msg)
         raise KernelPanic(msg)
@@ -128,7 +169,8 @@ class Kernel:
     # ------------------------------------------------------------ objects
     def new_inode(self, ops, name: str) -> Inode:
         if not self._free_inode:
-            raise OSError(23, "too many open files in system")          # ENFILE
+            raise OSError(u.ENFILE, "too many open files in system (limits.inodes = %d)"
+                          % self.core.ninodes)
         ino = self._next_ino
         self._next_ino += 1
         inode = Inode(ino, ops, name, nlink=1, slot=self._free_inode.pop())
@@ -155,7 +197,7 @@ class Kernel:
         """Insert a VMA into its mm and the core's VMA table (ENOMEM past the limit,
         as max_map_count does)."""
         if not self._free_vma:
-            raise OSError(12, "too many mappings")
+            raise OSError(u.ENOMEM, "too many mappings (limits.vmas = %d)" % self.core.nvmas)
         vma.slot = self._free_vma.pop()
         self.vma_of[vma.slot] = vma
         vma.mm.insert(vma)
@@ -175,19 +217,34 @@ class Kernel:
             self._free_vma.append(vma.slot)
             vma.slot = -1
 
+    def vmas_available(self, n: int, what: str) -> None:
+        """ENOMEM up front when n more VMAs would not fit (max_map_count's check in
+        do_mmap and __split_vma), so nothing is changed half way."""
+        if n > len(self._free_vma):
+            raise OSError(u.ENOMEM, "%s: too many mappings (limits.vmas = %d)"
+                          % (what, self.core.nvmas))
+
+    def _check_new_task(self, tid: int, new_mm: bool) -> None:
+        """copy_process's up-front checks: nothing is built before they pass."""
+        if tid in self.tasks:
+            raise OSError(u.EEXIST, "task %d exists" % tid)
+        if not self._free_slots:                  # nr_threads >= max_threads: -EAGAIN
+            raise OSError(u.EAGAIN, "too many threads (limits.tasks = %d)" % self.core.ntasks)
+        if new_mm and not self._free_mm:
+            raise OSError(u.ENOMEM, "too many processes (limits.mms = %d)" % self.core.nmms)
+        if new_mm and self.core.pt_free < 1:
+            raise OSError(u.ENOMEM, "page-table pool exhausted")
+
     def _new_mm(self) -> Mm:
         if not self._free_mm:
-            raise OSError(12, "too many processes")
+            raise OSError(u.ENOMEM, "too many processes (limits.mms = %d)" % self.core.nmms)
         slot = self._free_mm.pop()
         pgd = self.core.pt_alloc()
         self.core.mm_init(slot, pgd)
         return Mm(slot, pgd)
 
     def _new_task(self, tid: int, comm: str, proc: Process, flags: int = 0) -> Task:
-        if tid in self.tasks:
-            raise OSError(17, "task %d exists" % tid)
-        if not self._free_slots:
-            raise OSError(11, "too many threads")
+        self._check_new_task(tid, False)
         slot = self._free_slots.pop()
         t = Task(tid, slot, comm[:15], proc, flags)
         self.core.task_init(slot, tid, proc.tgid, proc.mm.slot, comm.encode()[:15])
@@ -198,6 +255,7 @@ class Kernel:
         return t
 
     def new_process(self, tid: int, comm: str) -> Task:
+        self._check_new_task(tid, True)
         proc = Process(tid, self._new_mm(), comm)
         t = self._new_task(tid, comm, proc)
         self.tasklist.append(proc)
@@ -207,8 +265,17 @@ class Kernel:
         return self._new_task(tid, comm, parent.process, parent.flags)
 
     def fork(self, parent: Task, tid: int, comm: str) -> Task:
+        """copy_process: checks first; a dup_mmap that runs out of frames or page
+        tables is undone (mmput of the half-built mm) and fork fails with ENOMEM."""
+        self._check_new_task(tid, True)
+        self.vmas_available(len(parent.process.mm.vmas), "fork")
         proc = Process(tid, self._new_mm(), comm)
-        self.mm.dup_mmap(parent.process.mm, proc.mm)
+        try:
+            self.mm.dup_mmap(parent.process.mm, proc.mm)
+        except MemoryError as e:
+            self.mm.exit_mmap(proc.mm)
+            self._free_mm.append(proc.mm.slot)
+            raise OSError(u.ENOMEM, "fork: %s" % e) from None
         for fd, f in parent.process.files.items():
             proc.files[fd] = f.get()
         t = self._new_task(tid, comm, proc, parent.flags)
@@ -253,6 +320,17 @@ class Kernel:
             self.core.pt_release(self._pt_pending.popleft()[1])
 
     # ------------------------------------------------------------ observability
+    def limits(self) -> dict:
+        """Each table the core sizes at boot ([limits] in the config): in use and max."""
+        core = self.core
+        return {
+            "tasks": {"used": core.ntasks - len(self._free_slots), "max": core.ntasks},
+            "mms": {"used": core.nmms - len(self._free_mm), "max": core.nmms},
+            "inodes": {"used": core.ninodes - len(self._free_inode), "max": core.ninodes},
+            "vmas": {"used": core.nvmas - len(self._free_vma), "max": core.nvmas},
+            "page_tables": {"used": core.pt_used, "max": core.npt - 1},
+        }
+
     def meminfo(self) -> dict:
         total = self.nframes * 4
         return {
@@ -294,3 +372,18 @@ class Kernel:
         if fl & P.PG_reserved:
             bits |= 1 << 32                  # KPF_RESERVED
         return bits
+
+
+_PKG_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _source(fr) -> str:
+    """file:line of a traceback frame, relative to the source tree when inside it."""
+    path = fr.filename
+    if path.startswith(_PKG_ROOT + os.sep):
+        path = path[len(_PKG_ROOT) + 1:]
+    return "%s:%s" % (path, fr.lineno)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200]

@@ -187,11 +187,7 @@ def kvm_gmem_convert(k, inode: Inode, offset: int, size: int, private: bool) -> 
     if inode.private.get("failed") or inode.private.get("no_conversions"):
         raise OSError(u.EHWPOISON, "guest_memfd refuses conversions after a memory failure")
     start, end = offset >> PAGE_SHIFT, (offset + size) >> PAGE_SHIFT
-    priv = inode.private.setdefault("private_idx", set())
-    if not inode.flags & u.GUEST_MEMFD_FLAG_INIT_SHARED and not inode.private.get("converted"):
-        priv.update(range(inode.size >> PAGE_SHIFT))   # the file started all private
-    inode.private["converted"] = True
-    heads = []
+    heads, splits = [], []
     if inode.ops.huge:                                 # a conversion that cuts a folio splits it
         nr = 1 << inode.private["hstate"].order
         for base in range(start - start % nr, end, nr):
@@ -202,7 +198,17 @@ def kvm_gmem_convert(k, inode: Inode, offset: int, size: int, private: bool) -> 
             heads.append((base, head))
             cut = base < start or base + nr > end
             if cut and k.core.order(head) and k.hugetlb.split_group_of(head) is None:
-                k.hugetlb.split_gmem_folio(head, why="conversion")
+                splits.append(head)
+        seen: set = set()                              # all the splits' tables, up front
+        need = sum(k.hugetlb.split_check(k.mm.rmap_walk(h), nr, seen) for h in splits)
+        if need > k.core.pt_free:
+            raise OSError(u.ENOMEM, "conversion: page-table pool exhausted")
+    priv = inode.private.setdefault("private_idx", set())
+    if not inode.flags & u.GUEST_MEMFD_FLAG_INIT_SHARED and not inode.private.get("converted"):
+        priv.update(range(inode.size >> PAGE_SHIFT))   # the file started all private
+    inode.private["converted"] = True
+    for head in splits:
+        k.hugetlb.split_gmem_folio(head, why="conversion")
     GMEM_OPS.invalidate(k, inode, start, end)
     if private:
         from .fs import unmap_mapping_range

@@ -312,9 +312,11 @@ class HugeTLB:
         nr = 1 << order
         inode = k.inodes[core.mapping(head)]
         index0 = core.index(head)
+        walk = k.mm.rmap_walk(head)
+        self.split_check(walk, nr)
         inode.ops.invalidate(k, inode, index0, index0 + nr)
         maps = []
-        for mm, va, _p, _vma, level in k.mm.rmap_walk(head):
+        for mm, va, _p, _vma, level in walk:
             old = core.pte_xchg(mm.pgd, va, 0, level)
             maps.append((mm, va, bool(old & C.PTE_RW), bool(old & C.PTE_DIRTY)))
         sub = (flags & ~(PG_head | PG_hugetlb | PG_hwpoison)) | PG_lru | PG_unevictable | PG_uptodate
@@ -334,6 +336,18 @@ class HugeTLB:
                 k.mm.try_to_unmap(pfn, hwpoison=True)
         k.trace("hugetlb_split", pfn=head, pages=nr, why=why)
         k.log("HugeTLB: split guest_memfd folio %#x into %d pages" % (head, nr))
+
+    def split_check(self, walk: list, nr: int, seen: set | None = None) -> int:
+        """ENOMEM before a split changes anything when the page tables its 4K
+        mappings need (one PTE table per mapping of a 2M folio, however many
+        processes map it) are not there.  Returns the number needed."""
+        core = self.k.core
+        seen = set() if seen is None else seen
+        need = sum(core.pt_missing(mm.pgd, va, nr, seen) for mm, va, _p, _v, _l in walk)
+        if need > core.pt_free:
+            raise OSError(u.ENOMEM, "HugeTLB split: %d page-table pages needed, %d free"
+                          % (need, core.pt_free))
+        return need
 
     def split_group_of(self, pfn: int) -> int | None:
         """The old head of the split folio pfn belongs to (folios, not pages, are kept)."""

@@ -117,7 +117,12 @@ class KVM:
         if vm_type not in VM_TYPES:
             raise OSError(u.EINVAL, "KVM_CREATE_VM type")
         inode = self.k.new_inode(KvmVmOps(), "kvm-vm")
-        vm = Vm(vm_type, inode, proc, self.k.core.pt_alloc())
+        try:
+            root = self.k.core.pt_alloc()
+        except MemoryError:
+            self.k.inode_release(inode)
+            raise OSError(u.ENOMEM, "KVM_CREATE_VM: page-table pool exhausted") from None
+        vm = Vm(vm_type, inode, proc, root)
         inode.private["vm"] = vm
         self.vms.append(vm)
         return proc.fd_install(File(inode))
@@ -361,8 +366,8 @@ class KVM:
             raise OSError(u.EINVAL, "vcpu id")
         if vcpu_id in vm.vcpus:
             raise OSError(u.EEXIST, "vcpu %d exists" % vcpu_id)
+        inode = self.k.new_inode(KvmVcpuOps(), "kvm-vcpu:%d" % vcpu_id)    # ENFILE first
         vm.vcpus[vcpu_id] = Vcpu(vcpu_id, vm, t.tid)
-        inode = self.k.new_inode(KvmVcpuOps(), "kvm-vcpu:%d" % vcpu_id)
         inode.private["vcpu"] = vm.vcpus[vcpu_id]
         fd = t.process.fd_install(File(inode))
         return {"fd": fd, "s2_root": vm.s2_root, "owner": t.tid}
@@ -433,11 +438,13 @@ class KVM:
         """The guest writes CR4, MCG_STATUS and MCi_STATUS (KVM sees them); returns
         the MCE state."""
         v = self.vcpu_of(t, vcpu_fd)
+        if clear_bank is not None and not 0 <= clear_bank < len(v.mce_banks) // 4:
+            raise OSError(u.EINVAL, "clear_bank: no such MCE bank")     # checked before any write
         if cr4_mce is not None:
             v.cr4_mce = bool(cr4_mce)
         if mcg_status is not None:
             v.mcg_status = mcg_status
-        if isinstance(clear_bank, int) and 0 <= clear_bank < len(v.mce_banks) // 4:
+        if clear_bank is not None:
             v.mce_banks[4 * clear_bank + 1] = 0
         return {"cr4_mce": v.cr4_mce, "mcg_status": v.mcg_status, "mcg_cap": v.mcg_cap,
                 "banks": [v.mce_banks[i:i + 4] for i in range(0, len(v.mce_banks), 4)]}

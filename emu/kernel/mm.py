@@ -83,7 +83,15 @@ class Mm:
         return None
 
     def overlapping(self, start: int, end: int) -> list[Vma]:
-        return [v for v in self.vmas if v.start < end and v.end > start]
+        """The VMAs meeting [start, end), by address (the list is sorted and the VMAs
+        do not overlap: a bisection, so thousands of VMAs cost no more per call)."""
+        vmas, out = self.vmas, []
+        i = max(bisect.bisect_right(self.starts, start) - 1, 0)
+        while i < len(vmas) and vmas[i].start < end:
+            if vmas[i].end > start:
+                out.append(vmas[i])
+            i += 1
+        return out
 
     def insert(self, vma: Vma) -> None:
         i = bisect.bisect_left(self.starts, vma.start)
@@ -91,7 +99,9 @@ class Mm:
         self.vmas.insert(i, vma)
 
     def remove(self, vma: Vma) -> None:
-        i = self.vmas.index(vma)
+        i = bisect.bisect_left(self.starts, vma.start)
+        if i >= len(self.vmas) or self.vmas[i] is not vma:
+            i = self.vmas.index(vma)
         del self.vmas[i]
         del self.starts[i]
 
@@ -447,6 +457,8 @@ class MM:
                 raise OSError(u.EINVAL, "mmap")
             if flags & u.MAP_FIXED_NOREPLACE and mm.overlapping(addr, addr + length):
                 raise OSError(u.EEXIST, "mmap")
+        fixed = flags & (u.MAP_FIXED | u.MAP_FIXED_NOREPLACE)
+        self.k.vmas_available(1 + (self._splits(mm, addr, addr + length) if fixed else 0), "mmap")
         align = PAGE_SIZE
         if file is not None:
             file.inode.ops.mmap_check(self.k, file, shared, prot)
@@ -480,9 +492,15 @@ class MM:
                 hsize = 1 << vma.inode.ops.shift(vma.inode)
                 if (addr > vma.start and addr % hsize) or (end < vma.end and end % hsize):
                     raise OSError(u.EINVAL, "munmap: inside a huge page")
+        self.k.vmas_available(self._splits(mm, addr, end), "munmap")
         for vma in mm.overlapping(addr, end):
             self.zap_range(mm, max(addr, vma.start), min(end, vma.end))
             self._split_out(mm, vma, addr, end)
+
+    @staticmethod
+    def _splits(mm: Mm, start: int, end: int) -> int:
+        """VMAs an unmap of [start, end) cuts in two (each needs one more VMA)."""
+        return sum(1 for vma in mm.overlapping(start, end) if vma.start < start and vma.end > end)
 
     def _split_out(self, mm: Mm, vma: Vma, start: int, end: int) -> None:
         self.k.vma_unlink(vma)
@@ -501,10 +519,15 @@ class MM:
             vma.file.put(self.k)
 
     def populate(self, task, addr: int, length: int, write: bool) -> None:
-        for va in range(addr, addr + length, PAGE_SIZE):
-            e, _ = self.core.walk(task.process.mm.pgd, va)
-            if not e & C.PTE_PRESENT:
-                self.handle_mm_fault(task, va, write)
+        """mm_populate (MAP_POPULATE): faults the range in with GUP, which signals
+        nothing; it stops at the first failure, and mmap ignores it (vm_mmap_pgoff)."""
+        try:
+            for va in range(addr, addr + length, PAGE_SIZE):
+                e, _ = self.core.walk(task.process.mm.pgd, va)
+                if not e & C.PTE_PRESENT and self.handle_mm_fault(task, va, write, gup=True):
+                    return
+        except MemoryError:
+            return
 
     def exit_mmap(self, mm: Mm) -> None:
         for vma in list(mm.vmas):

@@ -69,8 +69,19 @@ class ShmemOps(FileOps):
             if start < end:
                 truncate_inode_pages_range(k, inode, start, end, even_cows=False)
             return
-        for index in range(off >> PAGE_SHIFT, (off + length + PAGE_SIZE - 1) >> PAGE_SHIFT):
-            self._get_folio(k, inode, index)
+        added = []
+        try:
+            for index in range(off >> PAGE_SHIFT, (off + length + PAGE_SIZE - 1) >> PAGE_SHIFT):
+                if index not in inode.pages:
+                    added.append(index)
+                self._get_folio(k, inode, index)
+        except MemoryError:
+            # shmem_fallocate: "Remove the !uptodate folios we added", then -ENOMEM
+            for index in added:
+                pfn = inode.pages.get(index)
+                if pfn is not None:
+                    self.remove_folio(k, inode, pfn)
+            raise OSError(u.ENOMEM, "fallocate: out of memory") from None
         if not mode & u.FALLOC_FL_KEEP_SIZE:
             inode.size = max(inode.size, off + length)
             k.inode_sync(inode)

@@ -7,6 +7,7 @@ before changing anything.
 from __future__ import annotations
 
 import base64
+import binascii
 
 from .. import _core as C
 from .. import uapi as u
@@ -16,9 +17,12 @@ from .shmem import memfd_create
 
 
 def _int(a: dict, key: str, default=None) -> int:
+    """A system-call argument: a 64-bit register, signed or unsigned."""
     v = a.get(key, default)
     if v is None or isinstance(v, bool) or not isinstance(v, int):
         raise OSError(u.EINVAL, "%s: expected an integer" % key)
+    if not -(1 << 63) <= v < 1 << 64:
+        raise OSError(u.EINVAL, "%s: does not fit in 64 bits" % key)
     return v
 
 
@@ -51,10 +55,11 @@ def sys_mmap(k, t, a):
     f = None
     if not flags & u.MAP_ANONYMOUS:
         f = t.process.fget(fd)
-    addr = k.mm.mmap(t.process, _u64(a, "addr", 0), length, _u64(a, "prot"), flags, f,
-                     _int(a, "offset", 0))
+    # calc_vm_prot_bits: bits other than READ/WRITE/EXEC do not reach the VMA
+    prot = _u64(a, "prot") & (u.PROT_READ | u.PROT_WRITE | u.PROT_EXEC)
+    addr = k.mm.mmap(t.process, _u64(a, "addr", 0), length, prot, flags, f, _int(a, "offset", 0))
     if flags & u.MAP_POPULATE:
-        k.mm.populate(t, addr, length, bool(_u64(a, "prot") & u.PROT_WRITE))
+        k.mm.populate(t, addr, length, bool(prot & u.PROT_WRITE))
     return addr
 
 
@@ -129,7 +134,11 @@ def madvise_inject_error(k, t, start: int, end: int, advice: int) -> int:
             flags = u.MF_COUNT_INCREASED | u.MF_SW_SIMULATED
             if k.madvise_action_required:
                 flags |= u.MF_ACTION_REQUIRED
-            ret = k.memory_failure.memory_failure(pfn, flags)
+            try:
+                ret = k.memory_failure.memory_failure(pfn, flags)
+            except OSError:             # refused up front (a split out of page tables):
+                k.mm.folio_put(head)    # GUP's reference was not taken over
+                raise
             if ret == -u.EOPNOTSUPP:
                 ret = 0
         if ret:
@@ -149,18 +158,40 @@ def sys_pwrite(k, t, a):
     data = a.get("data")
     if not isinstance(data, str):
         raise OSError(u.EFAULT, "data")
-    return f.inode.ops.write(k, f.inode, base64.b64decode(data), _int(a, "offset", 0))
+    try:
+        buf = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise OSError(u.EFAULT, "data: not base64") from None
+    off = _int(a, "offset", 0)
+    if off < 0:
+        raise OSError(u.EINVAL, "pwrite: negative offset")
+    if off + len(buf) > MAX_LFS_FILESIZE:
+        raise OSError(u.EFBIG, "pwrite: beyond the maximum file size")
+    return f.inode.ops.write(k, f.inode, buf, off)
+
+
+MAX_LFS_FILESIZE = (1 << 63) - 1
 
 
 def sys_fallocate(k, t, a):
     f = t.process.fget(_int(a, "fd"))
-    f.inode.ops.fallocate(k, f.inode, _int(a, "mode"), _int(a, "offset"), _int(a, "length"))
+    mode, off, length = _int(a, "mode"), _int(a, "offset"), _int(a, "length")
+    if off < 0 or length <= 0:                          # vfs_fallocate, before any fs
+        raise OSError(u.EINVAL, "fallocate: offset or length")
+    if off + length > MAX_LFS_FILESIZE:
+        raise OSError(u.EFBIG, "fallocate: beyond the maximum file size")
+    f.inode.ops.fallocate(k, f.inode, mode, off, length)
     return 0
 
 
 def sys_ftruncate(k, t, a):
     f = t.process.fget(_int(a, "fd"))
-    f.inode.ops.truncate(k, f.inode, _int(a, "length"))
+    length = _int(a, "length")
+    if length < 0:
+        raise OSError(u.EINVAL, "ftruncate: negative length")
+    if length > MAX_LFS_FILESIZE:
+        raise OSError(u.EFBIG, "ftruncate: beyond the maximum file size")
+    f.inode.ops.truncate(k, f.inode, length)
     return 0
 
 
@@ -185,6 +216,8 @@ def sys_mce(k, t, a):
     """An emulated #MC raised by this thread's access: do_machine_check queues
     kill_me_maybe as task_work on current."""
     pfn, addr = _u64(a, "pfn"), _u64(a, "addr")
+    if pfn >= k.nframes:
+        raise OSError(u.EINVAL, "mce: pfn beyond RAM")
     k.trace("mce", tid=t.tid, pfn=pfn, addr=addr, guest=bool(a.get("guest")))
     k.memory_failure.kill_me_maybe(pfn, (pfn << 12) | (addr & 0xFFF))
     return 0
@@ -243,10 +276,13 @@ def sys_kvm_fault(k, t, a):
         raise OSError(u.EINVAL, "gpas")
     write = bool(a.get("write"))
     private = a.get("private")
+    if private is not None and not isinstance(private, bool):
+        raise OSError(u.EINVAL, "private: expected true, false or null")
+    if not all(isinstance(g, int) and not isinstance(g, bool) and 0 <= g < 1 << 52
+               for g in gpas[:4096]):
+        raise OSError(u.EINVAL, "gpas: guest physical addresses below 2**52")
     done = 0
     for gpa in gpas[:4096]:
-        if not isinstance(gpa, int) or gpa < 0:
-            raise OSError(u.EINVAL, "gpas")
         e, _ = k.core.walk(vcpu.vm.s2_root, gpa)
         if e & C.PTE_PRESENT and (not write or e & C.PTE_RW) and (
                 private is None or bool(e & C.PTE_S2_PRIVATE) == bool(private)):
@@ -269,8 +305,12 @@ def sys_set_mce(k, t, a):
 
 
 def sys_guest_state(k, t, a):
-    return k.kvm.guest_state(t, _int(a, "vcpu"), a.get("cr4_mce"), a.get("mcg_status"),
-                             a.get("clear_bank"))
+    cr4_mce = a.get("cr4_mce")
+    if cr4_mce is not None and not isinstance(cr4_mce, (bool, int)):
+        raise OSError(u.EINVAL, "cr4_mce: expected true or false")
+    mcg_status = None if a.get("mcg_status") is None else _u64(a, "mcg_status")
+    clear_bank = None if a.get("clear_bank") is None else _int(a, "clear_bank")
+    return k.kvm.guest_state(t, _int(a, "vcpu"), cr4_mce, mcg_status, clear_bank)
 
 
 def sys_getpid(k, t, a):
@@ -371,7 +411,12 @@ def host_status(k, a):
     return {"policy": k.policy.name, "sysctl": dict(k.sysctl), "meminfo": mi, "files": files,
             "mf_stats": dict(k.memory_failure.stats), "processes": procs,
             "inodes": len(k.inodes), "pt_pages": k.core.pt_used,
-            "madvise_action_required": k.madvise_action_required}
+            "madvise_action_required": k.madvise_action_required,
+            "tainted": k.tainted, "taint": k.print_tainted(), "limits": k.limits()}
+
+
+def host_tainted(k, a):
+    return k.tainted
 
 
 def host_check_invariants(k, a):
@@ -389,5 +434,5 @@ HOSTCALLS = {
     "hw_poison": host_hw_poison, "hw_detect": host_hw_detect, "meminfo": host_meminfo,
     "mf_stats": host_mf_stats, "kpageflags": host_kpageflags, "dmesg": host_dmesg,
     "events": host_events, "status": host_status, "policy": host_policy,
-    "check_invariants": host_check_invariants,
+    "check_invariants": host_check_invariants, "tainted": host_tainted,
 }
