@@ -395,3 +395,19 @@ def test_reap_of_a_live_thread_retires_nothing(host):
     assert th.pid in threads
     os.write(stop_w, b"x")
     assert th.join(30) == 0 and th.result == "done"
+
+
+# ====================================================== the crash soak, short
+def test_crash_soak_short():
+    """benchmarks/soak_crash.py in small: 40 SIGKILLs at random points into workers
+    running random operation mixes; after each round every invariant holds, no
+    task, file, VMA, page table or frame is left, fds are back to the baseline."""
+    import soak_crash
+
+    fig = soak_crash.run(kills=40, seed=12, workers=2, round_kills=20, ram="128M", huge=8,
+                         fill=False, baseline_samples=10, max_delay=0.08)
+    assert fig["kills"] >= 40
+    assert not fig["supervisor_died"]
+    assert fig["violation_list"] == []
+    assert fig["leaked_tasks"] == 0 and fig["leaked_frames"] == 0 and fig["fd_growth"] <= 2
+    assert fig["worker_errors"] == []           # no EmulatorBug, no stray exception, no EINVAL
