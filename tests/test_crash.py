@@ -411,3 +411,36 @@ def test_crash_soak_short():
     assert fig["violation_list"] == []
     assert fig["leaked_tasks"] == 0 and fig["leaked_frames"] == 0 and fig["fd_growth"] <= 2
     assert fig["worker_errors"] == []           # no EmulatorBug, no stray exception, no EINVAL
+
+
+def _dead_pid() -> int:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return pid
+
+
+def test_grace_period_does_not_wait_for_a_worker_that_died_reading(kernel):
+    """A worker SIGKILLed in the middle of an access dies inside its RCU read
+    section; until the supervisor has settled its death, its rcu_epoch still says
+    "reading".  A grace period must not wait that out (up to its 1 s cap, the
+    whole kernel stalled): a dead CPU reads nothing."""
+    k = kernel
+    t = k.new_process(_dead_pid(), "died-reading")
+    k.core.task_set(t.slot, "rcu_epoch", k.core.epoch_bump() + 1)   # inside a read section
+    k.synchronize_rcu(timeout=30)
+    assert k.core.task(t.slot)["rcu_epoch"] == 0
+    assert not [line for line in k.dmesg() if "rcu" in line and "stall" in line]
+
+
+def test_grace_period_stalled_by_a_live_cpu_is_reported(kernel):
+    """A live CPU that stays in its read section past the timeout: the grace period
+    gives up (the emulator's choice; Linux waits for ever) and says so in dmesg."""
+    k = kernel
+    t = k.new_process(os.getpid(), "stuck")
+    k.core.task_set(t.slot, "rcu_epoch", k.core.epoch_bump() + 1)
+    k.synchronize_rcu(timeout=0.05)
+    assert k.core.task(t.slot)["rcu_epoch"] != 0                   # still reading
+    stalls = [line for line in k.dmesg() if "detected stalls" in line]
+    assert len(stalls) == 1 and str(os.getpid()) in stalls[0]
