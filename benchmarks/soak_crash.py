@@ -55,6 +55,7 @@ PG_RESERVED = 1 << 8
 PG_HUGETLB = 1 << 16
 GMEM = u.GUEST_MEMFD_FLAG_MMAP | u.GUEST_MEMFD_FLAG_INIT_SHARED
 GMEM_HUGE = GMEM | u.GUEST_MEMFD_FLAG_HUGETLB | u.GUESTMEM_HUGETLB_FLAG_2MB
+SELF_KILL = "SIGKILL from its own SIGBUS handler"
 FD_GROWTH_MAX = 2          # open fds the supervisor may gain over the run
 RSS_GROWTH_MAX_KB = 8192   # RssAnon (its trace and dmesg rings are bounded deques that fill up)
 
@@ -83,6 +84,7 @@ class Worker:
     def on_sigbus(self, signum, info) -> None:
         r = self.rng.random()
         if r < 0.03:
+            self.note(SELF_KILL)
             os.kill(os.getpid(), signal.SIGKILL)        # die inside the handler
         if self.in_op:
             raise Unwind(info.si_code)
@@ -506,6 +508,7 @@ class Soak:
                              | os.O_APPEND, 0o600)
         self.workers: set[int] = set()
         self.kills = 0
+        self.kinds: dict[str, int] = {}
         self.retire_ns: list[int] = []
         self.unretired = 0
         self.violations: list[str] = []
@@ -550,21 +553,24 @@ class Soak:
 
     def _kill_one(self) -> None:
         tasks = self._alive_tasks()
-        cands = [(s, tid) for s, tid, _tg in tasks]
+        cands = [(s, tid, tg) for s, tid, tg in tasks]
         # sometimes a worker that may not have attached yet (a kill during attach)
         if not cands or self.rng.random() < 0.1:
-            cands += [(-1, pid) for pid in self.workers]
+            cands += [(-1, pid, pid) for pid in self.workers]
         if not cands:
             return
-        slot, tid = self.rng.choice(cands)
+        slot, tid, tgid = self.rng.choice(cands)
         if _stat_state(tid) in (None, "Z", "X"):
             return
+        what = ("worker, any state" if slot < 0 else "clone()d thread" if tid != tgid
+                else "worker main thread" if tid in self.workers else "fork()ed process")
         t0 = time.monotonic_ns()
         try:
             os.kill(tid, signal.SIGKILL)
         except ProcessLookupError:
             return
         self.kills += 1
+        self.kinds[what] = self.kinds.get(what, 0) + 1
         if slot < 0:
             return
         end = time.monotonic() + 5
@@ -727,12 +733,18 @@ class Soak:
     def worker_errors(self) -> list[str]:
         """What workers noted: an exception no valid operation should raise, or EINVAL."""
         with open(os.path.join(self.tmp, "errors")) as f:
-            return f.read().splitlines()
+            return [e for e in f.read().splitlines() if not e.endswith(SELF_KILL)]
+
+    def self_kills(self) -> int:
+        with open(os.path.join(self.tmp, "errors")) as f:
+            return sum(e.endswith(SELF_KILL) for e in f.read().splitlines())
 
     def figures(self) -> dict:
         errs = self.worker_errors()
         self.violations += ["worker: " + e for e in errs]
-        return {"kills": self.kills, "rounds": self.rounds, "violations": len(self.violations),
+        self.kinds["thread, by itself in a SIGBUS handler"] = self.self_kills()
+        return {"kills": self.kills, "kinds": self.kinds, "rounds": self.rounds,
+                "violations": len(self.violations),
                 "violation_list": self.violations, "leaked_tasks": self.leaked_tasks,
                 "leaked_frames": self.frames_leaked, "fd_growth": self.fd_growth,
                 "rss_growth_kb": self.rss_growth, "unretired": self.unretired,
@@ -764,6 +776,7 @@ def print_figures(fig: dict) -> None:
     r, b = fig["retire_ns"], fig["baseline_ns"]
     print("seed %d: %d kills in %d rounds, %.1f kills/s" % (
         fig["seed"], fig["kills"], fig["rounds"], fig["kills_per_s"]))
+    print("killed: %s" % ", ".join("%d %s" % (n, k) for k, n in sorted(fig["kinds"].items())))
     print("violations %d, leaked tasks %d, leaked frames %d, unretired %d, supervisor fds %+d,"
           " RSS %+d kB, worker errors %d" % (
               fig["violations"], fig["leaked_tasks"], fig["leaked_frames"], fig["unretired"],
