@@ -389,6 +389,20 @@ cdef class Core:
         self.c.frames[pfn].refcount += d
         return self.c.frames[pfn].refcount
 
+    def frames_scan(self):
+        """Supervisor (debug_vm): the pfns whose frame has flags, a refcount or a
+        mapcount set, and those flagged EMU_PG_HWPOISON, in one pass over the table."""
+        cdef uint64_t i
+        cdef emu_frame *f
+        busy, poisoned = [], []
+        for i in range(self.c.nframes):
+            f = &self.c.frames[i]
+            if f.flags or f.refcount or f.mapcount:
+                busy.append(i)
+                if f.flags & EMU_PG_HWPOISON:
+                    poisoned.append(i)
+        return busy, poisoned
+
     def mapcount(self, uint64_t pfn):
         return self.c.frames[pfn].mapcount
 
@@ -828,6 +842,29 @@ cdef class Core:
             va = (va & ~(step - 1)) + step
         return out
 
+    def pt_detach(self, uint64_t pgd, uint64_t va, int level):
+        """Supervisor, before a huge leaf goes in at `level`: unhook the lower page
+        table the entry there points to (an empty one: its mappings went with a
+        munmap, which free_pgtables would have freed, or with KVM's zap before it
+        replaces a non-leaf SPTE with a huge one).  Returns the table pages taken
+        out, for defer_pt_free; [] if the entry is no table.  ValueError, changing
+        nothing, if a leaf below is still set."""
+        cdef uint64_t *slot = self._slot(pgd, va, level, False)
+        cdef uint64_t e, idx, size
+        if slot == NULL or level < 2:
+            return []
+        e = emu_ld64(slot)
+        if not (e & EMU_PTE_PRESENT) or (e & EMU_PTE_PSE):
+            return []
+        size = 1ULL << (12 + 9 * (level - 1))
+        if self.pt_scan(pgd, va & ~(size - 1), (va & ~(size - 1)) + size):
+            raise ValueError("pt_detach: a table under a huge leaf still maps pages")
+        idx = (e & EMU_PTE_PFN_MASK) >> EMU_PAGE_SHIFT
+        out = [idx]
+        self._collect(idx, level - 1, out)
+        emu_st64(slot, 0)
+        return out
+
     def pt_tables(self, uint64_t pgd):
         """Supervisor: every page-table page reachable from pgd (for teardown)."""
         out = [pgd]
@@ -1071,6 +1108,7 @@ cdef class Core:
         cdef emu_header *h = self.c.hdr
         return {"nframes": h.nframes, "npt": h.npt, "ntasks": h.ntasks, "off_pt": h.off_pt,
                 "off_hwerr": h.off_hwerr, "off_tasks": h.off_tasks,
+                "off_frames": h.off_frames, "sizeof_frame": sizeof(emu_frame),
                 "off_epoch": <size_t>&(<emu_header *>0).epoch,
                 "sizeof_task": sizeof(emu_task),
                 "off_task_rcu_epoch": <size_t>&(<emu_task *>0).rcu_epoch}

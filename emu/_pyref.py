@@ -2,8 +2,9 @@
 the same cases against the Cython core, and as the benchmarks' Python baseline.
 
 It reads the same shared memory through memoryviews and follows fastpath.h step
-by step: walk the four levels, check present/RW, consume latent poison, set A/D,
-copy.  (A/D updates here are plain read-modify-writes: fine for a reference.)
+by step: walk the four levels, check present/RW and, for a guest access through
+stage-2, the private/shared view (`priv`), consume latent poison, set A/D, copy.
+(A/D updates here are plain read-modify-writes: fine for a reference.)
 """
 from __future__ import annotations
 
@@ -52,15 +53,20 @@ class PyCore:
         struct.pack_into("Q", self.cv, off, epoch)
         return off
 
-    def access(self, slot: int, pgd: int, va: int, buf, write: bool):
-        """Same contract as Core.access_read/access_write: (done, status, xva, xpfn)."""
+    def access(self, slot: int, pgd: int, va: int, buf, write: bool, priv: int = -1):
+        """Same contract as Core.access_read/access_write: (done, status, xva, xpfn).
+        `priv`: -1 for host accesses, else the guest's private (1) / shared (0) view,
+        which a stage-2 entry of the other kind does not satisfy."""
+        mv = memoryview(buf).cast("B")
+        if len(mv) == 0:
+            return 0, ACC_OK, 0, 0
         off = self._enter(slot)
         try:
-            return self._access(pgd, va, memoryview(buf).cast("B"), write)
+            return self._access(pgd, va, mv, write, priv)
         finally:
             struct.pack_into("Q", self.cv, off, 0)
 
-    def _access(self, pgd, va, buf, write):
+    def _access(self, pgd, va, buf, write, priv=-1):
         n, done = len(buf), 0
         want = C.PTE_ACCESSED | (C.PTE_DIRTY if write else 0)
         pt, pv = self.pt, self.pv
@@ -68,7 +74,8 @@ class PyCore:
             cur = va + done
             i, level = self.walk(pgd, cur)
             e = pt[i] if i is not None else 0
-            if not e & C.PTE_PRESENT or (write and not e & C.PTE_RW):
+            if not e & C.PTE_PRESENT or (write and not e & C.PTE_RW) \
+                    or (priv >= 0 and bool(e & C.PTE_S2_PRIVATE) != bool(priv)):
                 return done, ACC_FAULT, cur, 0
             pshift = 12 if level == 1 else (21 if level == 2 else 30)
             pfn = ((e & _PFN) >> 12) + ((cur >> 12) & ((1 << (pshift - 12)) - 1))
@@ -88,12 +95,19 @@ class PyCore:
             done += chunk
         return done, ACC_OK, 0, 0
 
-    def access_batch(self, slot, pgd, addrs, start, size, buf, write):
+    def access_batch(self, slot, pgd, addrs, start, size, buf, write, priv=-1):
+        """Same contract as Core.access_batch: (next_index, status, xva, xpfn, partial)."""
         mv = memoryview(buf).cast("B")
+        m = len(addrs)
+        if m == 0 or start >= m:
+            return m, ACC_OK, 0, 0, 0
+        if len(mv) < m * size:
+            raise ValueError("buffer too small")
         off = self._enter(slot)
         try:
-            for i in range(start, len(addrs)):
-                d, st, xva, xpfn = self._access(pgd, addrs[i], mv[i * size:(i + 1) * size], write)
+            for i in range(start, m):
+                d, st, xva, xpfn = self._access(pgd, addrs[i], mv[i * size:(i + 1) * size], write,
+                                                priv)
                 if st != ACC_OK:
                     return i, st, xva, xpfn, d
             return len(addrs), ACC_OK, 0, 0, 0

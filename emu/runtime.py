@@ -297,6 +297,12 @@ class Host:
     def policy(self) -> dict:
         return self._call("policy")
 
+    def check_invariants(self) -> list[str]:
+        """The emulated kernel's CONFIG_DEBUG_VM-style self-check: one line per broken
+        invariant (frames conserved, HardwareCorrupted, HugeTLB pools, no mapping of a
+        freed frame, mapcounts), empty when all hold."""
+        return self._call("check_invariants")
+
     def close(self) -> None:
         """Stop a private supervisor (its owner only), then let go of the machine:
         this process's emulated thread on it is retired (an orderly shutdown for
@@ -492,14 +498,15 @@ _cores: dict[tuple, object] = {}
 
 
 def _backend(core):
-    """The CPU: the Cython fast path, or with EMU_FASTPATH=python the pure-Python
-    reference (same contract), so one test can run against both."""
+    """The CPU, for host (priv -1) and guest (stage-2) accesses: the Cython fast
+    path, or with EMU_FASTPATH=python the pure-Python reference (same contract), so
+    the suite can run against both."""
     if os.environ.get("EMU_FASTPATH") == "python":
         from ._pyref import PyCore
 
         py = PyCore(core)
-        return (lambda s, p, va, b: py.access(s, p, va, b, False),
-                lambda s, p, va, b: py.access(s, p, va, b, True),
+        return (lambda s, p, va, b, priv=-1: py.access(s, p, va, b, False, priv),
+                lambda s, p, va, b, priv=-1: py.access(s, p, va, b, True, priv),
                 py.access_batch)
     return core.access_read, core.access_write, core.access_batch
 
@@ -1004,7 +1011,7 @@ class Vcpu:
     def _access(self, op):
         """Run one memory op through stage-2; None when it completed."""
         t = self.task
-        core = t._core
+        rd, wr, bt = t._rd, t._wr, t._bt           # the CPU: Cython core or the reference
         kind, priv = op[0], op[3]
         cpriv = -1 if priv is None else int(bool(priv))
         while True:
@@ -1015,10 +1022,9 @@ class Vcpu:
                 buf = self._value if kind == "read" else op[2]
                 mv = memoryview(buf)[self._pos:]
                 if kind == "read":
-                    done, st, xva, xpfn = core.access_read(t.slot, self.s2, gpa + self._pos, mv, cpriv)
+                    done, st, xva, xpfn = rd(t.slot, self.s2, gpa + self._pos, mv, cpriv)
                 else:
-                    done, st, xva, xpfn = core.access_write(t.slot, self.s2, gpa + self._pos, mv,
-                                                            cpriv)
+                    done, st, xva, xpfn = wr(t.slot, self.s2, gpa + self._pos, mv, cpriv)
                 self._pos += done
                 if st == C.ACC_FAULT:
                     ahead = list(range(xva & ~0xFFF, min(gpa + n, (xva & ~0xFFF) + _FAULT_AHEAD * 4096),
@@ -1027,7 +1033,7 @@ class Vcpu:
                 gpas, size = op[1], op[2]
                 if self._value is None:
                     self._value = bytearray(len(gpas) * size) if kind == "read_batch" else op[4]
-                self._pos, st, xva, xpfn, _p = core.access_batch(
+                self._pos, st, xva, xpfn, _p = bt(
                     t.slot, self.s2, gpas, self._pos, size, self._value, kind == "write_batch", cpriv)
                 if st == C.ACC_FAULT:
                     ahead = _pages_ahead(gpas, self._pos, size)

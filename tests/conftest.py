@@ -83,6 +83,49 @@ def host_factory():
         assert wait_gone(pid) == []
 
 
+# ------------------------------------------------------------------ two CPU backends
+# As uvloop runs its suite on uvloop and on asyncio, the emulated CPU (the fast path
+# every load and store of a worker or vCPU takes) has two implementations: the Cython
+# core and the pure-Python reference emu._pyref.  `--fastpath=python` (or the
+# environment variable EMU_FASTPATH=python) runs every test on the reference; test
+# modules marked `pytestmark = pytest.mark.both_backends` run each test on both.
+BACKENDS = ("cython", "python")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fastpath", choices=BACKENDS, default=None,
+                     help="the CPU backend for tests not parametrized over both "
+                          "(default: $EMU_FASTPATH, else cython)")
+
+
+def pytest_generate_tests(metafunc):
+    if metafunc.definition.get_closest_marker("both_backends") is not None:
+        metafunc.parametrize("backend", BACKENDS, indirect=True)
+
+
+def _select_backend(name: str) -> None:
+    """Read by emu.attach() (_backend): set it before the test's first attach.  Every
+    test runs in its own forked child, so this never leaks into another test."""
+    if name == "python":
+        os.environ["EMU_FASTPATH"] = "python"
+    else:
+        os.environ.pop("EMU_FASTPATH", None)
+
+
+@pytest.fixture(autouse=True)
+def backend(request):
+    """The CPU backend this test runs on ("cython" or "python")."""
+    name = getattr(request, "param", None) or request.config.getoption("--fastpath") \
+        or ("python" if os.environ.get("EMU_FASTPATH") == "python" else "cython")
+    _select_backend(name)
+    return name
+
+
+def pytest_report_header(config):
+    name = config.getoption("--fastpath") or os.environ.get("EMU_FASTPATH") or "cython"
+    return "emu CPU backend: %s (modules marked both_backends: cython and python)" % name
+
+
 def pytest_collection_modifyitems(config, items):
     """Every test runs in its own forked child: tests attach the test process as an
     emulated thread and install signal handlers, none of which may leak."""
@@ -93,3 +136,5 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "noforked: run in the pytest process itself")
+    config.addinivalue_line("markers", "both_backends: run each test on the Cython core and "
+                                       "on the pure-Python reference CPU")

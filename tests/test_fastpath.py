@@ -14,12 +14,13 @@ from emu._pyref import PyCore
 PAGE = 4096
 
 
-@pytest.fixture(params=["cython", "python"])
-def me(request, host):
-    if request.param == "python":
-        os.environ["EMU_FASTPATH"] = "python"      # read at attach; we are a forked child
+pytestmark = pytest.mark.both_backends        # conftest: each test on both CPUs
+
+
+@pytest.fixture
+def me(backend, host):
     task = emu.attach(host, name="cpu")
-    assert (task._rd == task._core.access_read) == (request.param == "cython")
+    assert (task._rd == task._core.access_read) == (backend == "cython")
     return task
 
 
@@ -100,3 +101,82 @@ def test_both_backends_agree_on_status(host):
     assert core.access_read(me.slot, me.pgd, a + PAGE, bytearray(8))[1:] == (C.ACC_MCE, a + PAGE, pfn1)
     assert core.access_read(me.slot, me.pgd, a + 2 * PAGE + 1, bytearray(4))[1:3] == (
         C.ACC_FAULT, a + 2 * PAGE + 1)
+
+
+def _sw_protected_vm(me, size):
+    """A SW_PROTECTED VM over a gmem-only file: page 0 private, the rest shared."""
+    vm = me.open_kvm().create_vm(u.KVM_X86_SW_PROTECTED_VM)
+    gfd = vm.create_guest_memfd(size, u.GUEST_MEMFD_FLAG_MMAP | u.GUEST_MEMFD_FLAG_INIT_SHARED)
+    hva = me.mmap(0, size, u.PROT_READ | u.PROT_WRITE, u.MAP_SHARED, gfd, 0)
+    vm.set_user_memory_region2(1, u.KVM_MEM_GUEST_MEMFD, GPA, size, hva, gfd, 0)
+    me.gmem_convert(gfd, 0, PAGE, True)
+    return vm, hva
+
+
+GPA = 1 << 32
+
+
+def test_guest_accesses_run_on_the_selected_backend(me, backend, monkeypatch):
+    """The vCPU's stage-2 loads and stores take the same CPU as the host's: the
+    reference with EMU_FASTPATH=python, the Cython core otherwise."""
+    calls = []
+    real = PyCore._access
+    monkeypatch.setattr(PyCore, "_access", lambda self, *a: calls.append(a[:2]) or real(self, *a))
+    vm, hva = _sw_protected_vm(me, 4 * PAGE)
+    me.write(hva + PAGE, b"shared!!")
+
+    def guest(g):
+        v = yield g.read(GPA + PAGE, 8, False)
+        yield g.write(GPA, v, True)                  # private page: only the guest sees it
+        v = yield g.read(GPA, 8, True)
+        yield g.sync(v)
+        yield g.done()
+
+    vcpu = vm.create_vcpu(0)
+    vcpu.set_guest(guest)
+    vcpu.run()
+    assert vcpu.ucall()[1][0] == b"shared!!"
+    s2 = [c for c in calls if c[0] == vcpu.s2]
+    assert bool(s2) == (backend == "python"), calls
+
+
+def test_both_backends_agree_on_stage2_private_view(host):
+    """Stage-2 entries carry the private/shared kind: an access whose view (priv 0/1)
+    disagrees faults on both backends, priv -1 ignores it; bytes and status agree."""
+    me = emu.attach(host, name="cmp")
+    vm, hva = _sw_protected_vm(me, 4 * PAGE)
+    me.write(hva + PAGE, b"s" * 16)
+
+    def guest(g):
+        yield g.write(GPA, b"p" * 16, True)
+        yield g.read(GPA + PAGE, 16, False)
+        yield g.done()
+
+    vcpu = vm.create_vcpu(0)
+    vcpu.set_guest(guest)
+    vcpu.run()
+    core, py = me._core, PyCore(me._core)
+    seen = set()
+    for gpa in (GPA, GPA + PAGE, GPA + 2 * PAGE, GPA + PAGE - 8):
+        for priv in (-1, 0, 1):
+            for write in (False, True):
+                b1 = bytearray(b"w" * 16) if write else bytearray(16)
+                b2 = bytearray(b1)
+                if write:
+                    r1 = core.access_write(me.slot, vcpu.s2, gpa, b1, priv)
+                else:
+                    r1 = core.access_read(me.slot, vcpu.s2, gpa, b1, priv)
+                r2 = py.access(me.slot, vcpu.s2, gpa, b2, write, priv)
+                assert r1 == r2 and b1 == b2, (hex(gpa), priv, write, r1, r2)
+                seen.add(r1[1])
+                b1 = bytearray(32)
+                r1 = core.access_batch(me.slot, vcpu.s2, array.array("Q", [gpa, gpa + 8]), 0, 16,
+                                       b1, write, priv)
+                b2 = bytearray(32)
+                r2 = py.access_batch(me.slot, vcpu.s2, array.array("Q", [gpa, gpa + 8]), 0, 16,
+                                     b2, write, priv)
+                assert r1 == r2 and b1 == b2, (hex(gpa), priv, write, r1, r2)
+    assert seen == {C.ACC_OK, C.ACC_FAULT}
+    # the private page through a shared view faults at its first byte
+    assert core.access_read(me.slot, vcpu.s2, GPA, bytearray(8), 0)[:3] == (0, C.ACC_FAULT, GPA)
+    assert core.access_read(me.slot, vcpu.s2, GPA, bytearray(8), 1) == (8, C.ACC_OK, 0, 0)

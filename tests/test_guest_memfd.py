@@ -8,6 +8,8 @@ import pytest
 import emu
 from emu import uapi as u
 
+pytestmark = pytest.mark.both_backends      # conftest: on the Cython core and the reference CPU
+
 PAGE = 4096
 RW = u.PROT_READ | u.PROT_WRITE
 SHARED_FLAGS = u.GUEST_MEMFD_FLAG_MMAP | u.GUEST_MEMFD_FLAG_INIT_SHARED

@@ -19,6 +19,8 @@ import pytest
 import emu
 from emu import uapi as u
 
+pytestmark = pytest.mark.both_backends      # conftest: on the Cython core and the reference CPU
+
 PAGE = 4096
 HPAGE = 2 << 20
 GPAGE = 1 << 30

@@ -16,6 +16,8 @@ from gmem_harness import Recorder, Stop
 import emu
 from emu import uapi as u
 
+pytestmark = pytest.mark.both_backends      # conftest: on the Cython core and the reference CPU
+
 PAGE = 4096
 GPA = 1 << 32                   # test_memory_failure_guest: GPA 4G, slot 1
 SLOT = 1

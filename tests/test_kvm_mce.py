@@ -16,6 +16,8 @@ import emu
 from emu import uapi as u
 from emu.guest import GuestTaskKilled
 
+pytestmark = pytest.mark.both_backends      # conftest: on the Cython core and the reference CPU
+
 PAGE = 4096
 RW = u.PROT_READ | u.PROT_WRITE
 BANKS = 10

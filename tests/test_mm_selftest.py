@@ -12,6 +12,8 @@ import pytest
 import emu
 from emu import uapi as u
 
+pytestmark = pytest.mark.both_backends      # conftest: on the Cython core and the reference CPU
+
 PAGE = 4096
 OFF = 0x123
 KPF_HWPOISON = 1 << u.KPF_HWPOISON

@@ -19,6 +19,8 @@ import pytest
 import emu
 from emu import uapi as u
 
+pytestmark = pytest.mark.both_backends      # conftest: on the Cython core and the reference CPU
+
 PAGE = 4096
 SIGBUS = signal.SIGBUS
 EARLY, LATE, DEFAULT = u.PR_MCE_KILL_EARLY, u.PR_MCE_KILL_LATE, u.PR_MCE_KILL_DEFAULT

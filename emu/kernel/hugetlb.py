@@ -322,11 +322,18 @@ class HugeTLB:
         sub = (flags & ~(PG_head | PG_hugetlb | PG_hwpoison)) | PG_lru | PG_unevictable | PG_uptodate
         if any(d for *_x, d in maps):
             sub |= PG_dirty
+        # a poisoned folio (split for a conversion): the flag goes to its raw pages,
+        # as folio_clear_hugetlb_hwpoison() moves it when a folio leaves HugeTLB
+        raw = (self.raw_hwp.pop(head, None) or {head}) if flags & PG_hwpoison else set()
         self.groups[head] = {"order": order, "live": nr}
         k.synchronize_rcu()
         core.split_and_map(head, order, sub, [
             (mm.pgd, va, C.PTE_PRESENT | C.PTE_USER | C.PTE_ACCESSED | (C.PTE_RW if rw else 0)
              | (C.PTE_DIRTY if dirty else 0)) for mm, va, rw, dirty in maps])
+        for pfn in sorted(raw):
+            core.test_set_flag(pfn, PG_hwpoison)
+            if maps:                               # mapped whole until now: not this page
+                k.mm.try_to_unmap(pfn, hwpoison=True)
         k.trace("hugetlb_split", pfn=head, pages=nr, why=why)
         k.log("HugeTLB: split guest_memfd folio %#x into %d pages" % (head, nr))
 

@@ -305,6 +305,10 @@ class KVM:
             # kvm_release_faultin_page(..., dirty = fault->map_writable): since 6.12 KVM
             # marks the folio dirty when it creates a writable SPTE, not when it zaps it
             k.mm.folio_mark_dirty(k.core.head(pfn))
+        if level > 1:
+            stale = k.core.pt_detach(vm.s2_root, gpa, level)   # the 4K SPTEs' table, zapped
+            if stale:
+                k.defer_pt_free(stale)
         k.core.pte_set(vm.s2_root, gpa, entry, level)
         return None
 

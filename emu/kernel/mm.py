@@ -208,6 +208,9 @@ class MM:
             e |= C.PTE_DIRTY
         if level > 1:
             e |= C.PTE_PSE
+            stale = self.core.pt_detach(mm.pgd, va, level)
+            if stale:            # a table left by an earlier munmap of 4K mappings here
+                self.k.defer_pt_free(stale)
         self.core.pte_set(mm.pgd, va, e, level)
         self.core.map_add(pfn, 1)
         self.core.ref_add(self.core.head(pfn), 1)
@@ -219,8 +222,14 @@ class MM:
         old, head, refs = self.core.pte_zap(mm.pgd, va, poison, level)
         if mm.kvm_users:
             self.k.kvm.mmu_notifier_invalidate(mm, va)
-        if head >= 0 and refs <= 0:
-            self.folio_free(head)
+        if head >= 0:
+            if refs <= 0:
+                self.folio_free(head)
+            elif self.anon_rmap.get(head, (None,))[0] is mm and not self.core.mapcount(head):
+                # still referenced (poison retired it) but mapped nowhere: no rmap
+                # left (folio_lock_anon_vma_read finds none for an unmapped folio),
+                # and none that outlives its mm
+                del self.anon_rmap[head]
         return old
 
     def zap_range(self, mm: Mm, start: int, end: int) -> int:

@@ -423,6 +423,12 @@ def host_tainted(k, a):
     return k.tainted
 
 
+def host_check_invariants(k, a):
+    from .debug_vm import check_invariants
+
+    return check_invariants(k)
+
+
 def host_policy(k, a):
     return {"name": k.policy.name, "decisions": k.policy.describe()}
 
@@ -432,5 +438,5 @@ HOSTCALLS = {
     "hw_poison": host_hw_poison, "hw_detect": host_hw_detect, "meminfo": host_meminfo,
     "mf_stats": host_mf_stats, "kpageflags": host_kpageflags, "dmesg": host_dmesg,
     "events": host_events, "status": host_status, "policy": host_policy,
-    "tainted": host_tainted,
+    "check_invariants": host_check_invariants, "tainted": host_tainted,
 }
