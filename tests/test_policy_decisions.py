@@ -89,3 +89,88 @@ def test_summarize_on_merge(tmp_path, summarize):
         assert ("hugetlb_free_unmerged" in types) == (not summarize)
         assert host.meminfo()["HugePages_Total"] == 3            # the huge page is gone either way
         assert host.kpageflags(head + 3) & (1 << u.KPF_HWPOISON)
+
+
+# ================================================================== faults_check
+class Unwind(Exception):
+    pass
+
+
+def _read_or_sigbus(me, addr):
+    """(data, None) or (None, (si_code, si_addr, si_addr_lsb)) of the SIGBUS the read got."""
+    got = []
+
+    def h(signum, info):
+        got.append((info.si_code, info.si_addr, info.si_addr_lsb))
+        raise Unwind
+
+    emu.sigaction(signal.SIGBUS, h)
+    try:
+        return me.read(addr, 4), None
+    except Unwind:
+        return None, got[0]
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_faults_check_on_a_host_refault_of_a_guest_memfd_page(tmp_path, check):
+    """Audit A.3: host_unmap "none" leaves the poisoned page mapped; MADV_DONTNEED drops
+    the PTE and the next access faults it in again.  With faults_check the fault finds
+    PG_hwpoison (__do_fault) and SIGBUSes BUS_MCEERR_AR; without it the page is mapped
+    and the access reads the data."""
+    pol = _policy(tmp_path, 'host_unmap = "none"\nfaults_check = %s' % check)
+    with emu.start(ram="64M", policy=pol) as host:
+        me = emu.attach(host, name="qemu")
+        vm = me.open_kvm().create_vm(u.KVM_X86_SW_PROTECTED_VM)
+        gfd = vm.create_guest_memfd(1 << 20, u.GUEST_MEMFD_FLAG_MMAP | u.GUEST_MEMFD_FLAG_INIT_SHARED)
+        ram = me.mmap(0, 1 << 20, u.PROT_READ | u.PROT_WRITE, u.MAP_SHARED, gfd, 0)
+        me.write(ram, b"\x5a" * 8192)
+        pfn = me.pagemap(ram).pfn
+        with pytest.raises(OSError) as ei:                       # still mapped: MF_FAILED
+            host.corrupt_pfn(pfn)
+        assert ei.value.errno == u.EBUSY
+        assert host.kpageflags(pfn) & (1 << u.KPF_HWPOISON)
+        assert me.pagemap(ram).present                           # host_unmap "none"
+        me.madvise(ram, 4096, u.MADV_DONTNEED)
+        data, sig = _read_or_sigbus(me, ram)
+        if check:
+            assert (data, sig) == (None, (u.BUS_MCEERR_AR, ram, 12))
+        else:
+            assert (data, sig) == (b"\x5a" * 4, None)
+            assert me.pagemap(ram).present and me.pagemap(ram).pfn == pfn
+
+
+def test_faults_check_false_leaves_other_memory_as_the_kernel_does(tmp_path):
+    """faults_check is a guest_memfd decision: a shmem page still SIGBUSes."""
+    pol = _policy(tmp_path, "faults_check = False")
+    with emu.start(ram="64M", policy=pol) as host:
+        me = emu.attach(host)
+        fd = me.memfd_create("shm")
+        me.ftruncate(fd, 1 << 20)
+        ram = me.mmap(0, 1 << 20, u.PROT_READ | u.PROT_WRITE, u.MAP_SHARED, fd, 0)
+        me.write(ram, b"\x5a" * 4096)
+        pfn = me.pagemap(ram).pfn
+        host.corrupt_pfn(pfn)
+        me.munmap(ram, 1 << 20)                                  # drop the hwpoison entry
+        ram = me.mmap(0, 1 << 20, u.PROT_READ | u.PROT_WRITE, u.MAP_SHARED, fd, 0)
+        assert _read_or_sigbus(me, ram) == (None, (u.BUS_MCEERR_AR, ram, 12))
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("check", [True, False])
+def test_faults_check_on_a_host_fault_of_a_hugetlb_guest_memfd_page(tmp_path, check, split):
+    """The same on a HugeTLB guest_memfd: a fresh mapping of the poisoned folio
+    (hugetlb_no_page), or of the failed page of a split one (mapped 4K)."""
+    body = "faults_check = %s\n" % check
+    body += ('split_on_poison = True\nhost_unmap = "page"\n' if split else 'host_unmap = "none"\n')
+    with emu.start(ram="256M", hugepages={"2M": 4}, policy=_policy(tmp_path, body)) as host:
+        me, vm, gfd, hva = _gmem(host)
+        head = me.pagemap(hva).pfn
+        host.corrupt_pfn(head + 3)
+        me.munmap(hva, 2 * MB2)
+        hva = me.mmap(0, 2 * MB2, u.PROT_READ | u.PROT_WRITE, u.MAP_SHARED, gfd, 0)
+        data, sig = _read_or_sigbus(me, hva + 0x3000)
+        if check:
+            assert (data, sig) == (None, (u.BUS_MCEERR_AR, hva + 0x3000, 12 if split else 21))
+        else:
+            assert (data, sig) == (b"\x11" * 4, None)
+            assert me.pagemap(hva + 0x3000).pfn == head + 3

@@ -159,7 +159,7 @@ class GuestMemfdHugeOps(GuestMemfdOps):
             # a split folio is mapped page by page
             from .mm import VM_FAULT_HWPOISON, VM_FAULT_OK
 
-            if k.core.flags(pfn) & PG_hwpoison:
+            if k.core.flags(pfn) & PG_hwpoison and k.policy.faults_check:
                 return VM_FAULT_HWPOISON
             k.mm.set_pte(vma.mm, va & ~(PAGE_SIZE - 1), pfn, bool(vma.prot & u.PROT_WRITE), write)
             return VM_FAULT_OK

@@ -374,8 +374,9 @@ class HugeTLB:
         head = inode.ops.huge_get_folio(self.k, inode, index)
         if head is None:
             return VM_FAULT_SIGBUS                     # alloc_hugetlb_folio: -ENOSPC
-        if self.k.core.flags(head) & PG_hwpoison:
-            return VM_FAULT_HWPOISON_LARGE
+        if self.k.core.flags(head) & PG_hwpoison \
+                and (self.k.policy.faults_check or not inode.ops.gmem):
+            return VM_FAULT_HWPOISON_LARGE             # hugetlb_no_page's folio_test_hwpoison
         level = 2 if h.order == 9 else 3
         self.k.mm.set_pte(vma.mm, haddr, head, bool(vma.prot & u.PROT_WRITE), write, level)
         return VM_FAULT_OK
