@@ -1,5 +1,9 @@
 """Single decisions, switched on in user-defined policies (file.py:Class)."""
+import shutil
 import signal
+import subprocess
+import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -18,6 +22,92 @@ def _policy(tmp_path, body):
     head = "from emu.kernel.policies import MfDelayedFix\n\nclass P(MfDelayedFix):\n    name = 'p'\n"
     path.write_text(head + textwrap.indent(textwrap.dedent(body), "    "))
     return "%s:P" % path
+
+
+# ================================================================== validation
+BAD = [   # (class body, what the one-line error must say)
+    ('host_unmap = "nnone"', ["host_unmap = 'nnone'", "'folio' | 'page' | 'none' | 'file'",
+                              "did you mean 'none'"]),
+    ('stage2_unmap = "Folio"', ["stage2_unmap = 'Folio'", "'folio' | 'page' | 'none' | 'file'"]),
+    ('early_kill = "kvm-owner"', ["early_kill = 'kvm-owner'", "'honoured' | 'ignored' | 'kvm_owner'",
+                                  "did you mean 'kvm_owner'"]),
+    ('hwpoison_mark = "MCE"', ["hwpoison_mark = 'MCE'", "'mce' | 'release'"]),
+    ('deferred_failure = "sigbus"', ["deferred_failure = 'sigbus'", "'defer' | 'sigbus_current'"]),
+    ('gmem_after_failure = "broken"', ["'usable' | 'no_conversions' | 'unusable'"]),
+    ('shmem_error_remove_folio_result = 5', ["shmem_error_remove_folio_result = 5", "0 | %d" % u.MF_DELAYED]),
+    ("faults_check = 0", ["faults_check = 0", "True or False"]),
+    ('split_on_poison = "yes"', ["split_on_poison = 'yes'", "True or False"]),
+    ('host_umap = "none"', ["unknown decision 'host_umap'", "did you mean 'host_unmap'"]),
+    ("splitonpoison = True", ["unknown decision 'splitonpoison'", "did you mean 'split_on_poison'"]),
+    ("colour = 3", ["unknown decision 'colour'", "decisions: propagate_mf_delayed,"]),
+    ('host_unmap = "page"', ["host_unmap = 'page' needs split_on_poison = True"]),
+    ("name = 3", ["name must be a string"]),
+]
+CWD = tempfile.gettempdir()
+
+
+def _emu(*args, timeout=120):
+    exe = shutil.which("emu")
+    cmd = [exe, *args] if exe else [sys.executable, "-m", "emu.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=CWD)
+
+
+@pytest.mark.parametrize("body,says", BAD, ids=[b for b, _ in BAD])
+def test_bad_policy_refused_by_start(tmp_path, body, says):
+    """emu.start refuses it before any supervisor starts: a one-line ValueError naming
+    the decision and what it may be."""
+    with pytest.raises(ValueError) as ei:
+        emu.start(ram="64M", policy=_policy(tmp_path, body))
+    msg = str(ei.value)
+    assert "\n" not in msg and msg.startswith("policy P: ")
+    for part in says:
+        assert part in msg, msg
+
+
+@pytest.mark.parametrize("cmd", ["daemon", "compare"])
+@pytest.mark.parametrize("body,says", BAD[::3] + BAD[-5:-2], ids=[b for b, _ in BAD[::3] + BAD[-5:-2]])
+def test_bad_policy_refused_by_the_cli(tmp_path, cmd, body, says):
+    """`emu daemon --policy f.py:P` and `emu compare f.py:P`: one line on stderr, exit 1,
+    no traceback, nothing started (no socket appears)."""
+    sock = str(tmp_path / "emu.sock")
+    args = (["daemon", "--socket", sock, "--policy"] if cmd == "daemon" else ["compare"])
+    r = _emu(*args, _policy(tmp_path, body), timeout=60)
+    assert r.returncode == 1 and r.stdout == "", (r.stdout, r.stderr)
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("emu: policy P: "), r.stderr
+    assert "Traceback" not in r.stderr
+    for part in says:
+        assert part in r.stderr, r.stderr
+    assert not (tmp_path / "emu.sock").exists()
+
+
+def test_policy_code_that_raises_is_a_one_line_error(tmp_path):
+    """A policy file whose code fails (here a NameError) is the user's error, not a traceback."""
+    path = tmp_path / "pol.py"
+    path.write_text("from emu.kernel.policies import MfDelayedFix\n\n"
+                    "class P(MfDelayedFix):\n    host_unmap = nnone\n")
+    with pytest.raises(ValueError) as ei:
+        emu.start(ram="64M", policy="%s:P" % path)
+    assert "NameError" in str(ei.value) and "\n" not in str(ei.value)
+    r = _emu("daemon", "--socket", str(tmp_path / "s"), "--policy", "%s:P" % path, timeout=60)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "NameError" in r.stderr, r.stderr
+
+
+def test_valid_policy_with_helpers_is_accepted(tmp_path):
+    """Methods and _private attributes are not decisions; every value the table lists
+    loads, and host.policy() reports the decisions."""
+    from emu.kernel import policies
+
+    body = ('_note = "mine"\nsplit_on_poison = True\nhost_unmap = "page"\nstage2_unmap = "page"\n'
+            'early_kill = "kvm_owner"\nshmem_error_remove_folio_result = 0\n'
+            "def helper(self):\n    return 1\n")
+    with emu.start(ram="64M", policy=_policy(tmp_path, body)) as host:
+        d = host.policy()["decisions"]
+        assert set(d) == set(policies.DECISIONS)
+        assert (d["host_unmap"], d["stage2_unmap"], d["early_kill"]) == ("page", "page", "kvm_owner")
+    for key, valid in policies.DECISIONS.items():
+        for val in (valid if isinstance(valid, tuple) else (True, False)):
+            klass = type("Q", (policies.MfDelayedFix,), {"split_on_poison": True, key: val})
+            assert getattr(policies.load(klass), key) == val
 
 
 def _gmem(host, size=2 * MB2):
