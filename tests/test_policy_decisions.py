@@ -264,3 +264,81 @@ def test_faults_check_on_a_host_fault_of_a_hugetlb_guest_memfd_page(tmp_path, ch
         else:
             assert (data, sig) == (b"\x11" * 4, None)
             assert me.pagemap(hva + 0x3000).pfn == head + 3
+
+
+# ================================================================== "page" vs "folio"
+@pytest.mark.parametrize("scope", ["page", "folio"])
+def test_host_unmap_page_vs_folio(tmp_path, host_factory, scope):
+    """split_on_poison splits the HugeTLB folio either way; host_unmap "page" then
+    unmaps only the failed page (a hwpoison entry), "folio" every page of the folio
+    the failure hit (the neighbours refault 4K with their data).  The other folio
+    keeps its huge mapping."""
+    from gmem_harness import MB2 as M2
+    from gmem_harness import PAGE, events, qemu
+
+    env = qemu(host_factory, _policy(tmp_path, 'split_on_poison = True\nhost_unmap = "%s"' % scope))
+    env.me.write(env.hva, b"\x11" * 2 * M2)
+    head = env.me.pagemap(env.hva).pfn
+    assert env.host.hw_detect(head + 5) == 0
+    bad = env.me.pagemap(env.hva + 5 * PAGE)
+    assert not bad.present and bad.hwpoison
+    near = [0, 4 * PAGE, 6 * PAGE, M2 - PAGE]
+    assert [env.me.pagemap(env.hva + o).present for o in near] == [scope == "page"] * len(near)
+    assert env.me.pagemap(env.hva + M2).present
+    assert [e["type"] for e in events(env.host, "unmap_folio")] == (["unmap_folio"] if scope == "folio"
+                                                                    else [])
+    for o in near:                                       # readable either way
+        assert env.me.read(env.hva + o, 4) == b"\x11" * 4
+        assert env.me.pagemap(env.hva + o).pfn == head + o // PAGE
+
+
+@pytest.mark.parametrize("split", [True, False])
+@pytest.mark.parametrize("scope", ["page", "folio"])
+def test_stage2_unmap_page_vs_folio(tmp_path, host_factory, scope, split):
+    """stage2_unmap "page": the huge stage-2 entry is split into 4K entries and only the
+    failed gfn is zapped; the guest keeps reading its neighbours, split folio or not.
+    "folio": the whole 2M range leaves stage-2; without a split the guest then gets
+    -EHWPOISON on every page of it (the folio is flagged), with one only on the bad one."""
+    from gmem_harness import MB2 as M2
+    from gmem_harness import PAGE, ehwpoison, events, in_vcpu, qemu, reader, run
+
+    pol = 'stage2_unmap = "%s"\nsplit_on_poison = %s' % (scope, split)
+    env = qemu(host_factory, _policy(tmp_path, pol))
+    bad, near = GPA + 5 * PAGE, [GPA, GPA + 4 * PAGE, GPA + 6 * PAGE, GPA + M2 - PAGE]
+
+    def body(vcpu, rec):
+        def guest(g):
+            for off in range(0, 2 * M2, 0x40000):
+                yield g.write(GPA + off, b"\x44" * 8, False)
+            yield g.write(GPA + 4 * PAGE, b"\x44" * 8, False)
+            yield g.write(GPA + 6 * PAGE, b"\x44" * 8, False)
+            yield g.write(GPA + M2 - PAGE, b"\x44" * 8, False)
+            yield g.sync(0)
+
+        vcpu.set_guest(guest)
+        assert run(vcpu) == ("sync", 0)
+        s2 = env.vm.gpa_to_pfn(bad)
+        assert s2["mapped"] and s2["level"] == 2
+        env.host.hw_detect(s2["backing_pfn"])
+        after = [env.vm.gpa_to_pfn(g) for g in [bad] + near + [GPA + M2]]
+        out = []
+        for gpa in [bad] + near:
+            vcpu.set_guest(reader((gpa, False)))
+            out.append(run(vcpu))
+        return s2["pfn"], after, out
+
+    _, (head, after, runs), _sigs = in_vcpu(env, body)
+    assert not after[0]["mapped"]
+    if scope == "page":
+        assert [(a["mapped"], a["level"], a["pfn"]) for a in after[1:-1]] == [
+            (True, 1, head + (g - GPA) // PAGE) for g in near]
+        assert [e["level"] for e in events(env.host, "kvm_split")] == [2]
+        assert [(e["gfn"], e["zapped"]) for e in events(env.host, "kvm_zap")] == [(bad >> 12, 1)]
+    else:
+        assert not any(a["mapped"] for a in after[1:-1])
+        assert events(env.host, "kvm_split") == []
+    assert after[-1]["mapped"] and after[-1]["level"] == 2          # the other folio
+    neighbours_lost = scope == "folio" and not split
+    assert runs[0] == ehwpoison(bad, False)
+    assert runs[1:] == ([ehwpoison(g, False) for g in near] if neighbours_lost
+                        else [("sync", b"\x44" * 8)] * len(near))

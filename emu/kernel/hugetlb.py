@@ -301,9 +301,10 @@ class HugeTLB:
         k.trace("hugetlb_merge", pfn=head, raw=len(poisoned), why="conversion")
         return True
 
-    def split_gmem_folio(self, head: int, why: str = "poison") -> None:
+    def split_gmem_folio(self, head: int, why: str = "poison", keep_stage2: bool = False) -> None:
         """Split a HugeTLB guest_memfd folio into 4K folios: stage-2 huge entries are
-        zapped (refaults map 4K), host huge entries become 4K PTE tables."""
+        zapped (refaults map 4K), or with keep_stage2 split into 4K entries; host huge
+        entries become 4K PTE tables."""
         from .. import _core as C
         from .page_alloc import PG_lru, PG_unevictable
 
@@ -312,7 +313,10 @@ class HugeTLB:
         nr = 1 << order
         inode = k.inodes[core.mapping(head)]
         index0 = core.index(head)
-        inode.ops.invalidate(k, inode, index0, index0 + nr)
+        if keep_stage2 and k.kvm is not None:
+            k.kvm.gmem_split_huge(inode, index0, index0 + nr)
+        else:
+            inode.ops.invalidate(k, inode, index0, index0 + nr)
         maps = []
         for mm, va, _p, _vma, level in k.mm.rmap_walk(head):
             old = core.pte_xchg(mm.pgd, va, 0, level)
@@ -402,7 +406,8 @@ class HugeTLB:
                 and not core.flags(head) & PG_hwpoison:
             if core.order(head):
                 nr = 1 << core.order(head)
-                self.split_gmem_folio(head)
+                self.split_gmem_folio(head, keep_stage2=k.policy.stage2_unmap == "page")
+                mf.split_from = (head, nr)
                 if not k.policy.distribute_on_split:      # the whole old folio is flagged
                     for p in range(head, head + nr):
                         if p != pfn:
