@@ -110,6 +110,19 @@ def test_valid_policy_with_helpers_is_accepted(tmp_path):
             assert getattr(policies.load(klass), key) == val
 
 
+def test_policy_instance_and_class_are_validated_too():
+    """load() of a Policy instance or class checks the same table (instance attributes too)."""
+    from emu.kernel import policies
+
+    p = policies.MfDelayedFix()
+    p.stage2_unmap = "pages"
+    with pytest.raises(ValueError, match=r"stage2_unmap = 'pages' is not valid .*did you mean 'page'"):
+        policies.load(p)
+    with pytest.raises(ValueError, match=r"unknown decision 'early_kil'; did you mean 'early_kill'"):
+        policies.load(type("Q", (policies.Eventual,), {"early_kil": "ignored"}))
+    assert policies.load(policies.Eventual).host_unmap == "page"
+
+
 def _gmem(host, size=2 * MB2):
     me = emu.attach(host, name="qemu")
     vm = me.open_kvm().create_vm(u.KVM_X86_SW_PROTECTED_VM)

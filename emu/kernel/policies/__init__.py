@@ -121,13 +121,15 @@ REQUIRES = (
 )
 
 
-def validate(klass: type[Policy]) -> None:
-    """Refuse a policy class whose decisions are unknown or out of range (ValueError,
-    one line naming the decision and what it may be).  Attributes starting with "_"
-    and methods are the class's own business."""
-    for owner in klass.__mro__:
-        if owner is object:
-            continue
+def validate(pol: type[Policy] | Policy) -> None:
+    """Refuse a policy (class or instance) whose decisions are unknown or out of range
+    (ValueError, one line naming the decision and what it may be).  Attributes
+    starting with "_" and methods are the class's own business."""
+    klass = pol if isinstance(pol, type) else type(pol)
+    owners = [o for o in klass.__mro__ if o is not object]
+    if not isinstance(pol, type) and hasattr(pol, "__dict__"):
+        owners.insert(0, pol)
+    for owner in owners:
         for key, val in vars(owner).items():
             if key.startswith("_") or key in DECISIONS or key in METADATA:
                 continue
@@ -138,10 +140,10 @@ def validate(klass: type[Policy]) -> None:
                              % (klass.__name__, key, "; did you mean %r?" % near[0] if near else "",
                                 ", ".join(DECISIONS)))
     for key in METADATA:
-        if not isinstance(getattr(klass, key), str):
+        if not isinstance(getattr(pol, key), str):
             raise ValueError("policy %s: %s must be a string" % (klass.__name__, key))
     for key, valid in DECISIONS.items():
-        val = getattr(klass, key)
+        val = getattr(pol, key)
         if isinstance(valid, type):
             ok = type(val) is valid
             what = "True or False" if valid is bool else valid.__name__
@@ -155,7 +157,7 @@ def validate(klass: type[Policy]) -> None:
                              % (klass.__name__, key, val, what,
                                 "; did you mean %r?" % near[0] if near else ""))
     for key, val, need, needed, why in REQUIRES:
-        if getattr(klass, key) == val and getattr(klass, need) != needed:
+        if getattr(pol, key) == val and getattr(pol, need) != needed:
             raise ValueError("policy %s: %s = %r needs %s = %r (%s)"
                              % (klass.__name__, key, val, need, needed, why))
 
@@ -224,7 +226,7 @@ for _preset in PRESETS.values():
 def load(spec: str | type | Policy) -> Policy:
     """A preset name, 'path/to/file.py:ClassName', a Policy class or instance."""
     if isinstance(spec, Policy):
-        validate(type(spec))
+        validate(spec)
         return spec
     if isinstance(spec, type) and issubclass(spec, Policy):
         validate(spec)
