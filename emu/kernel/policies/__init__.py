@@ -45,8 +45,9 @@ class Policy:
     stage2_unmap = "folio"
     # (gmem) host and guest faults check for failed memory (__do_fault's PageHWPoison,
     # hugetlb_no_page's folio_test_hwpoison, __kvm_gmem_get_pfn's folio_test_hwpoison);
-    # without it a fault maps a poisoned guest_memfd page like any other (a host access
-    # then reads it: only the memory, not the emulator, can still raise a machine check).
+    # without it a fault maps a poisoned guest_memfd page like any other and the access
+    # reads it (memory that is really bad still raises a machine check; a hwpoison
+    # entry that host_unmap left still gets SIGBUS).
     faults_check = True
     # (gmem) PR_MCE_KILL_EARLY: "honoured" (task_early_kill), "ignored", or
     # "kvm_owner": also the processes that own the struct kvm the guest_memfd belongs
