@@ -132,8 +132,9 @@ def test_eventual_split_and_unmap_failed_page_from_host_page_tables(host_factory
 @pytest.mark.parametrize("private", [False, True])
 def test_eventual_split_and_unmap_failed_page_from_stage2(host_factory, private):
     """"Unmap from stage2 page tables: Split and unmap failed page within folio": the
-    huge stage-2 entry of the folio goes (it cannot be kept over a split folio); the
-    guest then maps the rest of the folio back 4 KiB at a time (level 1) and reads it;
+    huge stage-2 entry of the folio is split into 4 KiB entries (KVM's huge page split,
+    TDX demote: a huge entry cannot stay over a split folio) and only the failed gpa's
+    entry goes; the guest keeps reading the rest of the folio (level 1, no refault);
     only the failed gpa returns -EHWPOISON (KVM_EXIT_MEMORY_FAULT, 4 KiB), every time.
     The other folio keeps its 2M stage-2 entry."""
     env = qemu(host_factory, "eventual", private=[0] if private else [])
@@ -163,13 +164,14 @@ def test_eventual_split_and_unmap_failed_page_from_stage2(host_factory, private)
         return s2["pfn"], gone, out
 
     _, (head, gone, runs), sigs = in_vcpu(env, body)
-    assert not any(gone)                                             # the 2M entry went
+    assert all(gone)                                                 # split, not zapped
+    assert [e["level"] for e in events(env.host, "kvm_split")] == [2]
     zaps = [(e["gfn"], e["npages"], e["zapped"]) for e in events(env.host, "kvm_zap")]
-    assert zaps == [(GPA >> 12, 512, 512)], zaps
+    assert zaps == [(bad >> 12, 1, 1)], zaps
     assert runs == ([ehwpoison(bad, private)] + [("sync", b"\x44" * 8)] * len(others)
                     + [ehwpoison(bad, private)])
     assert sigs == []
-    for gpa in others:                                               # mapped back, 4 KiB
+    for gpa in others:                                               # still mapped, 4 KiB
         s2 = env.vm.gpa_to_pfn(gpa)
         assert s2["mapped"] and s2["level"] == 1 and s2["pfn"] == head + (gpa - GPA) // PAGE, s2
     assert not env.vm.gpa_to_pfn(bad)["mapped"]

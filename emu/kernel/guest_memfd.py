@@ -89,12 +89,20 @@ class GuestMemfdOps(FileOps):
     def error_remove_folio(self, k, inode: Inode, head: int) -> int:
         """kvm_gmem_error_folio: zap stage-2 (the folio, or as the policy says) and
         keep the folio; MF_DELAYED."""
-        start = k.core.index(head)
+        core = k.core
+        start, nr = core.index(head), 1 << core.order(head)
         scope = k.policy.stage2_unmap
         if scope == "file":
             self.invalidate(k, inode, 0, (inode.size + PAGE_SIZE - 1) >> PAGE_SHIFT)
-        elif scope in ("folio", "page"):          # after a split the folio is the page
-            self.invalidate(k, inode, start, start + (1 << k.core.order(head)))
+        elif scope == "folio":                    # the folio as the failure found it
+            split = k.memory_failure.split_from
+            if split is not None:
+                start, nr = core.index(split[0]), split[1]
+            self.invalidate(k, inode, start, start + nr)
+        elif scope == "page" and k.kvm is not None:   # the failed pages (HugeTLB: raw_hwp)
+            raw = k.hugetlb.raw_hwp.get(head, {head}) if nr > 1 else {head}
+            for pfn in sorted(raw):
+                k.kvm.gmem_zap_page(inode, start + pfn - head)
         after = k.policy.gmem_after_failure
         if after == "unusable":
             inode.private["failed"] = True
@@ -159,7 +167,7 @@ class GuestMemfdHugeOps(GuestMemfdOps):
             # a split folio is mapped page by page
             from .mm import VM_FAULT_HWPOISON, VM_FAULT_OK
 
-            if k.core.flags(pfn) & PG_hwpoison:
+            if k.core.flags(pfn) & PG_hwpoison and k.policy.faults_check:
                 return VM_FAULT_HWPOISON
             k.mm.set_pte(vma.mm, va & ~(PAGE_SIZE - 1), pfn, bool(vma.prot & u.PROT_WRITE), write)
             return VM_FAULT_OK

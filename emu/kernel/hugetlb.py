@@ -301,9 +301,10 @@ class HugeTLB:
         k.trace("hugetlb_merge", pfn=head, raw=len(poisoned), why="conversion")
         return True
 
-    def split_gmem_folio(self, head: int, why: str = "poison") -> None:
+    def split_gmem_folio(self, head: int, why: str = "poison", keep_stage2: bool = False) -> None:
         """Split a HugeTLB guest_memfd folio into 4K folios: stage-2 huge entries are
-        zapped (refaults map 4K), host huge entries become 4K PTE tables."""
+        zapped (refaults map 4K), or with keep_stage2 split into 4K entries; host huge
+        entries become 4K PTE tables."""
         from .. import _core as C
         from .page_alloc import PG_lru, PG_unevictable
 
@@ -314,7 +315,10 @@ class HugeTLB:
         index0 = core.index(head)
         walk = k.mm.rmap_walk(head)
         self.split_check(walk, nr)
-        inode.ops.invalidate(k, inode, index0, index0 + nr)
+        if keep_stage2 and k.kvm is not None:
+            k.kvm.gmem_split_huge(inode, index0, index0 + nr)
+        else:
+            inode.ops.invalidate(k, inode, index0, index0 + nr)
         maps = []
         for mm, va, _p, _vma, level in walk:
             old = core.pte_xchg(mm.pgd, va, 0, level)
@@ -395,8 +399,9 @@ class HugeTLB:
         head = inode.ops.huge_get_folio(self.k, inode, index)
         if head is None:
             return VM_FAULT_SIGBUS                     # alloc_hugetlb_folio: -ENOSPC
-        if self.k.core.flags(head) & PG_hwpoison:
-            return VM_FAULT_HWPOISON_LARGE
+        if self.k.core.flags(head) & PG_hwpoison \
+                and (self.k.policy.faults_check or not inode.ops.gmem):
+            return VM_FAULT_HWPOISON_LARGE             # hugetlb_no_page's folio_test_hwpoison
         level = 2 if h.order == 9 else 3
         self.k.mm.set_pte(vma.mm, haddr, head, bool(vma.prot & u.PROT_WRITE), write, level)
         return VM_FAULT_OK
@@ -422,7 +427,8 @@ class HugeTLB:
                 and not core.flags(head) & PG_hwpoison:
             if core.order(head):
                 nr = 1 << core.order(head)
-                self.split_gmem_folio(head)
+                self.split_gmem_folio(head, keep_stage2=k.policy.stage2_unmap == "page")
+                mf.split_from = (head, nr)
                 if not k.policy.distribute_on_split:      # the whole old folio is flagged
                     for p in range(head, head + nr):
                         if p != pfn:

@@ -238,6 +238,11 @@ class KVM:
     def gmem_invalidate(self, inode: Inode, start: int, end: int) -> None:
         """kvm_gmem_invalidate_begin: zap stage-2 for [start, end) of the file in every
         bound slot."""
+        for vm, lo, hi in self._gmem_gfns(inode, start, end):
+            self.zap_gfn_range(vm, lo, hi)
+
+    def _gmem_gfns(self, inode: Inode, start: int, end: int):
+        """(vm, first gfn, last gfn + 1) for [start, end) of the file in every bound slot."""
         for vm in self.vms:
             for s in vm.slots.values():
                 if s.gmem is not inode:
@@ -246,7 +251,55 @@ class KVM:
                 hi = min(end, (s.gmem_off >> PAGE_SHIFT) + s.npages)
                 if lo < hi:
                     base = (s.gpa >> PAGE_SHIFT) - (s.gmem_off >> PAGE_SHIFT)
-                    self.zap_gfn_range(vm, base + lo, base + hi)
+                    yield vm, base + lo, base + hi
+
+    def split_huge_spte(self, vm: Vm, gpa: int, level: int) -> None:
+        """Replace the huge stage-2 leaf at gpa (`level`) with 512 entries one level down
+        mapping the same pages with the same bits (KVM's huge page split, TDX demote):
+        nothing is unmapped.  A vCPU that looks in between faults and waits for us."""
+        core = self.k.core
+        size = 1 << (PAGE_SHIFT + 9 * (level - 1))
+        base = gpa & ~(size - 1)
+        if core.pt_free < 1:        # no table for the 512 entries: zap instead, as KVM
+            #                         does when its split cannot allocate (the guest refaults)
+            self.zap_gfn_range(vm, base >> PAGE_SHIFT, (base + size) >> PAGE_SHIFT)
+            return
+        old = core.pte_xchg(vm.s2_root, base, 0, level)
+        bits = old & ~C.PTE_PFN_MASK
+        if level == 2:
+            bits &= ~C.PTE_PSE
+        pfn0, step = (old & C.PTE_PFN_MASK) >> PAGE_SHIFT, size >> 9
+        for i in range(512):
+            core.pte_set(vm.s2_root, base + i * step, ((pfn0 + i * (step >> PAGE_SHIFT)) << PAGE_SHIFT)
+                         | bits, level - 1)
+        self.k.trace("kvm_split", gfn=base >> PAGE_SHIFT, level=level)
+
+    def gmem_split_huge(self, inode: Inode, start: int, end: int) -> None:
+        """Split every huge stage-2 entry over [start, end) of the file down to 4K."""
+        core = self.k.core
+        for vm, lo, hi in self._gmem_gfns(inode, start, end):
+            todo = [(gpa, level) for gpa, e, level in
+                    core.pt_scan(vm.s2_root, lo << PAGE_SHIFT, hi << PAGE_SHIFT)
+                    if level > 1 and e & C.PTE_PRESENT]
+            while todo:
+                gpa, level = todo.pop()
+                self.split_huge_spte(vm, gpa, level)
+                if level > 2:
+                    size = 1 << (PAGE_SHIFT + 9 * (level - 1))
+                    todo += [(gpa + i * (size >> 9), level - 1) for i in range(512)]
+
+    def gmem_zap_page(self, inode: Inode, index: int) -> None:
+        """Zap the stage-2 entry of one page of the file in every bound slot; a huge
+        entry over it is split first, one level at a time, so the rest stays mapped."""
+        core = self.k.core
+        for vm, gfn, _hi in self._gmem_gfns(inode, index, index + 1):
+            gpa = gfn << PAGE_SHIFT
+            while True:
+                e, level = core.walk(vm.s2_root, gpa)
+                if not e & C.PTE_PRESENT or level <= 1:
+                    break
+                self.split_huge_spte(vm, gpa, level)
+            self.zap_gfn_range(vm, gfn, gfn + 1)
 
     def mmu_notifier_invalidate(self, mm, va: int) -> None:
         """The host zapped (mm, va): drop stage-2 mappings that were made from it."""

@@ -158,6 +158,7 @@ class MemoryFailure:
         self.hw_memory_failure = False
         self.num_poisoned_pages = 0
         self.tracked: set[int] = set()        # failures recorded without PG_hwpoison
+        self.split_from: tuple[int, int] | None = None   # (old head, pages): this failure split it
         self.stats = {"total": 0, "ignored": 0, "failed": 0, "delayed": 0, "recovered": 0}
         self.log = k.logger("Memory failure: ")
 
@@ -344,14 +345,17 @@ class MemoryFailure:
             else:
                 ttu_hwpoison = False
                 self.log("%#x: corrupted page was clean: dropped without side effects", pfn)
-        file_unmap = gmem and k.policy.host_unmap == "file"   # runs between unmap and kill
-        records = None if file_unmap else self.send_with_unmap(tokill, head, inode, flags)
+        extra = self.host_unmap_range(inode, head) if gmem else None  # between unmap and kill
+        records = None if extra else self.send_with_unmap(tokill, head, inode, flags)
         sent = k.mm.try_to_unmap(head, ttu_hwpoison, records)
-        if file_unmap:
+        if extra:
             from .fs import unmap_mapping_range
 
-            unmap_mapping_range(k, inode, 0, None, even_cows=False)
-            k.trace("unmap_file", ino=inode.ino)
+            unmap_mapping_range(k, inode, extra[0], extra[1], even_cows=False)
+            if extra[1] is None:
+                k.trace("unmap_file", ino=inode.ino)
+            else:
+                k.trace("unmap_folio", ino=inode.ino, start=extra[0], end=extra[1])
         unmap_success = not k.mm.folio_mapped(head)
         if not unmap_success:
             self.log("%#x: failed to unmap page (folio mapcount=%d)", pfn, core.mapcount(pfn))
@@ -359,6 +363,20 @@ class MemoryFailure:
             or not unmap_success
         self.kill_procs(tokill, forcekill, pfn, flags, sent if records else None)
         return unmap_success
+
+    def host_unmap_range(self, inode, head: int) -> tuple[int, int | None] | None:
+        """The page indices the policy unmaps from the host besides try_to_unmap's folio:
+        the whole file ("file"), or the other pages of the HugeTLB folio this failure
+        split ("folio": the folio as the failure found it).  "page" and an unsplit
+        folio need nothing more."""
+        scope = self.k.policy.host_unmap
+        if scope == "file":
+            return 0, None
+        if scope == "folio" and self.split_from is not None:
+            old, nr = self.split_from
+            index0 = self.k.core.index(old)
+            return index0, index0 + nr
+        return None
 
     def identify_page_state(self, pfn: int, page_flags: int) -> int:
         flags = self.k.core.flags(self.k.core.head(pfn))
@@ -384,6 +402,7 @@ class MemoryFailure:
         gmem = None
         if pol.hwpoison_mark == "release" or sigbus_cur:
             gmem = self.gmem_inode_of(pfn) if 0 <= pfn < k.nframes else None
+        self.split_from = None
         if gmem is not None and pol.hwpoison_mark == "release":
             if not k.sysctl["vm.memory_failure_recovery"]:
                 k.panic("Memory failure on page %x" % pfn)

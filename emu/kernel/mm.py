@@ -372,7 +372,8 @@ class MM:
             return VM_FAULT_OK
         index = vma.pgoff + ((va - vma.start) >> PAGE_SHIFT)
         ret, pfn = vma.inode.ops.fault(self.k, vma.inode, index)
-        if ret == VM_FAULT_OK and self.core.flags(pfn) & PG_hwpoison:
+        if ret == VM_FAULT_OK and self.core.flags(pfn) & PG_hwpoison \
+                and (self.k.policy.faults_check or not vma.inode.ops.gmem):
             ret = VM_FAULT_HWPOISON          # __do_fault's PageHWPoison check
             if self.folio_mapped(self.core.head(pfn)):
                 self.try_to_unmap(self.core.head(pfn), hwpoison=False)

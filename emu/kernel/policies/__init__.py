@@ -6,6 +6,7 @@ see README "Writing a policy".
 """
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import sys
 
@@ -32,14 +33,21 @@ class Policy:
     # "release" only tracks the pfn in a global table, and the flag is set when the
     # folio leaves guest_memfd (and so is reported to HugeTLB then).
     hwpoison_mark = "mce"
-    # (gmem) what memory_failure() unmaps from host page tables: "folio" (the kernel),
-    # "page" (the failed 4K page: needs split_on_poison for a HugeTLB folio), "none",
+    # (gmem) what memory_failure() unmaps from host page tables: "folio" (the kernel:
+    # the whole folio the failed page was in when the failure arrived, every page of
+    # it even when split_on_poison split it), "page" (the failed 4K page only; the host
+    # maps a HugeTLB folio with one huge entry, so this needs split_on_poison), "none",
     # or "file" (every mapping of the whole guest_memfd).
     host_unmap = "folio"
-    # (gmem) what error_remove_folio zaps from stage-2: "folio", "page", "none", "file".
+    # (gmem) what error_remove_folio zaps from stage-2: "folio" (the whole folio, as
+    # host_unmap), "page" (the failed 4K page only: a huge stage-2 entry is split into
+    # 4K entries first, as KVM's huge page split / TDX demote does), "none", "file".
     stage2_unmap = "folio"
     # (gmem) host and guest faults check for failed memory (__do_fault's PageHWPoison,
-    # __kvm_gmem_get_pfn's folio_test_hwpoison).
+    # hugetlb_no_page's folio_test_hwpoison, __kvm_gmem_get_pfn's folio_test_hwpoison);
+    # without it a fault maps a poisoned guest_memfd page like any other and the access
+    # reads it (memory that is really bad still raises a machine check; a hwpoison
+    # entry that host_unmap left still gets SIGBUS).
     faults_check = True
     # (gmem) PR_MCE_KILL_EARLY: "honoured" (task_early_kill), "ignored", or
     # "kvm_owner": also the processes that own the struct kvm the guest_memfd belongs
@@ -82,12 +90,77 @@ class Policy:
     refuse_merge_if_poisoned = False
 
     def describe(self) -> dict:
-        out = {}
-        for klass in reversed(type(self).__mro__):
-            for key, val in vars(klass).items():
-                if not key.startswith("_") and not callable(val) and key not in ("name", "description"):
-                    out[key] = getattr(self, key)
-        return out
+        return {key: getattr(self, key) for key in DECISIONS}
+
+
+# Every decision and what it may be (a tuple of the valid values, or a type), the
+# way SYSCTL_RANGE bounds the sysctls: load() refuses anything else.
+DECISIONS: dict[str, tuple | type] = {
+    "propagate_mf_delayed": bool,
+    "shmem_error_remove_folio_result": (0, u.MF_DELAYED),
+    "hwpoison_mark": ("mce", "release"),
+    "host_unmap": ("folio", "page", "none", "file"),
+    "stage2_unmap": ("folio", "page", "none", "file"),
+    "faults_check": bool,
+    "early_kill": ("honoured", "ignored", "kvm_owner"),
+    "signal_all_mappers": bool,
+    "sigbus_current_on_consume": bool,
+    "deferred_failure": ("defer", "sigbus_current"),
+    "gmem_after_failure": ("usable", "no_conversions", "unusable"),
+    "split_on_poison": bool,
+    "distribute_on_split": bool,
+    "summarize_on_merge": bool,
+    "return_poisoned_to_hugetlb": bool,
+    "refuse_merge_if_poisoned": bool,
+}
+# what a policy may set besides decisions: its name and description (strings)
+METADATA = ("name", "description")
+# decisions that only make sense together: (decision, value, needs, needed value, why)
+REQUIRES = (
+    ("host_unmap", "page", "split_on_poison", True,
+     "the host maps a HugeTLB folio with one huge entry: only a split frees one 4K page"),
+)
+
+
+def validate(pol: type[Policy] | Policy) -> None:
+    """Refuse a policy (class or instance) whose decisions are unknown or out of range
+    (ValueError, one line naming the decision and what it may be).  Attributes
+    starting with "_" and methods are the class's own business."""
+    klass = pol if isinstance(pol, type) else type(pol)
+    owners = [o for o in klass.__mro__ if o is not object]
+    if not isinstance(pol, type) and hasattr(pol, "__dict__"):
+        owners.insert(0, pol)
+    for owner in owners:
+        for key, val in vars(owner).items():
+            if key.startswith("_") or key in DECISIONS or key in METADATA:
+                continue
+            if callable(val) or isinstance(val, (staticmethod, classmethod, property)):
+                continue
+            near = difflib.get_close_matches(key, DECISIONS, n=1)
+            raise ValueError("policy %s: unknown decision %r%s (decisions: %s)"
+                             % (klass.__name__, key, "; did you mean %r?" % near[0] if near else "",
+                                ", ".join(DECISIONS)))
+    for key in METADATA:
+        if not isinstance(getattr(pol, key), str):
+            raise ValueError("policy %s: %s must be a string" % (klass.__name__, key))
+    for key, valid in DECISIONS.items():
+        val = getattr(pol, key)
+        if isinstance(valid, type):
+            ok = type(val) is valid
+            what = "True or False" if valid is bool else valid.__name__
+        else:
+            ok = any(type(val) is type(v) and val == v for v in valid)
+            what = " | ".join(repr(v) for v in valid)
+        if not ok:
+            near = difflib.get_close_matches(str(val), [v for v in valid if isinstance(v, str)], n=1) \
+                if isinstance(val, str) and isinstance(valid, tuple) else []
+            raise ValueError("policy %s: %s = %r is not valid (expected %s)%s"
+                             % (klass.__name__, key, val, what,
+                                "; did you mean %r?" % near[0] if near else ""))
+    for key, val, need, needed, why in REQUIRES:
+        if getattr(pol, key) == val and getattr(pol, need) != needed:
+            raise ValueError("policy %s: %s = %r needs %s = %r (%s)"
+                             % (klass.__name__, key, val, need, needed, why))
 
 
 
@@ -147,13 +220,17 @@ class Eventual(MfDelayedFix):
 
 PRESETS: dict[str, type[Policy]] = {p.name: p for p in (V618, MfDelayedFix, Minimum, Initial, Eventual)}
 DEFAULT = "mf-delayed-fix"
+for _preset in PRESETS.values():
+    validate(_preset)
 
 
 def load(spec: str | type | Policy) -> Policy:
     """A preset name, 'path/to/file.py:ClassName', a Policy class or instance."""
     if isinstance(spec, Policy):
+        validate(spec)
         return spec
     if isinstance(spec, type) and issubclass(spec, Policy):
+        validate(spec)
         return spec()
     if not isinstance(spec, str):
         raise ValueError("policy: expected a preset name or path.py:Class")
@@ -167,10 +244,12 @@ def load(spec: str | type | Policy) -> Policy:
             mod = importlib.util.module_from_spec(s)
             sys.modules[modname] = mod
             s.loader.exec_module(mod)
-        except (OSError, ImportError, SyntaxError) as e:
-            raise ValueError("policy: cannot load %s: %s" % (path, e)) from None
+        except Exception as e:                    # the user's code: any error is theirs
+            sys.modules.pop(modname, None)
+            raise ValueError("policy: cannot load %s: %s: %s" % (path, type(e).__name__, e)) from None
         klass = getattr(mod, cls, None)
         if not (isinstance(klass, type) and issubclass(klass, Policy)):
             raise ValueError("policy: %s has no Policy subclass %r" % (path, cls))
+        validate(klass)
         return klass()
     raise ValueError("policy: unknown preset %r (presets: %s)" % (spec, ", ".join(PRESETS)))
