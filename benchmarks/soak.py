@@ -37,8 +37,7 @@ import emu  # noqa: E402
 from emu import _oracle as O  # noqa: E402
 
 POLICIES = ("mf-delayed-fix", "v6.18", "minimum", "initial", "eventual")
-RAM = "96M"
-HUGEPAGES = {"2M": 4}
+RAM, HUGEPAGES = O.RAM, O.HUGEPAGES
 BASELINE_CALLS = 2000
 
 
@@ -83,6 +82,9 @@ def runner(backend: str, args, which: list[int], out) -> None:
                    "bad": r["bad"], "hung": r["hung"], "error": r["error"], "steps": len(r["steps"]),
                    "exit": r["exit"]}
             out.write(json.dumps(rec) + "\n")
+            if backend == "cython" and (n + 1) % args.progress == 0:
+                print("  ... %d sequences (%.0f s)" % (n + 1, time.perf_counter() - t0),
+                      file=sys.stderr, flush=True)
     finally:
         if h is not None:
             h.close()
@@ -136,6 +138,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=250, help="sequences per supervisor")
     ap.add_argument("--policies", default=",".join(POLICIES),
                     help="policy presets, one per batch in turn (default: all)")
+    ap.add_argument("--progress", type=int, default=500, help="report every N sequences")
     ap.add_argument("--only", type=int, default=None, help="replay sequence I and show it")
     args = ap.parse_args(argv)
     if args.sequences < 1 or args.min_ops < 1 or args.max_ops < args.min_ops or args.batch < 1:
