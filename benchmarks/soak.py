@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import random
+import select
 import sys
 import time
 
@@ -110,6 +111,24 @@ def spawn(backend: str, args, which: list[int]):
     return pid, os.fdopen(r)
 
 
+def _lines(files: dict):
+    """(name, line) from several pipes as they come (a runner whose pipe is not
+    drained would stall on a full pipe)."""
+    bufs = {f.fileno(): [name, b""] for name, f in files.items()}
+    while bufs:
+        ready, _, _ = select.select(list(bufs), [], [])
+        for fd in ready:
+            chunk = os.read(fd, 1 << 16)
+            name, buf = bufs[fd]
+            if not chunk:
+                del bufs[fd]
+                continue
+            *lines, rest = (buf + chunk).split(b"\n")
+            bufs[fd][1] = rest
+            for line in lines:
+                yield name, line.decode()
+
+
 def replay(args, i: int) -> None:
     """Run one sequence on both backends in this process and show the outcomes."""
     ops = sequence(args.seed, i, args.min_ops, args.max_ops)
@@ -156,13 +175,13 @@ def main(argv=None) -> int:
     runners = {b: spawn(b, args, which) for b in ("cython", "python")}
     got: dict[str, dict] = {b: {} for b in runners}
     summary: dict[str, dict] = {}
+    for b, line in _lines({b: f for b, (_pid, f) in runners.items()}):   # both at once
+        rec = json.loads(line)
+        if rec.get("done"):
+            summary[b] = rec
+        else:
+            got[b][rec["i"]] = rec
     for b, (pid, f) in runners.items():
-        for line in f:
-            rec = json.loads(line)
-            if rec.get("done"):
-                summary[b] = rec
-            else:
-                got[b][rec["i"]] = rec
         f.close()
         _, status = os.waitpid(pid, 0)
         if status:

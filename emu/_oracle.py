@@ -53,12 +53,15 @@ OPS = {
     "rbatch": ((0, 7), (0, PAGE - 8), (0, 3), (1, 12)),
     "wbatch": ((0, 7), (0, PAGE - 8), (0, 3), (1, 12), (0, 255)),
     "gbatch": ((0, GMEM_PAGES - 1), (1, 12), (0, 1), (0, 2)),
+    "truncate": ((0, 7), (0, 8)),
+    "close": ((0, 7),),
     "prctl": ((0, 2),),
     "sigdfl": (),
 }
 WEIGHTS = {"anon": 2, "shmem": 2, "huge": 1, "munmap": 1, "read": 4, "write": 4, "madvise": 2,
            "punch": 1, "fork": 1, "clone": 1, "vm": 1, "guest": 3, "inject": 2, "unpoison": 1,
-           "convert": 1, "prctl": 1, "sigdfl": 1, "rbatch": 2, "wbatch": 2, "gbatch": 2}
+           "convert": 1, "prctl": 1, "sigdfl": 1, "rbatch": 2, "wbatch": 2, "gbatch": 2,
+           "truncate": 1, "close": 1}
 KINDS = [k for k, w in WEIGHTS.items() for _ in range(w)]
 
 
@@ -253,6 +256,29 @@ class World:
             page, npages = 0, 1
         self.me.fallocate(m.fd, PUNCH, (m.foff + page) * PAGE if size == PAGE else 0,
                           npages * size)
+        return 0
+
+    def op_truncate(self, i, npages):
+        """ftruncate a mapping's file (pages past the end: SIGBUS BUS_ADRERR)."""
+        m = self.pick(i)
+        if m is None or m.fd < 0 or m.kind.startswith("gmem"):
+            return "none"
+        unit = MB2 if m.kind == "huge" else PAGE
+        self.me.ftruncate(m.fd, npages % 2 * unit if unit == MB2 else npages * PAGE)
+        return 0
+
+    def op_close(self, i):
+        """Close a mapping's file descriptor: the mapping keeps the file."""
+        m = self.pick(i)
+        if m is None or m.fd < 0:
+            return "none"
+        fd = m.fd
+        self.me.close(fd)
+        for other in self.maps:
+            if other.fd == fd:
+                other.fd = -1
+        if self.vm is not None and self.vm[2] == fd:
+            self.vm = (self.vm[0], self.vm[1], -1)
         return 0
 
     def _child(self, i, off, write, how):
