@@ -33,7 +33,9 @@ PUNCH = u.FALLOC_FL_PUNCH_HOLE | u.FALLOC_FL_KEEP_SIZE
 ADVICE = (u.MADV_HWPOISON, u.MADV_DONTNEED, u.MADV_SOFT_OFFLINE)
 INJECT = ("corrupt_pfn", "hw_poison", "hw_detect")
 
-# op kinds, repeated by weight; each is followed by its integer arguments' ranges
+# each op kind and the ranges of its integer arguments (see World.op_<kind>); mappings
+# are anon, shmem, HugeTLB memfd and a VM's guest_memfd (4K or HugeTLB), accessed by
+# single and batched loads/stores of the host, forked/cloned children and the guest
 OPS = {
     "anon": ((1, 8),),
     "shmem": ((1, 8),),
@@ -62,9 +64,7 @@ WEIGHTS = {"anon": 2, "shmem": 2, "huge": 1, "munmap": 1, "read": 4, "write": 4,
            "punch": 1, "fork": 1, "clone": 1, "vm": 1, "guest": 3, "inject": 2, "unpoison": 1,
            "convert": 1, "prctl": 1, "sigdfl": 1, "rbatch": 2, "wbatch": 2, "gbatch": 2,
            "truncate": 1, "close": 1}
-KINDS = [k for k, w in WEIGHTS.items() for _ in range(w)]
-
-
+KINDS = [k for k, w in WEIGHTS.items() for _ in range(w)]     # drawn uniformly: weighted
 CREATE = ["anon", "shmem", "huge", "vm"]     # a sequence starts with something to act on
 
 
@@ -75,6 +75,7 @@ def gen_op(draw, kinds=KINDS) -> tuple:
 
 
 def gen_ops(draw, n: int) -> list[tuple]:
+    """n ops, the first of them creating a mapping."""
     return [gen_op(draw, CREATE if i == 0 else KINDS) for i in range(n)]
 
 
