@@ -77,7 +77,16 @@ def runner(backend: str, args, which: list[int], out) -> None:
                     base.append(round_trip_rate(h))
                     t0 += time.perf_counter() - t          # not counted in the soak's time
             ops = sequence(args.seed, i, args.min_ops, args.max_ops)
-            r = O.run_sequence(h, ops, backend)
+            try:
+                r = O.run_sequence(h, ops, backend)
+            except (OSError, RuntimeError) as e:      # the supervisor died: an emulator bug
+                r = {"steps": [], "exit": None, "hung": False, "bad": [],
+                     "error": ["supervisor: %r" % e]}
+                try:
+                    h.close()
+                except OSError:
+                    pass
+                h = emu.start(ram=RAM, hugepages=HUGEPAGES, policy=policy_of(args, n))
             ops_run += len(ops)
             rec = {"i": i, "digest": hashlib.sha1(json.dumps(O.outcome(r)).encode()).hexdigest(),
                    "bad": r["bad"], "hung": r["hung"], "error": r["error"], "steps": len(r["steps"]),
