@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import random
+import select
 import sys
 import time
 
@@ -37,8 +38,7 @@ import emu  # noqa: E402
 from emu import _oracle as O  # noqa: E402
 
 POLICIES = ("mf-delayed-fix", "v6.18", "minimum", "initial", "eventual")
-RAM = "96M"
-HUGEPAGES = {"2M": 4}
+RAM, HUGEPAGES = O.RAM, O.HUGEPAGES
 BASELINE_CALLS = 2000
 
 
@@ -77,12 +77,24 @@ def runner(backend: str, args, which: list[int], out) -> None:
                     base.append(round_trip_rate(h))
                     t0 += time.perf_counter() - t          # not counted in the soak's time
             ops = sequence(args.seed, i, args.min_ops, args.max_ops)
-            r = O.run_sequence(h, ops, backend)
+            try:
+                r = O.run_sequence(h, ops, backend)
+            except (OSError, RuntimeError) as e:      # the supervisor died: an emulator bug
+                r = {"steps": [], "exit": None, "hung": False, "bad": [],
+                     "error": ["supervisor: %r" % e]}
+                try:
+                    h.close()
+                except OSError:
+                    pass
+                h = emu.start(ram=RAM, hugepages=HUGEPAGES, policy=policy_of(args, n))
             ops_run += len(ops)
             rec = {"i": i, "digest": hashlib.sha1(json.dumps(O.outcome(r)).encode()).hexdigest(),
                    "bad": r["bad"], "hung": r["hung"], "error": r["error"], "steps": len(r["steps"]),
                    "exit": r["exit"]}
             out.write(json.dumps(rec) + "\n")
+            if backend == "cython" and (n + 1) % args.progress == 0:
+                print("  ... %d sequences (%.0f s)" % (n + 1, time.perf_counter() - t0),
+                      file=sys.stderr, flush=True)
     finally:
         if h is not None:
             h.close()
@@ -106,6 +118,24 @@ def spawn(backend: str, args, which: list[int]):
         os._exit(code)
     os.close(w)
     return pid, os.fdopen(r)
+
+
+def _lines(files: dict):
+    """(name, line) from several pipes as they come (a runner whose pipe is not
+    drained would stall on a full pipe)."""
+    bufs = {f.fileno(): [name, b""] for name, f in files.items()}
+    while bufs:
+        ready, _, _ = select.select(list(bufs), [], [])
+        for fd in ready:
+            chunk = os.read(fd, 1 << 16)
+            name, buf = bufs[fd]
+            if not chunk:
+                del bufs[fd]
+                continue
+            *lines, rest = (buf + chunk).split(b"\n")
+            bufs[fd][1] = rest
+            for line in lines:
+                yield name, line.decode()
 
 
 def replay(args, i: int) -> None:
@@ -136,6 +166,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=250, help="sequences per supervisor")
     ap.add_argument("--policies", default=",".join(POLICIES),
                     help="policy presets, one per batch in turn (default: all)")
+    ap.add_argument("--progress", type=int, default=500, help="report every N sequences")
     ap.add_argument("--only", type=int, default=None, help="replay sequence I and show it")
     args = ap.parse_args(argv)
     if args.sequences < 1 or args.min_ops < 1 or args.max_ops < args.min_ops or args.batch < 1:
@@ -153,13 +184,13 @@ def main(argv=None) -> int:
     runners = {b: spawn(b, args, which) for b in ("cython", "python")}
     got: dict[str, dict] = {b: {} for b in runners}
     summary: dict[str, dict] = {}
+    for b, line in _lines({b: f for b, (_pid, f) in runners.items()}):   # both at once
+        rec = json.loads(line)
+        if rec.get("done"):
+            summary[b] = rec
+        else:
+            got[b][rec["i"]] = rec
     for b, (pid, f) in runners.items():
-        for line in f:
-            rec = json.loads(line)
-            if rec.get("done"):
-                summary[b] = rec
-            else:
-                got[b][rec["i"]] = rec
         f.close()
         _, status = os.waitpid(pid, 0)
         if status:

@@ -24,6 +24,8 @@ from . import uapi as u
 
 PAGE = 4096
 MB2 = 2 << 20
+RAM = "96M"                   # the supervisor the sequences run on: small, so that the
+HUGEPAGES = {"2M": 8}         # invariant check after every step stays cheap
 RW = u.PROT_READ | u.PROT_WRITE
 GPA = 1 << 32
 GMEM_PAGES = 16
@@ -31,7 +33,9 @@ PUNCH = u.FALLOC_FL_PUNCH_HOLE | u.FALLOC_FL_KEEP_SIZE
 ADVICE = (u.MADV_HWPOISON, u.MADV_DONTNEED, u.MADV_SOFT_OFFLINE)
 INJECT = ("corrupt_pfn", "hw_poison", "hw_detect")
 
-# op kinds, repeated by weight; each is followed by its integer arguments' ranges
+# each op kind and the ranges of its integer arguments (see World.op_<kind>); mappings
+# are anon, shmem, HugeTLB memfd and a VM's guest_memfd (4K or HugeTLB), accessed by
+# single and batched loads/stores of the host, forked/cloned children and the guest
 OPS = {
     "anon": ((1, 8),),
     "shmem": ((1, 8),),
@@ -48,23 +52,31 @@ OPS = {
     "inject": ((0, 7), (0, 1 << 12), (0, len(INJECT) - 1)),
     "unpoison": (),
     "convert": ((0, GMEM_PAGES - 1), (1, 4), (0, 1)),
+    "rbatch": ((0, 7), (0, PAGE - 8), (0, 3), (1, 12)),
+    "wbatch": ((0, 7), (0, PAGE - 8), (0, 3), (1, 12), (0, 255)),
+    "gbatch": ((0, GMEM_PAGES - 1), (1, 12), (0, 1), (0, 2)),
+    "truncate": ((0, 7), (0, 8)),
+    "close": ((0, 7),),
     "prctl": ((0, 2),),
     "sigdfl": (),
 }
 WEIGHTS = {"anon": 2, "shmem": 2, "huge": 1, "munmap": 1, "read": 4, "write": 4, "madvise": 2,
            "punch": 1, "fork": 1, "clone": 1, "vm": 1, "guest": 3, "inject": 2, "unpoison": 1,
-           "convert": 1, "prctl": 1, "sigdfl": 1}
-KINDS = [k for k, w in WEIGHTS.items() for _ in range(w)]
+           "convert": 1, "prctl": 1, "sigdfl": 1, "rbatch": 2, "wbatch": 2, "gbatch": 2,
+           "truncate": 1, "close": 1}
+KINDS = [k for k, w in WEIGHTS.items() for _ in range(w)]     # drawn uniformly: weighted
+CREATE = ["anon", "shmem", "huge", "vm"]     # a sequence starts with something to act on
 
 
-def gen_op(draw) -> tuple:
+def gen_op(draw, kinds=KINDS) -> tuple:
     """One op from `draw(lo, hi)`, an inclusive integer source."""
-    kind = KINDS[draw(0, len(KINDS) - 1)]
+    kind = kinds[draw(0, len(kinds) - 1)]
     return (kind,) + tuple(draw(lo, hi) for lo, hi in OPS[kind])
 
 
 def gen_ops(draw, n: int) -> list[tuple]:
-    return [gen_op(draw) for _ in range(n)]
+    """n ops, the first of them creating a mapping."""
+    return [gen_op(draw, CREATE if i == 0 else KINDS) for i in range(n)]
 
 
 class Stop(Exception):
@@ -185,6 +197,46 @@ class World:
         self.me.write(a, bytes([byte]) * n)
         return n
 
+    def _batch_addrs(self, i, off, stride, count):
+        """`count` 8-byte slots in a mapping: `stride` pages apart from `off`, or with
+        stride 0 consecutive slots in its first page."""
+        m = self.pick(i)
+        if m is None:
+            return None
+        off &= ~7
+        if not stride:
+            return [m.addr + (off + 8 * k) % PAGE for k in range(count)]
+        return [m.addr + (k * stride % m.npages) * PAGE + off for k in range(count)]
+
+    def op_rbatch(self, i, off, stride, count):
+        addrs = self._batch_addrs(i, off, stride, count)
+        return "none" if addrs is None else bytes(self.me.read_batch(addrs, 8)).hex()
+
+    def op_wbatch(self, i, off, stride, count, byte):
+        addrs = self._batch_addrs(i, off, stride, count)
+        if addrs is None:
+            return "none"
+        self.me.write_batch(addrs, 8, bytes([byte]) * 8 * count)
+        return count
+
+    def op_gbatch(self, page, count, write, priv):
+        """A batch of guest accesses, one 8-byte slot per page from `page` on."""
+        if self.vm is None:
+            return "none"
+        gpas = [GPA + ((page + k) % GMEM_PAGES) * PAGE + 8 * k for k in range(count)]
+        view = (None, False, True)[priv]
+
+        def guest(g):
+            if write:
+                yield g.write_batch(gpas, 8, b"\x3e" * 8 * count, view)
+                yield g.sync("w")
+            else:
+                v = yield g.read_batch(gpas, 8, view)
+                yield g.sync(bytes(v).hex())
+            yield g.done()
+
+        return self._run_guest(guest)
+
     def op_madvise(self, i, page, npages, adv):
         m = self.pick(i)
         if m is None:
@@ -205,6 +257,29 @@ class World:
             page, npages = 0, 1
         self.me.fallocate(m.fd, PUNCH, (m.foff + page) * PAGE if size == PAGE else 0,
                           npages * size)
+        return 0
+
+    def op_truncate(self, i, npages):
+        """ftruncate a mapping's file (pages past the end: SIGBUS BUS_ADRERR)."""
+        m = self.pick(i)
+        if m is None or m.fd < 0 or m.kind.startswith("gmem"):
+            return "none"
+        unit = MB2 if m.kind == "huge" else PAGE
+        self.me.ftruncate(m.fd, npages % 2 * unit if unit == MB2 else npages * PAGE)
+        return 0
+
+    def op_close(self, i):
+        """Close a mapping's file descriptor: the mapping keeps the file."""
+        m = self.pick(i)
+        if m is None or m.fd < 0:
+            return "none"
+        fd = m.fd
+        self.me.close(fd)
+        for other in self.maps:
+            if other.fd == fd:
+                other.fd = -1
+        if self.vm is not None and self.vm[2] == fd:
+            self.vm = (self.vm[0], self.vm[1], -1)
         return 0
 
     def _child(self, i, off, write, how):
@@ -265,7 +340,6 @@ class World:
     def op_guest(self, page, off, n, write, priv):
         if self.vm is None:
             return "none"
-        _vm, vcpu, _gfd = self.vm
         gpa = GPA + page * PAGE + off
         n = min(n, GMEM_PAGES * PAGE - page * PAGE - off)
         view = (None, False, True)[priv]
@@ -279,6 +353,10 @@ class World:
                 yield g.sync(bytes(v).hex())
             yield g.done()
 
+        return self._run_guest(guest)
+
+    def _run_guest(self, guest):
+        vcpu = self.vm[1]
         vcpu.set_guest(guest)
         exits = []
         for _ in range(4):                   # a VMM's KVM_RUN loop, bounded

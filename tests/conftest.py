@@ -103,21 +103,16 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("backend", BACKENDS, indirect=True)
 
 
-def _select_backend(name: str) -> None:
-    """Read by emu.attach() (_backend): set it before the test's first attach.  Every
-    test runs in its own forked child, so this never leaks into another test."""
-    if name == "python":
-        os.environ["EMU_FASTPATH"] = "python"
-    else:
-        os.environ.pop("EMU_FASTPATH", None)
-
-
 @pytest.fixture(autouse=True)
-def backend(request):
-    """The CPU backend this test runs on ("cython" or "python")."""
+def backend(request, monkeypatch):
+    """The CPU backend this test runs on ("cython" or "python"): EMU_FASTPATH, which
+    emu.attach() reads (_backend), set for the test's first attach (and restored)."""
     name = getattr(request, "param", None) or request.config.getoption("--fastpath") \
         or ("python" if os.environ.get("EMU_FASTPATH") == "python" else "cython")
-    _select_backend(name)
+    if name == "python":
+        monkeypatch.setenv("EMU_FASTPATH", "python")
+    else:
+        monkeypatch.delenv("EMU_FASTPATH", raising=False)
     return name
 
 

@@ -272,3 +272,36 @@ def test_conversion_split_keeps_the_raw_page_poisoned(host_factory):
     me.close(gfd)
     assert h.meminfo()["HardwareCorrupted"] == 4
     assert h.check_invariants() == []
+
+
+@pytest.mark.parametrize("huge", [False, True], ids=["4k", "hugetlb-split"])
+def test_soft_offline_of_guest_memfd_page_is_ebusy(host_factory, huge):
+    """guest_memfd folios are unmovable (kvm_gmem_migrate_folio() returns -EINVAL), so
+    MADV_SOFT_OFFLINE of one fails with EBUSY and changes nothing.  (Found by the soak:
+    the page of a split HugeTLB folio was migrated to a buddy page and recorded at a
+    4K index of the huge-indexed page cache; truncation then freed unrelated frames
+    twice.)"""
+    h = host_factory(ram="128M", hugepages={"2M": 2})
+    me, _got = attach(h)
+    vm = me.open_kvm().create_vm(u.KVM_X86_SW_PROTECTED_VM)
+    flags = u.GUEST_MEMFD_FLAG_MMAP | u.GUEST_MEMFD_FLAG_INIT_SHARED
+    if huge:
+        flags |= u.GUEST_MEMFD_FLAG_HUGETLB | u.GUESTMEM_HUGETLB_FLAG_2MB
+    gfd = vm.create_guest_memfd(MB2, flags)
+    hva = me.mmap(0, MB2, RW, u.MAP_SHARED, gfd, 0)
+    vm.set_user_memory_region2(1, u.KVM_MEM_GUEST_MEMFD, GPA, MB2, hva, gfd, 0)
+    me.write(hva + 4 * PAGE, b"keep" * 4)
+    if huge:
+        me.gmem_convert(gfd, 12 * PAGE, 4 * PAGE, True)     # cuts the folio: split
+    pfn = me.pagemap(hva + 4 * PAGE).pfn
+    with pytest.raises(OSError) as ei:
+        me.madvise(hva + 4 * PAGE, PAGE, u.MADV_SOFT_OFFLINE)
+    assert ei.value.errno == u.EBUSY
+    assert me.pagemap(hva + 4 * PAGE).pfn == pfn
+    assert me.read(hva + 4 * PAGE, 16) == b"keep" * 4
+    assert h.meminfo()["HardwareCorrupted"] == 0
+    assert any("migration failed" in line for line in h.dmesg())
+    assert h.check_invariants() == []
+    me.munmap(hva, MB2)
+    me.close(gfd)
+    assert h.check_invariants() == []

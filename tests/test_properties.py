@@ -41,7 +41,7 @@ def run_both(ops, policy="mf-delayed-fix"):
     """The sequence on each backend, each on its own fresh supervisor."""
     out = {}
     for backend in ("cython", "python"):
-        h = emu.start(ram="96M", hugepages={"2M": 4}, policy=policy)
+        h = emu.start(ram=O.RAM, hugepages=O.HUGEPAGES, policy=policy)
         try:
             out[backend] = O.run_sequence(h, ops, backend)
         finally:

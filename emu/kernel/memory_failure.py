@@ -575,6 +575,11 @@ class MemoryFailure:
             info("%#x: page isolation failed, page count %d, type %#x"
                  % (pfn, core.refcount(head), fl))
             return -u.EBUSY
+        if self.gmem_inode_of(head) is not None:
+            # guest_memfd's mapping is unmovable: kvm_gmem_migrate_folio() refuses
+            # (-EINVAL), migrate_pages() reports the folio failed, soft offline -EBUSY
+            info("%#x: page migration failed 1, type %#x" % (pfn, fl))
+            return -u.EBUSY
         k.mm.migrate_folio(head)
         self._retire(pfn)
         k.trace("soft_offline", pfn=pfn)
