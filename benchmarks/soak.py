@@ -2,6 +2,11 @@
 every step, and the two backends compared outcome for outcome.
 
     python benchmarks/soak.py [--sequences 10000] [--seed 1] [--min-ops 5] [--max-ops 20]
+    python benchmarks/soak.py --crash [--kills 1000] [--seed S] ...   # benchmarks/soak_crash.py
+
+With --crash, the other arguments go to the crash-at-any-point soak
+(benchmarks/soak_crash.py): workers SIGKILLed at random points, then the same
+invariants, leaks and supervisor RSS/fds checked.
 
 Sequence i is drawn from random.Random((seed, i)) with the op grammar of
 emu._oracle (the property tests' own).  Each backend (the Cython core, the
@@ -230,4 +235,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    if "--crash" in sys.argv[1:]:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import soak_crash
+
+        sys.exit(soak_crash.main([a for a in sys.argv[1:] if a != "--crash"]))
     sys.exit(main())
