@@ -19,6 +19,7 @@ import time
 import posix_ipc
 import psutil
 import pytest
+from checks import raises_errno, settled
 
 import emu
 from emu import runtime
@@ -30,17 +31,6 @@ NOBODY = 65534
 
 
 # ------------------------------------------------------------------ helpers
-def settled(host, timeout=10.0):
-    """host.status() once two consecutive snapshots agree (deferred frees done)."""
-    end = time.monotonic() + timeout
-    prev = host.status()
-    while True:
-        time.sleep(0.05)
-        cur = host.status()
-        if cur == prev or time.monotonic() > end:
-            return cur
-        prev = cur
-
 
 class Raw:
     """A control-socket client that speaks bytes."""
@@ -86,13 +76,6 @@ def unchanged(host, before):
     assert host.meminfo() == before["meminfo"]
     assert serves(host)
 
-
-def raises_errno(err, fn, *args):
-    with pytest.raises(OSError) as ei:
-        fn(*args)
-    assert ei.value.errno == err, "expected %s, got %r" % (errno.errorcode[err], ei.value)
-    assert "\n" not in str(ei.value)
-    return ei.value
 
 
 def _emu_files():

@@ -8,6 +8,7 @@ import socket
 import time
 
 import pytest
+from checks import raises_errno, settled
 
 import emu
 from emu import uapi as u
@@ -18,23 +19,6 @@ ANON = u.MAP_PRIVATE | u.MAP_ANONYMOUS
 
 
 # ------------------------------------------------------------------ helpers
-def settled(host, timeout=10.0):
-    """host.status() once two consecutive snapshots agree (deferred frees done)."""
-    end = time.monotonic() + timeout
-    prev = host.status()
-    while True:
-        time.sleep(0.05)
-        cur = host.status()
-        if cur == prev or time.monotonic() > end:
-            return cur
-        prev = cur
-
-
-def raises_errno(err, fn, *args):
-    with pytest.raises(OSError) as ei:
-        fn(*args)
-    assert ei.value.errno == err, f"expected {errno.errorcode[err]}, got {ei.value!r}"
-    return ei.value
 
 
 class Region:

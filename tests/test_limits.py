@@ -9,6 +9,7 @@ import signal
 import time
 
 import pytest
+from checks import settled
 from gmem_harness import FLAGS, GPA, MB2, RW, SLOT, reader, run
 
 import emu
@@ -18,17 +19,6 @@ PAGE = 4096
 ANON = u.MAP_PRIVATE | u.MAP_ANONYMOUS
 MAPPERS = 200                       # forked processes mapping one 2M folio (plus the parent)
 
-
-def settled(host, timeout=10.0):
-    """host.status() once two consecutive snapshots agree (deferred frees done)."""
-    end = time.monotonic() + timeout
-    prev = host.status()
-    while True:
-        time.sleep(0.05)
-        cur = host.status()
-        if cur == prev or time.monotonic() > end:
-            return cur
-        prev = cur
 
 
 def comes_back(host, before, timeout=5.0):
