@@ -2,9 +2,9 @@
 guest_memfd EHWPOISON exits, SIGBUS for ordinary slots, conversion requests and
 ioctl validation.
 
-Spec: ../shared/reference/kernel-semantics.md §7 (guest_memfd), §8 (KVM x86 paths),
-§10 B/C (decision tables), §11 (guest_memfd_test.c, test_memory_failure_guest);
-vmm-and-tests.md §2.8, §6.6.
+Kernel sources followed: virt/kvm/guest_memfd.c (kvm_gmem_get_pfn, kvm_gmem_error_folio),
+virt/kvm/kvm_main.c and arch/x86/kvm/mmu/mmu.c (memslots, kvm_handle_error_pfn's
+-EHWPOISON, KVM_EXIT_MEMORY_FAULT); tools/testing/selftests/kvm/guest_memfd_test.c.
 """
 import errno
 import os

@@ -244,8 +244,8 @@ def test_already_poisoned_hw_detect(host):
 
 # ------------------------------------------------------------------ unpoison / debugfs rules
 def test_unpoison_invalid_pfn(host):
-    """unpoison_memory: pfn_to_online_page() == NULL -> -EIO in the newest source
-    (kernel-src.md §1f).  kernel-semantics.md §6 says -ENXIO; see the report."""
+    """unpoison_memory (mm/memory-failure.c): pfn_to_online_page() == NULL -> -EIO
+    in the source this follows."""
     for pfn in (16384, 1 << 40):
         with pytest.raises(OSError) as ei:
             host.unpoison_pfn(pfn)

@@ -1,11 +1,11 @@
 """Memory-failure policy presets on a HugeTLB guest_memfd, one test per seed line.
 
-Spec (the seeds are the spec, ../shared/seeds/):
-- 000_6f2dbf033336a38a.txt, table "Upstream, initial stage" column -> preset `initial`
-  (the "eventually" column is the `eventual` preset, not tested here);
-- 001_246882897dec3eb6.txt, "What does minimum support look like?" -> preset `minimum`;
-- `v6.18` / `mf-delayed-fix`: today's kernel on huge folios, without / with the fix
-  (issue 4 item 4; seed 000 discussion: "-EBUSY, leading to kill_me_now()").
+The presets model the HugeTLB guest_memfd memory-failure proposals:
+- the "Upstream, initial stage" column of the design table -> preset `initial`
+  (the "eventually" column is the `eventual` preset, tests/test_policy_eventual.py);
+- "What does minimum support look like?" -> preset `minimum`;
+- `v6.18` / `mf-delayed-fix`: today's kernel on huge folios, without / with the
+  MF_DELAYED fix ("-EBUSY, leading to kill_me_now()").
 
 Every test runs a QEMU-shaped process: the main thread PR_MCE_KILL_EARLY, vCPU
 threads (clone) PR_MCE_KILL_LATE creating and running their own vCPU, a 2M HugeTLB
@@ -58,7 +58,7 @@ def fill_host(env, offsets, byte=b"\x11"):
         env.me.write(env.hva + off, byte * 0x10000)
 
 
-# ================================================================== minimum (seed 001)
+# ================================================================== minimum
 def test_minimum_track_memory_failure_in_global_data_structure(host_factory):
     """"Track memory failure in global data structure": the pfn goes to a table
     (mf_track event), counted, not flagged; a second report of it is known."""
@@ -297,7 +297,7 @@ def test_minimum_repeated_consumption_repeated_machine_checks(host_factory):
     assert env.host.meminfo()["HardwareCorrupted"] == 4
 
 
-# ================================================================== initial (seed 000)
+# ================================================================== initial
 def test_initial_unmap_from_host_page_tables_entire_file(host_factory):
     """"Unmap from host page tables: Entire file worth": a failure in folio 0 leaves no
     page of the file mapped in any process (folio 1 included)."""

@@ -1,14 +1,13 @@
 """The `eventual` preset on a HugeTLB guest_memfd, one test per seed line.
 
-Spec (the seeds are the spec, ../shared/seeds/):
-- 000_6f2dbf033336a38a.txt, table column "Upstream, eventually":
+The design table's column "Upstream, eventually":
   "Unmap from host page tables: Split and unmap failed page within folio",
   "Unmap from stage2 page tables: Split and unmap failed page within folio",
   and the row "Additional work HWpoison during folio restructuring": "Distribute
   HWpoison flag during split", "Disable merging during conversions when some part
   of a HugeTLB folio is poisoned", "Implement summarizing of the HWpoison flag during
   merge just for returning the page to HugeTLB".
-- issue 4 item 4 (`eventual`): the same, plus "signal the processes associated with
+- the preset's brief: the same, plus "signal the processes associated with
   the struct kvm so EARLY works for private memory (document the si_addr you give
   when there is no host address)": si_addr is 0 then (policies.Policy.early_kill,
   "kvm_owner"), and a split folio's signals carry the 4 KiB lsb.
