@@ -84,6 +84,8 @@ def _finite_float(s: str) -> float:
 
 
 _ENVELOPE = frozenset(("execute", "arguments", "id"))
+# one decoder for every request: json.loads(s, **hooks) builds a new one per call
+_DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite_float)
 
 
 def parse_request(line: bytes) -> tuple:
@@ -91,8 +93,7 @@ def parse_request(line: bytes) -> tuple:
     (no NaN/Infinity, UTF-8), an object with a string "execute" and an object
     (or absent/null) "arguments"; "id" is any JSON value, echoed back."""
     try:
-        req = json.loads(line.decode("utf-8"), parse_constant=_no_constant,
-                         parse_float=_finite_float)
+        req = _DECODER.decode(line.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise BadRequest("request: not UTF-8 (byte %d)" % e.start) from None
     except (ValueError, RecursionError) as e:           # JSONDecodeError, digits limit
@@ -100,8 +101,8 @@ def parse_request(line: bytes) -> tuple:
     if not isinstance(req, dict):
         raise BadRequest("request: expected an object")
     rid = req.get("id")
-    extra = req.keys() - _ENVELOPE
-    if extra:
+    if not req.keys() <= _ENVELOPE:
+        extra = req.keys() - _ENVELOPE
         raise BadRequest("request: unexpected member %r" % sorted(extra)[0][:64], rid)
     name = req.get("execute")
     if not isinstance(name, str):
