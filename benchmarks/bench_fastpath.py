@@ -33,19 +33,9 @@ def _unprotected(host):
     """A second mapping of the worker's segments without protect_worker(): the
     baseline for what mapping the kernel's tables read-only costs (nothing, the
     protection is per VMA and the fast path only writes what stays writable)."""
-    import posix_ipc
+    from emu import shm
 
-    from emu import _core
-
-    names = host.ch.call("segments")["names"]
-    a, b = posix_ipc.SharedMemory(names[0]), posix_ipc.SharedMemory(names[1])
-    try:
-        core = _core.Core(a.fd, a.size, b.fd, b.size)
-    finally:
-        a.close_fd()
-        b.close_fd()
-    core.attach()
-    return core
+    return shm.Segments.open(tuple(host.ch.call("segments")["names"]), protect=False).core
 
 
 def main() -> list[dict]:

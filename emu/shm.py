@@ -68,7 +68,9 @@ class Segments:
         return cls(core, names, True)
 
     @classmethod
-    def open(cls, names: tuple[str, str]) -> Segments:
+    def open(cls, names: tuple[str, str], protect: bool = True) -> Segments:
+        """A worker's mapping of a live machine; `protect`: the kernel's tables
+        read-only (benchmarks map them read-write too, to measure what that costs)."""
         # reopen with size=0: passing a size would ftruncate the live segment
         a = posix_ipc.SharedMemory(names[0])
         b = posix_ipc.SharedMemory(names[1])
@@ -78,7 +80,8 @@ class Segments:
             a.close_fd()
             b.close_fd()
         core.attach()
-        core.protect_worker()             # kernel tables read-only in a worker
+        if protect:
+            core.protect_worker()         # kernel tables read-only in a worker
         return cls(core, names, False)
 
     def unlink(self) -> None:
