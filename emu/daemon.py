@@ -15,7 +15,6 @@ import gc
 import json
 import logging
 import os
-import select
 import selectors
 import signal
 import socket
@@ -24,16 +23,15 @@ import sys
 import time
 import traceback
 
-import psutil
-
 from . import _core as C
-from . import config as cfgmod
 from . import shm
 from . import uapi as u
 from .haltpoll import others_waiting
 from .kernel import Kernel, KernelPanic
 from .kernel.page_alloc import POPULATE_AHEAD
 from .kernel.syscalls import HOSTCALLS, SYSCALLS
+from .procfs import death_signal, maps_segment, pid_alive
+from .qmp import MAX_REQUEST, BadRequest, generic_error, one_line, parse_request
 
 log = logging.getLogger("emu.daemon")
 EVENT_WRITE = selectors.EVENT_WRITE
@@ -58,62 +56,6 @@ class Conn:
 # socket.recv(n) allocates n bytes first: a 1 MiB buffer costs an mmap/munmap
 # pair per request (~15-25 us here); a longer line just arrives in pieces.
 RECV_SIZE = 65536
-# The longest request line the supervisor buffers; a longer one is refused with
-# EMSGSIZE and its connection closed.  The greeting tells clients (Task.pwrite
-# splits its data to fit).
-MAX_REQUEST = 1 << 20
-
-
-class BadRequest(OSError):
-    """A malformed request envelope: EINVAL, with the request id when it was readable."""
-
-    def __init__(self, msg: str, rid=None):
-        super().__init__(u.EINVAL, msg)
-        self.rid = rid
-
-
-def _no_constant(s: str):
-    raise ValueError("%s is not JSON" % s)
-
-
-def _finite_float(s: str) -> float:
-    v = float(s)
-    if v in (float("inf"), float("-inf")):
-        raise ValueError("number out of range: %s" % s[:40])
-    return v
-
-
-_ENVELOPE = frozenset(("execute", "arguments", "id"))
-# one decoder for every request: json.loads(s, **hooks) builds a new one per call
-_DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite_float)
-
-
-def parse_request(line: bytes) -> tuple:
-    """(id, command, arguments) of one request line, or BadRequest.  Strict JSON
-    (no NaN/Infinity, UTF-8), an object with a string "execute" and an object
-    (or absent/null) "arguments"; "id" is any JSON value, echoed back."""
-    try:
-        req = _DECODER.decode(line.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise BadRequest("request: not UTF-8 (byte %d)" % e.start) from None
-    except (ValueError, RecursionError) as e:           # JSONDecodeError, digits limit
-        raise BadRequest("request: not valid JSON: %s" % str(e)[:200]) from None
-    if not isinstance(req, dict):
-        raise BadRequest("request: expected an object")
-    rid = req.get("id")
-    if not req.keys() <= _ENVELOPE:
-        extra = req.keys() - _ENVELOPE
-        raise BadRequest("request: unexpected member %r" % sorted(extra)[0][:64], rid)
-    name = req.get("execute")
-    if not isinstance(name, str):
-        raise BadRequest("execute: expected a command name", rid)
-    args = req.get("arguments")
-    if args is None:
-        args = {}
-    elif not isinstance(args, dict):
-        raise BadRequest("arguments: expected an object", rid)
-    return rid, name, args
-
 
 class Supervisor:
     def __init__(self, cfg: dict, sock_path: str, owner_pid: int | None = None,
@@ -283,7 +225,7 @@ class Supervisor:
         end = time.monotonic() + grace
         pending = list(pids)
         while pending:
-            pending = [p for p in pending if _pid_alive(p) and _maps(p, segment)]
+            pending = [p for p in pending if pid_alive(p) and maps_segment(p, segment)]
             if not pending or time.monotonic() >= end:
                 break
             time.sleep(0.01)
@@ -294,7 +236,7 @@ class Supervisor:
             except OSError:
                 pass
         end = time.monotonic() + 2
-        while any(_pid_alive(p) for p in pending) and time.monotonic() < end:   # zombies count as gone
+        while any(pid_alive(p) for p in pending) and time.monotonic() < end:   # zombies count as gone
             time.sleep(0.01)
 
     # ------------------------------------------------------------ connections
@@ -453,7 +395,7 @@ class Supervisor:
         try:
             rid, name, args = parse_request(line)
         except BadRequest as e:                # the line is not a request: no kernel work
-            self._send(c, _generic(e.rid, e.strerror))
+            self._send(c, generic_error(e.rid, e.strerror))
             return
         k = self.kernel
         try:
@@ -547,7 +489,7 @@ class Supervisor:
             "class": "EmulatorBug", "errno": u.EIO, "where": where,
             "desc": "emulator bug in %s: %s: %s at %s; the traceback is in dmesg "
                     "(host.dmesg(), `emu dmesg`) and in the daemon log (%s); the kernel is "
-                    "tainted" % (name, type(e).__name__, _one_line(e), where, self.log_where)}}
+                    "tainted" % (name, type(e).__name__, one_line(e), where, self.log_where)}}
         self._reply_sigs(c, rep)
         self._send(c, rep)
 
@@ -587,7 +529,7 @@ class Supervisor:
         settle the death now, while /proc still shows the zombie's exit status."""
         tid = a.get("tid")
         t = self.kernel.tasks.get(tid) if isinstance(tid, int) else None
-        if t is None or c.task is None or not t.alive or _pid_alive(tid):
+        if t is None or c.task is None or not t.alive or pid_alive(tid):
             return 0                    # only a worker that has exited is settled here
         if t.conn is not None:
             self._close(t.conn, dead=True)
@@ -603,7 +545,7 @@ class Supervisor:
         proc = t.process
         group = not t.clean_exit or t.tid == proc.tgid
         sig = self.core.task_exit_sig(t.slot) or (0 if t.clean_exit else
-                                                  _death_signal(t.tid) or u.SIGKILL)
+                                                  death_signal(t.tid) or u.SIGKILL)
         k.exit_task(t)
         k.trace("exit", tid=t.tid, sig=sig, clean=t.clean_exit)
         if group:
@@ -619,13 +561,13 @@ class Supervisor:
         k = self.kernel
         now = time.monotonic()
         for t in list(k.tasks.values()):
-            if not _pid_alive(t.tid):
+            if not pid_alive(t.tid):
                 if t.conn is not None:
                     self._close(t.conn, dead=True)
                 elif t.alive:
                     self._task_died(t)
         for tid, when in list(self.kill_deadline.items()):
-            if not _pid_alive(tid):
+            if not pid_alive(tid):
                 del self.kill_deadline[tid]
             elif now >= when:
                 try:
@@ -633,19 +575,10 @@ class Supervisor:
                 except OSError:
                     pass
                 del self.kill_deadline[tid]
-        if self.owner_pid is not None and not _pid_alive(self.owner_pid):
+        if self.owner_pid is not None and not pid_alive(self.owner_pid):
             self.stopping = True
         k.tick()
         k.buddy.populate_ahead(POPULATE_AHEAD)
-
-
-def _generic(rid, desc: str) -> dict:
-    """A protocol-level error: the line was not a request."""
-    return {"id": rid, "error": {"class": "GenericError", "errno": u.EINVAL, "desc": desc}}
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:200] or type(e).__name__
 
 
 def _log_where() -> str:
@@ -655,62 +588,6 @@ def _log_where() -> str:
     except OSError:
         return "the supervisor's stderr"
     return path if path.startswith("/") and os.path.isfile(path) else "the supervisor's stderr"
-
-
-def _death_signal(pid: int, wait: float = 0.2) -> int:
-    """The signal a dead worker died of, read from its zombie's /proc/<pid>/stat
-    (exit_code, field 52) before its parent reaps it; 0 if unknown.  EOF on the
-    socket comes at exit_files(), a moment before the task turns zombie: wait for
-    that on a pidfd, which turns readable when it does (a 2 ms polling step was
-    most of the time from SIGKILL to the task retired)."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return 0                                  # reaped already
-    except OSError:
-        fd = None                                 # no pidfd_open: poll /proc
-    try:
-        end = time.monotonic() + wait
-        while True:
-            try:
-                with open("/proc/%d/stat" % pid) as f:
-                    stat = f.read()
-            except OSError:
-                return 0
-            fields = stat.rsplit(")", 1)[1].split()
-            if fields[0] in ("Z", "X"):
-                code = int(fields[49]) if len(fields) > 49 else 0
-                return code & 0x7F
-            left = end - time.monotonic()
-            if left <= 0:
-                return 0
-            if fd is not None:
-                select.select([fd], [], [], left)
-            else:
-                time.sleep(0.002)
-    finally:
-        if fd is not None:
-            os.close(fd)
-
-
-def _maps(pid: int, segment: str) -> bool:
-    """Does pid still map the shm segment `segment` (/emu-<pid>-core)?"""
-    try:
-        with open("/proc/%d/maps" % pid) as f:
-            return ("/dev/shm" + segment) in f.read()
-    except OSError:
-        return False
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.AccessDenied:
-        return True
-    except psutil.Error:
-        return False
-    except OSError:          # EMFILE and the like: cannot tell now, so not dead
-        return True
 
 
 def run(cfg: dict, sock_path: str, owner_pid: int | None = None, pidfile: str | None = None,
@@ -804,6 +681,3 @@ def spawn_private(cfg: dict) -> tuple[int, str]:
         raise RuntimeError("supervisor failed to start: %s" % (line or "no output"))
     return pid, line[6:]
 
-
-def config_from(**kw) -> dict:
-    return cfgmod.build(**kw)
