@@ -1,5 +1,5 @@
 """The host side of tools/testing/selftests/kvm/guest_memfd_test.c against the emulated
-kernel (kernel-semantics.md §7 and §11; kernel-src.md §3)."""
+kernel (virt/kvm/guest_memfd.c: kvm_gmem_create, kvm_gmem_fallocate, kvm_gmem_fault_user_mapping)."""
 import errno
 import signal
 

@@ -210,7 +210,7 @@ def test_exits_ucalls_and_hlt(host):
 @pytest.mark.parametrize("cleanup", ["punch", "free_vm"])
 @pytest.mark.parametrize("policy", POLICIES)
 def test_memory_failure_guest_stage2(host_factory, policy, cleanup):
-    """Lisa Wang's test_memory_failure_guest (kernel-semantics.md §11, §7, §8, §10.A):
+    """Lisa Wang's test_memory_failure_guest (guest_memfd_test.c, MF_DELAYED series):
     1-page MMAP|INIT_SHARED gmem at GPA 4G, slot 1; the host learns the pfn and
     munmaps; the guest read maps it in stage-2; debugfs corrupt-pfn returns 0
     (MF_DELAYED fix; -EBUSY on v6.18) and zaps stage-2 (kvm_gmem_error_folio);
@@ -307,10 +307,10 @@ def _private_vm(me, size, kind):
 @pytest.mark.parametrize("kind", ["attributes", "gmem_only"])
 @pytest.mark.parametrize("policy", POLICIES)
 def test_private_ehwpoison_and_punch_hole_recovery(host_factory, policy, kind, inject):
-    """§10.B: a deferred error on private gmem memory signals nobody; stage-2 of
+    """kvm_gmem_error_folio: a deferred error on private gmem memory signals nobody; stage-2 of
     that page (only) is zapped; the next guest access: -1/EHWPOISON, exit 39,
     gpa page-aligned, size 4096, flags PRIVATE.  Punching the hole recovers: the
-    guest then reads zeros (vmm-and-tests.md §6.6)."""
+    guest then reads zeros (as the KVM hwpoison selftest RFC expects)."""
     fixed = policy == "mf-delayed-fix"
     h = host_factory(policy=policy)
     me, rec = attach(h)
@@ -361,7 +361,7 @@ def test_private_ehwpoison_and_punch_hole_recovery(host_factory, policy, kind, i
     run_done(vcpu)
     assert rec.got == []
     if inject == "corrupt_pfn":
-        assert h.unpoison_pfn(pfn) == 0                      # §10.D
+        assert h.unpoison_pfn(pfn) == 0                      # unpoison_memory: no mapping, no extra ref
     else:
         with pytest.raises(OSError) as ei:                   # unpoison is off after a real error
             h.unpoison_pfn(pfn)
@@ -408,7 +408,7 @@ def _consumed_in_vcpu_thread(vm, h):
 @pytest.mark.parametrize("kind", ["private", "shared_unmapped"])
 @pytest.mark.parametrize("policy", POLICIES)
 def test_consumed_error_in_guest_mode(host_factory, policy, kind):
-    """§10.B: a latent error consumed by the guest is a #MC on the vCPU thread
+    """kill_me_maybe from kvm: a latent error consumed by the guest is a #MC on the vCPU thread
     (MF_ACTION_REQUIRED, current = the vCPU thread).
     - fix: no signal; the vCPU re-enters and gets the EHWPOISON exit;
     - v6.18: memory_failure -EBUSY -> "Memory error not recovered" and kill_me_now:
@@ -454,7 +454,8 @@ def test_consumed_error_in_guest_mode(host_factory, policy, kind):
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_consumed_error_guest_mode_shared_page_dirty_in_host(host_factory, policy):
-    """§10.A, AR row, mapped+dirty: the #MC the guest consumed is handled with
+    """memory_failure(MF_ACTION_REQUIRED) on a mapped, dirty gmem page: the #MC the
+    guest consumed is handled with
     current = the vCPU thread, so the AR SIGBUS (kill_procs, forcekill: dirty) goes
     to the vCPU thread with the page's host VA, lsb 12; KVM_RUN returns -EINTR and
     the next one gives EHWPOISON, flags 0."""
@@ -510,7 +511,8 @@ def test_consumed_error_guest_mode_shared_page_dirty_in_host(host_factory, polic
 
 # =================================================================== 5. ordinary slots
 def test_ordinary_slot_deferred_error_sigbus_ar_with_hva(host):
-    """§10.C / §8: a deferred error on the anon page behind an ordinary slot, then a
+    """kvm_send_hwpoison_signal (arch/x86/kvm/mmu/mmu.c): a deferred error on the
+    anon page behind an ordinary slot, then a
     guest access: GUP meets the hwpoison entry -> kvm_send_hwpoison_signal: SIGBUS
     BUS_MCEERR_AR to the vCPU thread, si_addr = the page's hva, lsb 12; KVM_RUN
     returns -EINTR (KVM_EXIT_INTR) and the access stays pending.  Recovery with
@@ -792,7 +794,7 @@ def test_conversion_request_with_page_already_in_stage2(host, path):
 
 
 def test_private_access_without_gmem_is_efault(host):
-    """§8: a private fault in a slot without guest_memfd: -EFAULT with a memory
+    """kvm_mmu_faultin_pfn: a private fault in a slot without guest_memfd: -EFAULT with a memory
     fault exit (flags PRIVATE)."""
     me, rec = attach(host)
     vm = me.open_kvm().create_vm(u.KVM_X86_SW_PROTECTED_VM)

@@ -1,5 +1,5 @@
 """Machine checks into the guest: KVM_X86_SETUP_MCE / KVM_X86_SET_MCE and the
-guest kernel model (vmm-and-tests.md §2.5-2.6; kvm_vcpu_ioctl_x86_setup_mce /
+guest kernel model (QEMU target/i386/kvm/kvm.c kvm_arch_on_sigbus_vcpu; kvm_vcpu_ioctl_x86_setup_mce /
 kvm_vcpu_ioctl_x86_set_mce in arch/x86/kvm/x86.c).
 
 The injected records are QEMU's kvm_mce_inject for an Intel guest:
@@ -398,12 +398,12 @@ def test_custom_guest_handler(host):
 # =================================================================== QEMU's path end to end
 @pytest.mark.parametrize("installed_by", ["main_before_clone", "vcpu_thread"])
 def test_qemu_like_forwarding_of_ar_sigbus(host, installed_by):
-    """vmm-and-tests.md §2.5-2.6: a consumed error in guest memory on an ordinary
+    """QEMU kvm_arch_on_sigbus_vcpu / kvm_mce_inject: a consumed error in guest memory on an ordinary
     slot: SIGBUS BUS_MCEERR_AR on the vCPU thread with the hva; KVM_RUN -EINTR;
     the VMM maps hva -> gpa through its memslot and injects an AR #MC; the guest
     kills the task that touched the page and offlines it.
     `installed_by`: QEMU installs its SIGBUS handler in the main thread before it
-    creates the vCPU threads (§2.1), and handlers are per process, so the vCPU
+    creates the vCPU threads (qemu_init_sigbus), and handlers are per process, so the vCPU
     thread must run it; the other variant installs it in the vCPU thread."""
     me, vm, anon = make_vm(host)
     gbase = 0

@@ -722,7 +722,7 @@ def _dead_pids(n):
 
 
 def test_concurrent_cleanups_of_the_same_dead_entries(tmp_path, monkeypatch):
-    """§2.5: supervisors booting at once clean the same dead entries; none fails."""
+    """Supervisors booting at once clean the same dead entries; none fails."""
     import posix_ipc
 
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))

@@ -1,4 +1,4 @@
-"""PR_MCE_KILL / PR_MCE_KILL_GET exactly as kernel/sys.c (kernel-src.md §6).
+"""PR_MCE_KILL / PR_MCE_KILL_GET exactly as kernel/sys.c (the PR_MCE_KILL and PR_MCE_KILL_GET cases of prctl).
 
     case PR_MCE_KILL:
         if (arg4 | arg5) return -EINVAL;

@@ -1,8 +1,8 @@
 """Who gets which SIGBUS: thread selection, AR vs AO, forced AR, pending AO, legacy_queue.
 
-Spec: reference/kernel-semantics.md §4 "Who gets signalled", §10 table A, §11 extra
-checks 1-4; kernel-src.md §1d (kill_proc, task_early_kill, find_early_kill_thread) and
-§7 (force_sig_info_to_task, legacy_queue).
+Kernel: mm/memory-failure.c (kill_proc, task_early_kill, find_early_kill_thread,
+collect_procs) and kernel/signal.c (force_sig_mceerr, send_sig_mceerr,
+force_sig_info_to_task, legacy_queue).
 
 Every test runs forked (conftest).  The test process is the main thread ("qemu") of an
 emulated process; vCPU threads are clone()d workers that report what their own SIGBUS
@@ -340,7 +340,7 @@ def test_ar_on_vcpu2_only_vcpu2_gets_it(host, backing):
 
 @pytest.mark.parametrize("backing", ["memfd", "gmem"])
 def test_ar_current_and_ao_to_early_thread_of_other_process(host, backing):
-    """§11 check 3: a second process mapping the same page with an EARLY thread gets AO
+    """collect_procs: a second process mapping the same page with an EARLY thread gets AO
     while the consuming thread gets AR."""
     me = emu.attach(host, name="qemu")
     got, h = recorder(raise_on=(AR,))
