@@ -70,6 +70,10 @@ class FileOps:
     shmem = False             # shmem_mapping()
     huge = False              # hugetlbfs: huge folios, huge mappings
     gmem = False              # guest_memfd: where the policy's gmem decisions apply
+    # read(2) reaching a folio whose first page to read is poisoned fails with -EIO even
+    # after earlier folios were copied (hugetlbfs_read_iter); otherwise the bytes
+    # already read are returned (shmem_file_read_iter, filemap_read: retval ?: error)
+    read_eio_at_folio_start = False
 
     def release(self, k, inode: Inode) -> None:
         inode.nlink -= 1
@@ -184,7 +188,8 @@ def truncate_inode_pages_range(k, inode: Inode, start: int, end: int | None,
 
 def filemap_read(k, inode: Inode, n: int, off: int) -> bytes:
     """Generic read through the page cache; holes read as zeros.  A poisoned page
-    ends the read there (-EIO if nothing was read), as shmem and hugetlbfs do."""
+    ends the read there: -EIO if nothing was read, or (hugetlbfs) if it is the
+    first page read from its folio."""
     core = k.core
     if n < 0 or off < 0:
         raise OSError(u.EINVAL, "read")
@@ -197,7 +202,8 @@ def filemap_read(k, inode: Inode, n: int, off: int) -> bytes:
         pfn = inode.find(core, index)
         if pfn is not None:
             if inode.ops.page_poisoned(k, pfn):
-                if out:
+                if out and not (inode.ops.read_eio_at_folio_start
+                                and pos % (PAGE_SIZE << inode.huge_order) == 0):
                     break
                 raise OSError(u.EIO, "read")
             if core.hwerr(pfn):

@@ -61,6 +61,10 @@ class HugetlbfsOps(FileOps):
 
     name = "hugetlbfs"
     huge = True
+    # hugetlbfs_read_iter (6.18): adjust_range_hwpoison() == 0 for the next folio sets
+    # retval = -EIO over the bytes already copied (generic_file_read_iter would keep
+    # them; Jane Chu's 2026 series switches hugetlbfs to it, after 6.18)
+    read_eio_at_folio_start = True
 
     @staticmethod
     def hstate(inode: Inode) -> HState:

@@ -1,0 +1,140 @@
+"""HugeTLB details where the emulator once departed from Linux 6.18 (fidelity audit 2:
+D4, D8, D9, D15), as a user sees them.
+
+- read(2) of a hugetlbfs file (fs/hugetlbfs/inode.c hugetlbfs_read_iter and
+  adjust_range_hwpoison, 6.18): -EIO replaces the bytes already read when the next
+  huge page is poisoned at its first raw page.
+- unpoison of a HugeTLB folio (mm/memory-failure.c unpoison_memory with
+  folio_free_raw_hwp(folio, false)): every raw page leaves num_poisoned_pages and
+  the raw list is emptied.
+- MADV_HWPOISON over huge pages (mm/madvise.c madvise_inject_error): `start += size`,
+  size = page_size(compound_head(page)), keeps the offset into each huge page.
+- has_extra_refcount for a HugeTLB folio (mm/memory-failure.c, me_huge_page): the page
+  cache holds folio_nr_pages references (mm/filemap.c __filemap_add_folio
+  folio_ref_add(folio, nr)), so one pin more is "still referenced by 1 users".
+
+Default policy (v6.18 semantics for everything here); every test is forked (conftest).
+"""
+import errno
+import signal
+
+import pytest
+
+import emu
+from emu import uapi as u
+
+PAGE = 4096
+HPAGE = 2 << 20
+RW = u.PROT_READ | u.PROT_WRITE
+AR = u.BUS_MCEERR_AR
+EHWPOISON = 133
+HUGE2M = u.MFD_HUGETLB | u.MFD_HUGE_2MB
+KPF_HWPOISON = 1 << u.KPF_HWPOISON
+
+
+def setup(host):
+    """Attach; SIGBUS handler that records and returns (the access or syscall goes on)."""
+    me = emu.attach(host, name="t")
+    got = []
+    emu.sigaction(signal.SIGBUS, lambda s, i: got.append((i.si_code, i.si_addr, i.si_addr_lsb)))
+    return me, got
+
+
+def huge_file(me, length):
+    fd = me.memfd_create("huge", HUGE2M)
+    me.ftruncate(fd, length)
+    return fd, me.mmap(0, length, RW, u.MAP_SHARED, fd, 0)
+
+
+def pattern(length, seed=1):
+    """Each 4K page gets its own byte, so a misplaced page shows."""
+    return b"".join(bytes([(seed + i) % 251 + 1]) * PAGE for i in range(length // PAGE))
+
+
+def eio(me, fd, n, off):
+    with pytest.raises(OSError) as ei:
+        me.pread(fd, n, off)
+    return ei.value.errno == errno.EIO
+
+
+def hc(host):
+    return host.meminfo()["HardwareCorrupted"]
+
+
+def dmesg_count(host, text):
+    return sum(text in line for line in host.dmesg())
+
+
+# ------------------------------------------------------------------ D4: read(2)
+def test_read_eio_when_the_next_huge_page_starts_poisoned(host_factory):
+    """hugetlbfs_read_iter: adjust_range_hwpoison() == 0 for the next folio sets
+    retval = -EIO, overwriting what was copied from the earlier ones."""
+    host = host_factory(ram="256M", hugepages={"2M": 4})
+    me, got = setup(host)
+    fd, a = huge_file(me, 2 * HPAGE)
+    data = pattern(2 * HPAGE)
+    me.write(a, data)
+    me.madvise(a + HPAGE, PAGE, u.MADV_HWPOISON)          # raw page 0 of huge page 1
+    assert got == [(AR, a + HPAGE, 21)]
+
+    assert eio(me, fd, 2 * HPAGE, 0)                      # 2 MiB copied, then -EIO
+    assert eio(me, fd, 2 * PAGE, HPAGE - PAGE)            # one page copied, then -EIO
+    assert eio(me, fd, 16, HPAGE - 1)                     # one byte copied, then -EIO
+    # a read that ends at the boundary never looks at the next folio
+    assert me.pread(fd, HPAGE, 0) == data[:HPAGE]
+    assert me.pread(fd, 100, HPAGE - 100) == data[HPAGE - 100:HPAGE]
+    # the offset is in the poisoned raw page: -EIO; past it: the rest reads
+    assert eio(me, fd, 16, HPAGE + 100)
+    assert me.pread(fd, HPAGE, HPAGE + PAGE) == data[HPAGE + PAGE:]
+    assert me.pread(fd, 2 * PAGE, HPAGE + PAGE + 7) == data[HPAGE + PAGE + 7:HPAGE + 3 * PAGE + 7]
+
+
+def test_read_stops_with_bytes_at_a_later_raw_page(host_factory):
+    """adjust_range_hwpoison counts the bytes from the read offset up to the first
+    poisoned raw page at or after it: a poisoned raw page that is not the first of
+    its folio ends the read with the bytes before it, in the first folio read or in
+    a later one; a read starting past it in the same folio does not see it."""
+    host = host_factory(ram="256M", hugepages={"2M": 4})
+    me, got = setup(host)
+    fd, a = huge_file(me, 2 * HPAGE)
+    data = pattern(2 * HPAGE)
+    me.write(a, data)
+    me.madvise(a + 5 * PAGE, PAGE, u.MADV_HWPOISON)             # raw 5 of huge page 0
+    me.madvise(a + HPAGE + 3 * PAGE, PAGE, u.MADV_HWPOISON)     # raw 3 of huge page 1
+    assert [g[1] for g in got] == [a + 5 * PAGE, a + HPAGE + 3 * PAGE]
+
+    assert me.pread(fd, 2 * HPAGE, 0) == data[:5 * PAGE]
+    assert me.pread(fd, 2 * HPAGE, 123) == data[123:5 * PAGE]
+    # from past raw 5: the rest of folio 0, then folio 1 up to its raw 3
+    assert me.pread(fd, 2 * HPAGE, 6 * PAGE) == data[6 * PAGE:HPAGE + 3 * PAGE]
+    assert me.pread(fd, 2 * HPAGE, 6 * PAGE + 9) == data[6 * PAGE + 9:HPAGE + 3 * PAGE]
+    assert eio(me, fd, 1, 5 * PAGE + PAGE - 1)
+    assert me.pread(fd, 2 * HPAGE, HPAGE + 4 * PAGE) == data[HPAGE + 4 * PAGE:]
+
+
+def test_read_eio_after_a_hole(host_factory):
+    """A hole copies zeros (iov_iter_zero) and counts as read; the poisoned first
+    raw page of the next folio still turns the whole read into -EIO."""
+    host = host_factory(ram="256M", hugepages={"2M": 4})
+    me, got = setup(host)
+    fd, a = huge_file(me, 2 * HPAGE)
+    me.write(a + HPAGE, b"\x42" * 64)                     # huge page 0 stays a hole
+    me.madvise(a + HPAGE, PAGE, u.MADV_HWPOISON)
+    assert eio(me, fd, 2 * HPAGE, 0)
+    assert me.pread(fd, HPAGE, 0) == bytes(HPAGE)
+
+
+def test_shmem_read_keeps_the_bytes_before_a_poisoned_page(host_factory):
+    """shmem_file_read_iter returns `retval ? retval : error`: unchanged by the
+    hugetlbfs rule (a guard; it passed before the D4 fix too)."""
+    host = host_factory(ram="128M")
+    me, got = setup(host)
+    fd = me.memfd_create("shm")
+    me.ftruncate(fd, 4 * PAGE)
+    a = me.mmap(0, 4 * PAGE, RW, u.MAP_SHARED, fd, 0)
+    data = pattern(4 * PAGE)
+    me.write(a, data)
+    me.madvise(a + 2 * PAGE, PAGE, u.MADV_HWPOISON)
+    assert me.pread(fd, 4 * PAGE, 0) == data[:2 * PAGE]
+    assert me.pread(fd, 4 * PAGE, PAGE + 5) == data[PAGE + 5:2 * PAGE]
+    assert eio(me, fd, 4 * PAGE, 2 * PAGE)
