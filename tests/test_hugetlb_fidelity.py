@@ -138,3 +138,54 @@ def test_shmem_read_keeps_the_bytes_before_a_poisoned_page(host_factory):
     assert me.pread(fd, 4 * PAGE, 0) == data[:2 * PAGE]
     assert me.pread(fd, 4 * PAGE, PAGE + 5) == data[PAGE + 5:2 * PAGE]
     assert eio(me, fd, 4 * PAGE, 2 * PAGE)
+
+
+# ------------------------------------------------------------------ D8: unpoison
+def test_unpoison_huge_folio_frees_every_raw_page(host_factory):
+    """unpoison_memory(head) of a truncated HugeTLB folio: folio_free_raw_hwp(folio,
+    false) subtracts each raw page from num_poisoned_pages and empties the raw list;
+    the generic num_poisoned_pages_sub(pfn, 1) is skipped.  The folio goes back to
+    the pool, and when it is reused only its new raw page counts."""
+    host = host_factory(ram="256M", hugepages={"2M": 1})
+    me, got = setup(host)
+    hc0 = hc(host)
+    fd, a = huge_file(me, HPAGE)
+    data = pattern(HPAGE)
+    me.write(a, data)
+    head = me.pagemap(a).pfn
+    me.madvise(a + 5 * PAGE, PAGE, u.MADV_HWPOISON)
+    with pytest.raises(OSError) as ei:                    # a second raw page
+        host.corrupt_pfn(head + 7)
+    assert ei.value.errno == EHWPOISON
+    assert hc(host) == hc0 + 8
+    assert host.meminfo()["HugePages_Free"] == 0
+
+    # while the page cache holds it: the page cache's references are "someone"
+    with pytest.raises(OSError) as ei:
+        host.unpoison_pfn(head)
+    assert ei.value.errno == errno.EBUSY
+    assert dmesg_count(host, "Unpoison: %#x: someone grabs the hwpoison page" % head) == 1
+
+    me.munmap(a, HPAGE)
+    me.ftruncate(fd, 0)
+    # the flag is on the head only: a raw page reads as not poisoned
+    with pytest.raises(OSError) as ei:
+        host.unpoison_pfn(head + 5)
+    assert ei.value.errno == errno.EBUSY
+    assert dmesg_count(host, "Unpoison: %#x: page was already unpoisoned" % (head + 5)) == 1
+    assert host.unpoison_pfn(head) == 0
+    assert dmesg_count(host, "Unpoison: %#x: software-unpoisoned page" % head) == 1
+    assert hc(host) == hc0                                # both raw pages left the count
+    assert not host.kpageflags(head) & KPF_HWPOISON
+    assert host.meminfo()["HugePages_Free"] == 1          # back in the pool
+
+    # the same folio (the pool's only one) reused; a new raw page poisoned
+    me.ftruncate(fd, HPAGE)
+    b = me.mmap(0, HPAGE, RW, u.MAP_SHARED, fd, 0)
+    me.write(b, data)
+    assert me.pagemap(b).pfn == head
+    me.madvise(b + 9 * PAGE, PAGE, u.MADV_HWPOISON)
+    assert hc(host) == hc0 + 4
+    assert me.pread(fd, HPAGE, 0) == data[:9 * PAGE]      # raw 5 and 7 are forgotten
+    assert me.pread(fd, PAGE, 5 * PAGE) == data[5 * PAGE:6 * PAGE]
+    assert host.check_invariants() == []

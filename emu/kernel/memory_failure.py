@@ -537,6 +537,14 @@ class MemoryFailure:
         if core.mapping(head) and not core.flags(head) & PG_anon:
             info("%#x: the hwpoison page has non-NULL mapping")
             return -u.EBUSY
+        count = 1                                        # num_poisoned_pages_sub(pfn, 1)
+        if core.flags(head) & PG_hugetlb and k.hugetlb is not None:
+            # folio_free_raw_hwp(folio, false): each raw page leaves the count and the
+            # raw list is emptied (before the last put can free the folio); none on
+            # record (raw_hwp_unreliable) refuses, silently
+            count = len(k.hugetlb.raw_hwp.pop(head, ()))
+            if not count:
+                return -u.EBUSY
         core.test_clear_flag(pfn, PG_hwpoison)
         if taken_off:                                    # put_page_back_buddy
             core.set_private(pfn, 0)
@@ -544,7 +552,7 @@ class MemoryFailure:
             k.buddy.put_back(pfn)
         elif core.refcount(head) > 0:
             k.mm.folio_put(head)
-        self.num_poisoned_pages -= 1
+        self.num_poisoned_pages -= count
         info("%#x: software-unpoisoned page")
         k.trace("unpoison", pfn=pfn)
         return 0
