@@ -189,3 +189,51 @@ def test_unpoison_huge_folio_frees_every_raw_page(host_factory):
     assert me.pread(fd, HPAGE, 0) == data[:9 * PAGE]      # raw 5 and 7 are forgotten
     assert me.pread(fd, PAGE, 5 * PAGE) == data[5 * PAGE:6 * PAGE]
     assert host.check_invariants() == []
+
+
+# ------------------------------------------------------------------ D9: MADV_HWPOISON loop
+def test_madvise_hwpoison_keeps_the_offset_into_each_huge_page(host_factory):
+    """madvise_inject_error: `for (; start < end; start += size)` with size the huge
+    page size: [h + 4K, h + 4M) injects raw page 1 of each huge page."""
+    host = host_factory(ram="256M", hugepages={"2M": 4})
+    me, got = setup(host)
+    fd, a = huge_file(me, 2 * HPAGE)
+    data = pattern(2 * HPAGE)
+    me.write(a, data)
+    h0, h1 = me.pagemap(a).pfn, me.pagemap(a + HPAGE).pfn
+    hc0 = hc(host)
+
+    me.madvise(a + PAGE, 2 * HPAGE - PAGE, u.MADV_HWPOISON)
+    inj = [line for line in host.dmesg() if "Injecting memory failure for pfn" in line]
+    assert [line.split("Injecting ")[1] for line in inj] == [
+        "memory failure for pfn %#x at process virtual address %#x" % (h0 + 1, a + PAGE),
+        "memory failure for pfn %#x at process virtual address %#x" % (h1 + 1, a + HPAGE + PAGE)]
+    assert dmesg_count(host, "%#x: recovery action for huge page: Recovered" % (h1 + 1)) == 1
+    assert hc(host) == hc0 + 8
+    # the first AR is pending when the second is forced: legacy_queue drops it
+    assert got == [(AR, a + PAGE, 21)]
+    # raw page 0 of huge page 1 is healthy, raw page 1 is not
+    assert me.pread(fd, 2 * PAGE, HPAGE) == data[HPAGE:HPAGE + PAGE]
+
+
+def test_madvise_hwpoison_range_ending_inside_the_next_huge_page(host_factory):
+    """[h + 4K, h + 2M + 4K): start + size = h + 2M + 4K is the end, so one injection;
+    [h + 4K, h + 2M + 8K) reaches h + 2M + 4K (raw page 1 of the next huge page)."""
+    host = host_factory(ram="256M", hugepages={"2M": 4})
+    me, got = setup(host)
+    fd, a = huge_file(me, 2 * HPAGE)
+    me.write(a, pattern(2 * HPAGE))
+    h1 = me.pagemap(a + HPAGE).pfn
+    hc0 = hc(host)
+    me.madvise(a + PAGE, HPAGE, u.MADV_HWPOISON)
+    assert dmesg_count(host, "Injecting memory failure for pfn") == 1
+    assert hc(host) == hc0 + 4
+    assert not host.kpageflags(h1) & KPF_HWPOISON          # the next huge page untouched
+
+    fd2, b = huge_file(me, 2 * HPAGE)
+    me.write(b, pattern(2 * HPAGE))
+    g1 = me.pagemap(b + HPAGE).pfn
+    me.madvise(b + PAGE, HPAGE + PAGE, u.MADV_HWPOISON)
+    assert dmesg_count(host, "Injecting memory failure for pfn %#x at process virtual address %#x"
+                       % (g1 + 1, b + HPAGE + PAGE)) == 1
+    assert dmesg_count(host, "Injecting memory failure for pfn") == 3

@@ -105,7 +105,8 @@ MADV_HINTS = {u.MADV_NORMAL, 1, 2, 3, 10, 11, 14, 15, 16, 17, 20, 21}   # RANDOM
 
 
 def madvise_inject_error(k, t, start: int, end: int, advice: int) -> int:
-    """mm/madvise.c: pin each page with GUP (faulting it in), then inject."""
+    """mm/madvise.c: pin each page with GUP (faulting it in), then inject.  The step
+    is the size of the folio just injected (page_size(compound_head(page)))."""
     from .. import _core as C
 
     mm = t.process.mm
@@ -143,7 +144,7 @@ def madvise_inject_error(k, t, start: int, end: int, advice: int) -> int:
                 ret = 0
         if ret:
             raise OSError(-ret, "madvise")
-        start = (start & ~(size - 1)) + size
+        start += size           # not aligned: the same offset into the next huge page
     return 0
 
 
