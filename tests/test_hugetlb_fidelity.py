@@ -237,3 +237,63 @@ def test_madvise_hwpoison_range_ending_inside_the_next_huge_page(host_factory):
     assert dmesg_count(host, "Injecting memory failure for pfn %#x at process virtual address %#x"
                        % (g1 + 1, b + HPAGE + PAGE)) == 1
     assert dmesg_count(host, "Injecting memory failure for pfn") == 3
+
+
+# ------------------------------------------------------------------ D15: extra references
+def _long_term_pin(monkeypatch):
+    """A driver's pin_user_pages(FOLL_LONGTERM) on every new HugeTLB folio (nothing
+    in the emulator pins one for good, so the supervisor is patched before it forks,
+    as test_invariants does)."""
+    from emu.kernel.hugetlb import HugeTLB
+
+    real = HugeTLB.get_folio
+
+    def get_folio(self, inode, index, extra_flags=None):
+        nr = 1 << inode.private["hstate"].order
+        new = inode.pages.get(index - index % nr) is None
+        head = real(self, inode, index) if extra_flags is None else \
+            real(self, inode, index, extra_flags)
+        if new and head is not None:
+            self.k.core.ref_add(head, 1)
+        return head
+
+    monkeypatch.setattr(HugeTLB, "get_folio", get_folio)
+
+
+def test_extra_pin_on_a_huge_folio_is_reported(host_factory, monkeypatch):
+    """me_huge_page -> has_extra_refcount(ps, p, true): page_count - 1 - folio_nr_pages
+    leaves the pin: "huge page still referenced by 1 users", MF_FAILED, and
+    MADV_HWPOISON fails with EBUSY (after the AR kill of the unmap)."""
+    _long_term_pin(monkeypatch)
+    host = host_factory(ram="256M", hugepages={"2M": 4})
+    me, got = setup(host)
+    fd, a = huge_file(me, HPAGE)
+    me.write(a, b"p" * 64)
+    pfn = me.pagemap(a).pfn + 3
+    st0 = host.mf_stats()
+    with pytest.raises(OSError) as ei:
+        me.madvise(a + 3 * PAGE, PAGE, u.MADV_HWPOISON)
+    assert ei.value.errno == errno.EBUSY
+    assert got == [(AR, a + 3 * PAGE, 21)]
+    assert dmesg_count(host, "Memory failure: %#x: huge page still referenced by 1 users" % pfn) == 1
+    assert dmesg_count(host, "Memory failure: %#x: recovery action for huge page: Failed" % pfn) == 1
+    st = host.mf_stats()
+    assert st["failed"] == st0["failed"] + 1 and st["recovered"] == st0["recovered"]
+
+
+def test_mapped_twice_huge_folio_has_no_extra_reference(host_factory):
+    """The ordinary references (the page cache's folio_nr_pages, one per mapping,
+    memory_failure's own) are not "users": two processes and two mappings of the
+    folio, all unmapped by the failure, give "huge page: Recovered"."""
+    host = host_factory(ram="256M", hugepages={"2M": 4})
+    me, got = setup(host)
+    fd, a = huge_file(me, HPAGE)
+    a2 = me.mmap(0, HPAGE, RW, u.MAP_SHARED, fd, 0)
+    me.write(a, b"q" * 64)
+    assert me.read(a2, 1) == b"q"
+    ch = me.fork(lambda t: t.idle(1.0), name="child")   # maps it too (fork copies the PTEs)
+    pfn = me.pagemap(a).pfn + 2
+    me.madvise(a + 2 * PAGE, PAGE, u.MADV_HWPOISON)
+    assert dmesg_count(host, "still referenced by") == 0
+    assert dmesg_count(host, "%#x: recovery action for huge page: Recovered" % pfn) == 1
+    ch.join(10)

@@ -115,7 +115,10 @@ class FileOps:
 
 
 def filemap_add_folio(k, inode: Inode, index: int, order: int, flags: int) -> int:
+    """The page cache holds folio_nr_pages references (__filemap_add_folio)."""
     head = k.mm.folio_alloc(order, flags, inode.ino, index)
+    if order:
+        k.core.ref_add(head, (1 << order) - 1)
     for i in range(1 << order):
         inode.pages[index + i] = head + i
     k.inode_sync(inode)
@@ -132,9 +135,10 @@ def filemap_remove_folio(k, inode: Inode, head: int) -> None:
     else:
         for i in range(1 << core.order(head)):
             inode.pages.pop(index + i, None)
+    nr = 1 << core.order(head)
     core.set_mapping(head, 0, 0)
     core.test_clear_flag(head, PG_dirty)
-    k.mm.folio_put(head)               # the page cache's reference
+    k.mm.folio_put(head, nr)           # the page cache's (filemap_free_folio: folio_nr_pages)
     k.inode_sync(inode)
 
 

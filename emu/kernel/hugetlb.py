@@ -213,7 +213,9 @@ class HugeTLB:
 
     def get_folio(self, inode: Inode, index: int, extra_flags: int = PG_dirty) -> int | None:
         """The huge folio at page index (4K units), allocated from the pool if absent;
-        hugetlb_add_to_page_cache marks it dirty."""
+        hugetlb_add_to_page_cache marks it dirty.  The page cache holds folio_nr_pages
+        references (__filemap_add_folio: folio_ref_add(folio, nr), hugetlb included
+        since 6.7)."""
         h = inode.private["hstate"]
         nr = 1 << h.order
         base = index - index % nr
@@ -238,7 +240,7 @@ class HugeTLB:
             h.clean.discard(head)          # never used since boot: still zero
         else:
             core.phys_zero(head, nr)
-        core.set_folio(head, h.order, PG_hugetlb | PG_head | PG_uptodate | extra_flags, 1, inode.ino,
+        core.set_folio(head, h.order, PG_hugetlb | PG_head | PG_uptodate | extra_flags, nr, inode.ino,
                        base)
         inode.pages[base] = head           # one entry per folio
         self.k.inode_sync(inode)
@@ -296,7 +298,8 @@ class HugeTLB:
         inode.ops.invalidate(k, inode, base, base + nr)
         k.synchronize_rcu()
         flags = core.flags(head) & (PG_dirty | PG_uptodate)
-        refs = 1 + sum(core.refcount(p) - 1 for p in poisoned)  # page cache + pins kept
+        # the page cache's folio_nr_pages references, and the pins the pages kept
+        refs = nr + sum(core.refcount(p) - 1 for p in range(head, head + nr))
         core.set_folio(head, g["order"], PG_hugetlb | PG_head | PG_uptodate | flags
                        | (PG_hwpoison if poisoned else 0), refs, inode.ino, base, True)
         if poisoned:

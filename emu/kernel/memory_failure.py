@@ -108,7 +108,8 @@ def me_pagecache_dirty(mf, ps, pfn):
 
 def me_huge_page(mf, ps, pfn):
     """A HugeTLB folio with a mapping stays in the page cache (hugetlbfs's
-    error_remove_folio returns 0); extra_pins covers the folio's pages."""
+    error_remove_folio returns 0): extra_pins discounts the page cache's
+    folio_nr_pages references, so only other users count."""
     k = mf.k
     head = k.core.head(pfn)
     inode = k.inodes.get(k.core.mapping(head))
