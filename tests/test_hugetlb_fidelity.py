@@ -241,9 +241,9 @@ def test_madvise_hwpoison_range_ending_inside_the_next_huge_page(host_factory):
 
 # ------------------------------------------------------------------ D15: extra references
 def _long_term_pin(monkeypatch):
-    """A driver's pin_user_pages(FOLL_LONGTERM) on every new HugeTLB folio (nothing
-    in the emulator pins one for good, so the supervisor is patched before it forks,
-    as test_invariants does)."""
+    """A driver's pin_user_pages(FOLL_LONGTERM) on the folio at file offset 0 of
+    every HugeTLB file (nothing in the emulator pins one for good, so the
+    supervisor is patched before it forks, as test_invariants does)."""
     from emu.kernel.hugetlb import HugeTLB
 
     real = HugeTLB.get_folio
@@ -253,7 +253,7 @@ def _long_term_pin(monkeypatch):
         new = inode.pages.get(index - index % nr) is None
         head = real(self, inode, index) if extra_flags is None else \
             real(self, inode, index, extra_flags)
-        if new and head is not None:
+        if new and head is not None and index < nr:
             self.k.core.ref_add(head, 1)
         return head
 
@@ -297,3 +297,28 @@ def test_mapped_twice_huge_folio_has_no_extra_reference(host_factory):
     assert dmesg_count(host, "still referenced by") == 0
     assert dmesg_count(host, "%#x: recovery action for huge page: Recovered" % pfn) == 1
     ch.join(10)
+
+
+def test_extra_pin_on_a_hugetlb_guest_memfd_folio_is_reported(host_factory, monkeypatch):
+    """The HugeTLB guest_memfd (out-of-tree series) adds its folios to the filemap
+    the same way: under the MF_DELAYED fix a plain failure is "Delayed"; one pin more
+    is "still referenced by 1 users" and MF_FAILED."""
+    flags = (u.GUEST_MEMFD_FLAG_MMAP | u.GUEST_MEMFD_FLAG_INIT_SHARED
+             | u.GUEST_MEMFD_FLAG_HUGETLB | u.GUESTMEM_HUGETLB_FLAG_2MB)
+    _long_term_pin(monkeypatch)
+    host = host_factory(ram="256M", hugepages={"2M": 4}, policy="mf-delayed-fix")
+    me, got = setup(host)
+    vm = me.open_kvm().create_vm(u.KVM_X86_SW_PROTECTED_VM)
+    gfd = vm.create_guest_memfd(2 * HPAGE, flags)
+    hva = me.mmap(0, 2 * HPAGE, RW, u.MAP_SHARED, gfd, 0)
+    me.write(hva, b"g" * 64)
+    me.write(hva + HPAGE, b"h" * 64)
+    pinned, plain = me.pagemap(hva).pfn + 3, me.pagemap(hva + HPAGE).pfn + 3
+    assert host.corrupt_pfn(plain) == 0
+    assert dmesg_count(host, "%#x: recovery action for huge page: Delayed" % plain) == 1
+    with pytest.raises(OSError) as ei:
+        host.corrupt_pfn(pinned)
+    assert ei.value.errno == errno.EBUSY
+    assert dmesg_count(host, "%#x: huge page still referenced by 1 users" % pinned) == 1
+    assert dmesg_count(host, "%#x: recovery action for huge page: Failed" % pinned) == 1
+    assert dmesg_count(host, "still referenced by") == 1
