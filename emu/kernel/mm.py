@@ -221,7 +221,7 @@ class MM:
         bit and drops mapcount and reference."""
         old, head, refs = self.core.pte_zap(mm.pgd, va, poison, level)
         if mm.kvm_users:
-            self.k.kvm.mmu_notifier_invalidate(mm, va)
+            self.k.kvm.mmu_notifier_invalidate(mm, va, PAGE_SIZE << 9 * (level - 1))
         if head >= 0:
             if refs <= 0:
                 self.folio_free(head)
@@ -294,7 +294,7 @@ class MM:
         if k.kvm.vms:
             for s, va, _pfn in core.rmap_file(inode.slot, head, index, n, level):
                 if vma_of[s].mm.kvm_users:
-                    k.kvm.mmu_notifier_invalidate(vma_of[s].mm, va)
+                    k.kvm.mmu_notifier_invalidate(vma_of[s].mm, va, PAGE_SIZE << 9 * (level - 1))
         zapped, done, sent = core.unmap_file(inode.slot, head, index, n, level, hwpoison, sends)
         if sent:
             k.signals.doorbells_rung()
