@@ -262,6 +262,11 @@ class Host:
     def unpoison_pfn(self, pfn: int) -> int:
         return self._errno_call("unpoison_pfn", pfn=pfn)
 
+    def soft_offline_page(self, phys_addr: int) -> int:
+        """/sys/devices/system/memory/soft_offline_page: soft-offline the page at a
+        physical address (not a pfn; the low 12 bits are ignored).  0, or OSError."""
+        return self._errno_call("soft_offline_page", addr=phys_addr)
+
     def hw_poison(self, pfn: int) -> int:
         return self._errno_call("hw_poison", pfn=pfn)
 

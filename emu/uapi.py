@@ -153,6 +153,11 @@ MF_FAILED = 1
 MF_DELAYED = 2
 MF_RECOVERED = 3
 
+# ---- /proc/sys/vm/enable_soft_offline bits (mm/memory-failure.c; the selftest
+# hugetlb-soft-offline.c defines the same) ----
+SOFT_OFFLINE_ENABLED = 1 << 0
+SOFT_OFFLINE_SKIP_HUGETLB = 1 << 1
+
 # ---- KVM ----
 KVMIO = 0xAE
 KVM_API_VERSION = 12

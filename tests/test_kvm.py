@@ -568,6 +568,39 @@ def test_ordinary_slot_deferred_error_sigbus_ar_with_hva(host):
     assert main_rec.got == []
 
 
+def test_ordinary_slot_hugetlb_unmap_zaps_the_whole_huge_range(host_factory):
+    """A HugeTLB folio behind an ordinary slot: try_to_unmap_one() starts the MMU
+    notifier over the whole huge page (mmu_notifier_range_init with the hstate
+    size), so KVM drops every stage-2 entry the guest built from it, not only the
+    one at the huge entry's address.  After a failure on page 2 the guest's read of
+    page 9 faults, meets the hwpoison entry and gets kvm_send_hwpoison_signal():
+    SIGBUS BUS_MCEERR_AR at page 9's hva, lsb PAGE_SHIFT; KVM_RUN -EINTR."""
+    host = host_factory(ram="128M", hugepages={"2M": 2})
+    me, rec = attach(host)
+    fd = me.memfd_create("guest-ram", u.MFD_HUGETLB | u.MFD_HUGE_2MB)
+    me.ftruncate(fd, 2 << 20)
+    hva = me.mmap(0, 2 << 20, RW, u.MAP_SHARED, fd, 0)
+    me.write(hva + 9 * PAGE, b"nine")
+    vm = me.open_kvm().create_vm(u.KVM_X86_DEFAULT_VM)
+    vm.set_user_memory_region2(1, 0, GPA, 2 << 20, hva)
+
+    def guest(g):
+        v = yield g.read(GPA + 2 * PAGE, 4)
+        w = yield g.read(GPA + 9 * PAGE, 4)
+        yield g.sync((v, w))
+        w = yield g.read(GPA + 9 * PAGE, 4)
+        yield g.sync(w)
+
+    vcpu = vm.create_vcpu(0)
+    vcpu.set_guest(guest)
+    assert sync_value(vcpu) == (bytes(4), b"nine")
+    assert vm.gpa_to_pfn(GPA + 9 * PAGE)["mapped"]
+    assert host.corrupt_pfn(me.pagemap(hva + 2 * PAGE).pfn) == 0
+    assert not vm.gpa_to_pfn(GPA + 9 * PAGE)["mapped"]
+    assert run_err(vcpu) == errno.EINTR
+    assert rec.got == [(os.getpid(), u.BUS_MCEERR_AR, hva + 9 * PAGE, 12)]
+
+
 @pytest.mark.parametrize("how", ["munmap", "dontneed"])
 def test_ordinary_slot_host_unmap_zaps_stage2(host, how):
     """The MMU notifier: unmapping host memory behind an ordinary slot zaps the

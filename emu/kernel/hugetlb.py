@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from .. import uapi as u
 from .fs import File, FileOps, Inode, filemap_read, filemap_remove_folio, truncate_inode_pages_range
 from .mm import PAGE_SHIFT
-from .page_alloc import PG_dirty, PG_head, PG_hugetlb, PG_hwpoison, PG_uptodate
+from .page_alloc import MAX_PAGE_ORDER, PG_dirty, PG_head, PG_hugetlb, PG_hwpoison, PG_uptodate
 
 MF_MSG_FREE_HUGE = "free huge page"
 MF_MSG_ALREADY_POISONED = "already poisoned page"
@@ -173,6 +173,7 @@ class HugeTLB:
         self.hstates = hstates
         self.raw_hwp: dict[int, set[int]] = {}      # head -> poisoned raw pfns (raw_hwp_page list)
         self.groups: dict[int, dict] = {}           # old head -> {"order", "live", "raw"}
+        self.temporary: set[int] = set()            # heads of folios that leave on free
         self.by_order = {h.order: h for h in hstates.values()}
         for h in hstates.values():
             for head in h.free:
@@ -259,11 +260,70 @@ class HugeTLB:
             self.raw_hwp[head] = tracked
         if core.flags(head) & PG_hwpoison:
             raw = self.raw_hwp.pop(head, {head})
+            self.temporary.discard(head)
             self._dissolve(head, order, raw)
             k.trace("hugetlb_dissolve", pfn=head, raw=len(raw))
             return
+        if head in self.temporary:             # back to the page allocator, not the pool
+            self.temporary.discard(head)
+            self._dissolve(head, order, set())
+            return
         core.set_folio(head, order, PG_hugetlb | PG_head, 0, 0, 0)
         h.free.append(head)
+
+    def dissolve_free_hugetlb_folio(self, head: int) -> int:
+        """Break a free huge page up into base pages for the page allocator: 0 (also
+        for a folio that is no HugeTLB folio any more), -EBUSY if it is in use or no
+        huge page is available beyond the reservations (!available_huge_pages())."""
+        core = self.k.core
+        if not core.flags(head) & PG_hugetlb:
+            return 0
+        h = self.by_order.get(core.order(head))
+        if h is None or core.refcount(head) or head not in h.free or len(h.free) - h.resv <= 0:
+            return -u.EBUSY
+        h.free.remove(head)
+        h.clean.discard(head)
+        self._dissolve(head, h.order, set())
+        self.k.trace("hugetlb_dissolve", pfn=head, raw=0)
+        return 0
+
+    # ------------------------------------------------------------ migration
+    def alloc_migration_target(self, h: HState) -> int | None:
+        """alloc_hugetlb_folio_nodemask(): a free huge page beyond the reservations,
+        else a fresh one from the page allocator marked temporary
+        (alloc_migrate_hugetlb_folio; never a gigantic one); None if neither."""
+        if len(h.free) - h.resv > 0:
+            head = self.dequeue(h)
+            if head is not None:
+                h.clean.discard(head)
+                return head
+        if h.order > MAX_PAGE_ORDER:                     # hstate_is_gigantic()
+            return None
+        try:
+            head = self.k.buddy.alloc(h.order)
+        except MemoryError:
+            return None
+        h.nr_huge_pages += 1                              # account_new_hugetlb_folio()
+        self.temporary.add(head)
+        return head
+
+    def migrate(self, head: int) -> int:
+        """unmap_and_move_huge_page() of an isolated in-use folio: 0, or -ENOMEM
+        when there is no target.  The old folio then loses its last reference
+        (folio_putback_hugetlb): back to the pool, or, when the target was a
+        temporary page, to the page allocator (move_hugetlb_state() handed the
+        temporary state over)."""
+        k = self.k
+        h = self.by_order[k.core.order(head)]
+        new = self.alloc_migration_target(h)
+        if new is None:
+            return -u.ENOMEM
+        k.mm.migrate_folio(head, new)
+        if new in self.temporary:
+            self.temporary.discard(new)
+            self.temporary.add(head)
+        self.free_huge_folio(head)
+        return 0
 
     def _dissolve(self, head: int, order: int, raw: set) -> None:
         """The folio leaves HugeTLB page by page: the raw poisoned pages stay retired,

@@ -301,17 +301,22 @@ class KVM:
                 self.split_huge_spte(vm, gpa, level)
             self.zap_gfn_range(vm, gfn, gfn + 1)
 
-    def mmu_notifier_invalidate(self, mm, va: int) -> None:
-        """The host zapped (mm, va): drop stage-2 mappings that were made from it."""
+    def mmu_notifier_invalidate(self, mm, va: int, size: int = PAGE_SIZE) -> None:
+        """kvm_mmu_notifier_invalidate_range_start: the host is about to change
+        [va, va + size) of mm (a zap, a migration; a huge entry covers its whole
+        range): drop the stage-2 mappings made from it."""
+        core = self.k.core
         for vm in self.vms:
             if vm.proc.mm is not mm:
                 continue
             for s in vm.slots.values():
-                if s.gmem_only or not s.hva <= va < s.hva + s.size:
+                lo, hi = max(va, s.hva), min(va + size, s.hva + s.size)
+                if s.gmem_only or lo >= hi:
                     continue
-                gpa = s.gpa + (va - s.hva)
-                if self.k.core.pte_get(vm.s2_root, gpa) & C.PTE_PRESENT:
-                    self.k.core.pte_xchg(vm.s2_root, gpa, 0)
+                for gpa, e, level in core.pt_scan(vm.s2_root, s.gpa + (lo - s.hva),
+                                                  s.gpa + (hi - s.hva)):
+                    if e & C.PTE_PRESENT:
+                        core.pte_xchg(vm.s2_root, gpa, 0, level)
 
     # ------------------------------------------------------------ stage-2 faults
     def page_fault(self, t, vm: Vm, gpa: int, write: bool, private) -> dict | None:

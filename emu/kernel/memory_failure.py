@@ -26,6 +26,7 @@ from .page_alloc import (
     PG_swapcache,
     PG_unevictable,
     PG_writeback,
+    format_page_flags,
 )
 from .sched import PF_MCE_EARLY, PF_MCE_PROCESS
 
@@ -162,6 +163,8 @@ class MemoryFailure:
         self.split_from: tuple[int, int] | None = None   # (old head, pages): this failure split it
         self.stats = {"total": 0, "ignored": 0, "failed": 0, "delayed": 0, "recovered": 0}
         self.log = k.logger("Memory failure: ")
+        self.soft_log = k.logger("Soft offline: ")
+        self.printed_once: set[str] = set()         # pr_info_once() texts already out
 
     # ------------------------------------------------------------ bookkeeping
     def action_result(self, pfn: int, type_: str, result: int) -> int:
@@ -560,39 +563,167 @@ class MemoryFailure:
 
     # ------------------------------------------------------------ soft_offline_page()
     def soft_offline_page(self, pfn: int) -> int:
-        """Migrate a page away and retire the old frame: no signal, content kept,
-        the pfn changes, HardwareCorrupted rises (mf stats do not)."""
+        """soft_offline_page(): take a page that is still good out of use without
+        killing anything: an in-use page is migrated (or, clean and unmapped in the
+        page cache, dropped), a free one taken off the allocator; the frame is then
+        HWPoison for good.  No signal, content kept, HardwareCorrupted rises (the mf
+        stats do not).  The checks come in the kernel's order."""
         k, core = self.k, self.k.core
-
-        def info(msg):
-            k.log("Soft offline: " + msg)
-
         if pfn < 0 or pfn >= core.nframes:
-            return -u.ENXIO
-        if not k.sysctl["vm.enable_soft_offline"]:
-            info("disabled by /proc/sys/vm/enable_soft_offline")
+            return -u.ENXIO                                 # !pfn_valid()
+        mode = k.sysctl["vm.enable_soft_offline"]
+        if not mode & u.SOFT_OFFLINE_ENABLED:
+            self.soft_info_once("disabled by /proc/sys/vm/enable_soft_offline")
+            return -u.EOPNOTSUPP
+        if mode & u.SOFT_OFFLINE_SKIP_HUGETLB and core.flags(core.head(pfn)) & PG_hugetlb:
+            self.soft_info_once("disabled for HugeTLB pages by /proc/sys/vm/enable_soft_offline")
             return -u.EOPNOTSUPP
         if core.flags(pfn) & PG_hwpoison:
-            info("%#x: page already poisoned" % pfn)
+            self.soft_log("%#x: page already poisoned", pfn)
             return 0
+        for _try in range(2):                       # a free page lost to a race: once more
+            ret = self.get_any_page(pfn)
+            if ret > 0:
+                ret = self.soft_offline_in_use_page(pfn)
+                k.trace("soft_offline", pfn=pfn, ret=ret)
+                return ret
+            if ret < 0:
+                return ret
+            if self.page_handle_poison(pfn, True, False):
+                k.trace("soft_offline", pfn=pfn, ret=0)
+                return 0
+        return -u.EBUSY
+
+    def soft_info_once(self, msg: str) -> None:
+        """pr_info_once(): the first time since boot only."""
+        if msg not in self.printed_once:
+            self.printed_once.add(msg)
+            self.soft_log(msg)
+
+    def drain_all_pages(self) -> None:
+        """Frames freed a moment ago wait out their grace period (the emulated TLB
+        shootdown) before the free lists get them; the kernel's drain of the
+        per-CPU lists puts its just-freed pages on the buddy lists at once."""
+        self.k.synchronize_rcu()
+        self.k.buddy.reclaim()
+
+    def get_any_page(self, pfn: int) -> int:
+        """get_hwpoison_page(p, MF_SOFT_OFFLINE) -> get_any_page(): 1 for an in-use
+        page soft offline can handle (on the LRU, or a migratable HugeTLB folio), 0
+        for a free one (a free buddy page, a freed huge page), else -EIO after
+        "unhandlable page." (logged under memory failure's prefix)."""
+        k, core = self.k, self.k.core
         head = core.head(pfn)
-        if core.refcount(head) == 0 and k.buddy.take_page_off_buddy(pfn):
-            self._retire(pfn)
-            return 0
+        fl, ref = core.flags(head), core.refcount(head)
+        h = k.hugetlb.by_order.get(core.order(head)) if k.hugetlb is not None \
+            and fl & PG_hugetlb else None
+        if h is not None:                                # get_hwpoison_hugetlb_folio()
+            if ref == 0 and head in h.free:
+                return 0                                 # folio_test_hugetlb_freed()
+            if ref > 0 and not fl & PG_hwpoison:         # ...hugetlb_migratable()
+                return 1
+        elif ref == 0:
+            if k.buddy.free_block_of(pfn) is None:       # zone_pcp_disable()
+                self.drain_all_pages()
+            if k.buddy.free_block_of(pfn) is not None:
+                return 0
+        elif fl & PG_lru and not fl & PG_slab:           # HWPoisonHandlable()
+            return 1
+        self.log("%#x: unhandlable page.", pfn)
+        return -u.EIO
+
+    def soft_offline_in_use_page(self, pfn: int) -> int:
+        """soft_offline_in_use_page(): try to drop a clean unmapped page-cache folio
+        (mapping_evict_folio), else isolate (isolate_hugetlb / the LRU) and migrate,
+        then page_handle_poison().  A failed migration: -EBUSY for a count of folios
+        left behind, the error itself otherwise (-ENOMEM: no target)."""
+        core = self.k.core
+        head = core.head(pfn)
+        huge = bool(core.flags(head) & PG_hugetlb)
+        what = "hugepage" if huge else "page"
+        if not huge and core.order(head):                # no THP is ever made here
+            self.soft_log("%#x: thp split failed", pfn)
+            return -u.EBUSY
         fl = core.flags(head)
-        if core.order(head) or not fl & PG_lru:
-            info("%#x: page isolation failed, page count %d, type %#x"
-                 % (pfn, core.refcount(head), fl))
+        if not huge and fl & PG_lru and not fl & PG_swapcache and self.mapping_evict_folio(head):
+            self.soft_log("%#x: invalidated", pfn)
+            self.page_handle_poison(pfn, False, True)
+            return 0
+        isolated = (core.refcount(head) > 0 and not fl & PG_hwpoison) if huge else fl & PG_lru
+        if not isolated:
+            self.soft_log("%#x: %s isolation failed, page count %d, type %s", pfn, what,
+                          core.refcount(head), format_page_flags(core.flags(pfn), pfn))
             return -u.EBUSY
+        ret = self.migrate_pages(head)
+        if ret == 0:
+            if not self.page_handle_poison(pfn, huge, not huge):
+                ret = -u.EBUSY
+        else:
+            self.soft_log("%#x: %s migration failed %d, type %s", pfn, what, ret,
+                          format_page_flags(core.flags(pfn), pfn))
+            if ret > 0:
+                ret = -u.EBUSY
+        return ret
+
+    def mapping_evict_folio(self, head: int) -> bool:
+        """mm/truncate.c mapping_evict_folio(): remove a clean page-cache folio that
+        nobody maps or holds (refcount: the page cache's alone) from its file.
+        Anonymous folios have no mapping.  (A page of a split HugeTLB guest_memfd
+        folio, out-of-tree, is left to migration, which refuses it.)"""
+        from .fs import filemap_remove_folio
+
+        k, core = self.k, self.k.core
+        fl = core.flags(head)
+        inode = None if fl & PG_anon else k.inodes.get(core.mapping(head))
+        if inode is None or fl & (PG_dirty | PG_writeback) or core.refcount(head) > 1 \
+                or k.mm.folio_mapped(head):
+            return False
+        if k.hugetlb is not None and k.hugetlb.groups and k.hugetlb.split_group_of(head) is not None:
+            return False
+        core.ref_add(head, 1)                            # get_any_page()'s reference
+        filemap_remove_folio(k, inode, head)             # remove_mapping()
+        return True
+
+    def migrate_pages(self, head: int) -> int:
+        """migrate_pages(MR_MEMORY_FAILURE) of one isolated folio: 0 when it moved, else
+        the number of folios that did not (1), or -ENOMEM when no target page could
+        be allocated."""
+        k = self.k
         if self.gmem_inode_of(head) is not None:
-            # guest_memfd's mapping is unmovable: kvm_gmem_migrate_folio() refuses
-            # (-EINVAL), migrate_pages() reports the folio failed, soft offline -EBUSY
-            info("%#x: page migration failed 1, type %#x" % (pfn, fl))
-            return -u.EBUSY
-        k.mm.migrate_folio(head)
-        self._retire(pfn)
-        k.trace("soft_offline", pfn=pfn)
+            # move_to_new_folio(): a mapping_inaccessible() mapping (guest_memfd) gets
+            # -EOPNOTSUPP before any migrate_folio: one folio not migrated
+            return 1
+        if k.core.flags(head) & PG_hugetlb:
+            return k.hugetlb.migrate(head)
+        try:
+            new = k.buddy.alloc(0)                       # alloc_migration_target()
+        except MemoryError:
+            return -u.ENOMEM
+        k.mm.migrate_folio(head, new)
         return 0
+
+    def page_handle_poison(self, pfn: int, hugepage_or_freepage: bool, release: bool) -> bool:
+        """page_handle_poison(): make the frame HWPoison for good.  A free page, or
+        the raw page of a huge page (dissolved first: dissolve_free_hugetlb_folio),
+        must come off the buddy lists, else False and nothing changes.  `release`:
+        the caller's reference goes (the frame is freed, and a HWPoison page never
+        reaches the free lists); either way one reference keeps it."""
+        k, core = self.k, self.k.core
+        if hugepage_or_freepage:
+            head = core.head(pfn)
+            if k.hugetlb is not None and core.flags(head) & PG_hugetlb \
+                    and k.hugetlb.dissolve_free_hugetlb_folio(head) < 0:
+                return False
+            if k.buddy.free_block_of(pfn) is None:
+                self.drain_all_pages()                   # drain_all_pages()
+            if not k.buddy.take_page_off_buddy(pfn):
+                return False
+            core.set_folio(pfn, 0, PG_hwpoison, 1, 0, 0)
+            core.set_private(pfn, MAGIC_HWPOISON)        # SetPageHWPoisonTakenOff()
+        else:
+            core.set_folio(pfn, 0, PG_hwpoison, 1, 0, 0)
+        self.num_poisoned_pages += 1
+        return True
 
     def mark_on_release(self, head: int, raw: set) -> None:
         """A folio leaves guest_memfd with failures only tracked so far: the flag is
@@ -607,13 +738,6 @@ class MemoryFailure:
         core = self.k.core
         core.set_folio(pfn, 0, PG_hwpoison, 1, 0, 0)
         core.set_private(pfn, MAGIC_HWPOISON)
-
-    def _retire(self, pfn: int) -> None:
-        """page_handle_poison(): flag the frame, keep it off the allocator for good."""
-        core = self.k.core
-        core.set_folio(pfn, 0, PG_hwpoison, 1, 0, 0)
-        core.set_private(pfn, MAGIC_HWPOISON)
-        self.num_poisoned_pages += 1
 
     # ------------------------------------------------------------ entry points
     def kill_me_maybe(self, pfn: int, phys_addr: int, ripv: bool = True) -> int:

@@ -221,7 +221,7 @@ class MM:
         bit and drops mapcount and reference."""
         old, head, refs = self.core.pte_zap(mm.pgd, va, poison, level)
         if mm.kvm_users:
-            self.k.kvm.mmu_notifier_invalidate(mm, va)
+            self.k.kvm.mmu_notifier_invalidate(mm, va, PAGE_SIZE << 9 * (level - 1))
         if head >= 0:
             if refs <= 0:
                 self.folio_free(head)
@@ -294,7 +294,7 @@ class MM:
         if k.kvm.vms:
             for s, va, _pfn in core.rmap_file(inode.slot, head, index, n, level):
                 if vma_of[s].mm.kvm_users:
-                    k.kvm.mmu_notifier_invalidate(vma_of[s].mm, va)
+                    k.kvm.mmu_notifier_invalidate(vma_of[s].mm, va, PAGE_SIZE << 9 * (level - 1))
         zapped, done, sent = core.unmap_file(inode.slot, head, index, n, level, hwpoison, sends)
         if sent:
             k.signals.doorbells_rung()
@@ -313,30 +313,35 @@ class MM:
             dirty |= bool(old & C.PTE_DIRTY)
         return dirty
 
-    def migrate_folio(self, old: int) -> int:
-        """Move an order-0 folio to a new frame: copy, repoint every PTE and the page
-        cache (or the anon rmap).  The old frame is left unreferenced for the caller."""
+    def migrate_folio(self, old: int, new: int) -> None:
+        """migrate_pages() of one folio (order 0, or a HugeTLB folio mapped whole) to
+        the free folio at `new`: try_to_migrate (each mapping's MMU notifiers, so KVM
+        drops the stage-2 entries it made from it, then the PTE goes), copy, then
+        remove_migration_ptes (the same entries, now to `new`), and the page cache
+        (or the anon rmap) follows.  The old folio is left unreferenced, its
+        mappings gone, for the caller."""
         core, k = self.core, self.k
-        flags = core.flags(old)
+        flags, order = core.flags(old), core.order(old)
         mapping, index = core.mapping(old), core.index(old)
-        new = k.buddy.alloc(0)
-        ptes = self.rmap_walk(old)
-        # unmap first (the kernel installs migration entries), wait until no CPU can
-        # still be copying through an old translation, then copy and remap
-        saved = [(mm, va, core.pte_xchg(mm.pgd, va, 0)) for mm, va, _p, _v, _l in ptes]
+        saved = []
+        for mm, va, _p, _v, level in self.rmap_walk(old):
+            if mm.kvm_users:
+                k.kvm.mmu_notifier_invalidate(mm, va, PAGE_SIZE << 9 * (level - 1))
+            saved.append((mm, va, level, core.pte_xchg(mm.pgd, va, 0, level)))
+        # no CPU may still be copying through an old translation (host or stage-2)
         k.synchronize_rcu()
-        core.phys_copy(new, old)
-        inode = None if flags & PG_anon else k.inodes.get(mapping)
-        core.set_folio(new, 0, flags, len(ptes) + (1 if inode is not None else 0), mapping, index)
-        for mm, va, e in saved:
-            core.pte_set(mm.pgd, va, (e & ~C.PTE_PFN_MASK) | (new << PAGE_SHIFT))
+        core.phys_copy(new, old, 1 << order)
+        inode = None if flags & PG_anon and not flags & PG_hugetlb else k.inodes.get(mapping)
+        core.set_folio(new, order, flags, len(saved) + (1 if inode is not None else 0), mapping,
+                       index, bool(flags & PG_hugetlb))
+        for mm, va, level, e in saved:
+            core.pte_set(mm.pgd, va, (e & ~C.PTE_PFN_MASK) | (new << PAGE_SHIFT), level)
             core.map_add(new, 1)
         if inode is not None:
             inode.pages[index] = new
         if old in self.anon_rmap:
             self.anon_rmap[new] = self.anon_rmap.pop(old)
-        k.trace("migrate", pfn=old, new=new)
-        return new
+        k.trace("migrate", pfn=old, new=new, order=order)
 
     # ------------------------------------------------------------------ faults
     def handle_mm_fault(self, task, va: int, write: bool, gup: bool = False) -> int:

@@ -33,6 +33,51 @@ PG_swapcache = 1 << 17
 PG_private = 1 << 18
 PG_error = 1 << 19
 
+# ---- page->flags as the kernel lays them out, for %pGp (dmesg only) ----
+# include/linux/page-flags.h enum pageflags, 6.18 x86_64 (CONFIG_MMU, CONFIG_MEMORY_FAILURE,
+# CONFIG_PAGE_IDLE_FLAG): our flags that are page flags there, and their bit numbers.
+# PG_buddy, PG_slab and PG_hugetlb are page types, PG_anon a bit of ->mapping: not shown.
+KERNEL_PAGEFLAG = ((PG_locked, "locked", 0), (PG_writeback, "writeback", 1),
+                   (PG_referenced, "referenced", 2), (PG_uptodate, "uptodate", 3),
+                   (PG_dirty, "dirty", 4), (PG_lru, "lru", 5), (PG_head, "head", 6),
+                   (PG_active, "active", 8), (PG_swapcache, "owner_priv_1", 10),
+                   (PG_reserved, "reserved", 13), (PG_private, "private", 14),
+                   (PG_swapbacked, "swapbacked", 17), (PG_unevictable, "unevictable", 18),
+                   (PG_mlocked, "mlocked", 20), (PG_hwpoison, "hwpoison", 21))
+# include/trace/events/mmflags.h __def_pageflag_names: the order %pGp prints names in
+PAGEFLAG_NAMES = ("locked", "waiters", "referenced", "uptodate", "dirty", "lru", "active",
+                  "workingset", "owner_priv_1", "owner_2", "arch_1", "reserved", "private",
+                  "private_2", "writeback", "head", "reclaim", "swapbacked", "unevictable",
+                  "dropbehind", "mlocked", "hwpoison", "idle", "young")
+# include/linux/page-flags-layout.h on a distribution x86_64 config (SPARSEMEM_VMEMMAP: no
+# section field; NODES_SHIFT 10; ZONE_DEVICE: 3 zone bits; NUMA_BALANCING with NR_CPUS
+# 8192: a 21-bit last_cpupid, reset to all ones); no KASAN tags
+NODES_PGSHIFT, ZONES_PGSHIFT, LAST_CPUPID_PGSHIFT = 54, 51, 30
+LAST_CPUPID_MASK = (1 << 21) - 1
+ZONE_DMA, ZONE_DMA32, ZONE_NORMAL = 0, 1, 2
+
+
+def page_zonenum(pfn: int) -> int:
+    """x86-64 zones: DMA below 16 MiB, DMA32 below 4 GiB, Normal above (one node)."""
+    return ZONE_DMA if pfn < (16 << 20) >> 12 else ZONE_DMA32 if pfn < (4 << 30) >> 12 \
+        else ZONE_NORMAL
+
+
+def format_page_flags(flags: int, pfn: int) -> str:
+    """lib/vsprintf.c format_page_flags(), what %pGp prints for a page with our
+    `flags` at `pfn`: the whole flags word, then the set flags by name and the
+    fields ("0x...(uptodate|lru|node=0|zone=1|lastcpupid=0x1fffff)")."""
+    bits = {name: bit for pg, name, bit in KERNEL_PAGEFLAG if flags & pg}
+    zone = page_zonenum(pfn)
+    word = (0 << NODES_PGSHIFT) | (zone << ZONES_PGSHIFT) \
+        | (LAST_CPUPID_MASK << LAST_CPUPID_PGSHIFT)
+    for bit in bits.values():
+        word |= 1 << bit
+    fields = [n for n in PAGEFLAG_NAMES if n in bits]
+    fields += ["node=0", "zone=%d" % zone, "lastcpupid=%#x" % LAST_CPUPID_MASK]
+    return "%#x(%s)" % (word, "|".join(fields))
+
+
 MAX_PAGE_ORDER = 10
 NR_RESERVED = 16          # low frames the "kernel image" owns (PG_reserved)
 POPULATE_AHEAD = 256      # never-used frames whose host memory is kept faulted in

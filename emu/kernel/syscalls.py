@@ -360,6 +360,12 @@ def host_unpoison_pfn(k, a):
     return k.memory_failure.unpoison_memory(_pfn(k, a))
 
 
+def host_soft_offline_page(k, a):
+    """/sys/devices/system/memory/soft_offline_page (soft_offline_page_store): a
+    physical address; kstrtoull() failing is -EINVAL."""
+    return k.memory_failure.soft_offline_page(_u64(a, "addr") >> 12)
+
+
 def host_hw_poison(k, a):
     pfn = _pfn(k, a)
     if pfn < 0 or pfn >= k.nframes:
@@ -436,6 +442,7 @@ def host_policy(k, a):
 
 HOSTCALLS = {
     "sysctl": host_sysctl, "corrupt_pfn": host_corrupt_pfn, "unpoison_pfn": host_unpoison_pfn,
+    "soft_offline_page": host_soft_offline_page,
     "hw_poison": host_hw_poison, "hw_detect": host_hw_detect, "meminfo": host_meminfo,
     "mf_stats": host_mf_stats, "kpageflags": host_kpageflags, "dmesg": host_dmesg,
     "events": host_events, "status": host_status, "policy": host_policy,
