@@ -278,7 +278,9 @@ class Host:
     def mf_stats(self) -> dict:
         return self._call("mf_stats")
 
-    def kpageflags(self, pfn: int) -> int:
+    def kpageflags(self, pfn: int) -> int | None:
+        """The /proc/kpageflags entry of pfn (KPF_* bits); None at or past max_pfn,
+        where a read(2) of the file returns 0 bytes."""
         return self._call("kpageflags", pfn=pfn)
 
     def dmesg(self) -> list[str]:

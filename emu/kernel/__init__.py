@@ -9,6 +9,7 @@ import traceback
 
 from .. import _core as C
 from .. import uapi as u
+from . import page_alloc as P
 from .fs import Inode
 from .kvm import KVM
 from .memory_failure import MemoryFailure
@@ -371,36 +372,47 @@ class Kernel:
             **(self.hugetlb.meminfo() if self.hugetlb else {}),
         }
 
-    def kpageflags(self, pfn: int) -> int:
-        from .. import uapi as u
-        from . import page_alloc as P
-
-        if pfn < 0 or pfn >= self.nframes:
-            return 1 << u.KPF_NOPAGE
+    def kpageflags(self, pfn: int) -> int | None:
+        """One entry of /proc/kpageflags (fs/proc/page.c stable_page_flags).  None past
+        max_pfn: kpageflags_read() returns 0 bytes there (end of file); a negative
+        file position is EINVAL."""
+        if pfn < 0 or pfn >= 1 << 60:
+            raise OSError(u.EINVAL, "kpageflags: file position out of range")
+        if pfn >= self.nframes:
+            return None
         core = self.core
         fl = core.flags(pfn)
         head = core.head(pfn)
         hfl = core.flags(head)
         bits = 0
-        table = ((P.PG_locked, u.KPF_LOCKED), (P.PG_referenced, u.KPF_REFERENCED),
-                 (P.PG_uptodate, u.KPF_UPTODATE), (P.PG_dirty, u.KPF_DIRTY),
-                 (P.PG_lru, u.KPF_LRU), (P.PG_active, u.KPF_ACTIVE), (P.PG_slab, u.KPF_SLAB),
-                 (P.PG_writeback, u.KPF_WRITEBACK), (P.PG_buddy, u.KPF_BUDDY),
-                 (P.PG_anon, u.KPF_ANON), (P.PG_swapcache, u.KPF_SWAPCACHE),
-                 (P.PG_swapbacked, u.KPF_SWAPBACKED), (P.PG_unevictable, u.KPF_UNEVICTABLE),
-                 (P.PG_hugetlb, u.KPF_HUGE))
-        for pg, kpf in table:
+        for pg, kpf in _KPF_FROM_FOLIO:
             if hfl & pg:
                 bits |= 1 << kpf
         if fl & PG_hwpoison:
             bits |= 1 << u.KPF_HWPOISON
         if core.mapcount(pfn) > 0:
             bits |= 1 << u.KPF_MMAP
-        if core.order(head) > 0:
+        # a free block is not a compound page; every page of it is a free buddy page
+        # (PageBuddy on the first, is_free_buddy_page() for the others)
+        if self.buddy.free_block_of(pfn) is not None:
+            bits |= 1 << u.KPF_BUDDY
+        elif core.order(head) > 0:
             bits |= 1 << (u.KPF_COMPOUND_HEAD if pfn == head else u.KPF_COMPOUND_TAIL)
+        if pfn == P.ZERO_PFN:
+            bits |= 1 << u.KPF_ZERO_PAGE
         if fl & P.PG_reserved:
-            bits |= 1 << 32                  # KPF_RESERVED
+            bits |= 1 << u.KPF_RESERVED
         return bits
+
+
+# stable_page_flags()'s kpf_copy_bit(folio->flags, ...): the folio's flags, for every page
+_KPF_FROM_FOLIO = (
+    (P.PG_locked, u.KPF_LOCKED), (P.PG_referenced, u.KPF_REFERENCED),
+    (P.PG_uptodate, u.KPF_UPTODATE), (P.PG_dirty, u.KPF_DIRTY), (P.PG_lru, u.KPF_LRU),
+    (P.PG_active, u.KPF_ACTIVE), (P.PG_slab, u.KPF_SLAB), (P.PG_writeback, u.KPF_WRITEBACK),
+    (P.PG_anon, u.KPF_ANON), (P.PG_swapcache, u.KPF_SWAPCACHE),
+    (P.PG_swapbacked, u.KPF_SWAPBACKED), (P.PG_unevictable, u.KPF_UNEVICTABLE),
+    (P.PG_hugetlb, u.KPF_HUGE))
 
 
 def _process_gone(pid: int) -> bool:
