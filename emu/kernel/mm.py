@@ -611,20 +611,30 @@ class MM:
 
     # ------------------------------------------------------------------ /proc/pid/pagemap
     def pagemap(self, mm: Mm, addr: int) -> int:
-        e, level = self.core.walk(mm.pgd, addr)
-        vma = mm.find_vma(addr)
+        """One /proc/pid/pagemap entry (fs/proc/task_mmu.c), as CAP_SYS_ADMIN reads it
+        (show_pfn).  A 4K entry: pte_to_pagemap_entry(); a HugeTLB one:
+        pagemap_hugetlb_range(), which reports a non-present huge entry (hwpoison
+        included) as 0."""
+        core = self.core
+        e, level = core.walk(mm.pgd, addr)
         if e & C.PTE_PRESENT:
             sub = (addr >> PAGE_SHIFT) & ((1 << (9 * (level - 1))) - 1)
             pfn = ((e & C.PTE_PFN_MASK) >> PAGE_SHIFT) + sub
             v = u.PM_PRESENT | pfn
-            if not self.core.flags(self.core.head(pfn)) & PG_anon:
+            if e & C.PTE_SPECIAL:                 # vm_normal_page() is NULL: no folio
+                return v
+            head = core.head(pfn)
+            if not core.flags(head) & PG_anon:
                 v |= u.PM_FILE
-            if self.core.mapcount(pfn) == 1:
+            # folio_precise_page_mapcount() == 1; HugeTLB: !folio_maybe_mapped_shared()
+            if (core.mapcount(head) if level > 1 else core.mapcount(pfn)) == 1:
                 v |= u.PM_MMAP_EXCLUSIVE
             return v
-        if e & C.PTE_HWPOISON:
+        if e & C.PTE_HWPOISON and level == 1:
+            # a pfn swap entry: the pfn as offset, and the folio for PM_FILE
             pfn = (e & C.PTE_PFN_MASK) >> PAGE_SHIFT
-            return u.PM_SWAP | u.SWP_HWPOISON | (pfn << u.PM_SWAP_TYPE_BITS)
-        if vma is not None and vma.file is not None:
-            return 0
+            v = u.PM_SWAP | u.SWP_HWPOISON | (pfn << u.PM_SWAP_TYPE_BITS)
+            if not core.flags(core.head(pfn)) & PG_anon:
+                v |= u.PM_FILE
+            return v
         return 0
