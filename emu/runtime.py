@@ -774,6 +774,23 @@ class Task:
         finally:
             self._retire(u.ESRCH, EXITED_MSG)
 
+    def pthread_exit(self) -> None:
+        """This thread exits alone, the main thread too (SYS_exit, as glibc's
+        pthread_exit does): a main thread that leaves others running stays a zombie
+        group leader with no mm until the last of them exits (memory failure then
+        skips the process: task_early_kill's !tsk->mm).  Its pid stays taken, so
+        this process cannot attach again while the group lives."""
+        if not self.alive:
+            return
+        if os.getpid() != self._pid:
+            raise OSError(u.EBADF, "this emulated thread belongs to another process")
+        try:
+            self.ch.call("exit", thread=True)
+        except KernelGone as e:
+            self._gone(e)
+        finally:
+            self._retire(u.ESRCH, EXITED_MSG)
+
     def _gone(self, e: KernelGone) -> KernelGone:
         """The supervisor closed this thread's connection: retire it here too.
         If the supervisor died, this thread dies with it, as the watchdog would

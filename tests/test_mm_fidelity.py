@@ -349,7 +349,7 @@ def test_pthread_exit_last_thread_takes_the_process(host):
     """The leader's pthread_exit leaves the process to its other threads; the last
     one to exit takes the mm with it."""
     me, _got, _h = setup(host, "qemu")
-    tgid = me.getpid()
+    tgid = me.tgid
     ready, go = Event(), Event()
     th = me.clone(_early_thread, 0, ready, go, name="t1")
     assert ready.wait(me)

@@ -227,8 +227,8 @@ class Kernel:
 
     def _check_new_task(self, tid: int, new_mm: bool) -> None:
         """copy_process's up-front checks: nothing is built before they pass."""
-        if tid in self.tasks:
-            raise OSError(u.EEXIST, "task %d exists" % tid)
+        if tid in self.tasks or any(p.tgid == tid for p in self.tasklist):
+            raise OSError(u.EEXIST, "task %d exists" % tid)   # a zombie leader's pid too
         if not self._free_slots:                  # nr_threads >= max_threads: -EAGAIN
             raise OSError(u.EAGAIN, "too many threads (limits.tasks = %d)" % self.core.ntasks)
         if new_mm and not self._free_mm:
@@ -295,6 +295,8 @@ class Kernel:
         self._free_slots.append(t.slot)
         self.trace("task_exit", tid=t.tid, tgid=proc.tgid)
         proc.threads.remove(t)              # __unhash_process: no dead thread stays listed
+        if t.tid == proc.tgid:
+            proc.leader_exited = True       # exit_mm(): the leader's mm is NULL from now
         if not proc.threads:
             self.tasklist.remove(proc)
             self.mm.exit_mmap(proc.mm)

@@ -200,6 +200,11 @@ class MemoryFailure:
 
     # ------------------------------------------------------------ who to kill
     def task_early_kill(self, proc, force_early: bool, honour_early: bool = True):
+        """task_early_kill(tsk = proc's group leader): NULL when the leader has no mm
+        (it exited while other threads run: a zombie), even for current's own
+        process; else current under force_early, or find_early_kill_thread()."""
+        if proc.leader_exited:
+            return None
         cur = self.k.current
         if force_early and cur is not None and cur.process is proc:
             return cur
