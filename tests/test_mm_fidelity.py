@@ -668,3 +668,28 @@ def test_kpageflags_guest_memfd_not_swapbacked(host):
     s = me.mmap(0, PAGE, RW, u.MAP_SHARED, fd, 0)
     me.write(s, b"s")
     assert host.kpageflags(me.pagemap(s).pfn) & KPF["SWAPBACKED"]
+
+
+def test_kpageflags_hugetlb_tail_pages_report_the_folio(host_factory):
+    """stable_page_flags(): KPF_MMAP is page_mapped() = folio_mapped(), and for a
+    HugeTLB folio KPF_HWPOISON comes from the folio's flags: every page of a mapped
+    or poisoned huge page shows it, not only the head."""
+    host = host_factory(ram="128M", hugepages={"2M": 2})
+    me, got, _h = setup(host)
+    fd = me.memfd_create("huge", u.MFD_HUGETLB | u.MFD_HUGE_2MB)
+    me.ftruncate(fd, HPAGE)
+    a = me.mmap(0, HPAGE, RW, u.MAP_SHARED, fd, 0)
+    me.write(a, b"h")
+    head = me.pagemap(a).pfn
+    for p in (head, head + 7, head + 511):
+        f = host.kpageflags(p)
+        assert f & (KPF["HUGE"] | KPF["MMAP"]) == KPF["HUGE"] | KPF["MMAP"], hex(p)
+        assert not f & KPF["HWPOISON"]
+    assert host.kpageflags(head + 7) & KPF["COMPOUND_TAIL"]
+    with pytest.raises(Stop):
+        got.clear()
+        _h.stop = True
+        me.madvise(a + 5 * PAGE, PAGE, u.MADV_HWPOISON)
+    _h.stop = False
+    for p in (head, head + 5, head + 7, head + 511):
+        assert host.kpageflags(p) & KPF["HWPOISON"], hex(p)

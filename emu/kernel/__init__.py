@@ -390,9 +390,11 @@ class Kernel:
         for pg, kpf in _KPF_FROM_FOLIO:
             if hfl & pg:
                 bits |= 1 << kpf
-        if fl & PG_hwpoison:
+        # HugeTLB records the failure on the folio (raw pages on its own list): the
+        # folio's flag for every page of it; any other page its own flag
+        if (hfl if hfl & P.PG_hugetlb else fl) & PG_hwpoison:
             bits |= 1 << u.KPF_HWPOISON
-        if core.mapcount(pfn) > 0:
+        if self.mm.folio_mapped(head):               # page_mapped() = folio_mapped()
             bits |= 1 << u.KPF_MMAP
         # a free block is not a compound page; every page of it is a free buddy page
         # (PageBuddy on the first, is_free_buddy_page() for the others)
