@@ -693,3 +693,30 @@ def test_kpageflags_hugetlb_tail_pages_report_the_folio(host_factory):
     _h.stop = False
     for p in (head, head + 5, head + 7, head + 511):
         assert host.kpageflags(p) & KPF["HWPOISON"], hex(p)
+
+
+def test_shared_anonymous_mapping_is_shmem(host):
+    """mmap_region(): MAP_SHARED|MAP_ANONYMOUS is shmem_zero_setup(), a shmem file
+    ("dev/zero"): a read fault gets a real page (no zero page), pagemap says PM_FILE
+    ("file-page or shared-anon"), kpageflags swap-backed, not anonymous, and a forked
+    child shares the pages both ways."""
+    me, _got, _h = setup(host)
+    a = me.mmap(0, 2 * PAGE, RW, u.MAP_SHARED | u.MAP_ANONYMOUS)
+    assert me.read(a + PAGE, 4) == bytes(4)
+    me.write(a, b"parent")
+    e = me.pagemap(a + PAGE)
+    assert e.present and e.file and e.pfn != zero_pfn(me)
+    f = host.kpageflags(me.pagemap(a).pfn)
+    assert f & KPF["SWAPBACKED"] and not f & KPF["ANON"]
+
+    def child(task):
+        seen = task.read(a, 6)
+        task.write(a + PAGE, b"child")
+        return seen
+
+    ch = me.fork(child, name="child")
+    assert ch.join(10) == 0
+    assert ch.result == b"parent"
+    assert me.read(a + PAGE, 5) == b"child"
+    me.munmap(a, 2 * PAGE)
+    assert host.check_invariants() == []

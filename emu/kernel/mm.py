@@ -496,6 +496,16 @@ class MM:
                 raise OSError(u.EEXIST, "mmap")
         fixed = flags & (u.MAP_FIXED | u.MAP_FIXED_NOREPLACE)
         self.k.vmas_available(1 + (self._splits(mm, addr, addr + length) if fixed else 0), "mmap")
+        if file is None and shared:
+            # mmap_region(): shared anonymous memory is shmem (shmem_zero_setup), its
+            # pgoff ignored; the mapping holds the only reference to the file
+            from .shmem import shmem_zero_setup
+
+            file = shmem_zero_setup(self.k, length)
+            try:
+                return self.mmap(proc, addr, length, prot, flags, file, 0)
+            finally:
+                file.put(self.k)
         align = PAGE_SIZE
         if file is not None:
             file.inode.ops.mmap_check(self.k, file, shared, prot)
