@@ -720,3 +720,20 @@ def test_shared_anonymous_mapping_is_shmem(host):
     assert me.read(a + PAGE, 5) == b"child"
     me.munmap(a, 2 * PAGE)
     assert host.check_invariants() == []
+
+
+def test_populate_shared_writable_does_not_dirty(host):
+    """populate_vma_page_range(): FOLL_WRITE only for private writable mappings ("shared
+    mappings ... don't COW and we would not want to dirty them for nothing"): a
+    MAP_SHARED|MAP_POPULATE mapping is faulted in with reads, its pages stay clean."""
+    me, _got, _h = setup(host)
+    fd = me.memfd_create("shm")
+    me.ftruncate(fd, 2 * PAGE)
+    a = me.mmap(0, 2 * PAGE, RW, u.MAP_SHARED | u.MAP_POPULATE, fd, 0)
+    for off in (0, PAGE):
+        e = me.pagemap(a + off)
+        assert e.present
+        assert not host.kpageflags(e.pfn) & (1 << u.KPF_DIRTY)
+    b = me.mmap(0, PAGE, RW, ANON | u.MAP_POPULATE)
+    e = me.pagemap(b)                             # private writable: a write fault
+    assert e.present and e.pfn != zero_pfn(me)
