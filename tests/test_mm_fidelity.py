@@ -181,6 +181,7 @@ def test_grace_period_frames_taken_off_and_put_back_safely():
         assert b.take_page_off_buddy(pfn + 1)
         assert not b.is_free_buddy_page(pfn + 1)
         assert b.is_free_buddy_page(pfn) and b.is_free_buddy_page(pfn + 3)
+        assert core.head(pfn) == pfn and core.head(pfn + 3) == pfn + 2   # the halves left
         core.task_set(0, "rcu_epoch", 0)                  # the access is over
         b.reclaim()
         assert b.nr_free == free0 + 3                     # the other three frames

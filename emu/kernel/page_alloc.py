@@ -177,6 +177,7 @@ class BuddyAllocator:
             epoch, head, order = self.pending[i]
             del self.pending[i]
             for j, (h, o) in enumerate(_split_around(head, order, pfn)):
+                self.core.set_folio(h, o, 0, 0, 0, 0)   # its frames no longer point at pfn
                 self.pending.insert(i + j, (epoch, h, o))
         self.core.set_folio(pfn, 0, 0, 0, 0, 0)
         return True
