@@ -394,14 +394,15 @@ class Kernel:
         # folio's flag for every page of it; any other page its own flag
         if (hfl if hfl & P.PG_hugetlb else fl) & PG_hwpoison:
             bits |= 1 << u.KPF_HWPOISON
-        if self.mm.folio_mapped(head):               # page_mapped() = folio_mapped()
-            bits |= 1 << u.KPF_MMAP
         # a free block is not a compound page; every page of it is a free buddy page
         # (PageBuddy on the first, is_free_buddy_page() for the others)
         if self.buddy.free_block_of(pfn) is not None:
             bits |= 1 << u.KPF_BUDDY
-        elif core.order(head) > 0:
-            bits |= 1 << (u.KPF_COMPOUND_HEAD if pfn == head else u.KPF_COMPOUND_TAIL)
+        else:
+            if self.mm.folio_mapped(head):           # page_mapped() = folio_mapped()
+                bits |= 1 << u.KPF_MMAP
+            if core.order(head) > 0:
+                bits |= 1 << (u.KPF_COMPOUND_HEAD if pfn == head else u.KPF_COMPOUND_TAIL)
         if pfn == P.ZERO_PFN:
             bits |= 1 << u.KPF_ZERO_PAGE
         if fl & P.PG_reserved:
