@@ -24,6 +24,7 @@ cdef extern from "layout.h":
     int EMU_VERSION, EMU_PAGE_SHIFT, EMU_PAGE_SIZE, EMU_PTRS, EMU_MB_RING, EMU_COMM_LEN
     uint64_t EMU_PTE_PRESENT, EMU_PTE_RW, EMU_PTE_USER, EMU_PTE_ACCESSED, EMU_PTE_DIRTY
     uint64_t EMU_PTE_PSE, EMU_PTE_PFN_MASK, EMU_PTE_HWPOISON, EMU_PTE_S2_PRIVATE
+    uint64_t EMU_PTE_SPECIAL
     int EMU_TASK_FREE, EMU_TASK_ALIVE, EMU_TASK_DEAD
     uint64_t EMU_PG_HEAD, EMU_PG_DIRTY, EMU_PG_HWPOISON
     ctypedef struct emu_frame:
@@ -149,6 +150,7 @@ PTE_PSE = EMU_PTE_PSE
 PTE_PFN_MASK = EMU_PTE_PFN_MASK
 PTE_HWPOISON = EMU_PTE_HWPOISON
 PTE_S2_PRIVATE = EMU_PTE_S2_PRIVATE
+PTE_SPECIAL = EMU_PTE_SPECIAL
 PG_HEAD = EMU_PG_HEAD
 PG_DIRTY = EMU_PG_DIRTY
 PG_HWPOISON = EMU_PG_HWPOISON
@@ -714,13 +716,14 @@ cdef class Core:
         page it mapped (make_hwpoison_entry); if a page was mapped, move the entry's
         dirty bit to its folio and drop the page's mapcount and the folio's
         reference.  Returns (old entry, head, references left), head -1 when no page
-        was mapped: the caller frees the folio at 0."""
+        was mapped (or a special entry, whose page the mm does not count): the
+        caller frees the folio at 0."""
         cdef uint64_t *slot = self._slot(pgd, va, level, False)
         cdef uint64_t old, head
         if slot == NULL:
             return 0, -1, 0
         old = self._zap(slot, poison)
-        if not old & EMU_PTE_PRESENT:
+        if not old & EMU_PTE_PRESENT or old & EMU_PTE_SPECIAL:
             return old, -1, 0
         head = self._head((old & EMU_PTE_PFN_MASK) >> EMU_PAGE_SHIFT)
         return old, head, self.c.frames[head].refcount
@@ -728,10 +731,10 @@ cdef class Core:
     cdef uint64_t _zap(self, uint64_t *slot, bint poison):
         cdef uint64_t old, new = 0, pfn, head
         old = emu_ld64(slot)              # only the supervisor writes the pfn bits
-        if poison and old & EMU_PTE_PRESENT:
+        if poison and old & EMU_PTE_PRESENT and not old & EMU_PTE_SPECIAL:
             new = (old & EMU_PTE_PFN_MASK) | EMU_PTE_HWPOISON
         old = emu_xchg64(slot, new)       # the final A/D bits the CPUs set
-        if old & EMU_PTE_PRESENT:
+        if old & EMU_PTE_PRESENT and not old & EMU_PTE_SPECIAL:
             pfn = (old & EMU_PTE_PFN_MASK) >> EMU_PAGE_SHIFT
             head = self._head(pfn)
             if old & EMU_PTE_DIRTY:

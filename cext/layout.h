@@ -37,6 +37,9 @@
 #define EMU_PTE_ACCESSED (1ULL << 5)
 #define EMU_PTE_DIRTY    (1ULL << 6)
 #define EMU_PTE_PSE      (1ULL << 7)    /* huge leaf at PMD (2M) or PUD (1G) level */
+#define EMU_PTE_SPECIAL  (1ULL << 9)    /* _PAGE_SPECIAL (software bit): no struct page behind
+                                         * it for the mm (vm_normal_page() is NULL), e.g. the
+                                         * zero page; a CPU treats it as any leaf */
 #define EMU_PTE_PFN_MASK 0x000ffffffffff000ULL
 #define EMU_PTE_S2_PRIVATE (1ULL << 52) /* stage-2 only (software bit): maps private memory */
 /* non-present entries: a hwpoison swap entry keeps the pfn in the pfn field */

@@ -422,10 +422,16 @@ class Supervisor:
             elif name == "attach":
                 ret = self._attach(c, args)
             elif name == "exit":
-                # a clean exit: retired now, so the caller may attach again at once
+                # a clean exit: retired now, so the caller may attach again at once.
+                # thread=True: SYS_exit even for the main thread (pthread_exit), which
+                # then leaves its process to the other threads
+                thread = args.get("thread", False)
+                if not isinstance(thread, bool):
+                    raise OSError(u.EINVAL, "thread: expected true or false")
                 t, c.task = c.task, None
                 if t is not None and t.alive:
                     t.clean_exit = True
+                    t.thread_exit = thread
                     t.conn = None
                     self._task_died(t)
                 ret = 0
@@ -539,11 +545,12 @@ class Supervisor:
 
     # ------------------------------------------------------------ supervision
     def _task_died(self, t) -> None:
-        """A worker is gone.  A clean exit is a thread exit; a death by signal takes
+        """A worker is gone.  A clean exit is a thread exit (the main thread's takes
+        the group, unless it asked for a thread exit alone); a death by signal takes
         its thread group with it (exit_group), as Linux does."""
         k = self.kernel
         proc = t.process
-        group = not t.clean_exit or t.tid == proc.tgid
+        group = not t.clean_exit or (t.tid == proc.tgid and not t.thread_exit)
         sig = self.core.task_exit_sig(t.slot) or (0 if t.clean_exit else
                                                   death_signal(t.tid) or u.SIGKILL)
         k.exit_task(t)

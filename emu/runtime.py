@@ -283,7 +283,9 @@ class Host:
     def mf_stats(self) -> dict:
         return self._call("mf_stats")
 
-    def kpageflags(self, pfn: int) -> int:
+    def kpageflags(self, pfn: int) -> int | None:
+        """The /proc/kpageflags entry of pfn (KPF_* bits); None at or past max_pfn,
+        where a read(2) of the file returns 0 bytes."""
         return self._call("kpageflags", pfn=pfn)
 
     def dmesg(self) -> list[str]:
@@ -774,6 +776,23 @@ class Task:
             self.ch.call("exit")
         except KernelGone as e:
             self._gone(e)                   # the kernel is gone: so is this thread
+        finally:
+            self._retire(u.ESRCH, EXITED_MSG)
+
+    def pthread_exit(self) -> None:
+        """This thread exits alone, the main thread too (SYS_exit, as glibc's
+        pthread_exit does): a main thread that leaves others running stays a zombie
+        group leader with no mm until the last of them exits (memory failure then
+        skips the process: task_early_kill's !tsk->mm).  Its pid stays taken, so
+        this process cannot attach again while the group lives."""
+        if not self.alive:
+            return
+        if os.getpid() != self._pid:
+            raise OSError(u.EBADF, "this emulated thread belongs to another process")
+        try:
+            self.ch.call("exit", thread=True)
+        except KernelGone as e:
+            self._gone(e)
         finally:
             self._retire(u.ESRCH, EXITED_MSG)
 

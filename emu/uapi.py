@@ -128,6 +128,9 @@ KPF_OFFLINE = 23
 KPF_ZERO_PAGE = 24
 KPF_IDLE = 25
 KPF_PGTABLE = 26
+# include/linux/kernel-page-flags.h: "kernel hacking assistances", exported all the same
+KPF_RESERVED = 32
+KPF_MLOCKED = 33
 
 # ---- /proc/pid/pagemap ----
 PM_PFRAME_MASK = (1 << 55) - 1

@@ -244,12 +244,12 @@ def test_already_poisoned_hw_detect(host):
 
 # ------------------------------------------------------------------ unpoison / debugfs rules
 def test_unpoison_invalid_pfn(host):
-    """unpoison_memory (mm/memory-failure.c): pfn_to_online_page() == NULL -> -EIO
-    in the source this follows."""
+    """unpoison_memory (mm/memory-failure.c): !pfn_valid(pfn) -> -ENXIO (the -EIO
+    for pfn_to_online_page() == NULL is soft_offline_page's)."""
     for pfn in (16384, 1 << 40):
         with pytest.raises(OSError) as ei:
             host.unpoison_pfn(pfn)
-        assert ei.value.errno == errno.EIO
+        assert ei.value.errno == errno.ENXIO
 
 
 def test_corrupt_invalid_pfn(host):

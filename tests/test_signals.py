@@ -876,6 +876,8 @@ def test_signals_sent_with_the_unmap_are_those_kill_procs_sends(host_factory, mo
         ogot, oh = recorder()
         emu.sigaction(SIGBUS, oh)
         set_policy(task, EARLY)
+        task.read(va1, 1)                       # fork copied no PTE of the shared file
+        task.read(va2, 1)                       # mapping (vma_needs_copy): fault them in
         ready.post()
         wait_for(task, ogot, 2)
         assert done.wait(task)

@@ -9,6 +9,7 @@ import traceback
 
 from .. import _core as C
 from .. import uapi as u
+from . import page_alloc as P
 from .fs import Inode
 from .kvm import KVM
 from .memory_failure import MemoryFailure
@@ -226,8 +227,8 @@ class Kernel:
 
     def _check_new_task(self, tid: int, new_mm: bool) -> None:
         """copy_process's up-front checks: nothing is built before they pass."""
-        if tid in self.tasks:
-            raise OSError(u.EEXIST, "task %d exists" % tid)
+        if tid in self.tasks or any(p.tgid == tid for p in self.tasklist):
+            raise OSError(u.EEXIST, "task %d exists" % tid)   # a zombie leader's pid too
         if not self._free_slots:                  # nr_threads >= max_threads: -EAGAIN
             raise OSError(u.EAGAIN, "too many threads (limits.tasks = %d)" % self.core.ntasks)
         if new_mm and not self._free_mm:
@@ -294,6 +295,8 @@ class Kernel:
         self._free_slots.append(t.slot)
         self.trace("task_exit", tid=t.tid, tgid=proc.tgid)
         proc.threads.remove(t)              # __unhash_process: no dead thread stays listed
+        if t.tid == proc.tgid:
+            proc.leader_exited = True       # exit_mm(): the leader's mm is NULL from now
         if not proc.threads:
             self.tasklist.remove(proc)
             self.mm.exit_mmap(proc.mm)
@@ -371,36 +374,50 @@ class Kernel:
             **(self.hugetlb.meminfo() if self.hugetlb else {}),
         }
 
-    def kpageflags(self, pfn: int) -> int:
-        from .. import uapi as u
-        from . import page_alloc as P
-
-        if pfn < 0 or pfn >= self.nframes:
-            return 1 << u.KPF_NOPAGE
+    def kpageflags(self, pfn: int) -> int | None:
+        """One entry of /proc/kpageflags (fs/proc/page.c stable_page_flags).  None past
+        max_pfn: kpageflags_read() returns 0 bytes there (end of file); a negative
+        file position is EINVAL."""
+        if pfn < 0 or pfn >= 1 << 60:
+            raise OSError(u.EINVAL, "kpageflags: file position out of range")
+        if pfn >= self.nframes:
+            return None
         core = self.core
         fl = core.flags(pfn)
         head = core.head(pfn)
         hfl = core.flags(head)
         bits = 0
-        table = ((P.PG_locked, u.KPF_LOCKED), (P.PG_referenced, u.KPF_REFERENCED),
-                 (P.PG_uptodate, u.KPF_UPTODATE), (P.PG_dirty, u.KPF_DIRTY),
-                 (P.PG_lru, u.KPF_LRU), (P.PG_active, u.KPF_ACTIVE), (P.PG_slab, u.KPF_SLAB),
-                 (P.PG_writeback, u.KPF_WRITEBACK), (P.PG_buddy, u.KPF_BUDDY),
-                 (P.PG_anon, u.KPF_ANON), (P.PG_swapcache, u.KPF_SWAPCACHE),
-                 (P.PG_swapbacked, u.KPF_SWAPBACKED), (P.PG_unevictable, u.KPF_UNEVICTABLE),
-                 (P.PG_hugetlb, u.KPF_HUGE))
-        for pg, kpf in table:
+        for pg, kpf in _KPF_FROM_FOLIO:
             if hfl & pg:
                 bits |= 1 << kpf
-        if fl & PG_hwpoison:
+        # HugeTLB records the failure on the folio (raw pages on its own list): the
+        # folio's flag for every page of it; any other page its own flag
+        if (hfl if hfl & P.PG_hugetlb else fl) & PG_hwpoison:
             bits |= 1 << u.KPF_HWPOISON
-        if core.mapcount(pfn) > 0:
-            bits |= 1 << u.KPF_MMAP
-        if core.order(head) > 0:
-            bits |= 1 << (u.KPF_COMPOUND_HEAD if pfn == head else u.KPF_COMPOUND_TAIL)
+        # a free block is not a compound page; every page of it is a free buddy page
+        # (PageBuddy on the first, is_free_buddy_page() for the others)
+        if self.buddy.free_block_of(pfn) is not None:
+            bits |= 1 << u.KPF_BUDDY
+        else:
+            if self.mm.folio_mapped(head):           # page_mapped() = folio_mapped()
+                bits |= 1 << u.KPF_MMAP
+            if core.order(head) > 0:
+                bits |= 1 << (u.KPF_COMPOUND_HEAD if pfn == head else u.KPF_COMPOUND_TAIL)
+        if pfn == P.ZERO_PFN:
+            bits |= 1 << u.KPF_ZERO_PAGE
         if fl & P.PG_reserved:
-            bits |= 1 << 32                  # KPF_RESERVED
+            bits |= 1 << u.KPF_RESERVED
         return bits
+
+
+# stable_page_flags()'s kpf_copy_bit(folio->flags, ...): the folio's flags, for every page
+_KPF_FROM_FOLIO = (
+    (P.PG_locked, u.KPF_LOCKED), (P.PG_referenced, u.KPF_REFERENCED),
+    (P.PG_uptodate, u.KPF_UPTODATE), (P.PG_dirty, u.KPF_DIRTY), (P.PG_lru, u.KPF_LRU),
+    (P.PG_active, u.KPF_ACTIVE), (P.PG_slab, u.KPF_SLAB), (P.PG_writeback, u.KPF_WRITEBACK),
+    (P.PG_anon, u.KPF_ANON), (P.PG_swapcache, u.KPF_SWAPCACHE),
+    (P.PG_swapbacked, u.KPF_SWAPBACKED), (P.PG_unevictable, u.KPF_UNEVICTABLE),
+    (P.PG_hugetlb, u.KPF_HUGE))
 
 
 def _process_gone(pid: int) -> bool:

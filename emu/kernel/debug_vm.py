@@ -211,6 +211,11 @@ def check_invariants(k) -> list[str]:
                 continue
             if cls[pfn] in _GONE:
                 bad("pte", "%s va %#x maps pfn %#x, which is %s" % (name, va, pfn, _NAME[cls[pfn]]))
+            if e & C.PTE_SPECIAL:           # the zero page: no mapcount, no reference
+                if cls[pfn] != RESERVED:
+                    bad("pte", "%s va %#x: a special entry for pfn %#x, which is %s"
+                        % (name, va, pfn, _NAME.get(cls[pfn], "nothing")))
+                continue
             head = core.head(pfn)
             if fr.ref(head) <= 0:
                 bad("pte", "%s va %#x maps pfn %#x whose folio %#x has refcount %d"

@@ -9,7 +9,7 @@ from __future__ import annotations
 from .. import uapi as u
 from .fs import File, FileOps, Inode, filemap_add_folio, truncate_inode_pages_range
 from .mm import PAGE_SHIFT, PAGE_SIZE, VM_FAULT_OK, VM_FAULT_SIGBUS
-from .page_alloc import PG_hwpoison, PG_lru, PG_swapbacked, PG_unevictable, PG_uptodate
+from .page_alloc import PG_hwpoison, PG_lru, PG_unevictable, PG_uptodate
 
 
 class GuestMemfdOps(FileOps):
@@ -26,11 +26,12 @@ class GuestMemfdOps(FileOps):
         return index not in inode.private["private_idx"]
 
     def get_folio(self, k, inode: Inode, index: int) -> int:
-        """kvm_gmem_get_folio: find or allocate (zeroed: 'prepared')."""
+        """kvm_gmem_get_folio: find or allocate (zeroed: 'prepared').  The mapping is
+        unevictable (mapping_set_inaccessible), so the folio joins the unevictable LRU;
+        it is not swap-backed (only shmem sets PG_swapbacked)."""
         pfn = inode.pages.get(index)
         if pfn is None:
-            pfn = filemap_add_folio(k, inode, index, 0,
-                                    PG_lru | PG_unevictable | PG_swapbacked | PG_uptodate)
+            pfn = filemap_add_folio(k, inode, index, 0, PG_lru | PG_unevictable | PG_uptodate)
         return pfn
 
     def get_pfn(self, k, inode: Inode, index: int) -> int:

@@ -344,8 +344,9 @@ class KVM:
                 pfn = s.gmem.ops.get_pfn(k, s.gmem, index)
             except OSError as e:
                 return self._memory_fault(gpa, is_private, e.errno)
+            writable = True                  # kvm_gmem_get_pfn: no host mapping to ask
         else:
-            pfn = self._hva_to_pfn(t, vm, s, gpa, write)
+            pfn, writable = self._hva_to_pfn(t, vm, s, gpa, write)
             if pfn is None:
                 return {"reason": None, "errno": u.EINTR}   # signal pending: -EINTR
             if pfn < 0:
@@ -358,7 +359,7 @@ class KVM:
             entry |= C.PTE_PSE
         if is_private:
             entry |= C.PTE_S2_PRIVATE
-        if not s.flags & u.KVM_MEM_READONLY:
+        if not s.flags & u.KVM_MEM_READONLY and writable:
             entry |= C.PTE_RW
             # kvm_release_faultin_page(..., dirty = fault->map_writable): since 6.12 KVM
             # marks the folio dirty when it creates a writable SPTE, not when it zaps it
@@ -398,8 +399,11 @@ class KVM:
                 "flags": u.KVM_MEMORY_EXIT_FLAG_PRIVATE if private else 0}
 
     def _hva_to_pfn(self, t, vm: Vm, s: Memslot, gpa: int, write: bool):
-        """GUP on the VMM's mm.  A hwpoisoned page: kvm_send_hwpoison_signal (AR to
-        current at the hva, lsb PAGE_SHIFT, a plain send) and RET_PF_RETRY."""
+        """GUP on the VMM's mm: (pfn, writable).  A read fault is mapped writable only
+        if the host entry is (hva_to_pfn's "map read fault as writable if possible"
+        takes no copy-on-write: the zero page stays read-only).  A hwpoisoned page:
+        kvm_send_hwpoison_signal (AR to current at the hva, lsb PAGE_SHIFT, a plain
+        send) and RET_PF_RETRY, pfn None; an error: pfn -errno."""
         k = self.k
         hva = s.hva + (gpa - s.gpa)
         mm = vm.proc.mm
@@ -407,15 +411,15 @@ class KVM:
             e, level = k.core.walk(mm.pgd, hva)
             if e & C.PTE_PRESENT and (not write or e & C.PTE_RW):
                 sub = (hva >> PAGE_SHIFT) & ((1 << (9 * (level - 1))) - 1)
-                return ((e & C.PTE_PFN_MASK) >> PAGE_SHIFT) + sub
+                return ((e & C.PTE_PFN_MASK) >> PAGE_SHIFT) + sub, bool(e & C.PTE_RW)
             ret = k.mm.handle_mm_fault(t, hva, write, gup=True)
             if ret & (VM_FAULT_HWPOISON | VM_FAULT_HWPOISON_LARGE):
                 k.signals.send_sig_mceerr(t, u.BUS_MCEERR_AR, hva, PAGE_SHIFT,
                                           why="kvm_send_hwpoison_signal")
-                return None
+                return None, False
             if ret:
-                return -u.EFAULT
-        return -u.EFAULT
+                return -u.EFAULT, False
+        return -u.EFAULT, False
 
     # ------------------------------------------------------------ vCPUs
     def create_vcpu(self, t, vm_fd: int, vcpu_id: int) -> dict:

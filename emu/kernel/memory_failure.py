@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from .. import uapi as u
 from .page_alloc import (
     PG_anon,
-    PG_buddy,
     PG_dirty,
     PG_head,
     PG_hugetlb,
@@ -205,6 +204,11 @@ class MemoryFailure:
 
     # ------------------------------------------------------------ who to kill
     def task_early_kill(self, proc, force_early: bool, honour_early: bool = True):
+        """task_early_kill(tsk = proc's group leader): NULL when the leader has no mm
+        (it exited while other threads run: a zombie), even for current's own
+        process; else current under force_early, or find_early_kill_thread()."""
+        if proc.leader_exited:
+            return None
         cur = self.k.current
         if force_early and cur is not None and cur.process is proc:
             return cur
@@ -391,6 +395,22 @@ class MemoryFailure:
         return self.action_result(pfn, ps.type, ps.action(self, ps, pfn))
 
     # ------------------------------------------------------------ memory_failure()
+    def get_hwpoison_page(self, pfn: int, head: int) -> int:
+        """get_hwpoison_page() -> get_any_page(), after zone_pcp_disable() drained the
+        per-CPU lists: 1 with a reference taken on an LRU folio; 0 for a free buddy
+        page (folio_try_get fails on refcount 0); -EIO for a page that is not
+        HWPoisonHandlable (slab, reserved and other kernel pages, or a page with no
+        reference that is neither free nor on the LRU), with "unhandlable page."."""
+        core = self.k.core
+        fl = core.flags(head)
+        if fl & PG_slab or not (fl & PG_lru or self.k.buddy.is_free_buddy_page(pfn)):
+            self.log("%#x: unhandlable page.", pfn)
+            return -u.EIO
+        if core.refcount(head) <= 0:
+            return 0
+        core.ref_add(head, 1)
+        return 1
+
     def gmem_inode_of(self, pfn: int):
         """The guest_memfd owning pfn's folio, if any (policy decisions apply there)."""
         inode = self.k.inodes.get(self.k.core.mapping(self.k.core.head(pfn)))
@@ -485,24 +505,18 @@ class MemoryFailure:
             return res
         head = core.head(pfn)
         if not flags & u.MF_COUNT_INCREASED:
-            fl = core.flags(head)
-            blk = k.buddy.free_block_of(pfn) if core.refcount(head) == 0 else None
-            if blk is not None:                               # free buddy page
-                if k.buddy.take_page_off_buddy(pfn):
-                    core.set_flags(pfn, PG_hwpoison)
-                    core.ref_add(pfn, 1)
-                    core.set_private(pfn, MAGIC_HWPOISON)
-                    return self.action_result(pfn, MF_MSG_BUDDY, u.MF_RECOVERED)
-                return self.action_result(pfn, MF_MSG_BUDDY, u.MF_FAILED)
-            if core.refcount(head) == 0 and not fl & PG_buddy:
+            res = self.get_hwpoison_page(pfn, head)
+            if res == 0:
+                if k.buddy.is_free_buddy_page(pfn):
+                    if k.buddy.take_page_off_buddy(pfn):
+                        core.set_flags(pfn, PG_hwpoison)
+                        core.ref_add(pfn, 1)
+                        core.set_private(pfn, MAGIC_HWPOISON)
+                        return self.action_result(pfn, MF_MSG_BUDDY, u.MF_RECOVERED)
+                    return self.action_result(pfn, MF_MSG_BUDDY, u.MF_FAILED)
                 return self.action_result(pfn, MF_MSG_KERNEL_HIGH_ORDER, u.MF_IGNORED)
-            # !HWPoisonHandlable(): LRU pages (the unevictable LRU counts) or free buddy;
-            # reserved and other kernel pages only with the caller's reference
-            # (MF_COUNT_INCREASED), which is how me_kernel is reached
-            if fl & PG_slab or not fl & PG_lru:
-                self.log("%#x: unhandlable page.", pfn)
+            if res < 0:
                 return self.action_result(pfn, MF_MSG_GET_HWPOISON, u.MF_IGNORED)
-            core.ref_add(head, 1)                             # get_hwpoison_page
         page_flags = core.flags(head)
         if not page_flags & PG_lru and not page_flags & PG_writeback:
             return self.identify_page_state(pfn, page_flags)
@@ -520,8 +534,8 @@ class MemoryFailure:
         def info(msg):
             k.log("Unpoison: " + msg % pfn)
 
-        if pfn < 0 or pfn >= core.nframes:
-            return -u.EIO
+        if pfn < 0 or pfn >= core.nframes:           # !pfn_valid(pfn)
+            return -u.ENXIO
         head = core.head(pfn)
         if self.hw_memory_failure:
             info("%#x: disabled after HW memory failure")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from .. import _core as C
 from .. import uapi as u
 from .page_alloc import (
+    ZERO_PFN,
     PG_anon,
     PG_dirty,
     PG_hugetlb,
@@ -36,6 +37,7 @@ VM_FAULT_HWPOISON_LARGE = 0x20
 VM_FAULT_SIGSEGV = 0x40
 
 _LEAF_PROT = C.PTE_PRESENT | C.PTE_USER
+_ANON_FLAGS = PG_anon | PG_lru | PG_swapbacked | PG_uptodate
 
 
 def page_align(x: int) -> int:
@@ -54,6 +56,10 @@ class Vma:
     file: object | None = None     # struct file (emu.kernel.fs.File)
     pgoff: int = 0
     slot: int = -1                 # row in the core's VMA table
+    # vma->anon_vma: set once the VMA holds an anonymous page of its own (an anonymous
+    # write fault, a copy-on-write, a private HugeTLB fault), never for the zero
+    # page; fork copies the page tables of such VMAs only (vma_needs_copy)
+    anon_vma: bool = False
 
     @property
     def inode(self):
@@ -215,6 +221,13 @@ class MM:
         self.core.map_add(pfn, 1)
         self.core.ref_add(self.core.head(pfn), 1)
 
+    def set_pte_zero(self, mm: Mm, va: int) -> None:
+        """Map the shared zero page at va: pte_mkspecial(pfn_pte(my_zero_pfn(va))),
+        read-only whatever the VMA allows (a write faults and copies), no mapcount or
+        reference (vm_normal_page() is NULL for it)."""
+        self.core.pte_set(mm.pgd, va, (ZERO_PFN << PAGE_SHIFT) | _LEAF_PROT | C.PTE_ACCESSED
+                          | C.PTE_SPECIAL)
+
     def zap_pte(self, mm: Mm, va: int, poison: bool = False, level: int = 1) -> int:
         """ptep_get_and_clear (a hwpoison entry left with `poison`) + the rmap
         bookkeeping + MMU notifiers; returns the old entry.  The core moves the dirty
@@ -363,8 +376,11 @@ class MM:
             return self._sigbus(task, va, VM_FAULT_HWPOISON if lsb == 12 else VM_FAULT_HWPOISON_LARGE,
                                 lsb, gup)
         if entry & C.PTE_PRESENT:
-            if write and not entry & C.PTE_RW and not vma.shared and vma.file is not None:
-                self._cow(task, vma, va, entry)
+            if write and not entry & C.PTE_RW and not vma.shared:
+                if entry & C.PTE_SPECIAL:           # do_wp_page on the zero page
+                    self._wp_zero_page(vma, va)
+                elif vma.file is not None:
+                    self._cow(task, vma, va, entry)
             return VM_FAULT_OK                  # else spurious: another thread fixed it
         if vma.file is None:
             self._do_anonymous_page(vma, va, write)
@@ -374,6 +390,8 @@ class MM:
             if ret:                               # a split folio's page loses 4 KiB only
                 lsb = PAGE_SHIFT if ret & VM_FAULT_HWPOISON else vma.inode.ops.shift(vma.inode)
                 return self._sigbus(task, va, ret, lsb, gup)
+            if not vma.shared:                    # hugetlb_no_page: vmf_anon_prepare
+                vma.anon_vma = True
             return VM_FAULT_OK
         index = vma.pgoff + ((va - vma.start) >> PAGE_SHIFT)
         ret, pfn = vma.inode.ops.fault(self.k, vma.inode, index)
@@ -410,19 +428,37 @@ class MM:
         return sig.force_sig_fault(task, u.SIGBUS, u.BUS_ADRERR, va, why="VM_FAULT_SIGBUS")
 
     def _do_anonymous_page(self, vma: Vma, va: int, write: bool) -> None:
+        """do_anonymous_page: a read maps the shared zero page ("Use the zero-page
+        for reads"); a write allocates a zeroed private page (vmf_anon_prepare)."""
         va &= ~(PAGE_SIZE - 1)
-        pfn = self.folio_alloc(0, PG_anon | PG_lru | PG_swapbacked | PG_uptodate, 0, va >> PAGE_SHIFT)
+        if not write and not vma.shared:
+            self.set_pte_zero(vma.mm, va)
+            return
+        pfn = self.folio_alloc(0, _ANON_FLAGS, 0, va >> PAGE_SHIFT)
         self.set_pte(vma.mm, va, pfn, bool(vma.prot & u.PROT_WRITE), write)
         self.folio_put(pfn)                  # the mapping holds it now
         self.anon_rmap[pfn] = (vma.mm, va)
+        vma.anon_vma = True
 
     def _cow_from(self, vma: Vma, va: int, src: int) -> None:
         va &= ~(PAGE_SIZE - 1)
-        pfn = self.folio_alloc(0, PG_anon | PG_lru | PG_swapbacked | PG_uptodate, 0, va >> PAGE_SHIFT)
+        pfn = self.folio_alloc(0, _ANON_FLAGS, 0, va >> PAGE_SHIFT)
         self.core.phys_copy(pfn, src)
         self.set_pte(vma.mm, va, pfn, True, True)
         self.folio_put(pfn)
         self.anon_rmap[pfn] = (vma.mm, va)
+        vma.anon_vma = True
+
+    def _wp_zero_page(self, vma: Vma, va: int) -> None:
+        """wp_page_copy from the zero page: a new zeroed page (nothing is read from the
+        zero page), swapped in for the read-only entry (with the MMU notifiers)."""
+        va &= ~(PAGE_SIZE - 1)
+        pfn = self.folio_alloc(0, _ANON_FLAGS, 0, va >> PAGE_SHIFT)
+        self.zap_pte(vma.mm, va)
+        self.set_pte(vma.mm, va, pfn, True, True)
+        self.folio_put(pfn)
+        self.anon_rmap[pfn] = (vma.mm, va)
+        vma.anon_vma = True
 
     def _cow(self, task, vma: Vma, va: int, entry: int) -> None:
         src = (entry & C.PTE_PFN_MASK) >> PAGE_SHIFT
@@ -465,6 +501,16 @@ class MM:
                 raise OSError(u.EEXIST, "mmap")
         fixed = flags & (u.MAP_FIXED | u.MAP_FIXED_NOREPLACE)
         self.k.vmas_available(1 + (self._splits(mm, addr, addr + length) if fixed else 0), "mmap")
+        if file is None and shared:
+            # mmap_region(): shared anonymous memory is shmem (shmem_zero_setup), its
+            # pgoff ignored; the mapping holds the only reference to the file
+            from .shmem import shmem_zero_setup
+
+            file = shmem_zero_setup(self.k, length)
+            try:
+                return self.mmap(proc, addr, length, prot, flags, file, 0)
+            finally:
+                file.put(self.k)
         align = PAGE_SIZE
         if file is not None:
             file.inode.ops.mmap_check(self.k, file, shared, prot)
@@ -515,7 +561,7 @@ class MM:
         for lo, hi in ((vma.start, min(start, vma.end)), (max(end, vma.start), vma.end)):
             if lo < hi:
                 piece = Vma(mm, lo, hi, vma.prot, vma.shared, vma.file,
-                            vma.pgoff + ((lo - vma.start) >> PAGE_SHIFT))
+                            vma.pgoff + ((lo - vma.start) >> PAGE_SHIFT), anon_vma=vma.anon_vma)
                 self.k.vma_link(piece)
                 if vma.file is not None:
                     vma.file.get()
@@ -544,27 +590,33 @@ class MM:
         self.core.mm_clear(mm.slot)
 
     def dup_mmap(self, src: Mm, dst: Mm) -> None:
-        """fork: shared mappings share frames; private anonymous pages are copied
-        at fork time (the emulator does not do copy-on-write across processes)."""
+        """fork: page tables are copied only where vma_needs_copy() says, i.e. for VMAs
+        with an anon_vma; the child faults in the rest (shared file mappings, HugeTLB
+        shared mappings, private mappings never written, with their hwpoison
+        entries).  Where copied, shared mappings share frames, and private anonymous
+        pages are copied at fork time (the emulator does not do copy-on-write across
+        processes)."""
         core = self.core
         for vma in src.vmas:
-            nv = Vma(dst, vma.start, vma.end, vma.prot, vma.shared, vma.file, vma.pgoff)
+            nv = Vma(dst, vma.start, vma.end, vma.prot, vma.shared, vma.file, vma.pgoff,
+                     anon_vma=vma.anon_vma)             # anon_vma_fork
             self.k.vma_link(nv)
             if vma.file is not None:
                 vma.file.get()
                 vma_interval_tree_insert_after(nv, vma, vma.inode.i_mmap)
                 self.k.i_mmap_sync(vma.inode)
+            if not vma.anon_vma:                          # vma_needs_copy() is false
+                continue
             for va, e, level in core.pt_scan(src.pgd, vma.start, vma.end):
-                if e & C.PTE_HWPOISON:
-                    core.pte_set(dst.pgd, va, e, level)   # copy_nonpresent_pte
+                if e & (C.PTE_HWPOISON | C.PTE_SPECIAL):
+                    core.pte_set(dst.pgd, va, e, level)   # copy_nonpresent_pte; no page
                     continue
                 pfn = (e & C.PTE_PFN_MASK) >> PAGE_SHIFT
                 if level > 1:                            # a HugeTLB mapping: shared
                     self.set_pte(dst, va, pfn, bool(e & C.PTE_RW), bool(e & C.PTE_DIRTY), level)
                     continue
                 if core.flags(core.head(pfn)) & PG_anon:
-                    new = self.folio_alloc(0, PG_anon | PG_lru | PG_swapbacked | PG_uptodate, 0,
-                                           va >> PAGE_SHIFT)
+                    new = self.folio_alloc(0, _ANON_FLAGS, 0, va >> PAGE_SHIFT)
                     core.phys_copy(new, pfn)
                     self.set_pte(dst, va, new, bool(e & C.PTE_RW), bool(e & C.PTE_DIRTY))
                     self.folio_put(new)
@@ -574,20 +626,30 @@ class MM:
 
     # ------------------------------------------------------------------ /proc/pid/pagemap
     def pagemap(self, mm: Mm, addr: int) -> int:
-        e, level = self.core.walk(mm.pgd, addr)
-        vma = mm.find_vma(addr)
+        """One /proc/pid/pagemap entry (fs/proc/task_mmu.c), as CAP_SYS_ADMIN reads it
+        (show_pfn).  A 4K entry: pte_to_pagemap_entry(); a HugeTLB one:
+        pagemap_hugetlb_range(), which reports a non-present huge entry (hwpoison
+        included) as 0."""
+        core = self.core
+        e, level = core.walk(mm.pgd, addr)
         if e & C.PTE_PRESENT:
             sub = (addr >> PAGE_SHIFT) & ((1 << (9 * (level - 1))) - 1)
             pfn = ((e & C.PTE_PFN_MASK) >> PAGE_SHIFT) + sub
             v = u.PM_PRESENT | pfn
-            if not self.core.flags(self.core.head(pfn)) & PG_anon:
+            if e & C.PTE_SPECIAL:                 # vm_normal_page() is NULL: no folio
+                return v
+            head = core.head(pfn)
+            if not core.flags(head) & PG_anon:
                 v |= u.PM_FILE
-            if self.core.mapcount(pfn) == 1:
+            # folio_precise_page_mapcount() == 1; HugeTLB: !folio_maybe_mapped_shared()
+            if (core.mapcount(head) if level > 1 else core.mapcount(pfn)) == 1:
                 v |= u.PM_MMAP_EXCLUSIVE
             return v
-        if e & C.PTE_HWPOISON:
+        if e & C.PTE_HWPOISON and level == 1:
+            # a pfn swap entry: the pfn as offset, and the folio for PM_FILE
             pfn = (e & C.PTE_PFN_MASK) >> PAGE_SHIFT
-            return u.PM_SWAP | u.SWP_HWPOISON | (pfn << u.PM_SWAP_TYPE_BITS)
-        if vma is not None and vma.file is not None:
-            return 0
+            v = u.PM_SWAP | u.SWP_HWPOISON | (pfn << u.PM_SWAP_TYPE_BITS)
+            if not core.flags(core.head(pfn)) & PG_anon:
+                v |= u.PM_FILE
+            return v
         return 0

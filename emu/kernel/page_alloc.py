@@ -3,7 +3,11 @@
 Frame state lives in the shared-memory frame table (struct page / struct folio);
 the free lists are the supervisor's own, as they are the kernel's.  Frames a zap
 freed go through a grace period before reuse (emulated TLB shootdown): a CPU
-that walked the old PTE may still be copying from them.
+that walked the old PTE may still be copying from them.  They wait in `pending`,
+the emulator's per-CPU lists: not free memory yet (not PageBuddy, not MemFree),
+but free pages to memory failure, whose zone_pcp_disable() drains the per-CPU
+lists first (is_free_buddy_page, take_page_off_buddy).  Retiring one at once is
+safe: a retired frame is never handed out, so a late reader only sees old data.
 """
 from __future__ import annotations
 
@@ -80,6 +84,7 @@ def format_page_flags(flags: int, pfn: int) -> str:
 
 MAX_PAGE_ORDER = 10
 NR_RESERVED = 16          # low frames the "kernel image" owns (PG_reserved)
+ZERO_PFN = NR_RESERVED - 1   # empty_zero_page, in the kernel image: my_zero_pfn()
 POPULATE_AHEAD = 256      # never-used frames whose host memory is kept faulted in
 
 
@@ -161,6 +166,13 @@ class BuddyAllocator:
         """Free after the current grace period (the caller just zapped its mappings)."""
         self.pending.append((self.core.epoch_bump(), pfn, order))
 
+    def pending_block_of(self, pfn: int) -> int | None:
+        """The index in `pending` of the freed block holding pfn, if any."""
+        for i, (_epoch, head, order) in enumerate(self.pending):
+            if head <= pfn < head + (1 << order):
+                return i
+        return None
+
     def free_now(self, pfn: int, order: int = 0) -> None:
         while order < MAX_PAGE_ORDER:
             buddy = pfn ^ (1 << order)
@@ -181,31 +193,59 @@ class BuddyAllocator:
 
     # -- hwpoison support --
     def free_block_of(self, pfn: int) -> tuple[int, int] | None:
-        """is_free_buddy_page(): the free block (head, order) holding pfn, if any."""
+        """The block (head, order) on the free lists holding pfn, if any (PageBuddy)."""
         for order in range(MAX_PAGE_ORDER + 1):
             head = pfn & ~((1 << order) - 1)
             if head in self.free_area[order]:
                 return head, order
         return None
 
+    def is_free_buddy_page(self, pfn: int) -> bool:
+        """is_free_buddy_page() after zone_pcp_disable(): on the free lists, or freed
+        and waiting for its grace period (the per-CPU lists it would drain)."""
+        return self.free_block_of(pfn) is not None or self.pending_block_of(pfn) is not None
+
     def take_page_off_buddy(self, pfn: int) -> bool:
-        """Remove one frame from the free lists for good (page_handle_poison)."""
+        """Remove one frame from the free lists for good (page_handle_poison).  A frame
+        still in its grace period is taken from its freed block; the rest of the
+        block keeps waiting with the block's epoch."""
         blk = self.free_block_of(pfn)
-        if blk is None:
-            return False
-        head, order = blk
-        self._del(head, order)
-        while order:                          # split around pfn, free the other halves
-            order -= 1
-            half = 1 << order
-            if pfn >= head + half:
-                self._add(head, order)
-                head += half
-            else:
-                self._add(head + half, order)
+        if blk is not None:
+            head, order = blk
+            self._del(head, order)
+            for h, o in _split_around(head, order, pfn):
+                self._add(h, o)
+        else:
+            i = self.pending_block_of(pfn)
+            if i is None:
+                return False
+            epoch, head, order = self.pending[i]
+            del self.pending[i]
+            for j, (h, o) in enumerate(_split_around(head, order, pfn)):
+                self.core.set_folio(h, o, 0, 0, 0, 0)   # its frames no longer point at pfn
+                self.pending.insert(i + j, (epoch, h, o))
         self.core.set_folio(pfn, 0, 0, 0, 0, 0)
         return True
 
     def put_back(self, pfn: int) -> None:
-        """unpoison of a page taken off buddy: give it back."""
-        self.free_now(pfn, 0)
+        """unpoison of a page taken off buddy: give it back (put_page_back_buddy).  It
+        may have been taken while CPUs could still read it, so it goes through a
+        grace period like any freed frame; with no CPU inside an access that is
+        now."""
+        self.free(pfn, 0)
+        self.reclaim()
+
+
+def _split_around(head: int, order: int, pfn: int) -> list[tuple[int, int]]:
+    """break_down_buddy_pages(): the blocks (head, order) left of a block of 2**order
+    frames once pfn is taken out of it."""
+    out = []
+    while order:
+        order -= 1
+        half = 1 << order
+        if pfn >= head + half:
+            out.append((head, order))
+            head += half
+        else:
+            out.append((head + half, order))
+    return out

@@ -21,6 +21,10 @@ class Process:
     files: dict = field(default_factory=dict)
     threads: list = field(default_factory=list)      # group order, leader first
     exit_sig: int = 0
+    # the group leader has exited while other threads run (pthread_exit): a zombie
+    # whose mm is NULL (exit_mm) until the last thread goes; for_each_process still
+    # finds the group through it
+    leader_exited: bool = False
 
     def fd_install(self, f) -> int:
         fd = 3
@@ -47,6 +51,7 @@ class Task:
     reply_sigs: list = field(default_factory=list)   # signals for current, delivered on return
     alive: bool = True
     clean_exit: bool = False
+    thread_exit: bool = False           # exited with SYS_exit alone, even as the leader
 
     @property
     def tgid(self) -> int:

@@ -123,4 +123,13 @@ def memfd_create(k, proc, name: str, flags: int) -> int:
     return proc.fd_install(File(inode))
 
 
+def shmem_zero_setup(k, size: int) -> File:
+    """shmem_zero_setup(): the shmem file behind a MAP_SHARED|MAP_ANONYMOUS mapping,
+    of the mapping's size, open by that mapping only."""
+    inode = k.new_inode(SHMEM_OPS, "dev/zero")
+    inode.size = size
+    k.inode_sync(inode)
+    return File(inode)
+
+
 SHMEM_OPS = ShmemOps()

@@ -59,7 +59,10 @@ def sys_mmap(k, t, a):
     prot = _u64(a, "prot") & (u.PROT_READ | u.PROT_WRITE | u.PROT_EXEC)
     addr = k.mm.mmap(t.process, _u64(a, "addr", 0), length, prot, flags, f, _int(a, "offset", 0))
     if flags & u.MAP_POPULATE:
-        k.mm.populate(t, addr, length, bool(prot & u.PROT_WRITE))
+        # populate_vma_page_range(): FOLL_WRITE for private writable mappings only
+        # (break COW; a shared mapping is not dirtied for nothing)
+        shared = flags & u.MAP_TYPE != u.MAP_PRIVATE
+        k.mm.populate(t, addr, length, bool(prot & u.PROT_WRITE) and not shared)
     return addr
 
 
