@@ -615,9 +615,8 @@ class MemoryFailure:
             self.soft_log(msg)
 
     def drain_all_pages(self) -> None:
-        """Frames freed a moment ago wait out their grace period (the emulated TLB
-        shootdown) before the free lists get them; the kernel's drain of the
-        per-CPU lists puts its just-freed pages on the buddy lists at once."""
+        """Put frames still waiting out their grace period (the emulator's per-CPU
+        lists) on the free lists, as drain_all_pages() does, so MemFree shows them."""
         self.k.synchronize_rcu()
         self.k.buddy.reclaim()
 
@@ -637,9 +636,7 @@ class MemoryFailure:
             if ref > 0 and not fl & PG_hwpoison:         # ...hugetlb_migratable()
                 return 1
         elif ref == 0:
-            if k.buddy.free_block_of(pfn) is None:       # zone_pcp_disable()
-                self.drain_all_pages()
-            if k.buddy.free_block_of(pfn) is not None:
+            if k.buddy.is_free_buddy_page(pfn):          # after zone_pcp_disable()
                 return 0
         elif fl & PG_lru and not fl & PG_slab:           # HWPoisonHandlable()
             return 1
@@ -728,10 +725,9 @@ class MemoryFailure:
             if k.hugetlb is not None and core.flags(head) & PG_hugetlb \
                     and k.hugetlb.dissolve_free_hugetlb_folio(head) < 0:
                 return False
-            if k.buddy.free_block_of(pfn) is None:
-                self.drain_all_pages()                   # drain_all_pages()
-            if not k.buddy.take_page_off_buddy(pfn):
+            if not k.buddy.take_page_off_buddy(pfn):     # per-CPU lists included
                 return False
+            self.drain_all_pages()                       # the rest reaches the free lists
             core.set_folio(pfn, 0, PG_hwpoison, 1, 0, 0)
             core.set_private(pfn, MAGIC_HWPOISON)        # SetPageHWPoisonTakenOff()
         else:
