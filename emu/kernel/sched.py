@@ -47,6 +47,11 @@ class Task:
     reply_sigs: list = field(default_factory=list)   # signals for current, delivered on return
     alive: bool = True
     clean_exit: bool = False
+    # x86 #MC task work (current->mce_*): queue_task_work() fills, task_work_run() runs
+    mce_count: int = 0
+    mce_addr: int = 0
+    mce_ripv: bool = True
+    mce_kill_me: str | None = None
 
     @property
     def tgid(self) -> int:
