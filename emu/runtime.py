@@ -297,8 +297,12 @@ class Host:
     def unpoison_pfn(self, pfn: int) -> int:
         return self._errno_call("unpoison_pfn", pfn=pfn)
 
-    def hw_poison(self, pfn: int) -> int:
-        return self._errno_call("hw_poison", pfn=pfn)
+    def hw_poison(self, pfn: int, addr_lsb: int = 0) -> int:
+        """A latent uncorrected error in pfn, consumed by the next load (SRAR).
+        `addr_lsb`: the address granularity the machine check will report (0: the
+        byte); above 12 the address is not usable and the consumer gets SIGBUS
+        (SI_KERNEL) with no memory_failure() (kill_me_now)."""
+        return self._errno_call("hw_poison", pfn=pfn, addr_lsb=addr_lsb)
 
     def hw_detect(self, pfn: int) -> int:
         """A deferred error: returns memory_failure()'s return value (0, -EBUSY, ...)."""
@@ -771,6 +775,22 @@ class Task:
                 return
             self._trap(st, xva, xpfn, True)
 
+    def fetch(self, addr: int, n: int) -> bytes:
+        """An instruction fetch of n bytes at addr: a read() whose consumption of a
+        latent error is an instruction-fetch machine check, which cannot be
+        restarted (MCG_STATUS.RIPV clear: memory_failure() gets MF_MUST_KILL).  The
+        emulated MMU has no NX bit: whatever read() may read, fetch() may."""
+        buf = bytearray(n)
+        mv = memoryview(buf)
+        off = 0
+        rd = self._rd
+        while True:
+            done, st, xva, xpfn = rd(self.slot, self.pgd, addr + off, mv[off:])
+            off += done
+            if st == C.ACC_OK:
+                return bytes(buf)
+            self._trap(st, xva, xpfn, False, fetch=True)
+
     def read_batch(self, addrs, size: int) -> bytearray:
         """`size` bytes at each address, in one fast-path call (traps resume in place)."""
         if not isinstance(addrs, array.array):
@@ -795,11 +815,11 @@ class Task:
                 return
             self._trap(st, xva, xpfn, write)
 
-    def _trap(self, st: int, va: int, pfn: int, write: bool) -> None:
+    def _trap(self, st: int, va: int, pfn: int, write: bool, fetch: bool = False) -> None:
         if st == C.ACC_FAULT:
             self._call("fault", addr=va, write=write)
         elif st == C.ACC_MCE:
-            self._call("mce", addr=va, pfn=pfn)
+            self._call("mce", addr=va, pfn=pfn, fetch=fetch)
         else:
             raise OSError(u.EFAULT, "bad frame in a page-table entry")
 

@@ -391,3 +391,75 @@ def test_an_unhandled_panic_ends_a_worker_with_one_line(host, capfd):
     err = capfd.readouterr().err
     assert "emu: careless (pid %d): Kernel panic - not syncing: Fatal machine check" % th.pid in err
     assert "Traceback" not in err
+
+
+# ------------------------------------------------------------------ D12: MF_MUST_KILL
+def test_instruction_fetch_srar_is_must_kill(host):
+    """An instruction fetch that consumes poison: MCG_STATUS.RIPV is clear, so
+    kill_me_maybe passes MF_MUST_KILL and memory_failure() kills the consumer even
+    for a clean page (forcekill); a data load of the same kind of page is recovered
+    silently and only the retried access gets SIGBUS, at the byte."""
+    me = emu.attach(host, name="exec")
+    got = recorder()
+    fd = me.memfd_create("text")
+    me.ftruncate(fd, 2 * PAGE)
+    a = me.mmap(0, 2 * PAGE, u.PROT_READ | u.PROT_EXEC, u.MAP_SHARED, fd, 0)
+    assert me.fetch(a, 16) == bytes(16)               # read fault: a clean page
+    assert me.read(a + PAGE, 1) == b"\0"
+    p0, p1 = me.pagemap(a).pfn, me.pagemap(a + PAGE).pfn
+    host.hw_poison(p0)
+    host.hw_poison(p1)
+    with pytest.raises(Stop):
+        me.fetch(a + 0x40, 16)
+    # MF_MUST_KILL: kill_proc() sends AR at the page (the folio's address) right away
+    assert got == [(u.BUS_MCEERR_AR, a, 12)]
+    assert any("Uncorrected hardware memory error in user-access at %x" % ((p0 << 12) | 0x40)
+               in line for line in host.dmesg())
+    assert any("%#x: Sending SIGBUS to exec:%d due to hardware memory corruption" % (p0, me.tid)
+               in line for line in host.dmesg())
+    del got[:]
+    with pytest.raises(Stop):                         # a load of a clean page: no kill_procs,
+        me.read(a + PAGE + 0x40, 1)                   # the retry faults on the hwpoison entry
+    assert got == [(u.BUS_MCEERR_AR, a + PAGE + 0x40, 12)]
+    assert host.mf_stats()["total"] == 2 and host.panicked() is None
+
+
+# ------------------------------------------------------------------ D12: !mce_usable_address
+def test_error_without_usable_address_is_kill_me_now(host):
+    """An SRAR whose bank reports a granularity coarser than a page: not
+    mce_usable_address(), so do_machine_check queues kill_me_now: SIGBUS with
+    SI_KERNEL and no address, no memory_failure(); the page stays mapped and the next
+    load takes the machine check again."""
+    me = emu.attach(host, name="victim")
+    got = recorder()
+    a = me.mmap(0, PAGE, RW, u.MAP_PRIVATE | u.MAP_ANONYMOUS)
+    me.write(a, b"data")
+    pfn = me.pagemap(a).pfn
+    with pytest.raises(OSError) as ei:
+        host.hw_poison(pfn, addr_lsb=64)
+    assert ei.value.errno == errno.EINVAL
+    host.hw_poison(pfn, addr_lsb=21)
+    for _ in range(2):
+        with pytest.raises(Stop):
+            me.read(a, 4)
+    assert got == [(u.SI_KERNEL, 0, 0)] * 2
+    assert host.mf_stats()["total"] == 0
+    assert me.pagemap(a).present and not host.kpageflags(pfn) & KPF_HWPOISON
+    assert not any("Uncorrected hardware memory error" in line for line in host.dmesg())
+
+
+def test_error_with_page_granularity_is_still_usable(host):
+    """addr_lsb 12 (PAGE_SHIFT) is usable: kill_me_maybe, memory_failure() of the
+    page; the reported address is the page's (MCi_ADDR masked by the LSB)."""
+    me = emu.attach(host, name="victim")
+    got = recorder()
+    a = me.mmap(0, PAGE, RW, u.MAP_PRIVATE | u.MAP_ANONYMOUS)
+    me.write(a, b"data")
+    pfn = me.pagemap(a).pfn
+    host.hw_poison(pfn, addr_lsb=12)
+    with pytest.raises(Stop):
+        me.read(a + 0x123, 4)
+    assert got and got[0][0] == u.BUS_MCEERR_AR
+    assert any("Uncorrected hardware memory error in user-access at %x" % (pfn << 12) in line
+               for line in host.dmesg())
+    assert host.mf_stats()["total"] == 1

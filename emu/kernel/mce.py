@@ -117,7 +117,7 @@ class MachineCheck:
     # ------------------------------------------------------------ #MC entry points
     def user_access(self, t, pfn: int, phys_addr: int, fetch: bool = False) -> None:
         """A load or fetch of `t` in user (or guest) mode consumed the poison."""
-        m = srar(phys_addr, fetch)
+        m = srar(phys_addr, fetch, addr_lsb(self.k, pfn))
         self.do_machine_check(t, m, IN_USER, ("exc_machine_check_user",))
 
     def kernel_load(self, t, pfn: int, phys_addr: int, copy_from_user: bool,
@@ -125,7 +125,7 @@ class MachineCheck:
         """A load by the kernel on behalf of `t` consumed the poison.  Returns only
         if it was recoverable (copy from user: the caller's copy stops there, as
         the exception fixup makes it); otherwise the machine panics."""
-        m = srar(phys_addr, False)
+        m = srar(phys_addr, False, addr_lsb(self.k, pfn))
         self.k.trace("mce", tid=t.tid if t is not None else 0, pfn=pfn, addr=phys_addr,
                      kernel=True, copy_from_user=copy_from_user)
         if copy_from_user:                       # error_context(): is_copy_from_user()
@@ -191,6 +191,12 @@ class MachineCheck:
             mf.kill_me_never(addr >> 12, addr)
         else:                                     # kill_me_now
             self.k.signals.force_sig(t, u.SIGBUS, why="kill_me_now: no usable address")
+
+
+def addr_lsb(k, pfn: int) -> int:
+    """The granularity the bank reports for pfn's latent error: hwerr holds it + 1
+    (host.hw_poison(pfn, addr_lsb))."""
+    return max(k.core.hwerr(pfn) - 1, 0)
 
 
 def mce_usable_address(m: Mce) -> bool:

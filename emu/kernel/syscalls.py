@@ -231,14 +231,15 @@ def sys_fault(k, t, a):
 
 
 def sys_mce(k, t, a):
-    """An emulated #MC raised by this thread's load in user or guest mode:
-    do_machine_check queues kill_me_maybe as task work on current, run before this
-    call returns (exit_to_user_mode)."""
+    """An emulated #MC raised by this thread's load (or instruction fetch, `fetch`)
+    in user or guest mode: do_machine_check queues kill_me_maybe as task work on
+    current, run before this call returns (exit_to_user_mode)."""
     pfn, addr = _u64(a, "pfn"), _u64(a, "addr")
     if pfn >= k.nframes:
         raise OSError(u.EINVAL, "mce: pfn beyond RAM")
-    k.trace("mce", tid=t.tid, pfn=pfn, addr=addr, guest=bool(a.get("guest")))
-    k.mce.user_access(t, pfn, (pfn << 12) | (addr & 0xFFF))
+    fetch = bool(a.get("fetch"))
+    k.trace("mce", tid=t.tid, pfn=pfn, addr=addr, guest=bool(a.get("guest")), fetch=fetch)
+    k.mce.user_access(t, pfn, (pfn << 12) | (addr & 0xFFF), fetch)
     return 0
 
 
@@ -379,11 +380,18 @@ def host_unpoison_pfn(k, a):
 
 
 def host_hw_poison(k, a):
+    """A latent uncorrected error in pfn.  `addr_lsb`: the address granularity the
+    memory controller will report for it (MCi_MISC[5:0], 0 = the byte): above
+    PAGE_SHIFT the address is not usable (mce_usable_address()).  Kept in hwerr as
+    addr_lsb + 1, so that any non-zero byte is an error for the CPU."""
     pfn = _pfn(k, a)
+    lsb = _int(a, "addr_lsb", 0)
+    if not 0 <= lsb <= 63:
+        raise OSError(u.EINVAL, "addr_lsb: 0..63 (MCi_MISC[5:0])")
     if pfn < 0 or pfn >= k.nframes:
         return -u.ENXIO
-    k.core.set_hwerr(pfn, 1)
-    k.trace("hw_poison", pfn=pfn)
+    k.core.set_hwerr(pfn, lsb + 1)
+    k.trace("hw_poison", pfn=pfn, addr_lsb=lsb)
     return 0
 
 
