@@ -154,7 +154,6 @@ class Channel:
             self.halt_poll_ns, self.max_request = 0, 1 << 20
         self.spin_ns = 0                      # an emulated thread's channel spins (attach)
         self.shutdown = False                 # the supervisor announced an orderly shutdown
-        self.panicked = None                  # ... or that its kernel panicked (the reason)
         self._poll = select.poll()
         self._poll.register(self.sock, select.POLLIN)
         _channels.add(self)
@@ -210,8 +209,8 @@ class Channel:
                     self.stash[rep["id"]] = rep
                 elif rep.get("event") == "SHUTDOWN":
                     self.shutdown = True
-                elif rep.get("event") == "PANIC":
-                    self.panicked = rep.get("reason")
+                # (a PANIC event needs nothing here: the calls that follow get
+                # KernelPanic, and the doorbell reaches an attached thread)
             return self.stash.pop(rid)
         finally:
             self.outstanding.discard(rid)
