@@ -28,6 +28,7 @@ import argparse
 import ctypes
 import os
 import random
+import re
 import shutil
 import signal
 import statistics
@@ -586,6 +587,21 @@ class Soak:
                 return
             time.sleep(0.0001)
 
+    def _scrub(self) -> None:
+        """Patrol scrub.  A worker killed between hw_poison and the read that was
+        to consume it leaves a latent error in a frame that is then freed and
+        reused; a later read(2) of it as page cache would panic the machine (a
+        kernel-mode load, as in Linux) and end the soak.  Each such error is
+        reported as a deferred one (hw_detect: memory_failure()), as a scrubber
+        would find it."""
+        core = self.core
+        info = core.info()
+        cv, _pv = core.views()
+        hwerr = bytes(cv[info["off_hwerr"]:info["off_hwerr"] + core.nframes])
+        for m in re.finditer(rb"[^\x00]", hwerr):
+            if not core.flags(m.start()) & PG_HWPOISON:
+                self.host.hw_detect(m.start())
+
     def _kill_all(self) -> None:
         """Kill every worker and every task, reap, and wait until the supervisor has
         retired them all."""
@@ -618,6 +634,7 @@ class Soak:
             self._reap()
             self._kill_one()
             self._reap()
+            self._scrub()
         self.t_kill += time.monotonic() - t0
         self._kill_all()
 

@@ -75,6 +75,8 @@ cdef extern from "layout.h":
         int64_t supervisor_pid
         uint64_t event_head
         uint64_t shutdown
+        uint64_t panicked
+        char panic_msg[256]
 
 cdef extern from "fastpath.h":
     int EMU_ACC_OK, EMU_ACC_FAULT, EMU_ACC_MCE, EMU_ACC_BADPFN
@@ -347,6 +349,21 @@ cdef class Core:
     def set_shutdown(self):
         """Supervisor: mark an orderly exit, so workers' watchdogs let their process live."""
         self.c.hdr.shutdown = 1
+
+    @property
+    def panic_reason(self):
+        """The reason the kernel panicked with, or None while it runs."""
+        if not emu_ld64(&self.c.hdr.panicked):
+            return None
+        return (<bytes>self.c.hdr.panic_msg).decode("utf-8", "replace")
+
+    def set_panic(self, reason):
+        """Supervisor: the kernel panicked; the reason first, then the flag, so a
+        worker that sees the flag reads the whole reason."""
+        cdef bytes b = reason.encode("utf-8", "replace")[:255]
+        memcpy(self.c.hdr.panic_msg, <const char *>b, len(b))
+        self.c.hdr.panic_msg[len(b)] = 0
+        emu_st64(&self.c.hdr.panicked, 1)
 
     def epoch_bump(self):
         """Supervisor: close a grace period; returns the epoch that was current."""

@@ -110,7 +110,8 @@ uint64_t *emu_walk_tlb(const emu_ctx *c, emu_tlb *tlb, uint64_t pgd, uint64_t va
 /*
  * Copy n bytes between `buf` and user memory at `va` through page table `pgd`.
  * Returns the bytes done; *status says why it stopped.  On FAULT, *xva is the
- * faulting byte; on MCE, also *xpfn, the frame whose latent error was consumed.
+ * faulting byte; on MCE (a read only), also *xpfn, the frame whose latent error
+ * was consumed.
  * Caller must be inside an rcu read section.
  */
 /*
@@ -136,7 +137,10 @@ size_t emu_access_locked(emu_ctx *c, emu_tlb *tlb, uint64_t pgd, uint64_t va, ui
         }
         pfn = emu_leaf_pfn(e, cur, level);
         if (pfn >= c->nframes) { *status = EMU_ACC_BADPFN; *xva = cur; *xpfn = pfn; return done; }
-        if (c->hwerr[pfn]) { *status = EMU_ACC_MCE; *xva = cur; *xpfn = pfn; return done; }
+        /* x86 signals an SRAR #MC for a load (or an instruction fetch) that consumes
+         * poison; a store does not consume it: the store completes and the line
+         * stays poisoned, so the next load still takes the machine check. */
+        if (!write && c->hwerr[pfn]) { *status = EMU_ACC_MCE; *xva = cur; *xpfn = pfn; return done; }
         if ((e & want) != want) {
             /* hardware A/D update: a locked cmpxchg that rechecks the entry */
             if (!__atomic_compare_exchange_n(slot, &e, e | want, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
@@ -179,7 +183,7 @@ void emu_prefetch(const emu_ctx *c, emu_tlb *tlb, uint64_t pgd, uint64_t va, int
     if (!(e & EMU_PTE_PRESENT)) return;
     pfn = emu_leaf_pfn(e, va, level);
     if (pfn >= c->nframes) return;
-    __builtin_prefetch(c->hwerr + pfn, 0, 3);
+    if (!write) __builtin_prefetch(c->hwerr + pfn, 0, 3);   /* only loads check it */
     if (write) __builtin_prefetch(c->phys + (pfn << EMU_PAGE_SHIFT) + (va & (EMU_PAGE_SIZE - 1)), 1, 3);
     else       __builtin_prefetch(c->phys + (pfn << EMU_PAGE_SHIFT) + (va & (EMU_PAGE_SIZE - 1)), 0, 3);
 }

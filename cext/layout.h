@@ -23,12 +23,13 @@
 #include <stdint.h>
 
 #define EMU_MAGIC        0x756d652d6d656d67ULL   /* "gmem-emu" */
-#define EMU_VERSION      2
+#define EMU_VERSION      3
 #define EMU_PAGE_SHIFT   12
 #define EMU_PAGE_SIZE    4096
 #define EMU_PTRS         512        /* entries per page-table page */
 #define EMU_MB_RING      16         /* siginfo records per task mailbox */
 #define EMU_COMM_LEN     16
+#define EMU_PANIC_LEN    256        /* panic() reason kept in the header */
 
 /* ---- page-table entries (x86-64 bit positions) ---- */
 #define EMU_PTE_PRESENT  (1ULL << 0)
@@ -152,7 +153,9 @@ typedef struct {
     int64_t  supervisor_pid;
     uint64_t event_head;      /* next event seq */
     uint64_t shutdown;        /* set before an orderly supervisor exit */
-    uint64_t pad[3];
+    uint64_t panicked;        /* set when the kernel panicked (panic_msg is its reason) */
+    uint64_t pad[2];
+    char     panic_msg[EMU_PANIC_LEN];   /* NUL-terminated, read by the panic doorbell */
 } emu_header;
 
 #endif

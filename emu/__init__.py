@@ -7,8 +7,8 @@
         ...
 """
 from . import uapi
-from .runtime import EmulatorBug, Host, SigInfo, Task, Thread, attach, connect, sigaction, start
+from .runtime import EmulatorBug, Host, KernelPanic, SigInfo, Task, Thread, attach, connect, sigaction, start
 
 __version__ = "0.1.0"
-__all__ = ["EmulatorBug", "Host", "SigInfo", "Task", "Thread", "attach", "connect", "sigaction",
-           "start", "uapi"]
+__all__ = ["EmulatorBug", "Host", "KernelPanic", "SigInfo", "Task", "Thread", "attach", "connect",
+           "sigaction", "start", "uapi"]

@@ -3,7 +3,8 @@ the same cases against the Cython core, and as the benchmarks' Python baseline.
 
 It reads the same shared memory through memoryviews and follows fastpath.h step
 by step: walk the four levels, check present/RW and, for a guest access through
-stage-2, the private/shared view (`priv`), consume latent poison, set A/D, copy.
+stage-2, the private/shared view (`priv`), consume latent poison (loads only),
+set A/D, copy.
 (A/D updates here are plain read-modify-writes: fine for a reference.)
 """
 from __future__ import annotations
@@ -81,7 +82,7 @@ class PyCore:
             pfn = ((e & _PFN) >> 12) + ((cur >> 12) & ((1 << (pshift - 12)) - 1))
             if pfn >= self.nframes:
                 return done, ACC_BADPFN, cur, pfn
-            if self.hwerr[pfn]:
+            if not write and self.hwerr[pfn]:     # a store does not consume poison
                 return done, ACC_MCE, cur, pfn
             if e & want != want:
                 pt[i] = e | want

@@ -8,6 +8,7 @@ import sys
 
 from . import config as cfgmod
 from . import shm
+from .runtime import KernelPanic
 
 
 class CliError(Exception):
@@ -216,6 +217,9 @@ def cmd_status(args) -> int:
     print("sysctl            " + "  ".join("%s=%s" % kv for kv in st["sysctl"].items()))
     print("kernel            %s (tainted=%d)%s" % (
         st["taint"], st["tainted"], "  emulator bug: see `emu dmesg`" if st["tainted"] else ""))
+    if st.get("panic") is not None:
+        print("panic             Kernel panic - not syncing: %s  (stopped; state kept "
+              "for reading, see `emu dmesg`; `emu stop` ends it)" % st["panic"])
     print("limits            " + "  ".join("%s %d/%d" % (name, v["used"], v["max"])
                                            for name, v in st["limits"].items()))
     print()
@@ -331,6 +335,10 @@ def main(argv=None) -> int:
         return 0
     except OSError as e:               # e.g. the supervisor went away mid-command
         print("emu: %s" % _oserror_text(e).replace("\n", " "), file=sys.stderr)
+        return 1
+    except KernelPanic as e:           # e.g. `emu inject` on a machine that panicked
+        print("emu: the emulated kernel has panicked: %s (`emu dmesg` shows why, "
+              "`emu stop` stops it)" % e.reason, file=sys.stderr)
         return 1
     except Exception as e:             # a bug in emu itself: still one line, unless asked
         if os.environ.get("EMU_DEBUG"):

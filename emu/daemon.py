@@ -27,9 +27,9 @@ from . import _core as C
 from . import shm
 from . import uapi as u
 from .haltpoll import others_waiting
-from .kernel import Kernel, KernelPanic
+from .kernel import Kernel, Panic
 from .kernel.page_alloc import POPULATE_AHEAD
-from .kernel.syscalls import HOSTCALLS, SYSCALLS
+from .kernel.syscalls import HOSTCALLS, SYSCALLS, after_panic_ok
 from .procfs import death_signal, maps_segment, pid_alive
 from .qmp import MAX_REQUEST, BadRequest, generic_error, one_line, parse_request
 
@@ -39,6 +39,7 @@ EVENT_WRITE = selectors.EVENT_WRITE
 VERSION = "0.1.0"
 SIG_GROUP_EXIT = signal.SIGRTMIN + 6        # worker doorbell: die like the rest of the group
 SIG_SHUTDOWN = signal.SIGRTMIN + 7          # worker doorbell: the kernel shuts down (ESHUTDOWN)
+SIG_PANIC = signal.SIGRTMIN + 8             # worker doorbell: the kernel panicked (KernelPanic)
 GROUP_EXIT_GRACE = 1.0
 
 
@@ -162,8 +163,6 @@ class Supervisor:
                 if now - last_tick >= 0.1:
                     last_tick = now
                     self._guarded(self._supervise)
-        except KernelPanic as e:
-            log.error("kernel panic: %s", e)
         finally:
             self.shutdown()
 
@@ -196,9 +195,13 @@ class Supervisor:
                 pass
         victims = []
         kernel = getattr(self, "kernel", None)
+        panicked = kernel is not None and kernel.panicked is not None
         for t in list(kernel.tasks.values()) if kernel is not None else []:
             if t.alive and t.tid != self.owner_pid and t.tid != os.getpid():
-                victims.append(t.tid)
+                # after a panic the task table is frozen: only a worker that still
+                # maps the machine is one (its pid may be gone, or another's by now)
+                if not panicked or maps_segment(t.tid, self.segs.names[0]):
+                    victims.append(t.tid)
         for c in list(self.conns.values()):
             self._send(c, {"event": "SHUTDOWN"})    # queued after any reply still unread
             self._close(c, dead=False)              # flushes, bounded by _flush's timeout
@@ -383,7 +386,8 @@ class Supervisor:
         self.conns.pop(c.sock.fileno(), None)
         c.sock.close()
         t = c.task
-        if t is not None and t.alive and dead and self.segs is not None:
+        if t is not None and t.alive and dead and self.segs is not None \
+                and self.kernel.panicked is None:      # a panicked kernel changes nothing
             self._task_died(t)
 
     # ------------------------------------------------------------ requests
@@ -398,6 +402,13 @@ class Supervisor:
             self._send(c, generic_error(e.rid, e.strerror))
             return
         k = self.kernel
+        if k.panicked is not None and not after_panic_ok(name, args):
+            if name == "exit":                  # nothing to retire in a stopped kernel
+                c.task = None
+                self._send(c, {"id": rid, "return": 0})
+            else:
+                self._send(c, panic_error(rid, k.panicked))
+            return
         try:
             fn = SYSCALLS.get(name)
             if fn is not None:
@@ -406,7 +417,11 @@ class Supervisor:
                     raise OSError(u.ESRCH, "%s: this connection is not an attached thread" % name)
                 k.current = t
                 try:
-                    ret = fn(k, t, args)
+                    try:
+                        ret = fn(k, t, args)
+                    finally:
+                        if t.mce_kill_me is not None and k.panicked is None:
+                            k.mce.task_work_run(t)    # exit_to_user_mode, whatever fn returned
                 finally:
                     k.current = None
                 sigs = t.reply_sigs
@@ -445,8 +460,10 @@ class Supervisor:
             else:
                 raise OSError(u.ENOSYS, "unknown command %r" % (name,))
             self._send(c, {"id": rid, "return": ret})
-        except KernelPanic:
-            raise
+        except Panic:
+            # the call that panicked never returns: its caller hears of it first
+            self._send(c, panic_error(rid, k.panicked))
+            self._panicked(cause=c)
         except OSError as e:
             err = e.errno if isinstance(e.errno, int) and e.errno > 0 else None
             if err is None:                     # an OSError without an errno: not validation
@@ -471,12 +488,34 @@ class Supervisor:
         unexpected exception is an emulator bug too, reported, and the kernel serves on."""
         try:
             fn(*args)
-        except (KernelPanic, KeyboardInterrupt):
+        except Panic:
+            self._panicked(cause=None)
+        except KeyboardInterrupt:
             raise
         except Exception as e:
             where = self.kernel.report_bug(e, 0, "kworker/0:0")
             log.error("emulator bug in %s (kernel BUG at %s), kernel tainted", fn.__name__,
                       where, exc_info=e)
+
+    def _panicked(self, cause: Conn | None) -> None:
+        """The kernel called panic(): the machine stops.  Its state stays as the
+        panic left it, readable by the host (after_panic_ok) as a crash dump is;
+        everything else is refused with KernelPanic.  Every connection gets a PANIC
+        event, and every attached thread the panic doorbell, which raises
+        KernelPanic wherever it runs (a call, the fast path, idle, KVM_RUN) and
+        retires it; the process that caused it has its answer already.  The
+        supervisor itself runs on until an orderly shutdown (emu stop, close)."""
+        k = self.kernel
+        log.error("kernel panic - not syncing: %s (the machine is stopped; its state "
+                  "stays readable until `emu stop`)", k.panicked)
+        self.core.set_panic(k.panicked)
+        self.kill_deadline.clear()
+        for c in list(self.conns.values()):
+            self._send(c, {"event": "PANIC", "reason": k.panicked})
+        me = os.getpid()
+        for t in list(k.tasks.values()):
+            if t.alive and t.tid != me and (cause is None or t.tid != cause.pid):
+                C.tgkill(t.tid, t.tid, int(SIG_PANIC))
 
     def _reply_sigs(self, c: Conn, rep: dict) -> None:
         if c.task is not None and c.task.reply_sigs:
@@ -528,11 +567,13 @@ class Supervisor:
         return {"slot": t.slot, "tid": t.tid, "tgid": t.tgid, "pgd": t.process.mm.pgd,
                 "segments": list(self.segs.names), "supervisor_pid": os.getpid(),
                 "mce_flags": t.flags, "group_exit_sig": int(SIG_GROUP_EXIT),
-                "shutdown_sig": int(SIG_SHUTDOWN)}
+                "shutdown_sig": int(SIG_SHUTDOWN), "panic_sig": int(SIG_PANIC)}
 
     def _reap(self, c: Conn, a: dict) -> int:
         """A parent is about to reap a worker that exited (it waited with WNOWAIT):
         settle the death now, while /proc still shows the zombie's exit status."""
+        if self.kernel.panicked is not None:
+            return 0                    # the frozen tables keep every task
         tid = a.get("tid")
         t = self.kernel.tasks.get(tid) if isinstance(tid, int) else None
         if t is None or c.task is None or not t.alive or pid_alive(tid):
@@ -566,6 +607,10 @@ class Supervisor:
 
     def _supervise(self) -> None:
         k = self.kernel
+        if k.panicked is not None:            # a stopped machine: only its owner matters
+            if self.owner_pid is not None and not pid_alive(self.owner_pid):
+                self.stopping = True
+            return
         now = time.monotonic()
         for t in list(k.tasks.values()):
             if not pid_alive(t.tid):
@@ -586,6 +631,12 @@ class Supervisor:
             self.stopping = True
         k.tick()
         k.buddy.populate_ahead(POPULATE_AHEAD)
+
+
+def panic_error(rid, reason: str) -> dict:
+    """The answer to a call the panicked kernel will not run (KernelPanic)."""
+    return {"id": rid, "error": {"class": "KernelPanic", "errno": u.EIO, "reason": reason,
+                                 "desc": "Kernel panic - not syncing: %s" % reason}}
 
 
 def _log_where() -> str:

@@ -41,10 +41,26 @@ class EmulatorBug(RuntimeError):
         self.where = where
 
 
-def _oserror(err: dict) -> Exception:
-    """The exception an error reply stands for: OSError(errno), or EmulatorBug."""
+class KernelPanic(Exception):
+    """The emulated kernel panicked (kernel/panic.c panic()): the machine has stopped.
+    `reason` is the panic string ("Fatal machine check", ...).  Every attached thread
+    gets it, at its next call or at once wherever it runs (a doorbell), and is retired;
+    the host can still read the machine (dmesg, status, meminfo, ...: a crash dump)
+    until it is stopped, and gets this for anything that would change it."""
+
+    def __init__(self, reason: str | None):
+        super().__init__("Kernel panic - not syncing: %s" % reason)
+        self.reason = reason
+
+
+def _oserror(err: dict, path: str | None = None) -> Exception:
+    """The exception an error reply from the supervisor at `path` stands for:
+    OSError(errno), EmulatorBug or KernelPanic (this process's emulated thread on
+    that machine is then retired)."""
     if err.get("class") == "EmulatorBug":
         return EmulatorBug(err.get("desc") or "emulator bug", err.get("where"))
+    if err.get("class") == "KernelPanic":
+        return _panicked(err.get("reason"), path)
     e = err.get("errno", u.EINVAL)
     desc = err.get("desc") or os.strerror(e)
     return OSError(e, desc)
@@ -64,17 +80,23 @@ EXITED_MSG = "this emulated thread has exited"
 
 class _Gone:
     """Stands in for the channel and the CPU of a retired thread: any use is a
-    clean OSError, and nothing can reach the memory that was unmapped."""
-    __slots__ = ("errno", "why")
+    clean OSError (KernelPanic after a panic), and nothing can reach the memory
+    that was unmapped."""
+    __slots__ = ("errno", "why", "panic")
 
-    def __init__(self, err: int, why: str):
-        self.errno, self.why = err, why
+    def __init__(self, err: int, why: str, panic: str | None = None):
+        self.errno, self.why, self.panic = err, why, panic
+
+    def _error(self) -> Exception:
+        if self.panic is not None:
+            return KernelPanic(self.panic)
+        return KernelGone(self.errno, self.why)
 
     def __getattr__(self, name):
-        raise KernelGone(self.errno, self.why)
+        raise self._error()
 
     def __call__(self, *a, **k):
-        raise KernelGone(self.errno, self.why)
+        raise self._error()
 
     def close(self) -> None:
         pass
@@ -139,6 +161,16 @@ class Channel:
     def close(self) -> None:
         try:
             self.rfile.close()
+        except RuntimeError:
+            # a doorbell handler closing the channel it interrupted a read of: the
+            # reader goes with the unwind; the peer sees EOF now
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        except OSError:
+            pass
+        try:
             self.sock.close()
         except OSError:
             pass
@@ -177,6 +209,8 @@ class Channel:
                     self.stash[rep["id"]] = rep
                 elif rep.get("event") == "SHUTDOWN":
                     self.shutdown = True
+                # (a PANIC event needs nothing here: the calls that follow get
+                # KernelPanic, and the doorbell reaches an attached thread)
             return self.stash.pop(rid)
         finally:
             self.outstanding.discard(rid)
@@ -200,7 +234,7 @@ class Channel:
     def call(self, _cmd: str, **args):
         rep = self.request(_cmd, args)
         if "error" in rep:
-            raise _oserror(rep["error"])
+            raise _oserror(rep["error"], self.path)
         return rep.get("return")
 
 
@@ -267,8 +301,12 @@ class Host:
         physical address (not a pfn; the low 12 bits are ignored).  0, or OSError."""
         return self._errno_call("soft_offline_page", addr=phys_addr)
 
-    def hw_poison(self, pfn: int) -> int:
-        return self._errno_call("hw_poison", pfn=pfn)
+    def hw_poison(self, pfn: int, addr_lsb: int = 0) -> int:
+        """A latent uncorrected error in pfn, consumed by the next load (SRAR).
+        `addr_lsb`: the address granularity the machine check will report (0: the
+        byte); above 12 the address is not usable and the consumer gets SIGBUS
+        (SI_KERNEL) with no memory_failure() (kill_me_now)."""
+        return self._errno_call("hw_poison", pfn=pfn, addr_lsb=addr_lsb)
 
     def hw_detect(self, pfn: int) -> int:
         """A deferred error: returns memory_failure()'s return value (0, -EBUSY, ...)."""
@@ -303,6 +341,11 @@ class Host:
 
     def policy(self) -> dict:
         return self._call("policy")
+
+    def panicked(self) -> str | None:
+        """None while the emulated kernel runs; the panic reason once it panicked
+        (then only reads of the machine and close() are served)."""
+        return self._call("panicked")
 
     def check_invariants(self) -> list[str]:
         """The emulated kernel's CONFIG_DEBUG_VM-style self-check: one line per broken
@@ -533,6 +576,27 @@ def _release_core(key: tuple) -> None:
     _cores.pop(key, None)
 
 
+def _panicked(reason: str | None, path: str | None = None) -> KernelPanic:
+    """This process heard that the machine at `path` panicked: its emulated thread
+    there is retired at once (its CPU stops: memory unmapped, every later use
+    KernelPanic), so a later doorbell finds nothing to do.  Returns the error."""
+    t = _self
+    if t is not None and t.alive and (path is None or t.host.path == path):
+        t._retire(u.EIO, "the emulated kernel panicked", panic=reason)
+    return KernelPanic(reason)
+
+
+def _on_panic(signum, frame):
+    """The supervisor's panic doorbell: whatever this thread is doing (a call, the
+    fast path, idle, KVM_RUN) ends with KernelPanic."""
+    t = _self
+    if t is None or not t.alive:
+        return
+    reason = t._core.panic_reason
+    if reason is not None:                  # (a stale doorbell of another machine: ignore)
+        raise _panicked(reason)
+
+
 def _on_shutdown(signum, frame):
     """The supervisor's shutdown doorbell: the emulated thread is retired and
     the interrupted code gets ESHUTDOWN (a handler is Python's siglongjmp)."""
@@ -574,12 +638,13 @@ class Task:
         self._rd, self._wr, self._bt = _backend(self._core)
         C.install_group_exit(info["group_exit_sig"])
         self._group_exit_sig = info["group_exit_sig"]
-        sig = info.get("shutdown_sig")
-        if sig:
-            try:
-                signal.signal(sig, _on_shutdown)
-            except ValueError:              # not the main thread: the grace period's kill
-                pass
+        for key, fn in (("shutdown_sig", _on_shutdown), ("panic_sig", _on_panic)):
+            sig = info.get(key)
+            if sig:
+                try:
+                    signal.signal(sig, fn)
+                except ValueError:          # not the main thread: the grace period's kill
+                    pass
         self._wd = _Watchdog(info["supervisor_pid"], self._core)
         self.alive = True
         _self = self
@@ -597,7 +662,7 @@ class Task:
         if sigs:
             self._deliver(sigs)
         if "error" in rep:
-            raise _oserror(rep["error"])
+            raise _oserror(rep["error"], self.host.path)
         return rep.get("return")
 
     def _deliver(self, sigs) -> None:
@@ -665,6 +730,13 @@ class Task:
             if done >= len(data) or n < len(chunk):
                 return done
 
+    def pwrite_from(self, fd: int, addr: int, count: int, offset: int = 0) -> int:
+        """write(2) whose buffer is this process's memory at `addr`: the kernel copies
+        it from user (faulting pages in), so a bad buffer is EFAULT, or a short
+        write of what came before it; a latent error there is a recoverable #MC in
+        the kernel (no signal; memory_failure() of the page afterwards)."""
+        return self._call("pwrite", fd=fd, addr=addr, count=count, offset=offset)
+
     def fallocate(self, fd: int, mode: int, offset: int, length: int) -> None:
         self._call("fallocate", fd=fd, mode=mode, offset=offset, length=length)
 
@@ -709,6 +781,22 @@ class Task:
                 return
             self._trap(st, xva, xpfn, True)
 
+    def fetch(self, addr: int, n: int) -> bytes:
+        """An instruction fetch of n bytes at addr: a read() whose consumption of a
+        latent error is an instruction-fetch machine check, which cannot be
+        restarted (MCG_STATUS.RIPV clear: memory_failure() gets MF_MUST_KILL).  The
+        emulated MMU has no NX bit: whatever read() may read, fetch() may."""
+        buf = bytearray(n)
+        mv = memoryview(buf)
+        off = 0
+        rd = self._rd
+        while True:
+            done, st, xva, xpfn = rd(self.slot, self.pgd, addr + off, mv[off:])
+            off += done
+            if st == C.ACC_OK:
+                return bytes(buf)
+            self._trap(st, xva, xpfn, False, fetch=True)
+
     def read_batch(self, addrs, size: int) -> bytearray:
         """`size` bytes at each address, in one fast-path call (traps resume in place)."""
         if not isinstance(addrs, array.array):
@@ -733,11 +821,11 @@ class Task:
                 return
             self._trap(st, xva, xpfn, write)
 
-    def _trap(self, st: int, va: int, pfn: int, write: bool) -> None:
+    def _trap(self, st: int, va: int, pfn: int, write: bool, fetch: bool = False) -> None:
         if st == C.ACC_FAULT:
             self._call("fault", addr=va, write=write)
         elif st == C.ACC_MCE:
-            self._call("mce", addr=va, pfn=pfn)
+            self._call("mce", addr=va, pfn=pfn, fetch=fetch)
         else:
             raise OSError(u.EFAULT, "bad frame in a page-table entry")
 
@@ -811,11 +899,11 @@ class Task:
             self._retire(e.errno, e.strerror)
         return e
 
-    def _retire(self, err: int, why: str) -> None:
+    def _retire(self, err: int, why: str, panic: str | None = None) -> None:
         """Forget the kernel's thread in this process: the watchdog stops and its
         fds close, signals no longer reach the old slot, the channel closes, and
         the memory is unmapped once nothing refers to it; later use of this
-        handle is a clean OSError(err)."""
+        handle is a clean OSError(err), or KernelPanic(panic) after a panic."""
         global _self
         if not self.alive:
             return
@@ -830,9 +918,9 @@ class Task:
         wd, self._wd = self._wd, None
         if wd is not None:
             wd.stop()
-        ch, self.ch = self.ch, _Gone(err, why)
+        ch, self.ch = self.ch, _Gone(err, why, panic)
         ch.close()
-        self._core = self._rd = self._wr = self._bt = _Gone(err, why)
+        self._core = self._rd = self._wr = self._bt = _Gone(err, why, panic)
         _release_core(self._names)
 
 
@@ -1210,6 +1298,9 @@ def _spawn(parent: Task, kind: str, fn, args, name: str) -> Thread:
                 _self.exit()
         except KernelGone as e:             # the kernel stopped under it: one line, no traceback
             os.write(2, ("emu: %s (pid %d): %s\n" % (name, os.getpid(), e.strerror)).encode())
+            code = 1
+        except KernelPanic as e:            # the same, for a kernel that panicked
+            os.write(2, ("emu: %s (pid %d): %s\n" % (name, os.getpid(), e)).encode())
             code = 1
         except BaseException:
             traceback.print_exc()

@@ -6,12 +6,15 @@ import itertools
 import os
 import time
 import traceback
+from collections.abc import Sequence
+from typing import NoReturn
 
 from .. import _core as C
 from .. import uapi as u
 from . import page_alloc as P
 from .fs import Inode
 from .kvm import KVM
+from .mce import MachineCheck
 from .memory_failure import MemoryFailure
 from .mm import MM, Mm
 from .page_alloc import BuddyAllocator, PG_hwpoison
@@ -38,8 +41,14 @@ def _event_type(name: str) -> int:
     return EVENT_TYPES.setdefault(name, len(EVENT_TYPES) + 1)
 
 
-class KernelPanic(SystemExit):
-    pass
+class Panic(BaseException):
+    """panic() does not return: it unwinds the kernel path that called it (not an
+    Exception, so no `except Exception` on the way swallows it).  The supervisor
+    turns it into the machine's stopped state (daemon.Supervisor._panicked)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
 class Kernel:
@@ -64,6 +73,7 @@ class Kernel:
         self.mm = MM(self)
         self.signals = Signals(self)
         self.memory_failure = MemoryFailure(self)
+        self.mce = MachineCheck(self)
         self.kvm = KVM(self)
         self.hugetlb = HugeTLB(self, hstates) if taken else None
         self.inodes: dict[int, Inode] = {}
@@ -78,6 +88,7 @@ class Kernel:
         self._pt_pending: collections.deque = collections.deque()
         self.tainted = 0                          # /proc/sys/kernel/tainted
         self.oops_count = 0
+        self.panicked: str | None = None          # panic()'s reason once it was called
         self.log("Linux version 6.18.0-gmem-emu (policy %s)" % self.policy.name)
 
     # ------------------------------------------------------------ logging and tracing
@@ -153,9 +164,36 @@ class Kernel:
         self.log("---[ end trace %016x ]---", 0)
         return where
 
-    def panic(self, msg: str) -> None:
-        self.log("Kernel panic - not syncing: " + msg)
-        raise KernelPanic(msg)
+    def panic(self, reason: str, lines: Sequence[str] = (), stack: Sequence[str] = ()) -> NoReturn:
+        """kernel/panic.c panic(): the caller's own last words (`lines`, already
+        formatted, e.g. mce_panic's record), "Kernel panic - not syncing: <reason>",
+        dump_stack() (skipped after an oops, TAINT_DIE, as panic() does) with the
+        kernel functions in `stack`, then the end marker.  The machine stops here:
+        `panicked` is set and the path that called this unwinds (Panic); the
+        supervisor then refuses whatever would change the machine and tells every
+        attached thread (KernelPanic), while the state stays readable, as a crash
+        dump is."""
+        if self.panicked is not None:           # panic_try_start: someone else won
+            raise Panic(self.panicked)
+        for line in lines:
+            self.log("%s", line)
+        self.log("Kernel panic - not syncing: %s", reason)
+        if not self.tainted >> u.TAINT_DIE & 1:
+            cur = self.current
+            self.log("CPU: 0 PID: %d Comm: %.15s %s 6.18.0-gmem-emu",
+                     cur.tid if cur is not None else 0, cur.comm if cur is not None else "swapper/0",
+                     self.print_tainted())
+            self.log("Call Trace:")
+            self.log(" <TASK>")
+            for fn in stack:
+                self.log("  %s", fn)
+            self.log(" </TASK>")
+        self.log("Kernel Offset: disabled")       # x86's panic notifier (dump_kernel_offset)
+        self.log("---[ end Kernel panic - not syncing: %s ]---", reason)
+        self.panicked = reason
+        cur = self.current
+        self.trace("panic", reason=reason, tid=cur.tid if cur is not None else 0)
+        raise Panic(reason)
 
     def set_sysctl(self, key: str, val) -> None:
         import errno

@@ -190,10 +190,14 @@ def truncate_inode_pages_range(k, inode: Inode, start: int, end: int | None,
             core.phys_zero(head + (lo - index), hi - lo)
 
 
+READ_ITER = {"shmem": "shmem_file_read_iter", "hugetlbfs": "hugetlbfs_read_iter"}
+
+
 def filemap_read(k, inode: Inode, n: int, off: int) -> bytes:
-    """Generic read through the page cache; holes read as zeros.  A poisoned page
-    ends the read there: -EIO if nothing was read, or (hugetlbfs) if it is the
-    first page read from its folio."""
+    """Generic read through the page cache; holes read as zeros.  A page known to
+    be poisoned ends the read there: -EIO if nothing was read, or (hugetlbfs) if it
+    is the first page read from its folio.  A latent error the copy to user
+    consumes panics the machine."""
     core = k.core
     if n < 0 or off < 0:
         raise OSError(u.EINVAL, "read")
@@ -211,11 +215,13 @@ def filemap_read(k, inode: Inode, n: int, off: int) -> bytes:
                     break
                 raise OSError(u.EIO, "read")
             if core.hwerr(pfn):
-                # the kernel's copy consumes the poison: kill_me_never, then -EFAULT
-                k.memory_failure.kill_me_never(pfn)
-                if out:
-                    break
-                raise OSError(u.EFAULT, "read")
+                # copy_to_user() from the page cache is a kernel-mode load from a
+                # kernel address: not machine-check safe (severity.c error_context():
+                # IN_KERNEL), "Data load in unrecoverable area of kernel": panic
+                k.mce.kernel_load(k.current, pfn, (pfn << PAGE_SHIFT) | po, False,
+                                  ("copy_user_generic", "_copy_to_iter",
+                                   READ_ITER.get(inode.ops.name, "filemap_read"), "vfs_read",
+                                   "__x64_sys_pread64", "do_syscall_64"))
             out += core.phys_read(pfn, po, chunk)
         else:
             out += bytes(chunk)

@@ -766,8 +766,11 @@ class MemoryFailure:
                             why="kill_me_now: memory_failure() returned %d" % ret)
         return ret
 
-    def kill_me_never(self, pfn: int) -> int:
-        self.k.log("mce: Kernel accessed poison in user space at %x", pfn << 12)
+    def kill_me_never(self, pfn: int, phys_addr: int | None = None) -> int:
+        """x86: the kernel consumed poison copying from user memory (a recoverable
+        copy-in): no signal, memory_failure() of the source page only."""
+        self.k.log("mce: Kernel accessed poison in user space at %x",
+                   pfn << 12 if phys_addr is None else phys_addr)
         return self.memory_failure(pfn, 0)
 
     def hwpoison_inject(self, pfn: int) -> int:

@@ -52,6 +52,11 @@ class Task:
     alive: bool = True
     clean_exit: bool = False
     thread_exit: bool = False           # exited with SYS_exit alone, even as the leader
+    # x86 #MC task work (current->mce_*): queue_task_work() fills, task_work_run() runs
+    mce_count: int = 0
+    mce_addr: int = 0
+    mce_ripv: bool = True
+    mce_kill_me: str | None = None
 
     @property
     def tgid(self) -> int:

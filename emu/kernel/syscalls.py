@@ -14,6 +14,7 @@ from .. import uapi as u
 from . import sched
 from .mm import PAGE_SIZE, TASK_SIZE
 from .shmem import memfd_create
+from .uaccess import copy_from_user
 
 
 def _int(a: dict, key: str, default=None) -> int:
@@ -158,20 +159,37 @@ def sys_pread(k, t, a):
 
 
 def sys_pwrite(k, t, a):
+    """write(2) at an offset.  The data comes with the request, or, with `addr` and
+    `count`, from this thread's memory: copied from user as the kernel does, so a
+    bad buffer is -EFAULT after what was copied before it (a short write)."""
     f = t.process.fget(_int(a, "fd"))
-    data = a.get("data")
-    if not isinstance(data, str):
-        raise OSError(u.EFAULT, "data")
-    try:
-        buf = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise OSError(u.EFAULT, "data: not base64") from None
+    user = "addr" in a
+    if user:
+        addr, count = _u64(a, "addr"), _int(a, "count")
+        if count < 0:
+            raise OSError(u.EINVAL, "pwrite: negative count")
+    else:
+        data = a.get("data")
+        if not isinstance(data, str):
+            raise OSError(u.EFAULT, "data")
+        try:
+            buf = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise OSError(u.EFAULT, "data: not base64") from None
+        count = len(buf)
     off = _int(a, "offset", 0)
     if off < 0:
         raise OSError(u.EINVAL, "pwrite: negative offset")
-    if off + len(buf) > MAX_LFS_FILESIZE:
+    if off + count > MAX_LFS_FILESIZE:
         raise OSError(u.EFBIG, "pwrite: beyond the maximum file size")
+    if user:
+        buf = copy_from_user(k, t, addr, min(count, MAX_RW_COUNT))
+        if not buf and count:
+            raise OSError(u.EFAULT, "pwrite: bad user buffer")
     return f.inode.ops.write(k, f.inode, buf, off)
+
+
+MAX_RW_COUNT = (1 << 31) - 4096        # rw_verify_area: INT_MAX & PAGE_MASK
 
 
 MAX_LFS_FILESIZE = (1 << 63) - 1
@@ -217,13 +235,15 @@ def sys_fault(k, t, a):
 
 
 def sys_mce(k, t, a):
-    """An emulated #MC raised by this thread's access: do_machine_check queues
-    kill_me_maybe as task_work on current."""
+    """An emulated #MC raised by this thread's load (or instruction fetch, `fetch`)
+    in user or guest mode: do_machine_check queues kill_me_maybe as task work on
+    current, run before this call returns (exit_to_user_mode)."""
     pfn, addr = _u64(a, "pfn"), _u64(a, "addr")
     if pfn >= k.nframes:
         raise OSError(u.EINVAL, "mce: pfn beyond RAM")
-    k.trace("mce", tid=t.tid, pfn=pfn, addr=addr, guest=bool(a.get("guest")))
-    k.memory_failure.kill_me_maybe(pfn, (pfn << 12) | (addr & 0xFFF))
+    fetch = bool(a.get("fetch"))
+    k.trace("mce", tid=t.tid, pfn=pfn, addr=addr, guest=bool(a.get("guest")), fetch=fetch)
+    k.mce.user_access(t, pfn, (pfn << 12) | (addr & 0xFFF), fetch)
     return 0
 
 
@@ -370,11 +390,18 @@ def host_soft_offline_page(k, a):
 
 
 def host_hw_poison(k, a):
+    """A latent uncorrected error in pfn.  `addr_lsb`: the address granularity the
+    memory controller will report for it (MCi_MISC[5:0], 0 = the byte): above
+    PAGE_SHIFT the address is not usable (mce_usable_address()).  Kept in hwerr as
+    addr_lsb + 1, so that any non-zero byte is an error for the CPU."""
     pfn = _pfn(k, a)
+    lsb = _int(a, "addr_lsb", 0)
+    if not 0 <= lsb <= 63:
+        raise OSError(u.EINVAL, "addr_lsb: 0..63 (MCi_MISC[5:0])")
     if pfn < 0 or pfn >= k.nframes:
         return -u.ENXIO
-    k.core.set_hwerr(pfn, 1)
-    k.trace("hw_poison", pfn=pfn)
+    k.core.set_hwerr(pfn, lsb + 1)
+    k.trace("hw_poison", pfn=pfn, addr_lsb=lsb)
     return 0
 
 
@@ -426,7 +453,8 @@ def host_status(k, a):
             "mf_stats": dict(k.memory_failure.stats), "processes": procs,
             "inodes": len(k.inodes), "pt_pages": k.core.pt_used,
             "madvise_action_required": k.madvise_action_required,
-            "tainted": k.tainted, "taint": k.print_tainted(), "limits": k.limits()}
+            "tainted": k.tainted, "taint": k.print_tainted(), "limits": k.limits(),
+            "panic": k.panicked}
 
 
 def host_tainted(k, a):
@@ -443,6 +471,11 @@ def host_policy(k, a):
     return {"name": k.policy.name, "decisions": k.policy.describe()}
 
 
+def host_panicked(k, a):
+    """None while the kernel runs; the reason panic() was called with after."""
+    return k.panicked
+
+
 HOSTCALLS = {
     "sysctl": host_sysctl, "corrupt_pfn": host_corrupt_pfn, "unpoison_pfn": host_unpoison_pfn,
     "soft_offline_page": host_soft_offline_page,
@@ -450,4 +483,19 @@ HOSTCALLS = {
     "mf_stats": host_mf_stats, "kpageflags": host_kpageflags, "dmesg": host_dmesg,
     "events": host_events, "status": host_status, "policy": host_policy,
     "check_invariants": host_check_invariants, "tainted": host_tainted,
+    "panicked": host_panicked,
 }
+
+# What the host may still do once the kernel has panicked: read the machine, as one
+# reads a crash dump (a sysctl without a new value), and stop it.  The rest is
+# refused with KernelPanic; "exit" is answered without touching the frozen tables.
+HOST_READS = frozenset({"meminfo", "mf_stats", "kpageflags", "dmesg", "events", "status",
+                        "policy", "tainted", "check_invariants", "panicked"})
+LIFECYCLE = frozenset({"shutdown", "segments", "reap"})
+
+
+def after_panic_ok(name: str, args: dict) -> bool:
+    """May this request run on a panicked kernel?"""
+    if name == "sysctl":
+        return args.get("value") is None
+    return name in HOST_READS or name in LIFECYCLE
