@@ -287,7 +287,7 @@ def test_after_a_panic_the_host_reads_and_nothing_changes(host):
     assert host.meminfo()["MemTotal"] == 64 << 10
     assert host.mf_stats()["total"] == 0
     assert host.policy()["name"] == "mf-delayed-fix"
-    assert host.tainted() == 0
+    assert host.tainted() == 1 << u.TAINT_MACHINE_CHECK      # the #MC that panicked
     assert isinstance(host.check_invariants(), list)
     assert host.panicked() == e.reason
     assert host.kpageflags(pfn) & (1 << u.KPF_MMAP)
@@ -463,3 +463,23 @@ def test_error_with_page_granularity_is_still_usable(host):
     assert any("Uncorrected hardware memory error in user-access at %x" % (pfn << 12) in line
                for line in host.dmesg())
     assert host.mf_stats()["total"] == 1
+
+
+# ------------------------------------------------------------------ the machine-check taint
+def test_a_consumed_machine_check_taints_the_kernel(host):
+    """__mc_scan_banks() counts every signalled bank and do_machine_check() then
+    add_taint(TAINT_MACHINE_CHECK): 'M' in the taint column from the first #MC on,
+    even when the error was recovered.  A software injection (no #MC) does not."""
+    me = emu.attach(host, name="victim")
+    got = recorder()
+    a = me.mmap(0, 2 * PAGE, RW, u.MAP_PRIVATE | u.MAP_ANONYMOUS)
+    me.write(a, b"data")
+    me.write(a + PAGE, b"more")
+    host.corrupt_pfn(me.pagemap(a + PAGE).pfn)
+    assert host.tainted() == 0
+    host.hw_poison(me.pagemap(a).pfn)
+    with pytest.raises(Stop):
+        me.read(a, 4)
+    assert got and got[0][0] == u.BUS_MCEERR_AR
+    assert host.tainted() == 1 << u.TAINT_MACHINE_CHECK
+    assert host.status()["tainted"] == 1 << u.TAINT_MACHINE_CHECK

@@ -139,6 +139,7 @@ class MachineCheck:
         """do_machine_check() with mce_reign() for the one CPU: a fatal grade panics;
         otherwise the consuming thread gets its task work."""
         sev = mce_severity(m, ctx)
+        self.k.add_taint(u.TAINT_MACHINE_CHECK)  # __mc_scan_banks(): every signalled bank
         if sev.sev >= MCE_PANIC_SEVERITY:
             self.mce_panic("Fatal machine check", m, sev.msg, stack)
         kill_current_task = not m.mcgstatus & u.MCG_STATUS_RIPV
