@@ -32,8 +32,8 @@ class Jump(Exception):
 
 
 class SigJmp:
-    """A SA_SIGINFO SIGBUS handler: records (si_code, si_addr, si_addr_lsb); while
-    armed it jumps (raises Jump), otherwise it returns."""
+    """A SA_SIGINFO SIGBUS handler: while armed it jumps (raises Jump, which carries
+    the siginfo); otherwise it records (si_code, si_addr, si_addr_lsb) and returns."""
 
     def __init__(self):
         self.got = []
@@ -41,9 +41,10 @@ class SigJmp:
 
     def __call__(self, signum, info):
         assert signum == signal.SIGBUS
-        self.got.append((info.si_code, info.si_addr, info.si_addr_lsb))
         if self.armed:
+            self.armed = False                # one jump: sigsetjmp returns once
             raise Jump(info)
+        self.got.append((info.si_code, info.si_addr, info.si_addr_lsb))
 
     def take(self) -> list:
         out, self.got = self.got, []
