@@ -84,6 +84,10 @@ class Pipe:
     def put(self, b: bytes) -> None:
         os.write(self.w, b)
 
+    def close_write(self) -> None:
+        """This process will not write: a reader then sees EOF once the writers left."""
+        os.close(self.w)
+
     def get(self, task, timeout=10.0) -> bytes:
         """One byte, or b"" at EOF / timeout; idles as an emulated thread does."""
         end = time.monotonic() + timeout
@@ -92,6 +96,12 @@ class Pipe:
                 return b""
             task.idle(0.02)
         return os.read(self.r, 1)
+
+    def get_bytes(self, n: int, timeout=10.0) -> bytes:
+        """n bytes written by one os.write (n <= PIPE_BUF), without an emulated thread."""
+        if not select.select([self.r], [], [], timeout)[0]:
+            return b""
+        return os.read(self.r, n)
 
     def drain(self, timeout=10.0) -> bytes:
         """Everything written until every writer closed its end (the caller's is closed here)."""

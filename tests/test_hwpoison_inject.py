@@ -298,3 +298,19 @@ def test_soft_offline_disabled_by_sysctl(host):
     with pytest.raises(OSError) as ei:
         me.madvise(a, 4096, u.MADV_SOFT_OFFLINE)
     assert ei.value.errno == u.EOPNOTSUPP
+
+
+# ------------------------------------------------------------------ pre-6.11 madvise
+def test_pre611_madvise_default_thread_follows_the_sysctl(host_factory):
+    """Before MF_ACTION_REQUIRED (pre-6.11 madvise, emu's madvise_action_required=False)
+    the caller is picked like any mapper: find_early_kill_thread() takes a thread
+    without PF_MCE_PROCESS (PR_MCE_KILL_DEFAULT) when vm.memory_failure_early_kill
+    is 1, so the dirty page's injection sends it an AO; the write then gets AR."""
+    host = host_factory(madvise_action_required=False)
+    me, rec = setup(host)
+    host.sysctl("vm.memory_failure_early_kill", 1)
+    assert me.prctl(u.PR_MCE_KILL_GET) == u.PR_MCE_KILL_DEFAULT
+    a, _pfn = anon_page(me)
+    me.madvise(a, PAGE, u.MADV_HWPOISON)
+    assert rec.take() == [(u.BUS_MCEERR_AO, a, 12)]
+    assert sigbus_of(rec, lambda: me.write(a + OFF, b"x")) == [(u.BUS_MCEERR_AR, a + OFF, 12)]
