@@ -16,14 +16,13 @@ returns 0).  tests/test_mf_delayed.py runs the same table under v6.18 as well.
 TEST_EXPECT_SIGBUS installs a handler that siglongjmps; outside it SIGBUS has its
 default action, so "no SIGBUS" rows would die of one.  The port records every
 SIGBUS and also checks what the kernel puts in it (si_code, si_addr, si_addr_lsb),
-which the C test does not look at.
+which the C test does not look at.  (One CPU backend: tests/test_kvm.py runs the
+guest_memfd fault paths on both.)
 """
 import pytest
 from selftest_harness import AO, AR, KPF_HWPOISON, PAGE, QUIET, RW, attach
 
 from emu import uapi as u
-
-pytestmark = pytest.mark.both_backends      # conftest: on the Cython core and the reference CPU
 
 POLICY = "mf-delayed-fix"
 FLAGS = u.GUEST_MEMFD_FLAG_MMAP | u.GUEST_MEMFD_FLAG_INIT_SHARED
