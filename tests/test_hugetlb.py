@@ -1,10 +1,11 @@
 """HugeTLB memfds and HugeTLB hwpoison, as a user sees them.
 
-Spec: reference/kernel-semantics.md §9 (HugeTLB hwpoison), §11 (hugetlb-read-hwpoison.c,
-extra check 6); vmm-and-tests.md §6.3 (mce-test thugetlb rows: lsb 21, the whole 2 MB lost,
-neighbours fine; early -> SIGBUS at injection, late -> SIGBUS on touch) and §6.4.
-Kernel behaviour outside those notes is cited where it is used (mm/mmap.c
-ksys_mmap_pgoff, fs/hugetlbfs/inode.c, mm/hugetlb.c).
+Kernel sources: mm/memory-failure.c (try_memory_failure_hugetlb, the raw-page list,
+hwpoison_user_mappings: the whole huge page unmapped, si_addr_lsb 21/30),
+mm/hugetlb.c (dissolve_free_hugetlb_folio, hugetlb_no_page), fs/hugetlbfs/inode.c
+(hugetlbfs_read_iter, hugetlbfs_fallocate), mm/mmap.c ksys_mmap_pgoff.  The ports of
+hugetlb-read-hwpoison.c and of mce-test's thugetlb are in
+tests/test_selftest_hugetlb_read_hwpoison.py and tests/test_mce_test.py.
 
 Default policy; every test is forked (conftest) and boots its own supervisor.
 """
@@ -225,88 +226,7 @@ def test_meminfo_1g_pool(host_factory):
     assert dmesg_has(host, "%#x: recovery action for huge page: Recovered" % (p0 + (300 << 8) + 3))
 
 
-# ------------------------------------------------------------------ 2. hugetlb-read-hwpoison.c
-def _chunked_reads(me, fd, off, length, chunk):
-    """read() in chunk-sized calls until EOF or an error, as the selftest does."""
-    out = bytearray()
-    err = None
-    while off + len(out) < length:
-        try:
-            b = me.pread(fd, chunk, off + len(out))
-        except OSError as e:
-            err = e.errno
-            break
-        if not b:
-            break
-        out += b
-    return bytes(out), err
-
-
-def _selftest_data(length, chunk):
-    """setup_filemap: memset(chunk i, i) with a char counter starting at 1."""
-    return b"".join(bytes([(i + 1) & 0xFF]) * chunk for i in range(length // chunk))
-
-
-@pytest.mark.parametrize("chunk", [PAGE // 2, PAGE, 2 * PAGE, 4 * PAGE])
-def test_read_hwpoison_selftest(host_factory, chunk):
-    """tools/testing/selftests/mm/hugetlb-read-hwpoison.c: a default-size MFD_HUGETLB
-    memfd of one huge page (f_bsize), MAP_POPULATE, chunks written through the
-    mapping, MADV_HWPOISON on the 4K page at len/2 + 4K."""
-    host = host_factory(ram="256M", hugepages={"2M": 4})
-    me, got = setup(host)
-    length = HPAGE
-    fd = me.memfd_create("hugetlb_tmp", u.MFD_HUGETLB)
-    me.ftruncate(fd, length)
-    a = me.mmap(0, length, RW, u.MAP_SHARED | u.MAP_POPULATE, fd, 0)
-    data = _selftest_data(length, chunk)
-    me.write(a, data)
-
-    # the regression half: the whole file reads back
-    assert _chunked_reads(me, fd, 0, length, chunk) == (data, None)
-
-    hwp = a + length // 2 + PAGE
-    assert poison_ar(me, got, hwp) == [(AR, hwp, 21)]
-
-    # read() from 0 returns exactly len/2 + 4K bytes, then fails with EIO
-    out, err = _chunked_reads(me, fd, 0, length, chunk)
-    assert len(out) == length // 2 + PAGE
-    assert out == data[:length // 2 + PAGE]
-    assert err == errno.EIO
-    # one big read stops at the same place
-    assert me.pread(fd, length, 0) == data[:length // 2 + PAGE]
-
-    # seek past the poisoned page: len/2 - max(2 * PS, chunk) bytes, the right ones
-    off = length // 2 + max(2 * PAGE, chunk)
-    out, err = _chunked_reads(me, fd, off, length, chunk)
-    assert len(out) == length // 2 - max(2 * PAGE, chunk)
-    assert out == data[off:]
-    assert err is None
-
-
-def test_read_hwpoison_two_huge_pages(host_factory):
-    """The brief's variant: a 4M file, the poisoned page at len/2 + 4K is the second
-    4K page of the second huge page."""
-    host = host_factory(ram="256M", hugepages={"2M": 8})
-    me, got = setup(host)
-    length = 2 * HPAGE
-    fd, a = huge_file(me, length)
-    data = pattern(length)
-    me.write(a, data)
-    off = length // 2 + PAGE
-    assert poison_ar(me, got, a + off) == [(AR, a + off, 21)]
-
-    assert me.pread(fd, length, 0) == data[:off]
-    assert len(me.pread(fd, length, 0)) == off
-    assert me.pread(fd, length, off + PAGE) == data[off + PAGE:]
-    assert len(me.pread(fd, length, off + PAGE)) == length - off - PAGE
-    assert me.pread(fd, 100, off - 100) == data[off - 100:off]     # ends right before it
-    for start in (off, off + 123, off + PAGE - 1):                 # starts in the poisoned page
-        with pytest.raises(OSError) as ei:
-            me.pread(fd, 16, start)
-        assert ei.value.errno == errno.EIO
-    # the healthy first huge page reads in full, the healthy part of the second too
-    assert me.pread(fd, HPAGE, 0) == data[:HPAGE]
-    assert me.pread(fd, PAGE, HPAGE) == data[HPAGE:HPAGE + PAGE]
+# hugetlb-read-hwpoison.c: tests/test_selftest_hugetlb_read_hwpoison.py
 
 
 # ------------------------------------------------------------------ 3. faults in a poisoned huge page

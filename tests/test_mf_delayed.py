@@ -1,5 +1,7 @@
-"""Lisa Wang's guest_memfd test_memory_failure table (kernel-semantics.md §10.A, §11),
-run against both memory-failure policies:
+"""Lisa Wang's guest_memfd test_memory_failure table (guest_memfd_test.c, "[RFC PATCH
+2/3] KVM: selftests: Add memory failure tests in guest_memfd_test", Oct 2025), run
+against both memory-failure policies (the port for the fixed kernel alone, row by row
+and for each VM type, is tests/test_selftest_kvm_gmem_memory_failure.py):
 
 - "mf-delayed-fix": kvm_gmem_error_folio's MF_DELAYED propagates, memory_failure()
   returns 0, the stats count "delayed";
@@ -7,9 +9,10 @@ run against both memory-failure policies:
   MF_FAILED, memory_failure() returns -EBUSY (the injection write / madvise fails
   with EBUSY), and a consumed #MC also gets kill_me_now (SIGBUS SI_KERNEL).
 
-Signals at injection are the same under both policies (§10.A, "Before the fix: the
-same signals").  Every case then expects SIGBUS BUS_MCEERR_AR on a later read and
-on a later write, at the faulting byte (x86 do_sigbus), lsb 12; cleanup is munmap,
+Signals at injection are the same under both policies: the fix changes what
+truncate_error_folio() makes of MF_DELAYED, not who hwpoison_user_mappings() kills.
+Every case then expects SIGBUS BUS_MCEERR_AR on a later read and on a later write,
+at the faulting byte (x86 do_sigbus), lsb 12; cleanup is munmap,
 PUNCH_HOLE of the whole file, PR_MCE_KILL back to DEFAULT and unpoison == 0
 (unpoison before the punch: EBUSY, the page still has a mapping).
 """
@@ -226,7 +229,7 @@ def test_memory_failure_table(host_factory, policy, case):
     assert not h.kpageflags(pfn) & KPF_HWPOISON
     assert hw_corrupted(h) == hc0
 
-    # after the punch the file hands out a fresh zeroed page (§7 punch-hole)
+    # after the punch the file hands out a fresh zeroed page (kvm_gmem_get_folio)
     addr2 = me.mmap(0, size, u.PROT_READ | u.PROT_WRITE, u.MAP_SHARED, gfd, 0)
     assert me.read(addr2 + PAGE + OFF, 16) == bytes(16)
     me.write(addr2 + PAGE, b"fresh")
@@ -288,10 +291,10 @@ def test_consumed_error_clean_gmem_page(host_factory, policy):
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_consumed_error_dirty_gmem_page(host_factory, policy):
-    """The dirty row of §10.A with a consumed #MC: AR to current with the page VA
+    """The dirty mapped row of the table with a consumed #MC: AR to current with the page VA
     from kill_procs (forcekill: dirty).  Under v6.18 kill_me_now also runs, but it
     runs in the same task_work while that AR SIGBUS is still pending, and SIGBUS is
-    a legacy signal: __send_signal_locked drops it (legacy_queue, kernel-src.md §7).
+    a legacy signal: __send_signal_locked drops it (kernel/signal.c legacy_queue).
     The handler returns, the access retries and takes the hwpoison PTE: AR at the
     faulting byte."""
     fixed = policy == "mf-delayed-fix"

@@ -1,6 +1,10 @@
-"""tools/testing/selftests/mm/memory-failure.c (Miaohe Lin), the anon MADV_HWPOISON
-case, plus the already-poisoned path (kernel-semantics.md §6, §10.D) and the
-unpoison / debugfs rules of §3, §6 and kernel-src.md §1e-§1f.
+"""Injection and unpoison rules beyond the upstream selftests (whose ports are the
+tests/test_selftest_*.py files): a consumed error on an anonymous page, a second
+failure on an already poisoned pfn, and the debugfs hwpoison/corrupt-pfn and
+unpoison-pfn checks.  Kernel sources: mm/memory-failure.c (memory_failure,
+kill_accessing_process, get_hwpoison_page, unpoison_memory, soft_offline_page),
+mm/hwpoison-inject.c (hwpoison_inject), mm/madvise.c (madvise_inject_error),
+arch/x86/kernel/cpu/mce/core.c (kill_me_maybe).
 
 Default policy (mf-delayed-fix); nothing here depends on the guest_memfd policy.
 """
@@ -77,48 +81,7 @@ def setup(h):
     return me, rec
 
 
-# ------------------------------------------------------------------ the selftest
-def test_anon_madv_hard(host):
-    me, rec = setup(host)
-    a, pfn = anon_page(me)
-    hc0, st0 = hc(host), host.mf_stats()
-
-    # madvise(MADV_HWPOISON) with MF_ACTION_REQUIRED: the dirty anon page is killed
-    # for current right away (kill_proc: page VA, page shift)
-    me.madvise(a, PAGE, u.MADV_HWPOISON)
-    got = rec.take()
-    assert len(got) == 1
-    code, addr, lsb = got[0]
-    assert code == u.BUS_MCEERR_AR
-    assert 1 << lsb == PAGE
-    assert addr == a
-    # FORCE_READ(*addr): the hwpoison entry faults, SIGBUS AR at the faulting byte
-    assert sigbus_of(rec, lambda: me.read(a + OFF, 1)) == [(u.BUS_MCEERR_AR, a + OFF, 12)]
-
-    pm = me.pagemap(a)
-    assert pm.swapped and pm.hwpoison and not pm.present and pm.pfn == pfn
-    assert hc(host) == hc0 + PAGE // 1024
-    assert host.kpageflags(pfn) & KPF_HWPOISON
-    st = host.mf_stats()
-    assert st["recovered"] == st0["recovered"] + 1 and st["total"] == st0["total"] + 1
-    assert dmesg_has(host, "Injecting memory failure for pfn %#x at process virtual address %#x"
-                     % (pfn, a))
-    assert dmesg_has(host, "Memory failure: %#x: recovery action for dirty LRU page: Recovered"
-                     % pfn)
-
-    # cleanup(): unpoison while the hwpoison entry is still in the page table (the
-    # selftest munmaps only afterwards): the entry is not a mapping, the anon folio
-    # has no page-cache mapping, only memory_failure's reference is left
-    assert host.unpoison_pfn(pfn) == 0
-    assert not host.kpageflags(pfn) & KPF_HWPOISON
-    assert hc(host) == hc0
-    assert dmesg_has(host, "Unpoison: %#x: software-unpoisoned page" % pfn)
-    # unpoison does not touch page tables: the hwpoison entry stays until munmap
-    assert me.pagemap(a).hwpoison
-    me.munmap(a, PAGE)
-    assert not me.pagemap(a).swapped
-
-
+# ------------------------------------------------------------------ consumed error
 def test_anon_consumed_error(host):
     """A latent error consumed by a load (AR #MC in user mode): kill_me_maybe ->
     memory_failure(AR): AR to current with the page VA; memory_failure returns 0 so
@@ -147,8 +110,10 @@ def _poisoned_anon(host):
 
 
 def test_already_poisoned_debugfs(host):
-    """§6 / §10.D: a second, non-AR injection: -EHWPOISON, no signal, and since
-    3be306cccdcc neither num_poisoned_pages nor the per-node stats change."""
+    """memory_failure(): TestSetPageHWPoison finds the flag set, so a second, non-AR
+    injection returns -EHWPOISON, no signal, and (Kyle Meyer, "Fix redundant updates
+    for already poisoned pages", 2025) neither num_poisoned_pages nor the per-node
+    stats change."""
     me, rec, a, pfn = _poisoned_anon(host)
     hc0, st0 = hc(host), host.mf_stats()
     with pytest.raises(OSError) as ei:
@@ -262,6 +227,7 @@ def test_corrupt_invalid_pfn(host):
 
 
 def test_unpoison_not_poisoned(host):
+    """unpoison_memory: !PageHWPoison -> "page was already unpoisoned", -EBUSY."""
     me, _rec = setup(host)
     a, pfn = anon_page(me)
     for p in (FREE_PFN, pfn):                 # a free page, an in-use mapped page
@@ -273,6 +239,9 @@ def test_unpoison_not_poisoned(host):
 
 
 def test_corrupt_free_page(host):
+    """memory_failure on a free page: get_hwpoison_page() == 0 and is_free_buddy_page,
+    take_page_off_buddy -> "free buddy page: Recovered"; unpoison_memory puts it back
+    (put_page_back_buddy)."""
     assert not host.kpageflags(FREE_PFN) & (1 << u.KPF_MMAP | 1 << u.KPF_LRU | KPF_HWPOISON)
     hc0, st0 = hc(host), host.mf_stats()
     assert host.corrupt_pfn(FREE_PFN) == 0
@@ -318,43 +287,9 @@ def test_corrupt_reserved_page(host):
     assert hc(host) == hc0 + 4
 
 
-# ---- madv_soft: the selftest's soft-offline variants ----
-def _soft_offline_case(host, shared):
-    me = emu.attach(host, name="soft")
-    got = []
-    emu.sigaction(signal.SIGBUS, lambda s, i: got.append(i))
-    if shared:
-        fd = me.memfd_create("f")
-        me.ftruncate(fd, 4096)
-        a = me.mmap(0, 4096, u.PROT_READ | u.PROT_WRITE, u.MAP_SHARED, fd, 0)
-    else:
-        a = me.mmap(0, 4096, u.PROT_READ | u.PROT_WRITE, u.MAP_PRIVATE | u.MAP_ANONYMOUS)
-    me.write(a, b"\xce" * 4096)
-    old = me.pagemap(a).pfn
-    hc = host.meminfo()["HardwareCorrupted"]
-    stats = host.mf_stats()
-    me.madvise(a, 4096, u.MADV_SOFT_OFFLINE)
-    assert got == []                                   # no SIGBUS
-    assert me.read(a, 4096) == b"\xce" * 4096          # content intact
-    assert me.pagemap(a).pfn != old                    # the pfn changed
-    assert host.meminfo()["HardwareCorrupted"] == hc + 4
-    assert host.kpageflags(old) & (1 << u.KPF_HWPOISON)
-    assert host.mf_stats() == stats                    # soft offline is not a memory failure
-    assert any("Soft offlining pfn %#x at process virtual address %#x" % (old, a) in line
-               for line in host.dmesg())
-    assert host.unpoison_pfn(old) == 0
-    assert host.meminfo()["HardwareCorrupted"] == hc
-
-
-def test_soft_offline_anon(host):
-    _soft_offline_case(host, shared=False)
-
-
-def test_soft_offline_shared_pagecache(host):
-    _soft_offline_case(host, shared=True)
-
-
+# ------------------------------------------------------------------ soft offline
 def test_soft_offline_disabled_by_sysctl(host):
+    """soft_offline_page: vm.enable_soft_offline 0 -> -EOPNOTSUPP."""
     me = emu.attach(host, name="soft")
     host.sysctl("vm.enable_soft_offline", 0)
     a = me.mmap(0, 4096, u.PROT_READ | u.PROT_WRITE, u.MAP_PRIVATE | u.MAP_ANONYMOUS)
@@ -362,3 +297,19 @@ def test_soft_offline_disabled_by_sysctl(host):
     with pytest.raises(OSError) as ei:
         me.madvise(a, 4096, u.MADV_SOFT_OFFLINE)
     assert ei.value.errno == u.EOPNOTSUPP
+
+
+# ------------------------------------------------------------------ pre-6.11 madvise
+def test_pre611_madvise_default_thread_follows_the_sysctl(host_factory):
+    """Before MF_ACTION_REQUIRED (pre-6.11 madvise, emu's madvise_action_required=False)
+    the caller is picked like any mapper: find_early_kill_thread() takes a thread
+    without PF_MCE_PROCESS (PR_MCE_KILL_DEFAULT) when vm.memory_failure_early_kill
+    is 1, so the dirty page's injection sends it an AO; the write then gets AR."""
+    host = host_factory(madvise_action_required=False)
+    me, rec = setup(host)
+    host.sysctl("vm.memory_failure_early_kill", 1)
+    assert me.prctl(u.PR_MCE_KILL_GET) == u.PR_MCE_KILL_DEFAULT
+    a, _pfn = anon_page(me)
+    me.madvise(a, PAGE, u.MADV_HWPOISON)
+    assert rec.take() == [(u.BUS_MCEERR_AO, a, 12)]
+    assert sigbus_of(rec, lambda: me.write(a + OFF, b"x")) == [(u.BUS_MCEERR_AR, a + OFF, 12)]
