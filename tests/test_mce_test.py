@@ -246,8 +246,6 @@ def test_tinjpage_suicide(host_factory, case, kernel):
     assert progress.drain() == (b"i" if kernel == "6.18" else b"iI")
 
 
-@pytest.mark.xfail(strict=True, reason="hugetlbfs mmap does not extend i_size (not in audit 2: "
-                                       "hugetlbfs_file_mmap)")
 def test_alloc_filebacked_hugepage_prefault(host_factory):
     """hugepage.h alloc_filebacked_hugepage() opens a new hugetlbfs file and maps it
     MAP_SHARED without ftruncate; tinjpage and thugetlb then write to it.

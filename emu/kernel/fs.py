@@ -84,6 +84,10 @@ class FileOps:
     def mmap_check(self, k, file: File, shared: bool, prot: int) -> None:
         raise OSError(u.ENODEV, "%s: no mmap" % self.name)   # no f_op->mmap
 
+    def mmap_done(self, k, inode: Inode, end: int, prot: int) -> None:
+        """After the mapping of file bytes [.., end) is in place (f_op->mmap's tail)."""
+        return None
+
     def map_ok(self, inode: Inode, index: int) -> bool:
         return True
 

@@ -76,6 +76,14 @@ class HugetlbfsOps(FileOps):
     def mmap_check(self, k, file: File, shared: bool, prot: int) -> None:
         return None
 
+    def mmap_done(self, k, inode: Inode, end: int, prot: int) -> None:
+        """hugetlbfs_file_mmap(): `if (vma->vm_flags & VM_WRITE && inode->i_size <
+        len) i_size_write(inode, len);` a writable mapping (shared or private)
+        extends the file to its end, so a store past EOF faults a page in."""
+        if prot & u.PROT_WRITE and inode.size < end:
+            inode.size = end
+            k.inode_sync(inode)
+
     def read(self, k, inode: Inode, n: int, off: int) -> bytes:
         return filemap_read(k, inode, n, off)
 

@@ -531,6 +531,7 @@ class MM:
             file.get()
             vma_interval_tree_insert(vma, file.inode.i_mmap)
             self.k.i_mmap_sync(file.inode)
+            file.inode.ops.mmap_done(self.k, file.inode, offset + length, prot)
         self.k.trace("mmap", mm=mm.slot, addr=addr, length=length)
         return addr
 
