@@ -759,6 +759,9 @@ class Task:
 
     # ---- the CPU: loads and stores ----
     def read(self, addr: int, n: int) -> bytes:
+        return self._load(addr, n, False)
+
+    def _load(self, addr: int, n: int, fetch: bool) -> bytes:
         buf = bytearray(n)
         mv = memoryview(buf)
         off = 0
@@ -768,7 +771,7 @@ class Task:
             off += done
             if st == C.ACC_OK:
                 return bytes(buf)
-            self._trap(st, xva, xpfn, False)
+            self._trap(st, xva, xpfn, False, fetch=fetch)
 
     def write(self, addr: int, data) -> None:
         mv = memoryview(data).cast("B")
@@ -786,16 +789,7 @@ class Task:
         latent error is an instruction-fetch machine check, which cannot be
         restarted (MCG_STATUS.RIPV clear: memory_failure() gets MF_MUST_KILL).  The
         emulated MMU has no NX bit: whatever read() may read, fetch() may."""
-        buf = bytearray(n)
-        mv = memoryview(buf)
-        off = 0
-        rd = self._rd
-        while True:
-            done, st, xva, xpfn = rd(self.slot, self.pgd, addr + off, mv[off:])
-            off += done
-            if st == C.ACC_OK:
-                return bytes(buf)
-            self._trap(st, xva, xpfn, False, fetch=True)
+        return self._load(addr, n, True)
 
     def read_batch(self, addrs, size: int) -> bytearray:
         """`size` bytes at each address, in one fast-path call (traps resume in place)."""

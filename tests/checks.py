@@ -24,3 +24,24 @@ def raises_errno(err: int, fn, *args) -> OSError:
     assert ei.value.errno == err, "expected %s, got %r" % (errno.errorcode[err], ei.value)
     assert "\n" not in str(ei.value)
     return ei.value
+
+
+class Stop(Exception):
+    """Raised by sigbus_recorder()'s handler: ends the access (siglongjmp)."""
+
+
+def sigbus_recorder() -> list:
+    """Install a SIGBUS handler in this emulated process that records (si_code,
+    si_addr, si_addr_lsb) and raises Stop; returns the list it appends to."""
+    import signal
+
+    import emu
+
+    got = []
+
+    def h(signum, info):
+        got.append((info.si_code, info.si_addr, info.si_addr_lsb))
+        raise Stop
+
+    emu.sigaction(signal.SIGBUS, h)
+    return got

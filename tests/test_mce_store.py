@@ -10,9 +10,9 @@ host.hw_poison() completes: no #MC, no SIGBUS, no memory_failure(); the frame st
 bad and the next load still consumes the poison.
 """
 import array
-import signal
 
 import pytest
+from checks import Stop, sigbus_recorder
 
 import emu
 from emu import _core as C
@@ -23,10 +23,6 @@ PAGE = 4096
 GPA = 1 << 32
 
 pytestmark = pytest.mark.both_backends        # conftest: each test on both CPUs
-
-
-class Stop(Exception):
-    """Raised by the SIGBUS handler (siglongjmp out of the access)."""
 
 
 @pytest.fixture
@@ -42,19 +38,10 @@ def _poisoned_anon_page(me, host):
     return a, pfn
 
 
-def _sigbus_recorder():
-    got = []
-
-    def h(signum, info):
-        got.append((info.si_code, info.si_addr, info.si_addr_lsb))
-        raise Stop
-
-    emu.sigaction(signal.SIGBUS, h)
-    return got
 
 
 def test_store_to_poisoned_frame_completes_and_a_later_load_consumes(me, host):
-    got = _sigbus_recorder()
+    got = sigbus_recorder()
     a, pfn = _poisoned_anon_page(me, host)
     me.write(a + 0x100, b"stored!!")                  # no #MC: the store completes
     assert got == []
@@ -71,7 +58,7 @@ def test_store_to_poisoned_frame_completes_and_a_later_load_consumes(me, host):
 
 
 def test_batched_stores_cross_a_poisoned_frame(me, host):
-    got = _sigbus_recorder()
+    got = sigbus_recorder()
     a, pfn = _poisoned_anon_page(me, host)
     addrs = array.array("Q", [a + 8, a + PAGE + 8])   # the poisoned page, then the good one
     me.write_batch(addrs, 8, b"AAAAAAAABBBBBBBB")
@@ -113,7 +100,7 @@ def test_guest_store_to_poisoned_frame_does_not_exit(me, host):
     vm.set_user_memory_region2(1, u.KVM_MEM_GUEST_MEMFD, GPA, size, hva, gfd, 0)
     me.write(hva, b"\x22" * size)
     pfn = me.pagemap(hva).pfn
-    got = _sigbus_recorder()
+    got = sigbus_recorder()
 
     def guest(g):
         yield g.read(GPA + 64, 8)                    # stage-2 mapped before the error

@@ -17,6 +17,8 @@ import signal
 import time
 
 import pytest
+from checks import Stop
+from checks import sigbus_recorder as recorder
 
 import emu
 from emu import uapi as u
@@ -27,19 +29,6 @@ FATAL = "Fatal machine check"
 KPF_HWPOISON = 1 << u.KPF_HWPOISON
 
 
-class Stop(Exception):
-    """Raised by a SIGBUS handler: ends the access (siglongjmp)."""
-
-
-def recorder():
-    got = []
-
-    def h(signum, info):
-        got.append((info.si_code, info.si_addr, info.si_addr_lsb))
-        raise Stop
-
-    emu.sigaction(signal.SIGBUS, h)
-    return got
 
 
 def lines_in_order(dmesg, wanted):
