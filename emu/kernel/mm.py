@@ -38,6 +38,11 @@ VM_FAULT_SIGSEGV = 0x40
 
 _LEAF_PROT = C.PTE_PRESENT | C.PTE_USER
 _ANON_FLAGS = PG_anon | PG_lru | PG_swapbacked | PG_uptodate
+_MIGRATE_STACK = ("copy_mc_enhanced_fast_string", "copy_mc_to_kernel", "folio_mc_copy",
+                  "__migrate_folio", "move_to_new_folio", "migrate_pages_batch", "migrate_pages",
+                  "soft_offline_in_use_page")
+_COW_STACK = ("copy_mc_enhanced_fast_string", "copy_mc_to_kernel", "copy_mc_user_highpage",
+              "handle_mm_fault", "do_user_addr_fault", "exc_page_fault")
 
 
 def page_align(x: int) -> int:
@@ -326,13 +331,18 @@ class MM:
             dirty |= bool(old & C.PTE_DIRTY)
         return dirty
 
-    def migrate_folio(self, old: int, new: int) -> None:
+    def migrate_folio(self, old: int, new: int) -> int:
         """migrate_pages() of one folio (order 0, or a HugeTLB folio mapped whole) to
         the free folio at `new`: try_to_migrate (each mapping's MMU notifiers, so KVM
         drops the stage-2 entries it made from it, then the PTE goes), copy, then
         remove_migration_ptes (the same entries, now to `new`), and the page cache
         (or the anon rmap) follows.  The old folio is left unreferenced, its
-        mappings gone, for the caller."""
+        mappings gone, for the caller; 0.
+
+        The copy is folio_mc_copy() (__migrate_folio, hugetlbfs_migrate_folio): a
+        latent error in the source fails it with -EHWPOISON, returned after
+        remove_migration_ptes(src, src) put the old entries back; `new` is untouched
+        and memory_failure() of the bad page is queued (copy_mc_highpage())."""
         core, k = self.core, self.k
         flags, order = core.flags(old), core.order(old)
         mapping, index = core.mapping(old), core.index(old)
@@ -343,7 +353,10 @@ class MM:
             saved.append((mm, va, level, core.pte_xchg(mm.pgd, va, 0, level)))
         # no CPU may still be copying through an old translation (host or stage-2)
         k.synchronize_rcu()
-        core.phys_copy(new, old, 1 << order)
+        if self.copy_mc_highpages(new, old, 1 << order, _MIGRATE_STACK) >= 0:
+            for mm, va, level, e in saved:               # migrate_folio_undo_src()
+                core.pte_set(mm.pgd, va, e, level)
+            return -u.EHWPOISON
         inode = None if flags & PG_anon and not flags & PG_hugetlb else k.inodes.get(mapping)
         core.set_folio(new, order, flags, len(saved) + (1 if inode is not None else 0), mapping,
                        index, bool(flags & PG_hugetlb))
@@ -355,6 +368,22 @@ class MM:
         if old in self.anon_rmap:
             self.anon_rmap[new] = self.anon_rmap.pop(old)
         k.trace("migrate", pfn=old, new=new, order=order)
+        return 0
+
+    def copy_mc_highpages(self, dst: int, src: int, npages: int, stack: tuple[str, ...]) -> int:
+        """folio_mc_copy() / copy_mc_user_highpage(): copy page by page with
+        copy_mc_to_kernel(); a page with a latent error raises a recoverable #MC
+        (mce.kernel_copy_mc) and the copy stops there, memory_failure_queue(pfn, 0)
+        for it (the caller runs the queue).  Returns that pfn, or -1 when all was
+        copied."""
+        core = self.core
+        for i in range(npages):
+            if core.hwerr(src + i):
+                self.k.mce.kernel_copy_mc(self.k.current, src + i, stack)
+                self.k.memory_failure.queue(src + i)
+                return src + i
+        core.phys_copy(dst, src, npages)
+        return -1
 
     # ------------------------------------------------------------------ faults
     def handle_mm_fault(self, task, va: int, write: bool, gup: bool = False) -> int:

@@ -1,0 +1,133 @@
+"""Kernel copies of a whole frame that are machine-check safe in Linux 6.18.
+
+Kernel: include/linux/highmem.h copy_mc_highpage() / copy_mc_user_highpage() (a #MC
+in the source is an IN_KERNEL_RECOV load: the exception fixup ends the copy, and
+both helpers queue memory_failure(pfn, 0) for the source page since "mm: move
+memory_failure_queue() into copy_mc_[user]_highpage()", 6.12); mm/util.c
+folio_mc_copy() (-EHWPOISON); mm/migrate.c __migrate_folio() /
+fs/hugetlbfs/inode.c hugetlbfs_migrate_folio() (the move fails, the source keeps
+its mappings: remove_migration_ptes(src, src)), migrate_folios_move() /
+migrate_hugetlbs() (another errno: one folio failed); mm/memory-failure.c
+soft_offline_in_use_page() ("%#lx: %s migration failed %ld, type %pGp", -EBUSY);
+mm/memory.c wp_page_copy() / do_cow_fault() (VM_FAULT_HWPOISON) and
+arch/x86/mm/fault.c do_sigbus() (BUS_MCEERR_AR, lsb PAGE_SHIFT).
+"""
+import errno
+import signal
+
+import pytest
+
+import emu
+from emu import uapi as u
+
+PAGE = 4096
+HPAGE = 2 << 20
+RW = u.PROT_READ | u.PROT_WRITE
+ANON = u.MAP_PRIVATE | u.MAP_ANONYMOUS
+AR = u.BUS_MCEERR_AR
+KPF_HWPOISON = 1 << u.KPF_HWPOISON
+HUGE2M = u.MFD_HUGETLB | u.MFD_HUGE_2MB
+
+
+class Stop(Exception):
+    """Raised by the SIGBUS handler: ends the access."""
+
+
+def attach(h, name="t"):
+    me = emu.attach(h, name=name)
+    got = []
+
+    def handler(signum, info):
+        got.append((info.si_code, info.si_addr, info.si_addr_lsb))
+        raise Stop
+
+    emu.sigaction(signal.SIGBUS, handler)
+    return me, got
+
+
+def access(fn, *args):
+    try:
+        return fn(*args)
+    except Stop:
+        return None
+
+
+def errno_of(fn, *args):
+    with pytest.raises(OSError) as ei:
+        fn(*args)
+    return ei.value.errno
+
+
+def in_order(dmesg, wanted):
+    i = 0
+    for line in dmesg:
+        if i < len(wanted) and wanted[i] in line:
+            i += 1
+    return i == len(wanted)
+
+
+# ------------------------------------------------------------------ soft offline
+def test_soft_offline_of_a_page_with_a_latent_error_fails_and_queues_memory_failure(host):
+    """folio_mc_copy() consumes the error (IN_KERNEL_RECOV: fixup, no panic, no
+    task work) and returns -EHWPOISON; the folio goes back mapped where it was;
+    migrate_pages() counts one failure: "page migration failed 1", EBUSY.
+    copy_mc_highpage() queued memory_failure(pfn, 0), which runs after soft offline
+    (mf_mutex): the page is poisoned and unmapped, no signal (late kill); the next
+    access faults on the hwpoison entry."""
+    me, got = attach(host)
+    a = me.mmap(0, PAGE, RW, ANON)
+    me.write(a, b"anon data")
+    pfn = me.pagemap(a).pfn
+    host.hw_poison(pfn)
+    free = host.meminfo()["MemFree"]
+    assert errno_of(host.soft_offline_page, pfn << 12) == errno.EBUSY
+    d = host.dmesg()
+    assert in_order(d, ["Soft offline: %#x: page migration failed 1, type " % pfn,
+                        "Memory failure: %#x: recovery action for dirty LRU page: Recovered"
+                        % pfn])
+    assert not any("Fatal machine check" in ln for ln in d)
+    assert host.tainted() & (1 << u.TAINT_MACHINE_CHECK)
+    assert host.kpageflags(pfn) & KPF_HWPOISON
+    assert host.meminfo()["HardwareCorrupted"] == 4
+    assert host.meminfo()["MemFree"] >= free - 16          # no target page kept
+    assert me.pagemap(a).hwpoison
+    assert got == []
+    access(me.read, a + 3, 1)
+    assert got == [(AR, a + 3, 12)]
+    assert host.check_invariants() == []
+
+
+def test_soft_offline_of_a_clean_page_still_migrates(host):
+    """Without a latent error the copy succeeds: 0, the mapping follows the data."""
+    me, got = attach(host)
+    a = me.mmap(0, PAGE, RW, ANON)
+    me.write(a, b"anon data")
+    pfn = me.pagemap(a).pfn
+    assert host.soft_offline_page(pfn << 12) == 0
+    assert me.pagemap(a).pfn != pfn and me.read(a, 9) == b"anon data"
+    assert host.kpageflags(pfn) & KPF_HWPOISON and got == []
+
+
+def test_hugetlb_soft_offline_with_a_latent_error_fails_and_returns_the_target(host_factory):
+    """hugetlbfs_migrate_folio() copies with folio_mc_copy() too: the huge page
+    stays mapped, the target goes back to the pool, "hugepage migration failed 1",
+    EBUSY; the queued memory_failure() then handles the raw page."""
+    h = host_factory(ram="128M", hugepages={"2M": 4})
+    me, got = attach(h)
+    fd = me.memfd_create("huge", HUGE2M)
+    me.ftruncate(fd, HPAGE)
+    a = me.mmap(0, HPAGE, RW, u.MAP_SHARED | u.MAP_POPULATE, fd, 0)
+    me.write(a, b"huge data")
+    head = me.pagemap(a).pfn
+    raw = head + 5
+    h.hw_poison(raw)
+    assert h.meminfo()["HugePages_Free"] == 3
+    assert errno_of(h.soft_offline_page, raw << 12) == errno.EBUSY
+    d = h.dmesg()
+    assert in_order(d, ["Soft offline: %#x: hugepage migration failed 1, type " % raw,
+                        "Memory failure: %#x: recovery action for huge page" % raw])
+    assert h.kpageflags(raw) & KPF_HWPOISON
+    m = h.meminfo()
+    assert m["HugePages_Total"] == 4 and m["HugePages_Free"] == 3
+    assert got == []
+    assert h.check_invariants() == []
