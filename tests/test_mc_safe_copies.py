@@ -131,3 +131,60 @@ def test_hugetlb_soft_offline_with_a_latent_error_fails_and_returns_the_target(h
     assert m["HugePages_Total"] == 4 and m["HugePages_Free"] == 3
     assert got == []
     assert h.check_invariants() == []
+
+
+# ------------------------------------------------------------------ COW of a file page
+def _memfd_page(me, data=b"file data"):
+    fd = me.memfd_create("f")
+    me.pwrite(fd, data.ljust(PAGE, b"."), 0)
+    s = me.mmap(0, PAGE, u.PROT_READ, u.MAP_SHARED, fd, 0)
+    me.read(s, 1)
+    pfn = me.pagemap(s).pfn
+    me.munmap(s, PAGE)
+    return fd, pfn
+
+
+def test_write_fault_copying_a_mapped_file_page_with_a_latent_error_is_sigbus(host):
+    """wp_page_copy(): __wp_page_copy_user() -> copy_mc_user_highpage() fails:
+    -EHWPOISON -> VM_FAULT_HWPOISON, the read-only entry stays; do_sigbus():
+    "MCE: Killing ...", SIGBUS BUS_MCEERR_AR at the faulting address, lsb 12; the
+    queued memory_failure() poisons the page-cache page.  No panic."""
+    me, got = attach(host)
+    fd, pfn = _memfd_page(me)
+    a = me.mmap(0, PAGE, RW, u.MAP_PRIVATE, fd, 0)
+    assert me.read(a, 9) == b"file data"
+    host.hw_poison(pfn)
+    access(me.write, a + 8, b"X")
+    assert got == [(AR, a + 8, 12)]
+    d = host.dmesg()
+    assert in_order(d, ["MCE: Killing %s:%d due to hardware memory corruption fault at %x"
+                        % (me.name, me.tid, a + 8),
+                        "Memory failure: %#x: recovery action for " % pfn])
+    assert not any("Fatal machine check" in ln for ln in d)
+    assert host.kpageflags(pfn) & KPF_HWPOISON
+    assert host.tainted() & (1 << u.TAINT_MACHINE_CHECK)
+    assert host.check_invariants() == []
+
+
+def test_first_write_fault_on_a_private_file_page_with_a_latent_error_is_sigbus(host):
+    """do_cow_fault(): copy_mc_user_highpage() fails -> VM_FAULT_HWPOISON, nothing
+    mapped; SIGBUS BUS_MCEERR_AR, lsb 12; memory_failure() of the source page."""
+    me, got = attach(host)
+    fd, pfn = _memfd_page(me)
+    a = me.mmap(0, PAGE, RW, u.MAP_PRIVATE, fd, 0)
+    host.hw_poison(pfn)
+    access(me.write, a + 16, b"Y")
+    assert got == [(AR, a + 16, 12)]
+    assert host.kpageflags(pfn) & KPF_HWPOISON
+    assert in_order(host.dmesg(), ["MCE: Killing", "Memory failure: %#x: recovery action for "
+                                   % pfn])
+    assert host.check_invariants() == []
+
+
+def test_write_fault_on_a_private_file_page_without_error_copies(host):
+    me, got = attach(host)
+    fd, pfn = _memfd_page(me)
+    a = me.mmap(0, PAGE, RW, u.MAP_PRIVATE, fd, 0)
+    me.write(a, b"Z")
+    assert me.read(a, 9) == b"Zile data" and me.pagemap(a).pfn != pfn
+    assert me.pread(fd, 9, 0) == b"file data" and got == []

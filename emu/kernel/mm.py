@@ -409,7 +409,7 @@ class MM:
                 if entry & C.PTE_SPECIAL:           # do_wp_page on the zero page
                     self._wp_zero_page(vma, va)
                 elif vma.file is not None:
-                    self._cow(task, vma, va, entry)
+                    return self._cow_done(task, va, self._cow(task, vma, va, entry), gup)
             return VM_FAULT_OK                  # else spurious: another thread fixed it
         if vma.file is None:
             self._do_anonymous_page(vma, va, write)
@@ -431,9 +431,8 @@ class MM:
                 self.try_to_unmap(self.core.head(pfn), hwpoison=False)
         if ret != VM_FAULT_OK:
             return self._sigbus(task, va, ret, PAGE_SHIFT, gup)
-        if write and not vma.shared:
-            self._cow_from(vma, va, pfn)
-            return VM_FAULT_OK
+        if write and not vma.shared:                       # do_cow_fault
+            return self._cow_done(task, va, self._cow_from(vma, va, pfn), gup)
         self.set_pte(mm, va & ~(PAGE_SIZE - 1), pfn, vma.shared and vma.prot & u.PROT_WRITE, write)
         if write:
             self.folio_mark_dirty(self.core.head(pfn))    # fault_dirty_shared_page
@@ -469,14 +468,32 @@ class MM:
         self.anon_rmap[pfn] = (vma.mm, va)
         vma.anon_vma = True
 
-    def _cow_from(self, vma: Vma, va: int, src: int) -> None:
+    def _cow_done(self, task, va: int, ret: int, gup: bool) -> int:
+        """A copy that consumed a latent error: VM_FAULT_HWPOISON goes to the fault's
+        caller (do_sigbus: BUS_MCEERR_AR, lsb PAGE_SHIFT); then the work item runs the
+        memory_failure() copy_mc_user_highpage() queued for the source page."""
+        if ret:
+            ret = self._sigbus(task, va, ret, PAGE_SHIFT, gup)
+            self.k.memory_failure.run_queued()
+        return ret
+
+    def _cow_from(self, vma: Vma, va: int, src: int, replace: bool = False) -> int:
+        """A private copy of the file page `src` at va (`replace`: of the read-only
+        entry there, wp_page_copy; else do_cow_fault).  The copy is
+        copy_mc_user_highpage(): a latent error in `src` leaves everything as it was
+        and gives VM_FAULT_HWPOISON."""
         va &= ~(PAGE_SIZE - 1)
         pfn = self.folio_alloc(0, _ANON_FLAGS, 0, va >> PAGE_SHIFT)
-        self.core.phys_copy(pfn, src)
+        if self.copy_mc_highpages(pfn, src, 1, _COW_STACK) >= 0:
+            self.folio_put(pfn)
+            return VM_FAULT_HWPOISON
+        if replace:
+            self.zap_pte(vma.mm, va)
         self.set_pte(vma.mm, va, pfn, True, True)
         self.folio_put(pfn)
         self.anon_rmap[pfn] = (vma.mm, va)
         vma.anon_vma = True
+        return VM_FAULT_OK
 
     def _wp_zero_page(self, vma: Vma, va: int) -> None:
         """wp_page_copy from the zero page: a new zeroed page (nothing is read from the
@@ -489,10 +506,9 @@ class MM:
         self.anon_rmap[pfn] = (vma.mm, va)
         vma.anon_vma = True
 
-    def _cow(self, task, vma: Vma, va: int, entry: int) -> None:
+    def _cow(self, task, vma: Vma, va: int, entry: int) -> int:
         src = (entry & C.PTE_PFN_MASK) >> PAGE_SHIFT
-        self.zap_pte(vma.mm, va & ~(PAGE_SIZE - 1))
-        self._cow_from(vma, va, src)
+        return self._cow_from(vma, va, src, replace=True)
 
     FAULT_AROUND_PAGES = 16
 
