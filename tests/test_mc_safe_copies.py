@@ -188,3 +188,69 @@ def test_write_fault_on_a_private_file_page_without_error_copies(host):
     me.write(a, b"Z")
     assert me.read(a, 9) == b"Zile data" and me.pagemap(a).pfn != pfn
     assert me.pread(fd, 9, 0) == b"file data" and got == []
+
+
+# ------------------------------------------------------------------ fork
+def _child_reads(task, addr):
+    got = []
+
+    def h(signum, info):
+        got.append((info.si_code, info.si_addr, info.si_addr_lsb))
+        raise Stop
+
+    emu.sigaction(signal.SIGBUS, h)
+    try:
+        task.read(addr, 1)
+    except Stop:
+        pass
+    return got
+
+
+def test_fork_child_copy_of_a_page_with_a_latent_error_carries_it(host):
+    """Linux shares the private page copy-on-write: the child's first load consumes
+    the error (#MC in user mode, kill_me_maybe, BUS_MCEERR_AR).  The emulator copies
+    at fork; the copy carries the latent error, so the child sees the same."""
+    me, got = attach(host)
+    a = me.mmap(0, PAGE, RW, ANON)
+    me.write(a, b"private")
+    host.hw_poison(me.pagemap(a).pfn)
+    ch = me.fork(_child_reads, a + 2, name="child")
+    assert ch.join(10) == 0
+    # kill_me_maybe() -> memory_failure(MF_ACTION_REQUIRED): kill_proc() reports the
+    # page's address in the VMA (page aligned), lsb PAGE_SHIFT
+    assert ch.result == [(AR, a, 12)]
+    assert got == []
+
+
+def test_fork_copy_freed_unconsumed_leaves_no_bad_frame(host):
+    """The copied error stands for the one frame Linux would share: a child that
+    exits without touching it frees its copy as a good frame."""
+    me, got = attach(host)
+    a = me.mmap(0, PAGE, RW, ANON)
+    me.write(a, b"private")
+    pfn = me.pagemap(a).pfn
+    host.hw_poison(pfn)
+
+    def child(task):
+        return task.pagemap(a).pfn
+
+    ch = me.fork(child, name="child")
+    assert ch.join(10) == 0
+    copy = ch.result
+    assert copy != pfn
+    assert host.meminfo()["HardwareCorrupted"] == 0
+    # the freed copy goes back to the allocator: whoever gets it reads it fine
+    n = 256
+    b = me.mmap(0, n * PAGE, RW, ANON)
+    for i in range(n):
+        me.write(b + i * PAGE, b"x")
+        if me.pagemap(b + i * PAGE).pfn == copy:
+            assert me.read(b + i * PAGE, 1) == b"x"
+            break
+    else:
+        pytest.fail("the copy's frame was not reallocated")
+    assert got == []
+    # the parent still consumes its own error
+    access(me.read, a, 1)
+    assert got == [(AR, a, 12)]
+    assert host.check_invariants() == []

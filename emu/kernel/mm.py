@@ -164,6 +164,9 @@ class MM:
         self.k = k
         self.core = k.core
         self.anon_rmap: dict[int, tuple[Mm, int]] = {}   # anon pfn -> (mm, va)
+        # frames whose latent error fork copied (dup_mmap): the error is the source
+        # frame's, so a copy that is freed unconsumed leaves no bad frame behind
+        self.hwerr_copies: set[int] = set()
 
     # ------------------------------------------------------------------ folios
     def folio_alloc(self, order: int, flags: int, mapping: int, index: int) -> int:
@@ -193,6 +196,10 @@ class MM:
         if head in self.k.memory_failure.tracked:     # marked only now, on release
             flags |= PG_hwpoison
             self.k.memory_failure.mark_on_release(head, {head})
+        if head in self.hwerr_copies:
+            self.hwerr_copies.discard(head)
+            if not flags & PG_hwpoison:
+                self.core.set_hwerr(head, 0)
         self.core.set_flags(head, flags & PG_hwpoison)
         if not flags & PG_hwpoison:
             self.k.buddy.free(head, self.core.order(head))
@@ -641,7 +648,8 @@ class MM:
         shared mappings, private mappings never written, with their hwpoison
         entries).  Where copied, shared mappings share frames, and private anonymous
         pages are copied at fork time (the emulator does not do copy-on-write across
-        processes)."""
+        processes); a copy keeps the source frame's latent error, as the page Linux
+        would share, so the child's first load still consumes it."""
         core = self.core
         for vma in src.vmas:
             nv = Vma(dst, vma.start, vma.end, vma.prot, vma.shared, vma.file, vma.pgoff,
@@ -664,6 +672,9 @@ class MM:
                 if core.flags(core.head(pfn)) & PG_anon:
                     new = self.folio_alloc(0, _ANON_FLAGS, 0, va >> PAGE_SHIFT)
                     core.phys_copy(new, pfn)
+                    if core.hwerr(pfn):      # Linux shares the poisoned page: so does the copy
+                        core.set_hwerr(new, core.hwerr(pfn))
+                        self.hwerr_copies.add(new)
                     self.set_pte(dst, va, new, bool(e & C.PTE_RW), bool(e & C.PTE_DIRTY))
                     self.folio_put(new)
                     self.anon_rmap[new] = (dst, va)
