@@ -303,7 +303,6 @@ class HugeTLB:
         if len(h.free) - h.resv > 0:
             head = self.dequeue(h)
             if head is not None:
-                h.clean.discard(head)
                 return head
         if h.order > MAX_PAGE_ORDER:                     # hstate_is_gigantic()
             return None
@@ -316,8 +315,9 @@ class HugeTLB:
         return head
 
     def migrate(self, head: int) -> int:
-        """unmap_and_move_huge_page() of an isolated in-use folio: 0, or -ENOMEM
-        when there is no target.  The old folio then loses its last reference
+        """unmap_and_move_huge_page() of an isolated in-use folio: 0, -ENOMEM
+        when there is no target, or 1 (a failed folio) when the copy hit a latent
+        error.  The old folio then loses its last reference
         (folio_putback_hugetlb): back to the pool, or, when the target was a
         temporary page, to the page allocator (move_hugetlb_state() handed the
         temporary state over)."""
@@ -326,7 +326,12 @@ class HugeTLB:
         new = self.alloc_migration_target(h)
         if new is None:
             return -u.ENOMEM
-        k.mm.migrate_folio(head, new)
+        if k.mm.migrate_folio(head, new):
+            # hugetlbfs_migrate_folio(): folio_mc_copy() hit a latent error (-EHWPOISON,
+            # one folio failed); the untouched target goes back (folio_putback_hugetlb)
+            self.free_huge_folio(new)
+            return 1
+        h.clean.discard(new)
         if new in self.temporary:
             self.temporary.discard(new)
             self.temporary.add(head)

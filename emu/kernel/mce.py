@@ -11,6 +11,9 @@ severity table (first match wins, as severities[]) in the context it came from:
 - a kernel copy *from* user memory (is_copy_from_user(): the source is a user
   address): recoverable, the copy returns short (-EFAULT) and kill_me_never runs
   memory_failure() on the way back;
+- a machine-check-safe kernel copy (copy_mc_to_kernel(): migration's folio_mc_copy(),
+  a copy-on-write's copy_mc_user_highpage()): recoverable, the copy fails and its
+  caller decides (those helpers queue memory_failure() for the source page);
 - any other kernel load (copy_to_user() from the page cache, a plain memcpy):
   unrecoverable, mce_panic("Fatal machine check").
 The machine has one CPU and no LMCE (broadcast machine checks): a fatal error
@@ -134,6 +137,18 @@ class MachineCheck:
         else:                                    # EX_TYPE_UACCESS of copy_to_user: IN_KERNEL
             ctx = IN_KERNEL
         self.do_machine_check(t, m, ctx, ("exc_machine_check_kernel",) + stack)
+
+    def kernel_copy_mc(self, t, pfn: int, stack: tuple[str, ...]) -> None:
+        """A machine-check-safe kernel copy (copy_mc_to_kernel(), exception type
+        EX_TYPE_DEFAULT_MCE_SAFE) consumed the poison in the source page: error_context()
+        gives IN_KERNEL_RECOV ("data load in error recoverable area of kernel"); the
+        fixup ends the copy, which reports it to its caller.  No task work: only a copy
+        from user memory (MCE_IN_KERNEL_COPYIN) queues kill_me_never."""
+        m = srar(pfn << 12, False, addr_lsb(self.k, pfn))
+        m.kflags |= MCE_IN_KERNEL_RECOV
+        self.k.trace("mce", tid=t.tid if t is not None else 0, pfn=pfn, addr=pfn << 12,
+                     kernel=True, copy_mc=True)
+        self.do_machine_check(t, m, IN_KERNEL_RECOV, ("exc_machine_check_kernel",) + stack)
 
     def do_machine_check(self, t, m: Mce, ctx: int, stack: tuple[str, ...]) -> None:
         """do_machine_check() with mce_reign() for the one CPU: a fatal grade panics;

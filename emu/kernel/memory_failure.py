@@ -164,6 +164,9 @@ class MemoryFailure:
         self.log = k.logger("Memory failure: ")
         self.soft_log = k.logger("Soft offline: ")
         self.printed_once: set[str] = set()         # pr_info_once() texts already out
+        # memory_failure_queue() from a machine-check-safe copy (copy_mc_highpage()):
+        # the per-CPU kfifo, run by memory_failure_work_func() once the caller is done
+        self.queued: list[int] = []
 
     # ------------------------------------------------------------ bookkeeping
     def action_result(self, pfn: int, type_: str, result: int) -> int:
@@ -600,6 +603,7 @@ class MemoryFailure:
             if ret > 0:
                 ret = self.soft_offline_in_use_page(pfn)
                 k.trace("soft_offline", pfn=pfn, ret=ret)
+                self.run_queued()                   # a failed copy's memory_failure()
                 return ret
             if ret < 0:
                 return ret
@@ -697,8 +701,9 @@ class MemoryFailure:
 
     def migrate_pages(self, head: int) -> int:
         """migrate_pages(MR_MEMORY_FAILURE) of one isolated folio: 0 when it moved, else
-        the number of folios that did not (1), or -ENOMEM when no target page could
-        be allocated."""
+        the number of folios that did not (1: also a copy that hit a latent error,
+        folio_mc_copy()'s -EHWPOISON, migrate_folios_move()'s "other errno"), or
+        -ENOMEM when no target page could be allocated."""
         k = self.k
         if self.gmem_inode_of(head) is not None:
             # move_to_new_folio(): a mapping_inaccessible() mapping (guest_memfd) gets
@@ -710,7 +715,9 @@ class MemoryFailure:
             new = k.buddy.alloc(0)                       # alloc_migration_target()
         except MemoryError:
             return -u.ENOMEM
-        k.mm.migrate_folio(head, new)
+        if k.mm.migrate_folio(head, new):                # -EHWPOISON: the copy failed
+            k.buddy.free(new, 0)                         # migrate_folio_undo_dst()
+            return 1
         return 0
 
     def page_handle_poison(self, pfn: int, hugepage_or_freepage: bool, release: bool) -> bool:
@@ -780,6 +787,17 @@ class MemoryFailure:
         self.k.log("Injecting memory failure at pfn %#x", pfn)
         err = self.memory_failure(pfn, u.MF_SW_SIMULATED)
         return 0 if err == -u.EOPNOTSUPP else err
+
+    def queue(self, pfn: int) -> None:
+        """memory_failure_queue(pfn, 0) from a kernel copy: recorded now, run by
+        run_queued() when the work item gets the CPU (after the caller's locks,
+        mf_mutex for soft offline, are dropped)."""
+        self.queued.append(pfn)
+
+    def run_queued(self) -> None:
+        """memory_failure_work_func(): the queued pfns, in order."""
+        while self.queued:
+            self.memory_failure_queue(self.queued.pop(0))
 
     def memory_failure_queue(self, pfn: int) -> int:
         """A deferred error (CMCI/UCNA, patrol scrub, GHES): memory_failure(pfn, 0)

@@ -38,6 +38,11 @@ VM_FAULT_SIGSEGV = 0x40
 
 _LEAF_PROT = C.PTE_PRESENT | C.PTE_USER
 _ANON_FLAGS = PG_anon | PG_lru | PG_swapbacked | PG_uptodate
+_MIGRATE_STACK = ("copy_mc_enhanced_fast_string", "copy_mc_to_kernel", "folio_mc_copy",
+                  "__migrate_folio", "move_to_new_folio", "migrate_pages_batch", "migrate_pages",
+                  "soft_offline_in_use_page")
+_COW_STACK = ("copy_mc_enhanced_fast_string", "copy_mc_to_kernel", "copy_mc_user_highpage",
+              "handle_mm_fault", "do_user_addr_fault", "exc_page_fault")
 
 
 def page_align(x: int) -> int:
@@ -159,6 +164,9 @@ class MM:
         self.k = k
         self.core = k.core
         self.anon_rmap: dict[int, tuple[Mm, int]] = {}   # anon pfn -> (mm, va)
+        # frames whose latent error fork copied (dup_mmap): the error is the source
+        # frame's, so a copy that is freed unconsumed leaves no bad frame behind
+        self.hwerr_copies: set[int] = set()
 
     # ------------------------------------------------------------------ folios
     def folio_alloc(self, order: int, flags: int, mapping: int, index: int) -> int:
@@ -188,6 +196,10 @@ class MM:
         if head in self.k.memory_failure.tracked:     # marked only now, on release
             flags |= PG_hwpoison
             self.k.memory_failure.mark_on_release(head, {head})
+        if head in self.hwerr_copies:
+            self.hwerr_copies.discard(head)
+            if not flags & PG_hwpoison:
+                self.core.set_hwerr(head, 0)
         self.core.set_flags(head, flags & PG_hwpoison)
         if not flags & PG_hwpoison:
             self.k.buddy.free(head, self.core.order(head))
@@ -326,13 +338,18 @@ class MM:
             dirty |= bool(old & C.PTE_DIRTY)
         return dirty
 
-    def migrate_folio(self, old: int, new: int) -> None:
+    def migrate_folio(self, old: int, new: int) -> int:
         """migrate_pages() of one folio (order 0, or a HugeTLB folio mapped whole) to
         the free folio at `new`: try_to_migrate (each mapping's MMU notifiers, so KVM
         drops the stage-2 entries it made from it, then the PTE goes), copy, then
         remove_migration_ptes (the same entries, now to `new`), and the page cache
         (or the anon rmap) follows.  The old folio is left unreferenced, its
-        mappings gone, for the caller."""
+        mappings gone, for the caller; 0.
+
+        The copy is folio_mc_copy() (__migrate_folio, hugetlbfs_migrate_folio): a
+        latent error in the source fails it with -EHWPOISON, returned after
+        remove_migration_ptes(src, src) put the old entries back; `new` is untouched
+        and memory_failure() of the bad page is queued (copy_mc_highpage())."""
         core, k = self.core, self.k
         flags, order = core.flags(old), core.order(old)
         mapping, index = core.mapping(old), core.index(old)
@@ -343,7 +360,10 @@ class MM:
             saved.append((mm, va, level, core.pte_xchg(mm.pgd, va, 0, level)))
         # no CPU may still be copying through an old translation (host or stage-2)
         k.synchronize_rcu()
-        core.phys_copy(new, old, 1 << order)
+        if self.copy_mc_highpages(new, old, 1 << order, _MIGRATE_STACK) >= 0:
+            for mm, va, level, e in saved:               # migrate_folio_undo_src()
+                core.pte_set(mm.pgd, va, e, level)
+            return -u.EHWPOISON
         inode = None if flags & PG_anon and not flags & PG_hugetlb else k.inodes.get(mapping)
         core.set_folio(new, order, flags, len(saved) + (1 if inode is not None else 0), mapping,
                        index, bool(flags & PG_hugetlb))
@@ -355,6 +375,22 @@ class MM:
         if old in self.anon_rmap:
             self.anon_rmap[new] = self.anon_rmap.pop(old)
         k.trace("migrate", pfn=old, new=new, order=order)
+        return 0
+
+    def copy_mc_highpages(self, dst: int, src: int, npages: int, stack: tuple[str, ...]) -> int:
+        """folio_mc_copy() / copy_mc_user_highpage(): copy page by page with
+        copy_mc_to_kernel(); a page with a latent error raises a recoverable #MC
+        (mce.kernel_copy_mc) and the copy stops there, memory_failure_queue(pfn, 0)
+        for it (the caller runs the queue).  Returns that pfn, or -1 when all was
+        copied."""
+        core = self.core
+        for i in range(npages):
+            if core.hwerr(src + i):
+                self.k.mce.kernel_copy_mc(self.k.current, src + i, stack)
+                self.k.memory_failure.queue(src + i)
+                return src + i
+        core.phys_copy(dst, src, npages)
+        return -1
 
     # ------------------------------------------------------------------ faults
     def handle_mm_fault(self, task, va: int, write: bool, gup: bool = False) -> int:
@@ -380,7 +416,7 @@ class MM:
                 if entry & C.PTE_SPECIAL:           # do_wp_page on the zero page
                     self._wp_zero_page(vma, va)
                 elif vma.file is not None:
-                    self._cow(task, vma, va, entry)
+                    return self._cow_done(task, va, self._cow(task, vma, va, entry), gup)
             return VM_FAULT_OK                  # else spurious: another thread fixed it
         if vma.file is None:
             self._do_anonymous_page(vma, va, write)
@@ -402,9 +438,8 @@ class MM:
                 self.try_to_unmap(self.core.head(pfn), hwpoison=False)
         if ret != VM_FAULT_OK:
             return self._sigbus(task, va, ret, PAGE_SHIFT, gup)
-        if write and not vma.shared:
-            self._cow_from(vma, va, pfn)
-            return VM_FAULT_OK
+        if write and not vma.shared:                       # do_cow_fault
+            return self._cow_done(task, va, self._cow_from(vma, va, pfn), gup)
         self.set_pte(mm, va & ~(PAGE_SIZE - 1), pfn, vma.shared and vma.prot & u.PROT_WRITE, write)
         if write:
             self.folio_mark_dirty(self.core.head(pfn))    # fault_dirty_shared_page
@@ -440,14 +475,32 @@ class MM:
         self.anon_rmap[pfn] = (vma.mm, va)
         vma.anon_vma = True
 
-    def _cow_from(self, vma: Vma, va: int, src: int) -> None:
+    def _cow_done(self, task, va: int, ret: int, gup: bool) -> int:
+        """A copy that consumed a latent error: VM_FAULT_HWPOISON goes to the fault's
+        caller (do_sigbus: BUS_MCEERR_AR, lsb PAGE_SHIFT); then the work item runs the
+        memory_failure() copy_mc_user_highpage() queued for the source page."""
+        if ret:
+            ret = self._sigbus(task, va, ret, PAGE_SHIFT, gup)
+            self.k.memory_failure.run_queued()
+        return ret
+
+    def _cow_from(self, vma: Vma, va: int, src: int, replace: bool = False) -> int:
+        """A private copy of the file page `src` at va (`replace`: of the read-only
+        entry there, wp_page_copy; else do_cow_fault).  The copy is
+        copy_mc_user_highpage(): a latent error in `src` leaves everything as it was
+        and gives VM_FAULT_HWPOISON."""
         va &= ~(PAGE_SIZE - 1)
         pfn = self.folio_alloc(0, _ANON_FLAGS, 0, va >> PAGE_SHIFT)
-        self.core.phys_copy(pfn, src)
+        if self.copy_mc_highpages(pfn, src, 1, _COW_STACK) >= 0:
+            self.folio_put(pfn)
+            return VM_FAULT_HWPOISON
+        if replace:
+            self.zap_pte(vma.mm, va)
         self.set_pte(vma.mm, va, pfn, True, True)
         self.folio_put(pfn)
         self.anon_rmap[pfn] = (vma.mm, va)
         vma.anon_vma = True
+        return VM_FAULT_OK
 
     def _wp_zero_page(self, vma: Vma, va: int) -> None:
         """wp_page_copy from the zero page: a new zeroed page (nothing is read from the
@@ -460,10 +513,9 @@ class MM:
         self.anon_rmap[pfn] = (vma.mm, va)
         vma.anon_vma = True
 
-    def _cow(self, task, vma: Vma, va: int, entry: int) -> None:
+    def _cow(self, task, vma: Vma, va: int, entry: int) -> int:
         src = (entry & C.PTE_PFN_MASK) >> PAGE_SHIFT
-        self.zap_pte(vma.mm, va & ~(PAGE_SIZE - 1))
-        self._cow_from(vma, va, src)
+        return self._cow_from(vma, va, src, replace=True)
 
     FAULT_AROUND_PAGES = 16
 
@@ -596,7 +648,8 @@ class MM:
         shared mappings, private mappings never written, with their hwpoison
         entries).  Where copied, shared mappings share frames, and private anonymous
         pages are copied at fork time (the emulator does not do copy-on-write across
-        processes)."""
+        processes); a copy keeps the source frame's latent error, as the page Linux
+        would share, so the child's first load still consumes it."""
         core = self.core
         for vma in src.vmas:
             nv = Vma(dst, vma.start, vma.end, vma.prot, vma.shared, vma.file, vma.pgoff,
@@ -619,6 +672,9 @@ class MM:
                 if core.flags(core.head(pfn)) & PG_anon:
                     new = self.folio_alloc(0, _ANON_FLAGS, 0, va >> PAGE_SHIFT)
                     core.phys_copy(new, pfn)
+                    if core.hwerr(pfn):      # Linux shares the poisoned page: so does the copy
+                        core.set_hwerr(new, core.hwerr(pfn))
+                        self.hwerr_copies.add(new)
                     self.set_pte(dst, va, new, bool(e & C.PTE_RW), bool(e & C.PTE_DIRTY))
                     self.folio_put(new)
                     self.anon_rmap[new] = (dst, va)
