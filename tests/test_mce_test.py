@@ -130,15 +130,14 @@ class DirtyAnonymousUnmap(DirtyAnonymous):
 class FileBackedHugepage(Case):
     """file_backed_hugepage(): alloc_filebacked_hugepage(HPS, private=0), a MAP_SHARED
     hugetlbfs file (memfd_create(MFD_HUGETLB) is a file of the same file system),
-    prefaulted with page[0] = 'a'.  The port ftruncates it first: the emulator's
-    hugetlbfs mmap does not extend i_size (see test_alloc_filebacked_hugepage_prefault)."""
+    prefaulted with page[0] = 'a' (no ftruncate: the writable mapping extends i_size,
+    see test_alloc_filebacked_hugepage_prefault)."""
 
     huge = True
     lsb = 21
 
     def map(self):
         self.fd = self.me.memfd_create("test0", u.MFD_HUGETLB)
-        self.me.ftruncate(self.fd, HPAGE)
         self.page = self.me.mmap(0, HPAGE, RW, u.MAP_SHARED, self.fd, 0)
         self.me.write(self.page, b"a")                      # prefault
         return self.page
@@ -297,7 +296,6 @@ def _thugetlb(task, corrupt_page, ptype, ready, madvised, progress):
     emu.sigaction(SIGBUS, signal.SIG_DFL)                # no handler in thugetlb
     file_size = 2
     fd = task.memfd_create("test1", u.MFD_HUGETLB)
-    task.ftruncate(fd, file_size * HPAGE)                # see test_alloc_filebacked_hugepage_prefault
     addr = task.mmap(0, file_size * HPAGE, RW, u.MAP_SHARED, fd, 0)
     expected = addr + corrupt_page // 512 * HPAGE if ptype == "late_avoid" else None
     _write_hugepage(task, addr, file_size, None)
