@@ -11,12 +11,13 @@ port therefore runs under both: "pre-6.11" (the emulator's madvise_action_requir
 = False, what the programs assert) and "6.18" (what the kernel does now).
 
 The cases that need what the emulator lacks (disk files, MAP_LOCKED, SysV shm,
-MAP_SHARED|MAP_ANONYMOUS across fork, MAP_ANONYMOUS|MAP_HUGETLB, MAP_PRIVATE huge
+MAP_ANONYMOUS|MAP_HUGETLB, MAP_PRIVATE huge
 pages) are listed in docs/deviations.md, "Upstream test suites: cases not ported".
 """
 import signal
 import struct
 import time
+from types import SimpleNamespace
 
 import pytest
 from selftest_harness import (
@@ -243,6 +244,134 @@ def test_tinjpage_suicide(host_factory, case, kernel):
         ack.put(b"x")
     assert ch.join(30) == -SIGBUS
     assert progress.drain() == (b"i" if kernel == "6.18" else b"iI")
+
+
+# ------------------------------------------------------------------- mmap shared
+def _shared_child(task, rec, kernel, early, go, req, ack, page):
+    """do_shared(MMAP_SHARED), the child: memset(shared_page, 'a', 3); in early kill
+    get_semaphore (wait for the parent); testmem(MWRITE): poison() then recover()
+    (`*page = 2`); _exit(failure).  -> (what injection did, what the write did,
+    signals left over)."""
+    task.write(page, b"aaa")
+    if early:
+        assert go.get(task) == b"g"
+    if kernel == "mce-inject":
+        def inject():
+            req.put(struct.pack("<Q", task.pagemap(page).pfn))
+            ack.get(task)
+            end = time.monotonic() + (WAIT if early else QUIET)
+            while time.monotonic() < end:
+                task.idle(0.05)
+        at_inject = rec.run(inject)
+    else:
+        at_inject = rec.run(task.madvise, page, PAGE, u.MADV_HWPOISON)
+    at_write = rec.run(task.write, page, b"\x02")
+    return at_inject, at_write, rec.take()
+
+
+def _serve_mce_inject(h, req, ack):
+    """The test's side of the child's inject_mce_inject(): the SRAO for its pfn."""
+    pfn = struct.unpack("<Q", req.get_bytes(8))[0]
+    assert h.hw_detect(pfn) == 0
+    ack.put(b"x")
+
+
+@pytest.mark.parametrize("kernel", INJECTORS)
+@pytest.mark.parametrize("mode", ["late", "early"])
+def test_tinjpage_mmap_shared(host_factory, mode, kernel):
+    """tinjpage.c `mmap shared` (do_shared(MMAP_SHARED)): a MAP_SHARED|MAP_ANONYMOUS|
+    MAP_POPULATE page (shmem, mm/shmem.c shmem_zero_setup) shared with a fork
+    child; the child poisons it and writes it (testmem(MWRITE)).
+    Late kill loop: the child survives through its handler and exits 0 (the parent
+    asserts CLD_EXITED), then the parent's write gets AR at the same address.
+    Early kill loop: the parent holds a semaphore, forks, releases it and sleeps(10)
+    waiting for the AO that the child's injection sends it (the parent maps the
+    page and is early kill); the child exits 0.  The child sees what
+    test_tinjpage's dirty_anonymous does: 6.18 madvise: AR at injection (current,
+    MF_ACTION_REQUIRED), pre-6.11 madvise / mce-inject: AO at injection when early,
+    nothing when late; then AR at the write.  si_addr is the page, si_addr_lsb 12."""
+    early = mode == "early"
+    h = host_for(host_factory, kernel)
+    me, rec = attach(h, name="tinjpage")
+    h.sysctl("vm.memory_failure_early_kill", 1 if early else 0)
+    page = me.mmap(0, PAGE, RW, u.MAP_SHARED | u.MAP_ANONYMOUS | u.MAP_POPULATE)
+    hc0 = hardware_corrupted(h)
+    go, req, ack = Pipe(), Pipe(), Pipe()
+    ch = me.fork(_shared_child, rec, kernel, early, go, req, ack, page, name="tinjpage-child")
+    me.write(page, b"aaa")
+
+    if early:
+        def wait_for_sigbus():
+            go.put(b"g")                                 # put_semaphore
+            if kernel == "mce-inject":
+                _serve_mce_inject(h, req, ack)
+            end = time.monotonic() + 10                  # sleep(10)
+            while time.monotonic() < end:
+                me.idle(0.05)
+            return "timeout: child process does not send signal"
+        assert rec.run(wait_for_sigbus) == ("jump", (AO, page, 12))
+    elif kernel == "mce-inject":
+        _serve_mce_inject(h, req, ack)
+    assert ch.join(30) == 0                              # CLD_EXITED
+    at_inject, at_write, left = ch.result
+    assert at_inject == _expected_at_injection(kernel, early, SimpleNamespace(page=page, lsb=12))
+    assert at_write == ("jump", (AR, page, 12))
+    assert left == []
+    if not early:                                        # recover("... (parent)", MWRITE)
+        assert rec.run(me.write, page, b"\x02") == ("jump", (AR, page, 12))
+    assert hardware_corrupted(h) == hc0 + 4
+    me.munmap(page, PAGE)                                # munmap_reserve()
+    assert me.mmap(page, PAGE, u.PROT_NONE,
+                   u.MAP_PRIVATE | u.MAP_ANONYMOUS | u.MAP_FIXED) == page
+    if kernel == "mce-inject":
+        me.idle(QUIET)
+    assert rec.take() == []
+
+
+def _shared_grandchild(task, kernel, progress, req, ack, page):
+    """do_shared's child in the suicide loop: SIGBUS is SIG_DFL (inherited)."""
+    task.write(page, b"aaa")
+    progress.put(b"i")
+    if kernel == "mce-inject":
+        req.put(struct.pack("<Q", task.pagemap(page).pfn))
+        ack.get(task)
+    else:
+        task.madvise(page, PAGE, u.MADV_HWPOISON)
+    progress.put(b"I")
+    task.write(page, b"\x02")
+    progress.put(b"A")
+    return 0
+
+
+def _shared_suicide_child(task, kernel, progress, req, ack):
+    """tinjpage.c "suicide version" of `mmap shared`: signal(SIGBUS, SIG_DFL), then
+    do_shared(MMAP_SHARED) with early_kill 0: fork, waitid (the handler is SIG_DFL,
+    so the child must be CLD_KILLED), then recover(): the write to the shared page."""
+    emu.sigaction(SIGBUS, signal.SIG_DFL)
+    page = task.mmap(0, PAGE, RW, u.MAP_SHARED | u.MAP_ANONYMOUS | u.MAP_POPULATE)
+    gc = task.fork(_shared_grandchild, kernel, progress, req, ack, page, name="tinjpage-gchild")
+    task.write(page, b"aaa")
+    progress.put(b"k" if gc.join(30) == -SIGBUS else b"e")
+    task.write(page, b"\x02")
+    progress.put(b"W")
+    return "didn't kill itself?"
+
+
+@pytest.mark.parametrize("kernel", INJECTORS)
+def test_tinjpage_mmap_shared_suicide(host_factory, kernel):
+    """tinjpage.c `mmap shared` in the suicide loop: do_shared's child dies of SIGBUS
+    (6.18: the forced AR in madvise; pre-6.11 / mce-inject: the AR at its write),
+    the parent (the suicide child) sees CLD_KILLED, then dies of the AR at its own
+    write to the shared page: waitid reports CLD_KILLED by SIGBUS."""
+    h = host_for(host_factory, kernel)
+    me, _rec = attach(h, name="tinjpage")
+    h.sysctl("vm.memory_failure_early_kill", 0)
+    progress, req, ack = Pipe(), Pipe(), Pipe()
+    ch = me.fork(_shared_suicide_child, kernel, progress, req, ack, name="tinjpage-child")
+    if kernel == "mce-inject":
+        _serve_mce_inject(h, req, ack)
+    assert ch.join(30) == -SIGBUS
+    assert progress.drain() == (b"ik" if kernel == "6.18" else b"iIk")
 
 
 def test_alloc_filebacked_hugepage_prefault(host_factory):
