@@ -45,3 +45,37 @@ def sigbus_recorder() -> list:
 
     emu.sigaction(signal.SIGBUS, h)
     return got
+
+
+def lines_in_order(lines, wanted) -> bool:
+    """Each wanted text is in one of the lines (dmesg), in this order."""
+    i = 0
+    for line in lines:
+        if i < len(wanted) and wanted[i] in line:
+            i += 1
+    return i == len(wanted)
+
+
+class Event:
+    """A one-shot flag shared by forked processes (a pipe byte never consumed)."""
+
+    def __init__(self):
+        import os
+
+        self.r, self.w = os.pipe()
+
+    def set(self):
+        import os
+
+        os.write(self.w, b"x")
+
+    def wait(self, task, timeout: float = 10.0) -> bool:
+        """Wait in the emulated task (task.idle, so its signals are delivered)."""
+        import select
+
+        end = time.monotonic() + timeout
+        while not select.select([self.r], [], [], 0)[0]:
+            if time.monotonic() > end:
+                return False
+            task.idle(0.05)
+        return True

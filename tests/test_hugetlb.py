@@ -10,12 +10,11 @@ tests/test_selftest_hugetlb_read_hwpoison.py and tests/test_mce_test.py.
 Default policy; every test is forked (conftest) and boots its own supervisor.
 """
 import errno
-import os
-import select
 import signal
 import time
 
 import pytest
+from checks import Event
 
 import emu
 from emu import uapi as u
@@ -70,22 +69,6 @@ def wait_for(task, lst, n=1, timeout=WAIT):
     return lst
 
 
-class Event:
-    """A one-shot flag shared by forked processes (a pipe byte never consumed)."""
-
-    def __init__(self):
-        self.r, self.w = os.pipe()
-
-    def set(self):
-        os.write(self.w, b"x")
-
-    def wait(self, task, timeout=10.0):
-        end = time.monotonic() + timeout
-        while not select.select([self.r], [], [], 0)[0]:
-            if time.monotonic() > end:
-                return False
-            task.idle(0.05)
-        return True
 
 
 def poll(fn, want, timeout=WAIT):

@@ -16,6 +16,7 @@ import errno
 import signal
 
 import pytest
+from checks import lines_in_order
 
 import emu
 from emu import uapi as u
@@ -58,12 +59,6 @@ def errno_of(fn, *args):
     return ei.value.errno
 
 
-def in_order(dmesg, wanted):
-    i = 0
-    for line in dmesg:
-        if i < len(wanted) and wanted[i] in line:
-            i += 1
-    return i == len(wanted)
 
 
 # ------------------------------------------------------------------ soft offline
@@ -82,7 +77,7 @@ def test_soft_offline_of_a_page_with_a_latent_error_fails_and_queues_memory_fail
     free = host.meminfo()["MemFree"]
     assert errno_of(host.soft_offline_page, pfn << 12) == errno.EBUSY
     d = host.dmesg()
-    assert in_order(d, ["Soft offline: %#x: page migration failed 1, type " % pfn,
+    assert lines_in_order(d, ["Soft offline: %#x: page migration failed 1, type " % pfn,
                         "Memory failure: %#x: recovery action for dirty LRU page: Recovered"
                         % pfn])
     assert not any("Fatal machine check" in ln for ln in d)
@@ -124,7 +119,7 @@ def test_hugetlb_soft_offline_with_a_latent_error_fails_and_returns_the_target(h
     assert h.meminfo()["HugePages_Free"] == 3
     assert errno_of(h.soft_offline_page, raw << 12) == errno.EBUSY
     d = h.dmesg()
-    assert in_order(d, ["Soft offline: %#x: hugepage migration failed 1, type " % raw,
+    assert lines_in_order(d, ["Soft offline: %#x: hugepage migration failed 1, type " % raw,
                         "Memory failure: %#x: recovery action for huge page" % raw])
     assert h.kpageflags(raw) & KPF_HWPOISON
     m = h.meminfo()
@@ -157,7 +152,7 @@ def test_write_fault_copying_a_mapped_file_page_with_a_latent_error_is_sigbus(ho
     access(me.write, a + 8, b"X")
     assert got == [(AR, a + 8, 12)]
     d = host.dmesg()
-    assert in_order(d, ["MCE: Killing %s:%d due to hardware memory corruption fault at %x"
+    assert lines_in_order(d, ["MCE: Killing %s:%d due to hardware memory corruption fault at %x"
                         % (me.name, me.tid, a + 8),
                         "Memory failure: %#x: recovery action for " % pfn])
     assert not any("Fatal machine check" in ln for ln in d)
@@ -176,7 +171,7 @@ def test_first_write_fault_on_a_private_file_page_with_a_latent_error_is_sigbus(
     access(me.write, a + 16, b"Y")
     assert got == [(AR, a + 16, 12)]
     assert host.kpageflags(pfn) & KPF_HWPOISON
-    assert in_order(host.dmesg(), ["MCE: Killing", "Memory failure: %#x: recovery action for "
+    assert lines_in_order(host.dmesg(), ["MCE: Killing", "Memory failure: %#x: recovery action for "
                                    % pfn])
     assert host.check_invariants() == []
 

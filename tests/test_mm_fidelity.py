@@ -18,12 +18,11 @@ D3, D7, D10, D11, D14, D16, D17 and D18's "unhandlable page").
   kpageflags (fs/proc/page.c stable_page_flags) encodings.
 """
 import errno
-import os
-import select
 import signal
 import time
 
 import pytest
+from checks import Event
 
 import emu
 from emu import uapi as u
@@ -241,20 +240,6 @@ def test_kpageflags_past_max_pfn_is_end_of_file(host):
 
 
 # ====================================================================== D10
-class Event:
-    def __init__(self):
-        self.r, self.w = os.pipe()
-
-    def set(self):
-        os.write(self.w, b"x")
-
-    def wait(self, task, timeout=10.0):
-        end = time.monotonic() + timeout
-        while not select.select([self.r], [], [], 0)[0]:
-            if time.monotonic() > end:
-                return False
-            task.idle(0.05)
-        return True
 
 
 def _early_thread(task, va, ready, go):

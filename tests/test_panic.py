@@ -17,7 +17,7 @@ import signal
 import time
 
 import pytest
-from checks import Stop
+from checks import Stop, lines_in_order
 from checks import sigbus_recorder as recorder
 
 import emu
@@ -31,13 +31,6 @@ KPF_HWPOISON = 1 << u.KPF_HWPOISON
 
 
 
-def lines_in_order(dmesg, wanted):
-    """Each wanted text is in a dmesg line, in this order."""
-    i = 0
-    for line in dmesg:
-        if i < len(wanted) and wanted[i] in line:
-            i += 1
-    return i == len(wanted)
 
 
 def shmem_page(me, data=b"page cache"):
