@@ -5,7 +5,7 @@ thread LATE) on a 4 MiB HugeTLB guest_memfd (two 2 MiB folios; the last MiB is
 private), a second process mapping the shared range, a deferred error on a
 dirty shared page, a consumed error in the guest on a private page, then the
 guest touching the rest of the folios and the file.  Each policy runs on its
-own private supervisor; the figures come from the kernel's trace, meminfo and
+own private supervisor; the figures come from the kernel's trace, meminfo, kpageflags and
 what each thread saw.
 """
 from __future__ import annotations
@@ -108,16 +108,76 @@ def run_scenario(policy: str) -> dict:
 
     with start(policy=policy, ram="256M", hugepages={"2M": 8}) as host:
         total0 = host.meminfo()["HugePages_Total"]
-        pid, r = records.fork(lambda w: w.send(_qemu(emu, host)))
+        sync = _Sync()
+        pid, r = records.fork(lambda w: w.send(_qemu(emu, host, sync)))
+        heads = sync.parent_wait()                 # the VM ran; the VMM still holds it
+        running = _hwpoison_bytes(host, heads)
+        sync.parent_release()
         out = (records.receive(r) or [{}])[0]
         _, status = os.waitpid(pid, 0)
         qemu_status = os.waitstatus_to_exitcode(status)
+        _settle(host)                              # the exited VMM's teardown is done
         events = host.events()
         mi = host.meminfo()
-    return _column(policy, out, events, mi, total0, qemu_status)
+        after = _hwpoison_bytes(host, heads)
+    return _column(policy, out, events, mi, total0, qemu_status, (running, after))
 
 
-def _qemu(emu, host) -> dict:
+def _settle(host, timeout: float = 10.0) -> None:
+    """Wait until two snapshots of the machine's status agree: the supervisor tears
+    an exited process down (and frees its files) after the process is gone."""
+    import time
+
+    end = time.monotonic() + timeout
+    prev = host.status()
+    while time.monotonic() < end:
+        time.sleep(0.05)
+        cur = host.status()
+        if cur == prev:
+            return
+        prev = cur
+
+
+class _Sync:
+    """Two pipes: the VMM says "measure now" with the guest_memfd's folio heads and
+    waits until the supervisor's state has been read from outside."""
+
+    def __init__(self):
+        self.m_r, self.m_w = os.pipe()
+        self.a_r, self.a_w = os.pipe()
+
+    def child_wait(self, heads: list[int]) -> None:
+        os.write(self.m_w, json.dumps(heads).encode() + b"\n")
+        os.read(self.a_r, 1)
+
+    def parent_wait(self) -> list[int] | None:
+        os.close(self.m_w)                         # a VMM that dies gives EOF, not a hang
+        os.close(self.a_r)
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = os.read(self.m_r, 4096)
+            if not chunk:
+                return None
+            data += chunk
+        return json.loads(data)
+
+    def parent_release(self) -> None:
+        os.write(self.a_w, b"g")
+        os.close(self.a_w)
+        os.close(self.m_r)
+
+
+def _hwpoison_bytes(host, heads: list[int] | None) -> int | None:
+    """Bytes of the guest_memfd's frames that /proc/kpageflags shows KPF_HWPOISON:
+    what the kernel has taken offline (a flagged HugeTLB folio shows on every page)."""
+    if heads is None:
+        return None
+    bit = 1 << u.KPF_HWPOISON
+    return sum(4096 for h in heads for pfn in range(h, h + 512)
+               if (host.kpageflags(pfn) or 0) & bit)
+
+
+def _qemu(emu, host, sync: _Sync) -> dict:
     me = emu.attach(host, name="qemu")
     me.prctl(u.PR_MCE_KILL, u.PR_MCE_KILL_SET, u.PR_MCE_KILL_EARLY)
     seen = []
@@ -167,6 +227,7 @@ def _qemu(emu, host) -> dict:
     os.read(p_r, 1)
     shared_pfn = vm.gpa_to_pfn(GPA + SHARED_BAD)["backing_pfn"]
     private_pfn = vm.gpa_to_pfn(GPA + PRIVATE_BAD)["backing_pfn"]
+    heads = [vm.gpa_to_pfn(GPA + off)["backing_pfn"] & ~511 for off in (0, 2 * MB)]
     host.hw_detect(shared_pfn)
     me.idle(0.2)
     host.hw_poison(private_pfn)
@@ -177,11 +238,13 @@ def _qemu(emu, host) -> dict:
     second_status = ch.join(30)
     second_res = ch.result or ("died (%s)" % second_status, [])
     me.idle(0.1)
+    sync.child_wait(heads)
     return {"tids": tids, "main_seen": seen, "vcpu_status": vcpu_status, "vcpu": vcpu_res,
             "second_status": second_status, "second": second_res}
 
 
-def _column(policy: str, out: dict, events: list, mi: dict, total0: int, qemu_status) -> dict:
+def _column(policy: str, out: dict, events: list, mi: dict, total0: int, qemu_status,
+            offline_bytes: tuple) -> dict:
     tids = {int(k): v for k, v in out.get("tids", {}).items()}
     sigs = []
     for ev in events:
@@ -208,20 +271,11 @@ def _column(policy: str, out: dict, events: list, mi: dict, total0: int, qemu_st
         "no" if all(t != "ok" for t in touched) else
         "partly (%s)" % ", ".join("%s %s" % (n, "ok" if t == "ok" else "fails")
                                    for (n, _g, _p), t in zip(TOUCH, touched, strict=True)))
-    # while the VM ran: a flagged huge folio is lost whole, a split one loses its
-    # raw pages, a tracked failure loses nothing; after the VMM is gone, dissolved
-    # folios keep only their raw pages offline
-    bad = {}
-    for ev in events:
-        if ev["type"] == "memory_failure":
-            bad.setdefault(ev["pfn"] & ~511, set()).add(ev["pfn"])
-    tracked = any(ev["type"] == "mf_track" for ev in events)
-    split_heads = {ev["pfn"] for ev in events if ev["type"] == "hugetlb_split"}
-    running = 0 if tracked else sum(4096 * len(v) if h in split_heads else 2 * MB
-                                    for h, v in bad.items())
-    dissolved = {ev["pfn"]: ev["raw"] for ev in events if ev["type"] == "hugetlb_dissolve"}
-    after = sum(4096 * dissolved[h] if h in dissolved else 2 * MB for h in bad)
-    offline = "%s while running, %s after" % (_fmt_bytes(running), _fmt_bytes(after))
+    # read from the machine: the guest_memfd frames kpageflags shows HWPoison, once
+    # while the VMM still held the VM and once after it exited
+    running, after = offline_bytes
+    offline = "%s while running, %s after" % (
+        "?" if running is None else _fmt_bytes(running), "?" if after is None else _fmt_bytes(after))
     consume = vres.get("consume")
     guest = {"ok": "the consuming access completed", "EHWPOISON": "EHWPOISON exit on the bad page",
              "retrying": "keeps taking machine checks", None: "vCPU died"}.get(consume, consume)

@@ -24,6 +24,7 @@ def test_compare_presets_differ_as_the_seed_tables_say():
     assert int(m["mces"]) >= 2
     assert m["second_process"].startswith("yes")
     assert m["gmem_usable"] == "yes"
+    assert m["offline"].startswith("0 B while running")      # tracked, no frame flagged yet
     assert "main" not in m["signals"]                       # PR_MCE_KILL_EARLY not handled
     # initial: the whole file unmapped, guest_memfd unusable
     i = cols["initial"]
