@@ -206,11 +206,9 @@ def test_tinjpage(host_factory, case, mode, kernel):
     assert rec.take() == []
 
 
-def _suicide_child(task, case, kernel, progress, req, ack):
-    """tinjpage.c "suicide version": signal(SIGBUS, SIG_DFL), then the case."""
-    emu.sigaction(SIGBUS, signal.SIG_DFL)
-    tc = CASES[case](task)
-    page = tc.map()
+def _inject_then_write(task, kernel, progress, req, ack, page):
+    """The suicide loops' body: poison the page (madvise, or ask the parent for an
+    mce-inject SRAO), then write it; progress marks how far the task got."""
     progress.put(b"i")
     if kernel == "mce-inject":
         req.put(struct.pack("<Q", task.pagemap(page).pfn))
@@ -220,6 +218,14 @@ def _suicide_child(task, case, kernel, progress, req, ack):
     progress.put(b"I")
     task.write(page, b"\x02")
     progress.put(b"A")
+
+
+def _suicide_child(task, case, kernel, progress, req, ack):
+    """tinjpage.c "suicide version": signal(SIGBUS, SIG_DFL), then the case."""
+    emu.sigaction(SIGBUS, signal.SIG_DFL)
+    tc = CASES[case](task)
+    page = tc.map()
+    _inject_then_write(task, kernel, progress, req, ack, page)
     tc.after()
     return "didn't kill itself?"
 
@@ -331,15 +337,7 @@ def test_tinjpage_mmap_shared(host_factory, mode, kernel):
 def _shared_grandchild(task, kernel, progress, req, ack, page):
     """do_shared's child in the suicide loop: SIGBUS is SIG_DFL (inherited)."""
     task.write(page, b"aaa")
-    progress.put(b"i")
-    if kernel == "mce-inject":
-        req.put(struct.pack("<Q", task.pagemap(page).pfn))
-        ack.get(task)
-    else:
-        task.madvise(page, PAGE, u.MADV_HWPOISON)
-    progress.put(b"I")
-    task.write(page, b"\x02")
-    progress.put(b"A")
+    _inject_then_write(task, kernel, progress, req, ack, page)
     return 0
 
 

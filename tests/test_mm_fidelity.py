@@ -253,10 +253,9 @@ def _early_thread(task, va, ready, go):
     return got
 
 
-def test_zombie_leader_process_gets_no_early_kill(host):
-    """The main thread exits alone (pthread_exit) while an EARLY thread runs: its
-    leader has no mm, task_early_kill() returns NULL, the process hears nothing of
-    a deferred error in its pages."""
+def _qemu_with_early_thread(host):
+    """A process with a dirty shared memfd page and an EARLY thread, started and
+    waiting for `go`; returns (me, va, pfn, thread, go)."""
     me, _got, _h = setup(host, "qemu")
     fd = me.memfd_create("ram")
     me.ftruncate(fd, PAGE)
@@ -266,6 +265,14 @@ def test_zombie_leader_process_gets_no_early_kill(host):
     ready, go = Event(), Event()
     th = me.clone(_early_thread, va, ready, go, name="vcpu0")
     assert ready.wait(me)
+    return me, va, pfn, th, go
+
+
+def test_zombie_leader_process_gets_no_early_kill(host):
+    """The main thread exits alone (pthread_exit) while an EARLY thread runs: its
+    leader has no mm, task_early_kill() returns NULL, the process hears nothing of
+    a deferred error in its pages."""
+    me, va, pfn, th, go = _qemu_with_early_thread(host)
     me.pthread_exit()
     assert host.hw_detect(pfn) == 0
     time.sleep(GRACE)
@@ -278,15 +285,7 @@ def test_zombie_leader_process_gets_no_early_kill(host):
 
 def test_early_kill_reaches_thread_while_leader_lives(host):
     """The same with the leader alive: the EARLY thread gets the AO (the baseline)."""
-    me, _got, _h = setup(host, "qemu")
-    fd = me.memfd_create("ram")
-    me.ftruncate(fd, PAGE)
-    va = me.mmap(0, PAGE, RW, u.MAP_SHARED, fd, 0)
-    me.write(va, b"d" * 64)
-    pfn = me.pagemap(va).pfn
-    ready, go = Event(), Event()
-    th = me.clone(_early_thread, va, ready, go, name="vcpu0")
-    assert ready.wait(me)
+    me, va, pfn, th, go = _qemu_with_early_thread(host)
     assert host.hw_detect(pfn) == 0
     go.set()
     assert th.join(15) == 0
