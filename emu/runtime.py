@@ -321,10 +321,25 @@ class Host:
     def mf_stats(self) -> dict:
         return self._call("mf_stats")
 
-    def kpageflags(self, pfn: int) -> int | None:
+    def kpageflags(self, pfn: int, count: int | None = None):
         """The /proc/kpageflags entry of pfn (KPF_* bits); None at or past max_pfn,
-        where a read(2) of the file returns 0 bytes."""
-        return self._call("kpageflags", pfn=pfn)
+        where a read(2) of the file returns 0 bytes.  With `count`: the list of up to
+        `count` entries from pfn on, as one pread(2) of count * 8 bytes reads them."""
+        if count is None:
+            return self._call("kpageflags", pfn=pfn)
+        return self._call("kpageflags", pfn=pfn, count=count)
+
+    def smaps(self, pid: int) -> list[dict]:
+        """/proc/PID/smaps of an emulated process: per VMA start, end, prot, shared,
+        ino, pgoff, Rss (bytes, from the page tables), `present` ([addr, bytes,
+        level] runs of mapped leaves) and `hwpoison` (addresses of hwpoison entries,
+        as pagemap shows them).  ESRCH for an unknown pid."""
+        return self._call("smaps", pid=pid)
+
+    def kvm_stat(self) -> list[dict]:
+        """KVM's per-VM stage-2 stats (debugfs kvm/<pid>-<fd>/pages_4k, pages_2m,
+        pages_1g) for every VM, with `present`: the mapped [gpa, bytes, level] runs."""
+        return self._call("kvm_stat")
 
     def dmesg(self) -> list[str]:
         return self._call("dmesg")

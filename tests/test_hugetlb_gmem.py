@@ -112,3 +112,29 @@ def test_huge_gmem_punch_returns_the_folio_to_the_pool(host_factory):
     assert host.meminfo()["HugePages_Free"] == 3
     me.fallocate(gfd, u.FALLOC_FL_PUNCH_HOLE | u.FALLOC_FL_KEEP_SIZE, 0, MB2)
     assert host.meminfo()["HugePages_Free"] == 4
+
+
+def test_folio_allocated_over_a_mixed_range_is_split_at_once(host_factory):
+    """A conversion that cuts a present folio splits it; one made before the folio
+    exists must give the same result when the folio is allocated: the host maps the
+    shared page alone (4K), never a PMD over private pages, and a private page stays
+    SIGBUS (kvm_gmem_fault_user_mapping)."""
+    host = host_factory(ram="256M", hugepages={"2M": 4})
+    me, vm, gfd, hva = _setup(host)
+    me.gmem_convert(gfd, MB2 + MB2 // 2, MB2 // 2, private=True)   # before any fault
+    me.write(hva + MB2, b"x")
+    (vma,) = host.smaps(me.tgid)
+    assert vma["present"] == [[hva + MB2, 4096, 1]] and vma["Rss"] == 4096
+    got = []
+
+    def h(signum, info):
+        got.append(info.si_code)
+        raise Unwind
+
+    emu.sigaction(signal.SIGBUS, h)
+    with pytest.raises(Unwind):
+        me.read(hva + MB2 + MB2 // 2, 1)
+    assert got == [u.BUS_ADRERR]
+    me.write(hva, b"y")                                    # a uniform folio still maps huge
+    assert [hva, MB2, 2] in host.smaps(me.tgid)[0]["present"]
+    assert host.check_invariants() == []

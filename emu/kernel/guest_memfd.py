@@ -125,11 +125,26 @@ class GuestMemfdHugeOps(GuestMemfdOps):
         return 12 + inode.private["hstate"].order
 
     def get_folio(self, k, inode: Inode, index: int) -> int:
+        """A folio allocated over a range that conversions already made mixed is
+        split at once, as a conversion that cuts a present folio splits it: no huge
+        mapping may cover a private page."""
+        nr = 1 << inode.private["hstate"].order
+        fresh = inode.find(k.core, index) is None
         head = k.hugetlb.get_folio(inode, index, extra_flags=0)
         if head is None:
             raise OSError(u.ENOMEM, "HugeTLB pool exhausted")
-        nr = 1 << inode.private["hstate"].order
+        if fresh and self.mixed(inode, index) and k.hugetlb.split_group_of(head) is None:
+            k.hugetlb.split_gmem_folio(head, why="conversion")
         return head + index % nr
+
+    @staticmethod
+    def mixed(inode: Inode, index: int) -> bool:
+        """Does the huge page around index hold both shared and private pages?"""
+        if not inode.private.get("converted"):
+            return False
+        nr = 1 << inode.private["hstate"].order
+        base, priv = index - index % nr, inode.private["private_idx"]
+        return len({i in priv for i in range(base, base + nr)}) > 1
 
     def reserve(self, k, inode: Inode, offset: int, length: int) -> None:
         """guest_memfd allocates its huge folios on demand; a host mmap reserves nothing."""
@@ -164,6 +179,8 @@ class GuestMemfdHugeOps(GuestMemfdOps):
             if head is None or not k.core.flags(k.core.head(head)) & PG_hwpoison:
                 return VM_FAULT_SIGBUS                 # the whole file is unusable
         pfn = vma.inode.find(k.core, index)
+        if pfn is None and self.mixed(vma.inode, index):
+            pfn = self.get_folio(k, vma.inode, index)   # allocated split
         if pfn is not None and k.hugetlb.split_group_of(pfn) is not None:
             # a split folio is mapped page by page
             from .mm import VM_FAULT_HWPOISON, VM_FAULT_OK

@@ -12,7 +12,7 @@ import binascii
 from .. import _core as C
 from .. import uapi as u
 from . import sched
-from .mm import PAGE_SIZE, TASK_SIZE
+from .mm import PAGE_SHIFT, PAGE_SIZE, TASK_SIZE
 from .shmem import memfd_create
 from .uaccess import copy_from_user
 
@@ -423,7 +423,16 @@ def host_mf_stats(k, a):
 
 
 def host_kpageflags(k, a):
-    return k.kpageflags(_int(a, "pfn"))
+    """pread(/proc/kpageflags, count * 8, pfn * 8): one entry, or a list of up to
+    `count` (shorter at max_pfn, as the read stops at the end of the file)."""
+    pfn = _int(a, "pfn")
+    if a.get("count") is None:
+        return k.kpageflags(pfn)
+    count = _int(a, "count")
+    if count < 0 or count > k.nframes:
+        raise OSError(u.EINVAL, "count")
+    k.kpageflags(pfn)                                  # the file position's own checks
+    return [k.kpageflags(p) for p in range(pfn, min(pfn + count, k.nframes))]
 
 
 def host_dmesg(k, a):
@@ -457,6 +466,58 @@ def host_status(k, a):
             "panic": k.panicked}
 
 
+def _leaf_ranges(core, root: int, start: int, end: int) -> tuple[list, list]:
+    """Present leaves in [start, end) of one page-table tree, coalesced into
+    [addr, bytes, level] runs, and the hwpoison entries' addresses."""
+    runs, poisoned = [], []
+    for va, e, level in core.pt_scan(root, start, end):
+        if e & C.PTE_HWPOISON and not e & C.PTE_PRESENT:
+            poisoned.append(va)
+            continue
+        if not e & C.PTE_PRESENT:
+            continue
+        size = PAGE_SIZE << (9 * (level - 1))
+        if runs and runs[-1][0] + runs[-1][1] == va and runs[-1][2] == level:
+            runs[-1][1] += size
+        else:
+            runs.append([va, size, level])
+    return runs, poisoned
+
+
+def host_smaps(k, a):
+    """/proc/PID/smaps, one record per VMA (fs/proc/task_mmu.c show_smap): Rss
+    counted from the page tables, plus what pagemap would show (the present runs
+    and the hwpoison swap entries), so that callers can count what was unmapped."""
+    pid = _int(a, "pid")
+    proc = next((p for p in k.tasklist if p.tgid == pid), None)
+    if proc is None:
+        raise OSError(u.ESRCH, "no such process: %d" % pid)
+    out = []
+    for _mm, s, e, prot, shared, ino, pgoff in k.core.vmas(proc.mm.slot):
+        runs, poisoned = _leaf_ranges(k.core, proc.mm.pgd, s, e)
+        out.append({"start": s, "end": e, "prot": prot, "shared": shared, "ino": ino,
+                    "pgoff": pgoff, "Rss": sum(r[1] for r in runs), "present": runs,
+                    "hwpoison": poisoned})
+    return out
+
+
+def host_kvm_stat(k, a):
+    """Per VM, KVM's x86 stats pages_4k/pages_2m/pages_1g (arch/x86/kvm/x86.c
+    kvm_vm_stats_desc), named as debugfs names the VM's directory ("<pid>-<fd>"),
+    with the stage-2 runs behind them."""
+    out = []
+    for vm in k.kvm.vms:
+        fd = next((fd for fd, f in vm.proc.files.items() if f.inode is vm.inode), None)
+        runs, _ = _leaf_ranges(k.core, vm.s2_root, 0, 1 << 48)
+        pages = {1: 0, 2: 0, 3: 0}
+        for _gpa, size, level in runs:
+            pages[level] += size >> (PAGE_SHIFT + 9 * (level - 1))
+        out.append({"name": "%d-%s" % (vm.proc.tgid, fd), "pid": vm.proc.tgid, "fd": fd,
+                    "pages_4k": pages[1], "pages_2m": pages[2], "pages_1g": pages[3],
+                    "present": runs})
+    return out
+
+
 def host_tainted(k, a):
     return k.tainted
 
@@ -483,14 +544,15 @@ HOSTCALLS = {
     "mf_stats": host_mf_stats, "kpageflags": host_kpageflags, "dmesg": host_dmesg,
     "events": host_events, "status": host_status, "policy": host_policy,
     "check_invariants": host_check_invariants, "tainted": host_tainted,
-    "panicked": host_panicked,
+    "panicked": host_panicked, "smaps": host_smaps, "kvm_stat": host_kvm_stat,
 }
 
 # What the host may still do once the kernel has panicked: read the machine, as one
 # reads a crash dump (a sysctl without a new value), and stop it.  The rest is
 # refused with KernelPanic; "exit" is answered without touching the frozen tables.
 HOST_READS = frozenset({"meminfo", "mf_stats", "kpageflags", "dmesg", "events", "status",
-                        "policy", "tainted", "check_invariants", "panicked"})
+                        "policy", "tainted", "check_invariants", "panicked", "smaps",
+                        "kvm_stat"})
 LIFECYCLE = frozenset({"shutdown", "segments", "reap"})
 
 

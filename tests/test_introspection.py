@@ -1,0 +1,54 @@
+"""The host's reads of the machine that `emu compare` and scenarios count from:
+/proc/PID/smaps (Rss and the mapped runs), KVM's pages_4k/2m/1g, and a bulk
+/proc/kpageflags read."""
+import errno
+
+import pytest
+
+import emu
+from emu import uapi as u
+
+MB = 1 << 20
+GPA = 1 << 32
+
+
+def test_smaps_kvm_stat_and_bulk_kpageflags_follow_the_tables(host_factory):
+    host = host_factory(ram="256M", hugepages={"2M": 4})
+    me = emu.attach(host, name="vmm")
+    vm = me.open_kvm().create_vm(u.KVM_X86_SW_PROTECTED_VM)
+    gfd = vm.create_guest_memfd(4 * MB, u.GUEST_MEMFD_FLAG_MMAP | u.GUEST_MEMFD_FLAG_INIT_SHARED
+                                | u.GUEST_MEMFD_FLAG_HUGETLB | u.GUESTMEM_HUGETLB_FLAG_2MB)
+    hva = me.mmap(0, 4 * MB, u.PROT_READ | u.PROT_WRITE, u.MAP_SHARED, gfd, 0)
+    vm.set_user_memory_region2(1, u.KVM_MEM_GUEST_MEMFD, GPA, 4 * MB, hva, gfd, 0)
+    (v,) = host.smaps(me.tgid)
+    assert (v["start"], v["end"], v["Rss"], v["present"]) == (hva, hva + 4 * MB, 0, [])
+    me.write(hva, b"x")
+    (v,) = host.smaps(me.tgid)
+    assert v["Rss"] == 2 * MB and v["present"] == [[hva, 2 * MB, 2]] and v["hwpoison"] == []
+
+    def guest(g):
+        yield g.read(GPA + 0x1000, 8)
+        yield g.sync(0)
+
+    vc = vm.create_vcpu(0)
+    vc.set_guest(guest)
+    vc.run()
+    (s2,) = host.kvm_stat()
+    assert s2["name"] == "%d-%d" % (me.tgid, vm.fd)
+    assert (s2["pages_4k"], s2["pages_2m"], s2["pages_1g"]) == (0, 1, 0)
+    pfn = vm.gpa_to_pfn(GPA + 0x1000)["backing_pfn"]
+    host.hw_detect(pfn)
+    (v,) = host.smaps(me.tgid)
+    assert v["Rss"] == 0 and v["hwpoison"] == [hva]      # the huge entry became a hwpoison entry
+    assert host.kvm_stat()[0]["pages_2m"] == 0
+    flags = host.kpageflags(pfn - 1, 3)
+    assert flags == [host.kpageflags(p) for p in (pfn - 1, pfn, pfn + 1)]
+    assert all(f & 1 << u.KPF_HWPOISON for f in flags)   # the folio's flag, on every page
+    nframes = host.meminfo()["MemTotal"] // 4
+    assert len(host.kpageflags(nframes - 2, 10)) == 2    # a read stops at max_pfn
+    with pytest.raises(OSError) as e:
+        host.smaps(999999999)
+    assert e.value.errno == errno.ESRCH
+    with pytest.raises(OSError) as e:
+        host.kpageflags(0, -1)
+    assert e.value.errno == errno.EINVAL
