@@ -86,8 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("cleanup", help="remove what dead supervisors left behind")
 
     c = sub.add_parser("compare", help="one scenario under several policies, side by side")
-    c.add_argument("policies", nargs="*", help="presets or file.py:Class (default: all presets)")
+    c.add_argument("policies", nargs="*", help="presets or file.py:Class (default: the scenario's list)")
+    c.add_argument("--scenario", help="a scenario file or library name (default: stock)")
     c.add_argument("--json", action="store_true")
+    c.add_argument("--html", metavar="FILE", help="the policies' pictures side by side, as HTML")
+
+    r = sub.add_parser("run", help="run a scenario file: its timeline and outcome")
+    r.add_argument("scenario", nargs="?", help="path/to/scenario.toml or a library name")
+    r.add_argument("--policy", default=None)
+    r.add_argument("--sysctl", type=_kv, action="append", default=[], metavar="NAME=VALUE")
+    r.add_argument("--trace", metavar="FILE", help="write the run's Chrome/Perfetto trace to FILE")
+    r.add_argument("--json", action="store_true", help="the outcome as JSON")
+    r.add_argument("--list", action="store_true", help="list the scenario library")
 
     m = sub.add_parser("demo", help="a QEMU-shaped process meets memory errors")
     m.add_argument("--policy", default=None)
@@ -303,9 +313,47 @@ def cmd_compare(args) -> int:
     from .compare import main as compare_main
 
     try:
-        return compare_main(args.policies, args.json)
+        return compare_main(args.policies, args.json, args.scenario, args.html)
     except ValueError as e:
         raise CliError(str(e)) from None
+
+
+def cmd_run(args) -> int:
+    from . import scenario as scn
+    from .kernel.policies import load
+
+    if args.list:
+        for name, path in scn.library().items():
+            print("%-28s %s" % (name, scn.load(path).summary))
+        return 0
+    if not args.scenario:
+        raise CliError("run: name a scenario file (or --list)")
+    try:
+        sc = scn.load(args.scenario)
+        if args.policy:
+            load(args.policy)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    out = scn.run(sc, args.policy, dict(args.sysctl), trace=args.trace)
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print("emu run: %s under %s: %s\n" % (sc.name, out.get("policy"), sc.summary))
+        for e in out.get("timeline", []):
+            print("%9.3f ms  %-8s %s" % (e["t_ms"], e["who"], e["what"]))
+        if out.get("error"):
+            print("\nerror: %s" % out["error"])
+        print()
+        for key, label in scn.ROWS:
+            print("%-40s %s" % (label, scn.rows(out)[key]))
+        exp = out.get("expect", {})
+        if exp.get("ok") is not None:
+            print("\nexpectations for %s: %s" % (out["policy"], "hold" if exp["ok"] else "FAIL"))
+            for f in exp["failures"]:
+                print("  " + f)
+        if args.trace:
+            print("\ntrace written to %s (open in ui.perfetto.dev)" % args.trace)
+    return 1 if out.get("error") or out.get("expect", {}).get("ok") is False else 0
 
 
 def cmd_demo(args) -> int:
@@ -319,7 +367,7 @@ def cmd_demo(args) -> int:
 
 COMMANDS = {"daemon": cmd_daemon, "status": cmd_status, "inject": cmd_inject,
             "dmesg": cmd_dmesg, "trace": cmd_trace, "stop": cmd_stop, "cleanup": cmd_cleanup,
-            "demo": cmd_demo, "compare": cmd_compare}
+            "demo": cmd_demo, "compare": cmd_compare, "run": cmd_run}
 
 
 def main(argv=None) -> int:

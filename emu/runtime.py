@@ -1300,7 +1300,10 @@ def _spawn(parent: Task, kind: str, fn, args, name: str) -> Thread:
             except Exception:
                 payload = pickle.dumps(None)
             t.exit()
-            _write_all(w, payload)
+            try:
+                _write_all(w, payload)
+            except BrokenPipeError:
+                pass                        # the parent is gone: nobody reads the result
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
             if _self is not None:
