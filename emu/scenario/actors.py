@@ -116,6 +116,8 @@ class Actor:
                 result = "SIGBUS %s" % SHORT.get(e.code, e.code)
             except OSError as e:
                 result = "error %s (%s)" % (_errname(e.errno), e.strerror)
+            except Exception as e:            # a bug in the scenario machinery: say so
+                result = "error BUG %s: %s" % (type(e).__name__, e)
             self._reply(result)
 
     def _reply(self, result) -> None:
@@ -184,10 +186,10 @@ class Actor:
         """The frame behind memory+offset: the guest_memfd's own page, else this
         process's pagemap (populating the page as a read would)."""
         m = self.sc.memory(memory)
-        if m.type == "guest_memfd":
-            vm = self.vms[m.vm]
-            slot = next(s for s in self.sc.vm(m.vm).slots if s.memory == memory)
-            return vm.gpa_to_pfn(slot.gpa + offset - slot.offset)["backing_pfn"]
+        slot = next((s for s in self.sc.vm(m.vm).slots if s.memory == memory
+                     and s.offset <= offset < s.offset + s.size), None) if m.vm else None
+        if m.type == "guest_memfd" and slot is not None:
+            return self.vms[m.vm].gpa_to_pfn(slot.gpa + offset - slot.offset)["backing_pfn"]
         pm = self.task.pagemap(self.addr(memory, offset))
         return pm.pfn if pm.present else None
 

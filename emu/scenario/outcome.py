@@ -41,6 +41,17 @@ def _alive(before: set, owners: set) -> set:
     return {(o, a) for o, a in before if o in owners}
 
 
+def _unmapped(before: dict, series: list, key: str) -> int:
+    """Bytes that left the page tables (or stage-2) from one snapshot to the next,
+    summed from the first injected error on, for owners still alive: a page
+    refaulted in between is not counted twice, a process that died is not counted."""
+    n, prev = 0, before
+    for cur in series:
+        n += len(_alive(prev[key], cur["owners"]) - cur[key])
+        prev = cur
+    return n * 4096
+
+
 def measure(run, start_mi: dict, usable, reach: dict, events: list) -> dict:
     """Every figure from the machine: snapshots taken before the first injected
     error, at the end of the steps, and after the processes exited."""
@@ -65,11 +76,11 @@ def measure(run, start_mi: dict, usable, reach: dict, events: list) -> dict:
         else:
             procs[p.name] = "ran to the end" if p.name not in run.dead else "died"
     return {
-        "signals": ["%s: %s lsb %d" % (who, code, lsb) for _t, who, code, _addr, lsb in
-                    sorted(run.signals)],
+        "signals": ["%s: %s lsb %d" % (who, code, lsb) for t, who, code, _addr, lsb in
+                    sorted(run.signals) if run.t_end is None or t < run.t_end],
         "exits": ["%s: %s" % (who, x) for who, xs in run.exits.items() for x in xs],
-        "host_unmapped": len(_alive(b["host"], e["owners"]) - e["host"]) * 4096,
-        "s2_zapped": len(_alive(b["s2"], e["owners"]) - e["s2"]) * 4096,
+        "host_unmapped": _unmapped(b, run.series, "host"),
+        "s2_zapped": _unmapped(b, run.series, "s2"),
         "hwpoison_running": e["hwpoison"],
         "hwpoison_after": a["hwpoison"],
         "hardware_corrupted_running": e["meminfo"]["HardwareCorrupted"],

@@ -40,7 +40,9 @@ class Run:
         self.steps: list = []
         self.bad: list = []                      # (memory, offset) errors were injected at
         self.snaps: dict[str, dict] = {}
+        self.series: list[dict] = []             # mappings after each step from the first error
         self.root_pid = 0
+        self.t_end = None                        # the steps are over: probes from here
 
     # ---- talking to threads
     def accept(self, name: str) -> None:
@@ -145,12 +147,16 @@ class Run:
         for st in self.sc.steps:
             if st.do == "inject" and "before" not in self.snaps:
                 self.snaps["before"] = self.snapshot()
-            t0 = time.monotonic_ns()
+            t0, dead = time.monotonic_ns(), len(self.dead)
             result = self.step(st)
             self.steps.append({"index": st.index, "line": st.line, "who": st.who or "host",
                                "do": st.do, "what": _what(st), "result": result,
                                "label": st.label, "t": t0})
             self.poll()
+            if len(self.dead) > dead:
+                settle(self.host)                    # a dead process's teardown is not memory failure's
+            if "before" in self.snaps:               # what each step unmapped, counted
+                self.series.append(self.snapshot(full=False))
         self.snaps.setdefault("before", self.snapshot())
 
     def step(self, st):
@@ -183,7 +189,7 @@ class Run:
         return self.ask(st.who, st.do, **args)
 
     # ---- reading the machine
-    def snapshot(self) -> dict:
+    def snapshot(self, full: bool = True) -> dict:
         """What the machine shows now: each process's mapped pages of the scenario's
         memory, each VM's stage-2, kpageflags' HWPoison frames, meminfo, #MCs."""
         h = self.host
@@ -205,6 +211,8 @@ class Run:
             owners.add(vm["name"])
             for gpa, size, _lvl in vm["present"]:
                 s2.update((vm["name"], a) for a in range(gpa, gpa + size, PAGE))
+        if not full:
+            return {"host": host_pages, "s2": s2, "owners": owners}
         nframes = h.meminfo()["MemTotal"] // 4
         flags = h.kpageflags(0, nframes)
         hwpoison = sum(1 for f in flags if f & KPF_HWPOISON) * PAGE
@@ -370,6 +378,7 @@ def _run_here(sc: Scenario, policy, sysctl: dict, trace) -> dict:
                 run.setup()
                 run.play()
                 run.snaps["end"] = run.snapshot()
+                run.t_end = time.monotonic_ns()
                 usable, reach = run.probe() if sc.probe else (None, {})
             except SetupError as e:
                 out["error"] = "setup: %s" % e
