@@ -125,7 +125,16 @@ def file_pages(k, inode) -> dict:
     return {"ino": inode.ino, "kind": KINDS.get(inode.ops.name, inode.ops.name),
             "name": inode.name, "size": inode.size, "flags": inode.flags, "npages": npages,
             "vm": vm_name(inode.private["vm"]) if inode.private.get("vm") is not None else None,
-            "runs": runs}
+            "bindings": _bindings(inode), "runs": runs}
+
+
+def _bindings(inode) -> list[dict]:
+    """The memslots a guest_memfd is bound to: where its pages appear to the guest."""
+    vm = inode.private.get("vm") if inode.ops.gmem else None
+    if vm is None:
+        return []
+    return [{"vm": vm_name(vm), "slot": s.id, "gpa": s.gpa, "size": s.size, "offset": s.gmem_off}
+            for s in sorted(vm.slots.values(), key=lambda s: s.gpa) if s.gmem is inode]
 
 
 def _follows(run: dict, rec: dict) -> bool:
