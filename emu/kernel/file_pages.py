@@ -149,11 +149,11 @@ def _follows(run: dict, rec: dict) -> bool:
             return False
     if len(last["host"]) != len(rec["host"]) or len(last["stage2"]) != len(rec["stage2"]):
         return False
-    for a, b in zip(last["host"], rec["host"]):
+    for a, b in zip(last["host"], rec["host"], strict=True):
         if (a["pid"], a["level"], a["entry"], a["addr"] + PAGE_SIZE) != \
                 (b["pid"], b["level"], b["entry"], b["addr"]):
             return False
-    for a, b in zip(last["stage2"], rec["stage2"]):
+    for a, b in zip(last["stage2"], rec["stage2"], strict=True):
         if (a["vm"], a["level"], a["private"], a["gpa"] + PAGE_SIZE) != \
                 (b["vm"], b["level"], b["private"], b["gpa"]):
             return False
