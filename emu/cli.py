@@ -294,13 +294,15 @@ def cmd_dmesg(args) -> int:
 
 
 def cmd_trace(args) -> int:
-    from .trace import to_chrome
+    from .trace import thread_names, to_chrome
 
-    events = _connect(args).events()
+    host = _connect(args)
+    events = host.events()
     if args.chrome:
+        names = thread_names(host.status())
         try:
             with open(args.chrome, "w") as f:
-                json.dump(to_chrome(events), f)
+                json.dump(to_chrome(events, names), f)
         except OSError as e:
             raise CliError("trace --chrome %s: %s" % (args.chrome, e.strerror)) from None
         print("%d events written to %s (open in ui.perfetto.dev or chrome://tracing)"
