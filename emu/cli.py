@@ -119,7 +119,8 @@ def cmd_show(args) -> int:
             title = "vm %s" % args.vm if args.vm else "every guest_memfd"
     except OSError as e:
         raise CliError("show %s: %s" % ("--ino %d" % args.ino if args.ino is not None
-                                        else "--vm %s" % args.vm, e.strerror)) from None
+                                        else "--vm %s" % args.vm,
+                                        os.strerror(e.errno) if e.errno else e)) from None
     if args.vm and not snap["files"]:
         raise CliError("show --vm %s: no guest_memfd bound to that VM (names are PID-FD)"
                        % args.vm)
