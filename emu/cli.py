@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--chrome", metavar="FILE", help="write Chrome/Perfetto trace JSON to FILE")
 
     sub.add_parser("cleanup", help="remove what dead supervisors left behind")
+    _add_show(sub)
 
     c = sub.add_parser("compare", help="one scenario under several policies, side by side")
     c.add_argument("policies", nargs="*", help="presets or file.py:Class (default: the scenario's list)")
@@ -103,6 +104,47 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--policy", default=None)
     m.add_argument("--json", action="store_true", help="the timeline as JSON")
     return p
+
+
+def _add_show(sub) -> None:
+    s = sub.add_parser("show", help="a picture of guest_memfd/shmem/hugetlbfs pages")
+    s.add_argument("--socket")
+    sel = s.add_mutually_exclusive_group()
+    sel.add_argument("--ino", type=_pfn, help="the file with this inode number")
+    sel.add_argument("--vm", metavar="PID-FD", help="the guest_memfds of this VM")
+    s.add_argument("--html", metavar="FILE", help="write one self-contained HTML page")
+    s.add_argument("--json", action="store_true", help="the snapshot as JSON")
+
+
+def cmd_show(args) -> int:
+    from . import show
+
+    host = _connect(args)
+    try:
+        if args.ino is not None:
+            snap = show.snapshot(host, args.ino)
+            title = "ino %d" % args.ino
+        else:
+            snap = show.snapshot_vm(host, args.vm)
+            title = "vm %s" % args.vm if args.vm else "every guest_memfd"
+    except OSError as e:
+        raise CliError("show %s: %s" % ("--ino %d" % args.ino if args.ino is not None
+                                        else "--vm %s" % args.vm,
+                                        os.strerror(e.errno) if e.errno else e)) from None
+    if args.vm and not snap["files"]:
+        raise CliError("show --vm %s: no guest_memfd bound to that VM (names are PID-FD)"
+                       % args.vm)
+    if args.html:
+        try:
+            with open(args.html, "w") as f:
+                f.write(show.render_html([(title, snap)]))
+        except OSError as e:
+            raise CliError("show --html %s: %s" % (args.html, e.strerror)) from None
+    if args.json:
+        print(json.dumps(snap, indent=1))
+    elif not args.html:
+        sys.stdout.write(show.render_text(snap))
+    return 0
 
 
 def _connect(args):
@@ -263,13 +305,15 @@ def cmd_dmesg(args) -> int:
 
 
 def cmd_trace(args) -> int:
-    from .trace import to_chrome
+    from .trace import thread_names, to_chrome
 
-    events = _connect(args).events()
+    host = _connect(args)
+    events = host.events()
     if args.chrome:
+        names = thread_names(host.status())
         try:
             with open(args.chrome, "w") as f:
-                json.dump(to_chrome(events), f)
+                json.dump(to_chrome(events, names), f)
         except OSError as e:
             raise CliError("trace --chrome %s: %s" % (args.chrome, e.strerror)) from None
         print("%d events written to %s (open in ui.perfetto.dev or chrome://tracing)"
@@ -367,7 +411,7 @@ def cmd_demo(args) -> int:
 
 COMMANDS = {"daemon": cmd_daemon, "status": cmd_status, "inject": cmd_inject,
             "dmesg": cmd_dmesg, "trace": cmd_trace, "stop": cmd_stop, "cleanup": cmd_cleanup,
-            "demo": cmd_demo, "compare": cmd_compare, "run": cmd_run}
+            "demo": cmd_demo, "compare": cmd_compare, "run": cmd_run, "show": cmd_show}
 
 
 def main(argv=None) -> int:

@@ -257,6 +257,22 @@ def _after_fork_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_child)
 
 
+def expand_runs(runs: list[dict]) -> list[dict]:
+    """The per-page records of a `file_pages` run list (its compression undone):
+    in a run of `count` pages, page j has pfn, host addresses and gpas + j pages."""
+    out = []
+    for r in runs:
+        for j in range(r["count"]):
+            rec = {key: v for key, v in r.items() if key != "count"}
+            rec["index"] = r["index"] + j
+            if r["pfn"] is not None:
+                rec["pfn"] = r["pfn"] + j
+            rec["host"] = [{**m, "addr": m["addr"] + (j << 12)} for m in r["host"]]
+            rec["stage2"] = [{**m, "gpa": m["gpa"] + (j << 12)} for m in r["stage2"]]
+            out.append(rec)
+    return out
+
+
 # ------------------------------------------------------------------ host handle
 class Host:
     """The emulated machine: debugfs, /proc and sysctl views, and its lifetime."""
@@ -349,6 +365,18 @@ class Host:
 
     def status(self) -> dict:
         return self._call("status")
+
+    def file_pages(self, ino: int, runs: bool = False) -> dict:
+        """One memory file's pages (guest_memfd, shmem/memfd, hugetlbfs): {"ino",
+        "kind", "name", "size", "flags", "npages", "vm", "pages"}, one record per
+        page index in [0, i_size) (see docs/api.md).  `runs=True`: "runs" instead of
+        "pages", consecutive pages with the same facts one page apart as one record
+        with "count" (exact; what the wire carries).  OSError(ENOENT) for no such
+        inode, OSError(EINVAL) for one that is not a memory file."""
+        r = self._call("file_pages", ino=ino)
+        if not runs:
+            r["pages"] = expand_runs(r.pop("runs"))
+        return r
 
     def tainted(self) -> int:
         """The kernel's taint mask, as /proc/sys/kernel/tainted (uapi.TAINT_* bits)."""

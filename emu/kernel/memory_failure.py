@@ -418,9 +418,23 @@ class MemoryFailure(SoftOffline):
         return inode if inode is not None and inode.ops.gmem else None
 
     def memory_failure(self, pfn: int, flags: int) -> int:
+        """memory_failure() between two trace events: "memory_failure" as it starts
+        and "memory_failure_end" (with its result, or the errno it was refused
+        with) as it returns, so a trace shows it as a slice holding what it did
+        (the unmaps, the signals).  A panic inside it ends no slice."""
+        k = self.k
+        tid = k.current.tid if k.current is not None else 0
+        k.trace("memory_failure", pfn=pfn, flags=flags, tid=tid)
+        try:
+            ret = self._memory_failure_entry(pfn, flags)
+        except OSError as e:
+            k.trace("memory_failure_end", pfn=pfn, tid=tid, ret=-(e.errno or 0))
+            raise
+        k.trace("memory_failure_end", pfn=pfn, tid=tid, ret=ret)
+        return ret
+
+    def _memory_failure_entry(self, pfn: int, flags: int) -> int:
         k, pol = self.k, self.k.policy
-        k.trace("memory_failure", pfn=pfn, flags=flags,
-                tid=k.current.tid if k.current is not None else 0)
         # the policy's guest_memfd decisions; the folio's file is looked up only for them
         sigbus_cur = (pol.sigbus_current_on_consume if flags & u.MF_ACTION_REQUIRED
                       else pol.deferred_failure == "sigbus_current")

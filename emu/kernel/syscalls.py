@@ -518,6 +518,21 @@ def host_kvm_stat(k, a):
     return out
 
 
+def host_file_pages(k, a):
+    """One file's pages: page cache, folios, poison, host and stage-2 mappers
+    (emu.kernel.file_pages).  An ino that names no inode is -ENOENT; one that is
+    no memory file (/dev/kvm, a VM) is -EINVAL."""
+    from .file_pages import KINDS, file_pages
+
+    ino = _int(a, "ino")
+    inode = k.inodes.get(ino)
+    if inode is None:
+        raise OSError(u.ENOENT, "no inode %d" % ino)
+    if inode.ops.name not in KINDS:
+        raise OSError(u.EINVAL, "inode %d is %s, not a memory file" % (ino, inode.ops.name))
+    return file_pages(k, inode)
+
+
 def host_tainted(k, a):
     return k.tainted
 
@@ -545,6 +560,7 @@ HOSTCALLS = {
     "events": host_events, "status": host_status, "policy": host_policy,
     "check_invariants": host_check_invariants, "tainted": host_tainted,
     "panicked": host_panicked, "smaps": host_smaps, "kvm_stat": host_kvm_stat,
+    "file_pages": host_file_pages,
 }
 
 # What the host may still do once the kernel has panicked: read the machine, as one
@@ -552,7 +568,7 @@ HOSTCALLS = {
 # refused with KernelPanic; "exit" is answered without touching the frozen tables.
 HOST_READS = frozenset({"meminfo", "mf_stats", "kpageflags", "dmesg", "events", "status",
                         "policy", "tainted", "check_invariants", "panicked", "smaps",
-                        "kvm_stat"})
+                        "kvm_stat", "file_pages"})
 LIFECYCLE = frozenset({"shutdown", "segments", "reap"})
 
 
