@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--sysctl", type=_kv, action="append", default=[], metavar="NAME=VALUE")
     r.add_argument("--trace", metavar="FILE", help="write the run's Chrome/Perfetto trace to FILE")
     r.add_argument("--json", action="store_true", help="the outcome as JSON")
+    r.add_argument("--picture", action="store_true",
+                   help="draw the memory files as they were at the end of the steps")
     r.add_argument("--list", action="store_true", help="list the scenario library")
 
     m = sub.add_parser("demo", help="a QEMU-shaped process meets memory errors")
@@ -395,6 +397,10 @@ def cmd_run(args) -> int:
             print("\nexpectations for %s: %s" % (out["policy"], "hold" if exp["ok"] else "FAIL"))
             for f in exp["failures"]:
                 print("  " + f)
+        if args.picture and out.get("picture"):
+            from .show import render_text
+
+            print("\n" + render_text(out["picture"]))
         if args.trace:
             print("\ntrace written to %s (open in ui.perfetto.dev)" % args.trace)
     return 1 if out.get("error") or out.get("expect", {}).get("ok") is False else 0

@@ -21,7 +21,8 @@ def compare(policies: list[str], scenario: str = "stock", sysctl: dict | None = 
     for p in policies:
         out = scn.run(sc, p, sysctl=sysctl)
         col = dict(scn.rows(out), policy=p)
-        col["measured"] = {k: v for k, v in out.items() if k not in ("timeline", "dmesg")}
+        col["measured"] = {k: v for k, v in out.items() if k not in ("timeline", "dmesg", "picture")}
+        col["picture"] = out.get("picture")
         col["expect"] = out.get("expect")
         if out.get("error"):
             col["error"] = out["error"]
@@ -65,7 +66,7 @@ def main(policies: list[str] | None, as_json: bool, scenario: str | None = None,
         load(p)                                       # ValueError names a bad one
     cols = compare(policies, scenario or "stock")
     if as_json:
-        print(json.dumps(cols, indent=2))
+        print(json.dumps([{k: v for k, v in c.items() if k != "picture"} for c in cols], indent=2))
     else:
         print(render(cols, "emu compare: scenario %r under %d policies: %s\n" % (
             sc.name, len(cols), sc.summary)))
@@ -73,6 +74,7 @@ def main(policies: list[str] | None, as_json: bool, scenario: str | None = None,
         from . import show
 
         with open(html, "w") as f:
-            f.write(show.render_html([(c["policy"], c["measured"].get("picture") or {}) for c in cols]))
+            f.write(show.render_html([(c["policy"], c["picture"]) for c in cols if c.get("picture")]))
+        print("\npictures written to %s" % html)
     return 1 if any(c["expect"] and c["expect"]["ok"] is False for c in cols) or \
         any(c.get("error") for c in cols) else 0

@@ -259,7 +259,8 @@ os.register_at_fork(after_in_child=_after_fork_child)
 
 def expand_runs(runs: list[dict]) -> list[dict]:
     """The per-page records of a `file_pages` run list (its compression undone):
-    in a run of `count` pages, page j has pfn, host addresses and gpas + j pages."""
+    in a run of `count` pages, page j has pfn, host addresses and gpas + j pages
+    (and, for order-0 pages, its own head)."""
     out = []
     for r in runs:
         for j in range(r["count"]):
@@ -267,6 +268,8 @@ def expand_runs(runs: list[dict]) -> list[dict]:
             rec["index"] = r["index"] + j
             if r["pfn"] is not None:
                 rec["pfn"] = r["pfn"] + j
+                if r["order"] == 0:
+                    rec["head"] = rec["pfn"]
             rec["host"] = [{**m, "addr": m["addr"] + (j << 12)} for m in r["host"]]
             rec["stage2"] = [{**m, "gpa": m["gpa"] + (j << 12)} for m in r["stage2"]]
             out.append(rec)

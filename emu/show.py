@@ -65,6 +65,13 @@ def snapshot(host, ino: int) -> dict:
     return _wrap(st, _files_of(host, st, ino=ino))
 
 
+def snapshot_files(host) -> dict:
+    """Every memory file of the machine (guest_memfd, shmem/memfd, hugetlbfs)."""
+    st = host.status()
+    return _wrap(st, [host.file_pages(f["ino"], runs=True) for f in st["files"]
+                      if f["kind"] in ("guest_memfd", "shmem", "hugetlbfs")])
+
+
 def snapshot_vm(host, vm: str | None = None) -> dict:
     """The guest_memfds of one VM ("<vmm pid>-<vm fd>", as KVM's debugfs names it),
     or of every VM with vm=None; same shape as snapshot()."""
@@ -116,7 +123,10 @@ def _folio_at(f: dict) -> list[tuple]:
     """(head, order) per page index (None for a hole)."""
     out: list[tuple] = []
     for r in f["runs"]:
-        out += [(r["head"], r["order"])] * r["count"]
+        if r["order"] == 0 and r["head"] is not None:       # order-0 pages: each its own folio
+            out += [(r["head"] + j, 0) for j in range(r["count"])]
+        else:
+            out += [(r["head"], r["order"])] * r["count"]
     return out
 
 
@@ -143,9 +153,9 @@ def facts(f: dict) -> list[str]:
     """The file's facts as sentences (under the picture, text and HTML alike)."""
     lines = []
     folios: dict = {}
-    for r in f["runs"]:
-        if r["head"] is not None:
-            folios.setdefault(r["head"], r["order"])
+    for head, order in _folio_at(f):
+        if head is not None:
+            folios.setdefault(head, order)
     by_order: dict = {}
     for order in folios.values():
         by_order[order] = by_order.get(order, 0) + 1
@@ -173,7 +183,7 @@ def facts(f: dict) -> list[str]:
             h[0] += r["count"]
             h[1] = min(h[1], m["addr"])
     for (pid, comm, entry, level), (n, lo) in sorted(hosts.items()):
-        lines.append("host: pid %d (%s) %s %d pages from %#x (%s)"
+        lines.append("host: pid %d (%s) %s %d pages, lowest at %#x (%s)"
                      % (pid, comm, "maps" if entry == "present" else "has hwpoison entries for",
                         n, lo, {1: "PTE", 2: "PMD", 3: "PUD"}.get(level, level)))
     s2: dict = {}
@@ -184,7 +194,7 @@ def facts(f: dict) -> list[str]:
             h[0] += r["count"]
             h[1] = min(h[1], m["gpa"])
     for (vm, private, level), (n, lo) in sorted(s2.items()):
-        lines.append("stage-2: vm %s maps %d %s pages from gpa %#x (level %d)"
+        lines.append("stage-2: vm %s maps %d %s pages, lowest at gpa %#x (level %d)"
                      % (vm, n, "private" if private else "shared", lo, level))
     if not s2:
         lines.append("stage-2: no VM maps this file")
@@ -218,8 +228,8 @@ def render_text(snap: dict, color: bool | None = None) -> str:
         for row in range(0, len(cells), COLS):
             first = row * n
             head, order = folio[first] if first < len(folio) else (None, None)
-            label = "%6d  %s" % (first, ("folio %#x o%d" % (head, order)) if head is not None
-                                 else "(hole)")
+            label = "%6d  %s" % (first, "(hole)" if head is None else "4K pages %#x" % head
+                                 if order == 0 else "folio %#x o%d" % (head, order))
             line = cells[row:row + COLS]
             used.update(line)
             if color:

@@ -47,6 +47,12 @@ def test_compare_cli_json_table_scenario_and_errors(tmp_path):
     assert [c["policy"] for c in cols] == ["v6.18", "eventual"]
     assert "vcpu0: SI_KERNEL lsb 0" in cols[0]["signals"]          # kill_me_now before the fix
     assert cols[1]["measured"]["s2_zapped"] == 4096
+    page = tmp_path / "cmp.html"
+    r = subprocess.run(cmd + ["compare", "initial", "eventual", "--html", str(page)], capture_output=True,
+                       text=True, timeout=180, cwd=CWD)
+    assert r.returncode == 0, r.stderr
+    doc = page.read_text()
+    assert doc.count("<svg") == 2 and "initial" in doc and "eventual" in doc and "<script" not in doc
     r = subprocess.run(cmd + ["compare", "nope"], capture_output=True, text=True, timeout=60, cwd=CWD)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "nope" in r.stderr
     bad = tmp_path / "bad.toml"

@@ -142,8 +142,9 @@ def _follows(run: dict, rec: dict) -> bool:
     last = run["_last"]
     if (last["pfn"] is None) != (rec["pfn"] is None):
         return False
-    if rec["pfn"] is not None and (rec["pfn"] != last["pfn"] + 1 or rec["head"] != last["head"]):
-        return False
+    if rec["pfn"] is not None and (rec["pfn"] != last["pfn"] + 1 or (
+            rec["head"] != last["head"] and not (rec["order"] == last["order"] == 0))):
+        return False                       # order-0 pages are their own heads: those run on
     for key in ("order", "hwpoison", "folio_hwpoison", "latent", "tracked", "private"):
         if last[key] != rec[key]:
             return False

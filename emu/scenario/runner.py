@@ -359,6 +359,7 @@ def run(sc: Scenario, policy: str | None = None, sysctl: dict | None = None,
 
 
 def _run_here(sc: Scenario, policy, sysctl: dict, trace) -> dict:
+    from .. import show
     from ..runtime import start
     from . import outcome
 
@@ -379,16 +380,18 @@ def _run_here(sc: Scenario, policy, sysctl: dict, trace) -> dict:
                 run.play()
                 run.snaps["end"] = run.snapshot()
                 run.t_end = time.monotonic_ns()
+                picture = show.snapshot_files(host)
                 usable, reach = run.probe() if sc.probe else (None, {})
             except SetupError as e:
                 out["error"] = "setup: %s" % e
-                usable, reach = None, {}
+                usable, reach, picture = None, {}, None
             finally:
                 run.teardown()
             run.snaps["after"] = run.snapshot()
             events, dmesg = host.events(), host.dmesg()
             out.update(outcome.measure(run, start_mi, usable, reach, events))
             out["timeline"] = outcome.timeline(run, events)
+            out["picture"] = picture
             out["dmesg"] = dmesg
             if trace:
                 outcome.write_trace(trace, events, run.tids)
