@@ -160,3 +160,43 @@ def test_no_leftovers_after_runs():
     S.run(S.loads(BASE, "base.toml"), "eventual")
     new = [n for n in set(os.listdir("/dev/shm")) - before if n.startswith("emu-")]
     assert [n for n in new if not psutil.pid_exists(int(n.split("-")[1]))] == []
+
+
+def test_a_non_mc_safe_kernel_read_panics_the_run():
+    """read(2) of a shmem page with a latent error: the kernel's own copy consumes
+    it (not MC-safe) and the machine panics; the run stops its steps there and
+    reports the panic and the machine check, and nothing else is tried."""
+    text = """
+        [machine]
+        ram = "64M"
+        [[process]]
+        name = "vmm"
+        [[memory]]
+        name = "m"
+        type = "memfd"
+        size = "64K"
+        [[step]]
+        who = "vmm"
+        do = "write"
+        memory = "m"
+        [[step]]
+        do = "inject"
+        error = "latent"
+        memory = "m"
+        [[step]]
+        who = "vmm"
+        do = "pread"
+        memory = "m"
+        [[step]]
+        who = "vmm"
+        do = "read"
+        memory = "m"
+    """
+    out = S.run(S.loads(textwrap.dedent(text), "panic.toml"), "mf-delayed-fix")
+    assert out["error"] is None
+    assert out["panic"] == "Fatal machine check" and out["mces"] == 1
+    assert out["processes"] == {"vmm": "stopped with the machine"}
+    assert out["bad_memory"] == {} and out["signals"] == []
+    steps = [e["what"] for e in out["timeline"] if e["who"] == "step"]
+    assert len(steps) == 3 and steps[-1].endswith("kernel panic: Fatal machine check")
+    assert "Kernel panic - not syncing: Fatal machine check" in "\n".join(out["dmesg"])

@@ -15,6 +15,7 @@ from multiprocessing.connection import Connection
 
 from .. import uapi as u
 from ..guest import GuestTaskKilled
+from ..runtime import KernelPanic
 from .spec import PAGE, Memory, Scenario
 from .vmm import MODELS, SHORT, Unwind, kvm_mce
 
@@ -116,6 +117,8 @@ class Actor:
                 result = "SIGBUS %s" % SHORT.get(e.code, e.code)
             except OSError as e:
                 result = "error %s (%s)" % (_errname(e.errno), e.strerror)
+            except KernelPanic as e:
+                result = "kernel panic: %s" % e.reason
             except Exception as e:            # a bug in the scenario machinery: say so
                 result = "error BUG %s: %s" % (type(e).__name__, e)
             self._reply(result)
@@ -161,6 +164,14 @@ class Actor:
                 r = "SIGBUS %s" % SHORT.get(e.code, e.code)
             counts[r] = counts.get(r, 0) + 1
         return _counts(counts)
+
+    def op_pread(self, memory: str, offset: int, length=None, **_):
+        """read(2) of the memory's file: the kernel copies the page itself
+        (filemap_read/shmem_file_read_iter), not through an MC-safe copy."""
+        n = length or 8
+        self.log("pread(fd, %d, %s+%#x)" % (n, memory, offset))
+        got = self.task.pread(self.mem[memory]["fd"], n, offset)
+        return "ok" if len(got) == n else "short read: %d of %d bytes" % (len(got), n)
 
     def op_idle(self, seconds: float, **_):
         self.task.idle(seconds)

@@ -73,6 +73,8 @@ def measure(run, start_mi: dict, usable, reach: dict, events: list) -> dict:
             import signal
 
             procs[p.name] = "killed by %s" % signal.Signals(ev["sig"]).name
+        elif run.panicked:
+            procs[p.name] = "stopped with the machine"
         else:
             procs[p.name] = "ran to the end" if p.name not in run.dead else "died"
     return {

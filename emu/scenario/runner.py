@@ -43,6 +43,7 @@ class Run:
         self.series: list[dict] = []             # mappings after each step from the first error
         self.root_pid = 0
         self.t_end = None                        # the steps are over: probes from here
+        self.panicked = None                     # the panic's reason, once the machine stopped
 
     # ---- talking to threads
     def accept(self, name: str) -> None:
@@ -145,6 +146,8 @@ class Run:
     # ---- the steps
     def play(self) -> None:
         for st in self.sc.steps:
+            if self.panicked:
+                break                                # the machine has stopped
             if st.do == "inject" and "before" not in self.snaps:
                 self.snaps["before"] = self.snapshot()
             t0, dead = time.monotonic_ns(), len(self.dead)
@@ -152,6 +155,9 @@ class Run:
             self.steps.append({"index": st.index, "line": st.line, "who": st.who or "host",
                                "do": st.do, "what": _what(st), "result": result,
                                "label": st.label, "t": t0})
+            self.panicked = self.host.panicked()
+            if self.panicked:
+                continue
             self.poll()
             if len(self.dead) > dead:
                 settle(self.host)                    # a dead process's teardown is not memory failure's
@@ -381,7 +387,7 @@ def _run_here(sc: Scenario, policy, sysctl: dict, trace) -> dict:
                 run.snaps["end"] = run.snapshot()
                 run.t_end = time.monotonic_ns()
                 picture = show.snapshot_files(host)
-                usable, reach = run.probe() if sc.probe else (None, {})
+                usable, reach = run.probe() if sc.probe and not run.panicked else (None, {})
             except SetupError as e:
                 out["error"] = "setup: %s" % e
                 usable, reach, picture = None, {}, None

@@ -10,8 +10,8 @@
                  mapped_by = [process names]
     [[vm]]       name, process, type (default | sw-protected), vcpus (count or names),
                  slots = [{memory, gpa, offset, size}]
-    [[step]]     who, do (read | write | touch | idle | inject | convert | punch |
-                 measure), memory + offset [+ length] or gpa, error
+    [[step]]     who, do (read | write | touch | pread | idle | inject | convert |
+                 punch | measure), memory + offset [+ length] or gpa, error
                  (deferred | latent | madvise), to (private | shared), seconds, data
     [expect.<policy>]  measured values the run must give under that policy
 
@@ -32,7 +32,7 @@ VMMS = ("none", "qemu-like", "firecracker-like", "recovering")
 MCE_KILL = ("early", "late", "default", "unset")
 MEMORY_TYPES = ("anon", "memfd", "hugetlb-memfd", "guest_memfd")
 VM_TYPES = ("default", "sw-protected")
-VERBS = ("read", "write", "touch", "idle", "inject", "convert", "punch", "measure")
+VERBS = ("read", "write", "touch", "pread", "idle", "inject", "convert", "punch", "measure")
 ERRORS = ("deferred", "latent", "madvise")
 MEASURED = ("signals", "exits", "host_unmapped", "s2_zapped", "hwpoison_running", "hwpoison_after",
             "hardware_corrupted_running", "hardware_corrupted_after", "pool_lost", "mces",
@@ -502,7 +502,7 @@ def _step(r: _Reader, sc: Scenario, d: dict, i: int, lines: _Lines) -> Step:
         r.fail(where + ".data", "expected a byte value 0..255, got %r" % (data,))
     st.data = data
     vcpu = sc.vcpu_owner(st.who) if st.who else None
-    needs_target = do in ("read", "write", "touch", "inject", "convert", "punch", "madvise")
+    needs_target = do in ("read", "write", "touch", "pread", "inject", "convert", "punch")
     if needs_target and st.memory is None and st.gpa is None:
         r.fail(where, "'%s' needs memory (+ offset) or gpa" % do)
     if st.gpa is not None:
@@ -548,6 +548,11 @@ def _check_verb(r: _Reader, sc: Scenario, st: Step, where: str, vcpu) -> None:
                        % (st.who.split(".")[0], m.name))
         elif st.who not in (None, "host"):
             r.fail(where + ".who", "a %s error is injected by the host" % st.error)
+    elif do == "pread":
+        if not host_thread:
+            r.fail(where + ".who", "read(2) is done by a process's thread")
+        if m.type == "anon":
+            r.fail(where + ".memory", "anonymous memory has no file to read(2)")
     elif do in ("convert", "punch"):
         if m.type != "guest_memfd" and do == "convert":
             r.fail(where + ".memory", "only guest_memfd converts")
