@@ -33,6 +33,7 @@ def test_compare_reads_every_row_from_the_machine():
     assert "qemu: AO lsb 21" in i["signals"] and "qemu: AO lsb 12" in e["signals"]
     assert i["gmem_usable"] == "no"
     f = cols["mf-delayed-fix"]
+    assert f["gmem_usable"] == "partly (1 of 2 2M ranges)"      # the whole first huge page is lost
     assert f["exits"] == "vcpu0: EHWPOISON (private)"
     assert f["offline"] == "2052 KiB while running, 2052 KiB after"
 

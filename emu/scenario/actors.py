@@ -497,6 +497,7 @@ class VcpuActor(Actor):
         return "ok"
 
     def op_probe(self, gpas: list, **_):
-        """Whether each page still works for the guest, whatever the VMM decided."""
-        return self._run("read", gpas, b"", raw=True)
+        """Whether each page still works for the guest, whatever the VMM decided:
+        one guest program per page, so that one failing page stops only itself."""
+        return [self._run("read", [gpa], b"", raw=True)[0] for gpa in gpas]
 

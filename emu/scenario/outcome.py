@@ -57,10 +57,12 @@ def measure(run, start_mi: dict, usable, reach: dict, events: list) -> dict:
     error, at the end of the steps, and after the processes exited."""
     b, e, a = run.snaps["before"], run.snaps["end"], run.snaps["after"]
     guest: dict = {}
+    first = next((s["index"] for s in run.steps if s["do"] == "inject"), None)
     for s in run.steps:
         vm = run.sc.vcpu_owner(s["who"])
-        if vm is not None and s["do"] in ("read", "write", "touch"):
-            guest.setdefault(s["who"], []).append("%s: %s" % (s["what"], s["result"]))
+        if vm is not None and s["do"] in ("read", "write", "touch") and first is not None \
+                and s["index"] > first:              # the guest's accesses after the first error
+            guest.setdefault(s["who"], []).append("%s: %s" % (s["label"] or s["what"], s["result"]))
     procs = {}
     exited = {ev["tid"]: ev for ev in events if ev["type"] == "exit"}
     for p in run.sc.processes:

@@ -253,8 +253,8 @@ class Run:
                 usable = "unknown: %s" % res
                 continue
             ok = sum(1 for r in res if r == "ok")
-            usable = "yes" if ok == len(res) else "no" if ok == 0 else "partly (%d of %d folios)" % (
-                ok, len(res))
+            usable = "yes" if ok == len(res) else "no" if ok == 0 else "partly (%d of %d %s ranges)" % (
+                ok, len(res), _size(mem.page))
         reach = {}
         for mem_name, off in dict.fromkeys(self.bad):
             mem = sc.memory(mem_name)
@@ -328,6 +328,10 @@ def settle(host, timeout: float = 10.0) -> None:
         if cur == prev:
             return
         prev = cur
+
+
+def _size(n: int) -> str:
+    return {4096: "4K", 2 << 20: "2M", 1 << 30: "1G"}.get(n, str(n))
 
 
 def _ret(r: int) -> str:
