@@ -200,3 +200,14 @@ def test_a_non_mc_safe_kernel_read_panics_the_run():
     steps = [e["what"] for e in out["timeline"] if e["who"] == "step"]
     assert len(steps) == 3 and steps[-1].endswith("kernel panic: Fatal machine check")
     assert "Kernel panic - not syncing: Fatal machine check" in "\n".join(out["dmesg"])
+
+
+def test_the_readme_example_runs_and_holds():
+    """The scenario shown in README.md, as a user would copy it."""
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    text = re.search(r"```toml\n(.*?)```", readme, re.S).group(1)
+    out = S.run(S.loads(text, "README.md"), "mf-delayed-fix")
+    assert out["expect"] == {"ok": True, "failures": []}, out["expect"]
