@@ -52,3 +52,33 @@ def test_smaps_kvm_stat_and_bulk_kpageflags_follow_the_tables(host_factory):
     with pytest.raises(OSError) as e:
         host.kpageflags(0, -1)
     assert e.value.errno == errno.EINVAL
+
+
+def test_fault_around_maps_neighbours_for_shmem_only(host_factory):
+    """do_fault_around runs only where vm_ops->map_pages exists (should_fault_around):
+    shmem has filemap_map_pages, guest_memfd's kvm_gmem_vm_ops only .fault.  So a
+    host read of one guest_memfd page maps that page alone, even with its neighbours
+    in the page cache (put there by the guest); a memfd read maps them too."""
+    host = host_factory(ram="64M")
+    me = emu.attach(host, name="vmm")
+    mfd = me.memfd_create("m")
+    me.ftruncate(mfd, 16 * 4096)
+    me.pwrite(mfd, b"x", 2 * 4096)                       # in the page cache, not mapped
+    a = me.mmap(0, 16 * 4096, u.PROT_READ | u.PROT_WRITE, u.MAP_SHARED, mfd, 0)
+    me.read(a + 5 * 4096, 8)
+    vm = me.open_kvm().create_vm(u.KVM_X86_SW_PROTECTED_VM)
+    gfd = vm.create_guest_memfd(16 * 4096, u.GUEST_MEMFD_FLAG_MMAP | u.GUEST_MEMFD_FLAG_INIT_SHARED)
+    vm.set_user_memory_region2(1, u.KVM_MEM_GUEST_MEMFD, GPA, 16 * 4096, 0, gfd, 0)
+
+    def guest(g):
+        yield g.write(GPA + 2 * 4096, b"y")
+        yield g.sync(0)
+
+    vc = vm.create_vcpu(0)
+    vc.set_guest(guest)
+    vc.run()
+    g = me.mmap(0, 16 * 4096, u.PROT_READ | u.PROT_WRITE, u.MAP_SHARED, gfd, 0)
+    me.read(g + 5 * 4096, 8)
+    maps = {v["start"]: v for v in host.smaps(me.tgid)}
+    assert [a + 2 * 4096, 4096, 1] in maps[a]["present"]          # fault-around
+    assert maps[g]["present"] == [[g + 5 * 4096, 4096, 1]]        # the faulting page alone

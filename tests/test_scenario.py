@@ -211,3 +211,25 @@ def test_the_readme_example_runs_and_holds():
     text = re.search(r"```toml\n(.*?)```", readme, re.S).group(1)
     out = S.run(S.loads(text, "README.md"), "mf-delayed-fix")
     assert out["expect"] == {"ok": True, "failures": []}, out["expect"]
+
+
+def test_what_the_machine_refuses_is_a_setup_error_not_a_crash():
+    """Two memslots at one gpa: KVM_SET_USER_MEMORY_REGION2 says EEXIST; the run
+    reports it in one line and leaves nothing behind.  Huge pages that cannot fit in
+    the machine's RAM are refused when the file is read."""
+    bad = BASE.replace("[[memory]]", textwrap.dedent("""\
+        [[vm]]
+        name = "vm0"
+        process = "vmm"
+        type = "default"
+        vcpus = 0
+        slots = [{ memory = "m", gpa = 0 }, { memory = "m", gpa = 0 }]
+
+        [[memory]]"""))
+    out = S.run(S.loads(bad, "overlap.toml"), "mf-delayed-fix")
+    assert out["error"] == "setup: vmm: init: error EEXIST (memslot overlaps slot 0)"
+    assert out["expect"] == {"ok": None, "failures": []}
+    with pytest.raises(S.ScenarioError) as e:
+        S.loads(BASE.replace('ram = "64M"', 'ram = "64M"\nhugepages = { "2M" = 2 }'), "hp.toml")
+    assert str(e.value) == ("hp.toml:3: machine.hugepages: 4M of huge pages do not fit in "
+                            "ram = '64M': the first 64M stay with the buddy allocator")

@@ -69,6 +69,7 @@ class FileOps:
     writeback = False         # mapping_can_writeback()
     shmem = False             # shmem_mapping()
     huge = False              # hugetlbfs: huge folios, huge mappings
+    map_pages = False         # vm_ops->map_pages: read faults map neighbours (fault-around)
     gmem = False              # guest_memfd: where the policy's gmem decisions apply
     # read(2) reaching a folio whose first page to read is poisoned fails with -EIO even
     # after earlier folios were copied (hugetlbfs_read_iter); otherwise the bytes

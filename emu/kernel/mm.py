@@ -520,8 +520,10 @@ class MM:
     FAULT_AROUND_PAGES = 16
 
     def _fault_around(self, vma: Vma, va: int) -> None:
-        """do_fault_around: map neighbours already in the page cache (read faults)."""
-        if not vma.shared:
+        """do_fault_around: map neighbours already in the page cache (read faults),
+        for files whose vm_ops have map_pages (should_fault_around): shmem's
+        filemap_map_pages; guest_memfd's kvm_gmem_vm_ops has only .fault."""
+        if not vma.shared or not vma.inode.ops.map_pages:
             return
         inode = vma.inode
         span = self.FAULT_AROUND_PAGES << PAGE_SHIFT

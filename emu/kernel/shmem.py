@@ -14,6 +14,7 @@ MFD_NAME_MAX_LEN = 249
 class ShmemOps(FileOps):
     name = "shmem"
     shmem = True
+    map_pages = True          # shmem_vm_ops.map_pages = filemap_map_pages
 
     def _get_folio(self, k, inode: Inode, index: int) -> int:
         pfn = inode.pages.get(index)

@@ -385,6 +385,7 @@ def _run_here(sc: Scenario, policy, sysctl: dict, trace) -> dict:
             out["policy"] = host.policy()["name"]
             run = Run(sc, host, path, srv)
             start_mi = host.meminfo()
+            picture = None
             try:
                 run.setup()
                 run.play()
@@ -394,15 +395,17 @@ def _run_here(sc: Scenario, policy, sysctl: dict, trace) -> dict:
                 usable, reach = run.probe() if sc.probe and not run.panicked else (None, {})
             except SetupError as e:
                 out["error"] = "setup: %s" % e
-                usable, reach, picture = None, {}, None
             finally:
                 run.teardown()
-            run.snaps["after"] = run.snapshot()
             events, dmesg = host.events(), host.dmesg()
-            out.update(outcome.measure(run, start_mi, usable, reach, events))
+            if out["error"] is None:
+                run.snaps["after"] = run.snapshot()
+                out.update(outcome.measure(run, start_mi, usable, reach, events))
             out["timeline"] = outcome.timeline(run, events)
             out["picture"] = picture
             out["dmesg"] = dmesg
+            if run.panicked and out["error"]:
+                out["error"] += " (the machine panicked: %s)" % run.panicked
             if trace:
                 outcome.write_trace(trace, events, run.tids)
     finally:

@@ -249,6 +249,13 @@ class _Reader:
         return n
 
 
+def _human(n: int) -> str:
+    for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return "%d%s" % (n >> shift, unit)
+    return str(n)
+
+
 def parse_size(v) -> int | None:
     """4096, "4K", "2M", "0x5000", "3M+0x2000": sums of numbers with K/M/G/T suffixes."""
     if isinstance(v, bool):
@@ -342,6 +349,10 @@ def _machine(r: _Reader, sc: Scenario, d) -> None:
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             r.fail("machine.hugepages.%s" % k, "expected a page count, got %r" % (v,))
     sc.hugepages = dict(hp)
+    need = sum(n * PAGE_SIZES[k] for k, n in hp.items())
+    if need and need > parse_size(sc.ram) - (64 << 20):
+        r.fail("machine.hugepages", "%s of huge pages do not fit in ram = %r: the first 64M stay "
+               "with the buddy allocator" % (_human(need), sc.ram))
     sy = d.get("sysctl", {})
     if not isinstance(sy, dict):
         r.fail("machine.sysctl", "expected a table of name = value")
