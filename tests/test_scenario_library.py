@@ -4,8 +4,8 @@ says each policy gives.  Every (scenario, policy) with an expectation is run her
 must give exactly that.
 
 Sources: the 2025-07-24 "minimum support" and 2025-08-07 "circling back on memory
-failure" guest_memfd upstream calls, kernel-semantics.md section 10 (tables A-D of
-the MF_DELAYED fix), DESIGN.md's policies table; each file's description cites its own.
+failure" guest_memfd upstream calls, the MF_DELAYED fix's decision tables A-D (Lisa
+Wang's selftests and table), the presets' own descriptions; each file cites its own.
 """
 import json
 
