@@ -12,6 +12,7 @@ the outcome is derived from the policy's name.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import tempfile
 import time
@@ -23,6 +24,7 @@ from .actors import MainActor, _inherited
 from .spec import PAGE, Scenario
 
 KPF_HWPOISON = 1 << u.KPF_HWPOISON
+STEP_TIMEOUT = 30                        # seconds a thread may take over one step
 
 
 class Run:
@@ -63,6 +65,8 @@ class Run:
         try:
             conn.send(dict(args, op=op))
             while True:
+                if not conn.poll(STEP_TIMEOUT):
+                    return self._hung(who)
                 rep = conn.recv()
                 self._take(who, rep)
                 if not rep.get("async"):
@@ -73,6 +77,18 @@ class Run:
         for req in rep.get("requests", ()):
             self._request(req)
         return rep["result"]
+
+    def _hung(self, who: str) -> str:
+        """A thread that does not answer within STEP_TIMEOUT (a guest looping on
+        machine checks, say) is killed, as a watchdog would."""
+        tid = next((t for t, n in self.tids.items() if n == who), None)
+        if tid is not None:
+            try:
+                os.kill(tid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self._gone(who)
+        return "no answer in %ds: killed" % STEP_TIMEOUT
 
     def _take(self, who: str, rep: dict) -> None:
         self.journal += rep.get("journal", [])
