@@ -127,7 +127,11 @@ class Supervisor:
 
     def serve_forever(self, ready_fd: int | None = None) -> None:
         if ready_fd is not None:
-            os.write(ready_fd, b"ready %s\n" % self.sock_path.encode())
+            try:
+                os.write(ready_fd, b"ready %s\n" % self.sock_path.encode())
+            except BaseException:           # the owner went away while we booted
+                self.shutdown()
+                raise
             os.close(ready_fd)
         last_tick = 0.0
         poll_ns = self.cfg["supervisor"]["halt_poll_ns"]
