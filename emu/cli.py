@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draw the memory files as they were at the end of the steps")
     r.add_argument("--list", action="store_true", help="list the scenario library")
 
+    _add_sweep(sub)
+
     m = sub.add_parser("demo", help="a QEMU-shaped process meets memory errors")
     m.add_argument("--policy", default=None)
     m.add_argument("--json", action="store_true", help="the timeline as JSON")
@@ -406,6 +408,34 @@ def cmd_run(args) -> int:
     return 1 if out.get("error") or out.get("expect", {}).get("ok") is False else 0
 
 
+def _add_sweep(sub) -> None:
+    w = sub.add_parser("sweep", help="scenarios x policies x sysctls, in parallel, into one table")
+    w.add_argument("scenarios", nargs="*", help="scenarios (default: stock)")
+    w.add_argument("-p", "--policy", action="append", default=[], metavar="P[,P...]",
+                   help="policies (repeatable; default: all presets)")
+    w.add_argument("--sysctl", action="append", default=[], metavar="NAME=V1[,V2...]",
+                   help="a sysctl axis (repeatable: the cross product)")
+    w.add_argument("-j", "--jobs", type=int, default=None, help="runs at once (default: the CPUs)")
+    w.add_argument("--ray", metavar="ADDRESS", help="run the cells as Ray tasks (local, auto, host:port)")
+    w.add_argument("--csv", metavar="FILE")
+    w.add_argument("--json", metavar="FILE")
+    w.add_argument("--timeout", type=float, default=600.0, help="seconds per run (default 600)")
+    w.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+
+
+def cmd_sweep(args) -> int:
+    from .sweep import main as sweep_main
+
+    if args.jobs is not None and args.jobs < 1:
+        raise CliError("sweep: -j must be >= 1")
+    policies = [p.strip() for arg in args.policy for p in arg.split(",") if p.strip()]
+    try:
+        return sweep_main(args.scenarios, policies, args.sysctl, args.jobs, args.ray, args.csv,
+                          args.json, timeout=args.timeout or None, quiet=args.quiet)
+    except (ValueError, RuntimeError) as e:
+        raise CliError("sweep: %s" % e) from None
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -417,7 +447,7 @@ def cmd_demo(args) -> int:
 
 COMMANDS = {"daemon": cmd_daemon, "status": cmd_status, "inject": cmd_inject,
             "dmesg": cmd_dmesg, "trace": cmd_trace, "stop": cmd_stop, "cleanup": cmd_cleanup,
-            "demo": cmd_demo, "compare": cmd_compare, "run": cmd_run, "show": cmd_show}
+            "demo": cmd_demo, "compare": cmd_compare, "run": cmd_run, "show": cmd_show, "sweep": cmd_sweep}
 
 
 def main(argv=None) -> int:
