@@ -553,8 +553,9 @@ def render(outs: list[dict], width: int = 100) -> str:
             lines.append("  %s %s %s: %s" % (o["scenario"], o["policy"], _short(o.get("sysctl") or {}),
                                              o["error"]))
         for f in o.get("expect", {}).get("failures", []) or []:
-            lines.append("  %s %s %s: expect: %s" % (o["scenario"], o["policy"],
-                                                     _short(o.get("sysctl") or {}), f))
+            lines.extend(textwrap.wrap("%s %s %s: expect: %s" % (o["scenario"], o["policy"],
+                                                                 _short(o.get("sysctl") or {}), f),
+                                       width - 2, initial_indent="  ", subsequent_indent="      "))
     for scen in dict.fromkeys(o["scenario"] for o in outs):
         runs = [o for o in outs if o["scenario"] == scen and o.get("rows")]
         keys = [k for k in _keys(runs, "rows")
