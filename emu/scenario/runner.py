@@ -50,10 +50,15 @@ class Run:
     # ---- talking to threads
     def accept(self, name: str) -> None:
         self.srv.settimeout(30)
-        s, _ = self.srv.accept()
+        try:
+            s, _ = self.srv.accept()
+        except TimeoutError:
+            raise SetupError("%s: did not start within 30 s" % name) from None
         conn = Connection(s.detach())
-        hello = conn.recv()
-        assert hello["name"] == name, hello
+        hello = conn.recv() if conn.poll(30) else {}
+        if hello.get("name") != name:
+            conn.close()
+            raise SetupError("%s: did not start (got %r)" % (name, hello))
         self.conns[name] = conn
         self.tids[hello["tid"]] = name
 
