@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import psutil
@@ -58,6 +59,9 @@ def _wait_empty(sid: int, timeout: float = 20.0) -> list[int]:
 
 
 def _emu(*args, **kw):
+    """`python -m emu ...` as a user runs it, from outside the source tree (there,
+    `emu` would be the tree's package without its built core)."""
+    kw.setdefault("cwd", tempfile.gettempdir())
     return subprocess.Popen([sys.executable, "-m", "emu", *args], start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
