@@ -22,16 +22,19 @@ def receive(conn: Connection) -> list:
                 return out
 
 
-def fork(fn) -> tuple[int, Connection]:
+def fork(fn, setup=None) -> tuple[int, Connection]:
     """Run fn(conn) in a forked child, which sends records with conn.send(); the
-    child exits 0, or 1 after printing its traceback.  Returns (pid, the parent's
-    end for `receive`)."""
+    child exits 0, or 1 after printing its traceback.  `setup()`, if given, runs in
+    the child first (a process group, signal dispositions).  Returns (pid, the
+    parent's end for `receive`)."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(r)
         code = 0
         try:
+            if setup is not None:
+                setup()
             fn(Connection(w, readable=False))
         except BaseException:
             traceback.print_exc()

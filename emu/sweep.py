@@ -25,11 +25,10 @@ import signal
 import sys
 import threading
 import time
-import traceback
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
-from . import shm
+from . import records, shm
 
 KILL_WAIT = 15.0          # seconds to wait for a killed cell's supervisor to stop on its own
 PR_SET_PDEATHSIG = 1
@@ -126,27 +125,18 @@ def fork_cell(cell: Cell) -> tuple[int, Connection]:
     """Fork the process of one cell; it sends one outcome on the returned connection
     and exits.  It is a process group of its own and is SIGKILLed if the forking
     thread dies (when that is the main thread: PR_SET_PDEATHSIG follows threads)."""
-    r, w = os.pipe()
     main = threading.current_thread() is threading.main_thread()
     parent = os.getpid()
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            os.close(r)
-            os.setpgid(0, 0)
-            if main:
-                _pdeathsig(signal.SIGKILL)
-                if os.getppid() != parent:            # the parent died before prctl
-                    os._exit(1)
-            _fresh_signals()
-            Connection(w, readable=False).send(run_cell(cell))
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        os._exit(code)
-    os.close(w)
-    return pid, Connection(r, writable=False)
+
+    def setup() -> None:
+        os.setpgid(0, 0)
+        if main:
+            _pdeathsig(signal.SIGKILL)
+            if os.getppid() != parent:            # the parent died before prctl
+                os._exit(1)
+        _fresh_signals()
+
+    return records.fork(lambda w: w.send(run_cell(cell)), setup=setup)
 
 
 def _status_text(status: int) -> str:

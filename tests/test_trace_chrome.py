@@ -5,6 +5,8 @@ dur; "i" a scope s of g/p/t; "M" thread_name/process_name an args.name."""
 import json
 import signal
 
+from checks import Stop, sigbus_recorder
+
 import emu
 from emu import uapi as u
 from emu.trace import thread_names, to_chrome
@@ -12,22 +14,12 @@ from emu.trace import thread_names, to_chrome
 PAGE = 4096
 
 
-class Unwind(Exception):
-    pass
-
-
 def _consume(task, addr):
     """A vCPU-like thread that loads from a page with a latent error."""
-    got = []
-
-    def h(signum, info):
-        got.append((info.si_code, info.si_addr))
-        raise Unwind
-
-    emu.sigaction(signal.SIGBUS, h)
+    got = sigbus_recorder()
     try:
         task.read(addr, 8)
-    except Unwind:
+    except Stop:
         pass
     return got
 
@@ -68,7 +60,7 @@ def test_chrome_trace_tracks_instants_and_memory_failure_slices(host):
     host.hw_poison(pfn1)                         # latent: consumed by a load on "vcpu0"
     th = me.clone(_consume, a + PAGE, name="vcpu0")
     assert th.join(15) == 0
-    assert th.result == [(u.BUS_MCEERR_AR, a + PAGE)]
+    assert th.result == [(u.BUS_MCEERR_AR, a + PAGE, 12)]
 
     doc = json.loads(json.dumps(to_chrome(host.events(), thread_names(host.status()))))
     _check_format(doc)
