@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true")
     c.add_argument("--html", metavar="FILE", help="the policies' pictures side by side, as HTML")
 
+    w = sub.add_parser("run-worker", help="a VMM worker on the running daemon, driven step by step",
+                       add_help=False)
+    w.add_argument("worker", choices=sorted(WORKERS))
+    w.add_argument("rest", nargs=argparse.REMAINDER)
+
     r = sub.add_parser("run", help="run a scenario file: its timeline and outcome")
     r.add_argument("scenario", nargs="?", help="path/to/scenario.toml or a library name")
     r.add_argument("--policy", default=None)
@@ -366,6 +371,22 @@ def cmd_compare(args) -> int:
         raise CliError(str(e)) from None
 
 
+WORKERS = {"qemu-like": "workers.console"}
+
+
+def cmd_run_worker(args) -> int:
+    """The worker's own command line (its --help) after the name."""
+    import importlib
+
+    mod = importlib.import_module(WORKERS[args.worker])
+    try:
+        return mod.main(args.rest)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    except ConnectionError as e:
+        raise CliError("run-worker: %s" % e) from None
+
+
 def cmd_run(args) -> int:
     from . import scenario as scn
     from .kernel.policies import load
@@ -447,7 +468,8 @@ def cmd_demo(args) -> int:
 
 COMMANDS = {"daemon": cmd_daemon, "status": cmd_status, "inject": cmd_inject,
             "dmesg": cmd_dmesg, "trace": cmd_trace, "stop": cmd_stop, "cleanup": cmd_cleanup,
-            "demo": cmd_demo, "compare": cmd_compare, "run": cmd_run, "show": cmd_show, "sweep": cmd_sweep}
+            "demo": cmd_demo, "compare": cmd_compare, "run": cmd_run,
+            "run-worker": cmd_run_worker, "show": cmd_show, "sweep": cmd_sweep}
 
 
 def main(argv=None) -> int:
