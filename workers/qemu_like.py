@@ -56,8 +56,16 @@ def kvm_mce(code: int, gpa: int) -> u.KvmX86Mce:
 
 
 class Journal(list):
+    """(ns, who, text) entries.  With `fd` set each one is also written at once as
+    a "who<TAB>text" line, as QEMU's error_report/warn_report reach stderr at once:
+    what a thread wrote before the process died stays readable."""
+
+    fd: int | None = None
+
     def add(self, who: str, text: str) -> None:
         self.append((time.monotonic_ns(), who, text))
+        if self.fd is not None:
+            os.write(self.fd, ("%s\t%s\n" % (who, text)).encode())
 
     def memory_failure(self, recipient: str, action: str, ar: bool,
                        recursive: bool = False) -> None:
@@ -114,9 +122,11 @@ class GuestRam:
 
 class QemuLike:
     def __init__(self, host, ram_size: int = 2 << 20, nvcpus: int = 2, name: str = "qemu",
-                 recover: bool = False, ser: bool = True, guest_mce: bool = True):
+                 recover: bool = False, ser: bool = True, guest_mce: bool = True,
+                 log_fd: int | None = None):
         self.host = host
         self.journal = Journal()
+        self.journal.fd = log_fd
         self.hwpoison_pages: list[int] = []          # kvm_hwpoison_page_add's list (GPAs here)
         self.ser = ser
         self.runstate = "running"
@@ -131,7 +141,7 @@ class QemuLike:
             cmd_r, cmd_w = os.pipe()
             rep_r, rep_w = os.pipe()
             th = self.me.clone(_vcpu_thread, i, self.ram, cmd_r, rep_w, recover, ser, guest_mce,
-                               name="vcpu%d" % i)
+                               log_fd, name="vcpu%d" % i)
             os.close(cmd_r)
             os.close(rep_w)
             self.vcpus.append((th, cmd_w, rep_r))
@@ -199,11 +209,29 @@ class QemuLike:
         return result
 
     def _wait(self, i: int):
-        result, journal, poisoned = _recv(self.vcpus[i][2])
+        try:
+            result, journal, poisoned = _recv(self.vcpus[i][2])
+        except EOFError:
+            result, journal, poisoned = None, [], []
         self.journal.extend(journal)
         for gpa in poisoned:
             self._hwpoison_page_add(gpa)
+        if result is None:                            # the vCPU thread died
+            self._thread_ended(self.vcpus[i][0])
+        if isinstance(result, tuple) and result[:1] == ("qemu-exit",):
+            os._exit(result[1])                       # a vCPU's exit(1) is exit_group
         return result
+
+    def _thread_ended(self, th) -> None:
+        """A QEMU thread that exit()s or dies of a signal takes the process with it
+        (exit_group, or the group-wide default action of a fatal signal).  The
+        emulator's threads are separate OS processes, so the main thread follows."""
+        code = th.join(30)
+        if code == -signal.SIGBUS:
+            signal.signal(signal.SIGBUS, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGBUS])
+            os.kill(os.getpid(), signal.SIGBUS)
+        os._exit(code if code and code > 0 else 1)
 
     # ---- the main thread's own accesses and monitor commands ----
     def main_read(self, gpa: int, n: int = 8) -> bytes:
@@ -226,7 +254,9 @@ class QemuLike:
             task.read(self.ram.hva + gpa, n)
             return 0
         th = self.me.clone(body, name="iothread0")
-        return th.join(30)
+        if th.join(30) != 0:
+            self._thread_ended(th)
+        return th.exitcode
 
     def system_reset(self) -> None:
         """qemu_system_reset: the reset handlers run, among them kvm_unpoison_all
@@ -306,10 +336,11 @@ def _guest_idle(g):
 
 
 def _vcpu_thread(task, idx: int, ram: GuestRam, cmd_r: int, rep_w: int, recover: bool,
-                 ser: bool = True, guest_mce: bool = True) -> int:
+                 ser: bool = True, guest_mce: bool = True, log_fd: int | None = None) -> int:
     who = "vcpu%d" % idx
     task.prctl(u.PR_MCE_KILL, u.PR_MCE_KILL_SET, u.PR_MCE_KILL_LATE)
     journal = Journal()
+    journal.fd = log_fd
     poisoned: list[int] = []                       # kvm_hwpoison_page_add, sent to main
     pending = []                                   # QEMU: pending_sigbus_addr/code
     state = {"touch": None}
@@ -381,8 +412,9 @@ def _vcpu_thread(task, idx: int, ram: GuestRam, cmd_r: int, rep_w: int, recover:
         if code == u.BUS_MCEERR_AR:                # hardware_memory_error
             journal.memory_failure("hypervisor", "fatal", True)
             journal.add(who, "QEMU: QEMU got Hardware memory error at addr %#x" % addr)
-            reply(None)
-            os._exit(1)
+            reply(("qemu-exit", 1))                   # exit(1): the main thread ends the process
+            task.exit()
+            os._exit(0)
         journal.memory_failure("hypervisor", "ignore", False)
         return None
 
