@@ -135,3 +135,169 @@ def test_e3_second_ar_while_pending_kills_with_sigbus(host):
     assert events == []
     assert ("QEMU: second SIGBUS BUS_MCEERR_AR at %#x while one is pending: re-raising"
             % (res["hva"] + GPA_A)) in texts(journal, "vcpu1")
+
+
+def wait_ao(q):
+    for _ in range(300):                      # the AO reaches main asynchronously
+        if q.pending_ao is not None or q.journal:
+            return
+        q.me.idle(0.01)
+
+
+# ---- E4: AO on the main thread, guest RAM: injected on the first vCPU ----
+def test_e4_ao_on_main_is_injected_on_first_vcpu(host):
+    def script(q, out):
+        q.vcpu(0, "write", GPA_A, data=b"\xaa" * PAGE)
+        q.me.read(q.ram.hva + GPA_A, 8)
+        out("hva", q.ram.hva)
+        q.host.hw_detect(pfn_of(q, GPA_A))
+        wait_ao(q)
+        out("pending", q.pending_ao)
+        q.deliver_pending_ao()
+        out("poisoned", list(q.hwpoison_pages))
+        out("after", q.vcpu(1, "read", GPA_B, n=4))
+
+    code, journal, events, res = run_qemu(host, script)
+    assert code == 0
+    assert res["pending"] == GPA_A and res["poisoned"] == [GPA_A]
+    assert events == [mf("guest", "inject", False)]
+    assert ("QEMU: warning: Guest MCE Memory Error at QEMU addr %#x and GUEST addr %#x of type "
+            "BUS_MCEERR_AO injected" % (res["hva"] + GPA_A, GPA_A)) in texts(journal, "main")
+    assert ("guest kernel: Memory failure: %#x: recovery action for dirty LRU page: Recovered"
+            % (GPA_A >> 12)) in texts(journal, "vcpu0")
+    assert res["after"] == b"\0" * 4
+
+
+# ---- E5: AO on the main thread for QEMU's own memory: a warning ----
+def test_e5_ao_on_qemu_memory_warns(host):
+    from emu import uapi as u
+
+    def script(q, out):
+        buf = q.me.mmap(0, PAGE, u.PROT_READ | u.PROT_WRITE, u.MAP_PRIVATE | u.MAP_ANONYMOUS)
+        q.me.write(buf, b"qemu state")
+        out("buf", buf)
+        q.host.hw_detect(q.me.pagemap(buf).pfn)
+        wait_ao(q)
+        out("pending", q.pending_ao)
+        out("poisoned", list(q.hwpoison_pages))
+        out("after", q.vcpu(0, "read", GPA_B, n=4))
+
+    code, journal, events, res = run_qemu(host, script)
+    assert code == 0
+    assert res["pending"] is None and res["poisoned"] == []
+    assert events == [mf("hypervisor", "ignore", False)]
+    assert ("QEMU: warning: Hardware memory error at addr %#x of type BUS_MCEERR_AO for memory "
+            "used by QEMU itself instead of guest system!" % res["buf"]) in texts(journal, "main")
+    assert res["after"] == b"\0" * 4
+
+
+# ---- E6: AO on the main thread, CPU model without MCG_SER_P: ignored ----
+def test_e6_ao_without_ser_p_is_ignored(host):
+    def script(q, out):
+        q.vcpu(0, "write", GPA_A, data=b"\xaa" * PAGE)
+        q.me.read(q.ram.hva + GPA_A, 8)
+        q.host.hw_detect(pfn_of(q, GPA_A))
+        wait_ao(q)
+        out("pending", q.pending_ao)
+        out("poisoned", list(q.hwpoison_pages))
+
+    code, journal, events, res = run_qemu(host, script, ser=False)
+    assert code == 0
+    assert res["pending"] is None and res["poisoned"] == []
+    assert events == [mf("hypervisor", "ignore", False)]
+    assert not any("Guest MCE" in t or "QEMU itself" in t for t in texts(journal))
+
+
+# ---- E7: AR in the main thread or an iothread (SIGBUS blocked there): killed ----
+def test_e7_ar_in_main_thread_kills_with_sigbus(host):
+    def script(q, out):
+        q.vcpu(0, "write", GPA_A, data=b"\xaa" * PAGE)
+        q.me.read(q.ram.hva + GPA_A, 8)
+        q.host.hw_poison(pfn_of(q, GPA_A))
+        q.main_read(GPA_A)
+        out("not reached", True)
+
+    code, journal, events, res = run_qemu(host, script)
+    assert code == -signal.SIGBUS
+    assert "not reached" not in res and events == []
+
+
+def test_e7_ar_in_an_iothread_kills_with_sigbus(host):
+    def script(q, out):
+        q.vcpu(0, "write", GPA_A, data=b"\xaa" * PAGE)
+        q.me.read(q.ram.hva + GPA_A, 8)
+        q.host.hw_poison(pfn_of(q, GPA_A))
+        q.iothread_read(GPA_A)
+        out("not reached", True)
+
+    code, journal, events, res = run_qemu(host, script)
+    assert code == -signal.SIGBUS
+    assert "not reached" not in res and events == []
+
+
+# ---- E8: a SIGBUS that is not a memory error (BUS_ADRERR): sigbus_reraise ----
+def test_e8_non_mce_sigbus_is_reraised(host):
+    from emu import uapi as u
+
+    def script(q, out):
+        fd = q.me.memfd_create("qemu-file")
+        q.me.ftruncate(fd, PAGE)
+        m = q.me.mmap(0, 2 * PAGE, u.PROT_READ | u.PROT_WRITE, u.MAP_SHARED, fd)
+        q.vcpu(0, "qemu_read", m + PAGE, n=8)           # past EOF: BUS_ADRERR
+        out("not reached", True)
+
+    code, journal, events, res = run_qemu(host, script)
+    assert code == -signal.SIGBUS
+    assert "not reached" not in res and events == []
+    assert "QEMU: SIGBUS si_code %#x is not a memory error: re-raising" % u.BUS_ADRERR in \
+        texts(journal, "vcpu0")
+
+
+# ---- E9: KVM_RUN -1/EHWPOISON (private guest_memfd page): VM paused ----
+def test_e9_ehwpoison_pauses_the_vm(host):
+    def script(q, out):
+        q.vcpu(1, "write", GPA_P, data=b"\xcc" * 64, private=True)
+        q.host.hw_detect(pfn_of(q, GPA_P))
+        out("read", q.vcpu(1, "read", GPA_P, n=8, private=True))
+        out("runstate", q.runstate)
+        out("vcpu0", q.vcpu(0, "read", GPA_A, n=4))     # the whole VM is stopped
+
+    code, journal, events, res = run_qemu(host, script)
+    assert code == 0                                     # the process stays alive
+    assert res["read"] == "paused" and res["runstate"] == "internal-error"
+    assert res["vcpu0"] == "paused"
+    assert "QEMU: error: kvm run failed Memory page has hardware error" in texts(journal, "vcpu1")
+    assert events == []                                  # no MCE, no QMP MEMORY_FAILURE
+
+
+# ---- E10: KVM_RUN -1/EFAULT with KVM_EXIT_MEMORY_FAULT: conversion ----
+def test_e10_memory_fault_exit_converts_and_reenters(host):
+    def script(q, out):
+        out("write", q.vcpu(1, "write", GPA_P, data=b"\xcc" * 8, private=True))
+        out("read", q.vcpu(0, "read", GPA_P, n=8, private=True))
+
+    code, journal, events, res = run_qemu(host, script)
+    assert code == 0 and events == []
+    assert res["write"] == 8 and res["read"] == b"\xcc" * 8
+    assert "QEMU: KVM_EXIT_MEMORY_FAULT gpa %#x: converting to private" % GPA_P in \
+        texts(journal, "vcpu1")
+
+
+# ---- E12: migration refused while the poison list is not empty; allowed after reset ----
+def test_e12_migration_refused_with_poisoned_pages(host):
+    def script(q, out):
+        out("before", q.migrate())
+        dirty_and_poison(q, out, 1, GPA_B)
+        q.vcpu(1, "read", GPA_B, n=8)
+        out("refused", q.migrate())
+        q.system_reset()
+        out("after_reset", q.migrate())
+
+    code, journal, events, res = run_qemu(host, script)
+    assert code == 0
+    desc = ("Can't migrate this vm with hardware poisoned memory, please reboot the vm and "
+            "try again")
+    assert res["before"] == {"return": {}}
+    assert res["refused"] == {"error": {"class": "GenericError", "desc": desc}}
+    assert "QEMU: error: " + desc in texts(journal, "main")
+    assert res["after_reset"] == {"return": {}}
