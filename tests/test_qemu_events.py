@@ -301,3 +301,24 @@ def test_e12_migration_refused_with_poisoned_pages(host):
     assert res["refused"] == {"error": {"class": "GenericError", "desc": desc}}
     assert "QEMU: error: " + desc in texts(journal, "main")
     assert res["after_reset"] == {"return": {}}
+
+
+# ---- E2/E3: QEMU code on a vCPU thread consumes an error in QEMU's own memory ----
+def test_ar_on_vcpu_thread_outside_kvm_run_kills_with_sigbus(host):
+    """kvm_on_sigbus_vcpu records the AR and returns; the load runs again and
+    takes a second AR while the first is pending: sigbus_reraise."""
+    from emu import uapi as u
+
+    def script(q, out):
+        buf = q.me.mmap(0, PAGE, u.PROT_READ | u.PROT_WRITE, u.MAP_PRIVATE | u.MAP_ANONYMOUS)
+        q.me.write(buf, b"qemu state")
+        out("buf", buf)
+        q.host.hw_poison(q.me.pagemap(buf).pfn)
+        q.vcpu(0, "qemu_read", buf, n=8)
+        out("not reached", True)
+
+    code, journal, events, res = run_qemu(host, script)
+    assert code == -signal.SIGBUS
+    assert "not reached" not in res and events == []
+    assert ("QEMU: second SIGBUS BUS_MCEERR_AR at %#x while one is pending: re-raising"
+            % res["buf"]) in texts(journal, "vcpu0")

@@ -370,26 +370,32 @@ def _vcpu_thread(task, idx: int, ram: GuestRam, cmd_r: int, rep_w: int, recover:
 
     def do_inject_x86_mce(code: int, gpa: int) -> str | None:
         """target/i386/helper.c do_inject_x86_mce on this vCPU (run_on_cpu), after
-        cpu_synchronize_state: the guest's CR4 and MCG_STATUS as KVM holds them.
-        Returns "reset" when it raised a triple fault."""
+        cpu_synchronize_state: the guest's CR4, MCG_STATUS/MCG_CTL and the bank's
+        MCi_CTL as KVM holds them.  Returns "reset" when it raised a triple fault."""
         ar = code == u.BUS_MCEERR_AR
         st = task._call("guest_state", vcpu=vcpu.fd)
-        mcip = bool(st["mcg_status"] & u.MCG_STATUS_MCIP)
-        if not ar and mcip:                        # AO while the guest is mid-#MC: dropped
-            journal.memory_failure("guest", "ignore", False, True)
+        recursive = bool(st["mcg_status"] & u.MCG_STATUS_MCIP)
+        if not ar and recursive:                   # an AO while the guest is mid-#MC: dropped
+            journal.memory_failure("guest", "ignore", ar, recursive)
             return None
+        ones = (1 << 64) - 1
+        # "Uncorrected error reporting disabled": printed to params->mon, which is
+        # NULL for kvm_mce_inject, so nothing is shown and no event is sent.
+        if st["mcg_cap"] & u.MCG_CTL_P and st.get("mcg_ctl", ones) != ones:
+            return None
+        if st["banks"][9][0] != ones:
+            return None
+        msg = None
         if not st["cr4_mce"]:
-            journal.add(who, "QEMU: CPU %d: MCE capability is not enabled, raising triple fault"
-                        % idx)
-            journal.memory_failure("guest", "reset", ar, False)
-            return "reset"
-        if mcip:
-            journal.add(who, "QEMU: CPU %d: Previous MCE still in progress, raising triple fault"
-                        % idx)
-            journal.memory_failure("guest", "reset", ar, True)
+            msg = "CPU %d: MCE capability is not enabled, raising triple fault" % idx
+        elif recursive:
+            msg = "CPU %d: Previous MCE still in progress, raising triple fault" % idx
+        if msg:                                    # qemu_system_reset_request(GUEST_RESET)
+            journal.memory_failure("guest", "reset", ar, recursive)
+            journal.add(who, "QEMU: " + msg)       # qemu_log_mask(CPU_LOG_RESET): -d cpu_reset
             return "reset"
         vcpu.set_mce(kvm_mce(code, gpa))
-        journal.memory_failure("guest", "inject", ar, False)
+        journal.memory_failure("guest", "inject", ar, recursive)
         return None
 
     def kvm_arch_on_sigbus_vcpu(code: int, addr: int) -> str | None:
