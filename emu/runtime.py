@@ -1089,6 +1089,21 @@ class Vcpu:
                 return u.KVM_EXIT_HLT
         return None
 
+    def reset(self) -> None:
+        """The VMM resets the vCPU at a system reset (QEMU: x86_cpu_reset_hold, then
+        KVM_SET_SREGS/KVM_SET_MSRS in kvm_arch_put_registers): CR4 and MCG_STATUS
+        cleared, no triple fault or #MC pending, a guest kernel that has not booted.
+        Call set_guest() next."""
+        if os.getpid() != self.owner:
+            raise OSError(u.EPERM, "reset from a thread that does not own vCPU %d" % self.id)
+        from .guest import GuestKernel
+
+        self.task._call("guest_state", vcpu=self.fd, cr4_mce=False, mcg_status=0)
+        self._shutdown = False
+        self._pending_mce.clear()
+        self.guest_kernel = GuestKernel()
+        self._fn = self._gen = self._op = None
+
     def set_guest(self, fn, *args) -> None:
         """The guest program: a generator function fn(g, *args)."""
         from .guest import G
