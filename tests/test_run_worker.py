@@ -71,7 +71,8 @@ def test_qemu_like_worker_driven_from_another_terminal():
         finally:
             host.close()
         send("read 1 0x1008")
-        out.until(r"vcpu1 +QEMU: VM paused \(internal-error\)")
+        out.until(r"vcpu1 +QEMU: error: kvm run failed Memory page has hardware error")
+        out.until(r"vcpu1 +QEMU: .*VM paused \(internal-error\)")
         out.until(r"vcpu1 +result: 'paused'")
         send("frobnicate")
         out.until(r"unknown command 'frobnicate'")
