@@ -74,9 +74,13 @@ class GuestRam:
         return self.vm.gpa_to_pfn(gpa)["backing_pfn"]
 
 
-def _guest_access(g, gpa, n, private):
+def _guest_access(g, gpa, n, private, data=None):
     try:
-        v = yield g.read(gpa, n, private)
+        if data is None:
+            v = yield g.read(gpa, n, private)
+        else:
+            yield g.write(gpa, data, private)
+            v = len(data)
         yield g.sync(v)
     except GuestTaskKilled as e:
         yield g.sync("killed", e.args[0])
@@ -127,6 +131,11 @@ class Vmm:
         """The guest reads n bytes at gpa; its result (bytes, ("killed", va), or
         what a hook decided)."""
         self.vcpu.set_guest(_guest_access, gpa, n, private)
+        return self._run()
+
+    def guest_write(self, gpa: int, data: bytes, private: bool | None = None):
+        """The guest stores data at gpa; len(data), or as guest_read."""
+        self.vcpu.set_guest(_guest_access, gpa, len(data), private, data)
         return self._run()
 
     def host_read(self, gpa: int, n: int = 8) -> bytes:
