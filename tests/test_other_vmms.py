@@ -91,6 +91,9 @@ def test_deferred_error_signals_nobody_until_touched(host, vmm):
 
     code, lines, _ = run_vmm(host, VMMS[vmm], body)
     assert lines[0] == "still running: %r" % (b"\0" * 8,)
+    mf = [line for line in host.dmesg() if "Memory failure:" in line]
+    assert len(mf) == 1 and mf[0].endswith("recovery action for dirty LRU page: Recovered"), mf
+    assert host.mf_stats()["recovered"] == 1
     if vmm == "firecracker":
         assert code == 149
         assert lines[1:] == ["Shutting down VM after intercepting signal 7, code %d."
