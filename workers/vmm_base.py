@@ -1,0 +1,188 @@
+"""What the VMM workers share: guest RAM, one vCPU running guest accesses, a log.
+
+A worker is one emulated process.  Its main thread runs both the vCPU loop and the
+device model (a host access to guest RAM, as a virtio queue read does): a
+one-vCPU microVM.  Real VMMs run each vCPU in its own thread, but for the events
+modelled here the outcome is the same: Firecracker's SIGBUS handler _exit()s the
+whole process from whichever thread got the signal, and a default SIGBUS action
+takes the whole thread group (cloud-hypervisor).
+
+Guest RAM layouts (`ram=`):
+- "anon": MAP_PRIVATE|MAP_ANONYMOUS memory on an ordinary memslot (Firecracker's
+  and cloud-hypervisor's default guest memory);
+- "gmem": one guest_memfd (MMAP|INIT_SHARED) mapped shared and bound to a
+  gmem-only memslot; a page becomes private by in-place conversion
+  (make_private), and the host cannot map it then.
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+import emu
+from emu import uapi as u
+from emu.guest import GuestTaskKilled
+
+PAGE = 4096
+MCG_CAP = u.MCG_SER_P | u.MCG_CTL_P | 10
+AR_STATUS = (u.MCI_STATUS_VAL | u.MCI_STATUS_UC | u.MCI_STATUS_EN | u.MCI_STATUS_MISCV
+             | u.MCI_STATUS_ADDRV | u.MCI_STATUS_S | u.MCI_STATUS_AR | 0x134)
+
+
+def ar_mce(gpa: int) -> u.KvmX86Mce:
+    """An action-required machine check for the guest (QEMU's kvm_mce_inject values)."""
+    return u.KvmX86Mce(status=AR_STATUS, addr=gpa, misc=0x8C,
+                       mcg_status=u.MCG_STATUS_MCIP | u.MCG_STATUS_RIPV | u.MCG_STATUS_EIPV,
+                       bank=9)
+
+
+class HostFault(Exception):
+    """Raised out of the SIGBUS handler during a host access (siglongjmp)."""
+
+
+class GuestRam:
+    def __init__(self, task, kind: str = "anon", size: int = 16 * PAGE):
+        if kind not in ("anon", "gmem"):
+            raise ValueError("ram: 'anon' or 'gmem'")
+        self.task, self.kind, self.size = task, kind, size
+        self.kvm = task.open_kvm()
+        self.vm = self.kvm.create_vm(u.KVM_X86_SW_PROTECTED_VM if kind == "gmem"
+                                     else u.KVM_X86_DEFAULT_VM)
+        rw = u.PROT_READ | u.PROT_WRITE
+        if kind == "anon":
+            self.gmem = None
+            self.hva = task.mmap(0, size, rw, u.MAP_PRIVATE | u.MAP_ANONYMOUS)
+            self.vm.set_user_memory_region2(0, 0, 0, size, self.hva)
+        else:
+            self.gmem = self.vm.create_guest_memfd(size, u.GUEST_MEMFD_FLAG_MMAP
+                                                   | u.GUEST_MEMFD_FLAG_INIT_SHARED)
+            self.hva = task.mmap(0, size, rw, u.MAP_SHARED, self.gmem, 0)
+            self.vm.set_user_memory_region2(0, u.KVM_MEM_GUEST_MEMFD, 0, size, self.hva,
+                                            self.gmem, 0)
+
+    def contains(self, hva: int) -> bool:
+        return self.hva <= hva < self.hva + self.size
+
+    def gpa(self, hva: int) -> int:
+        return hva - self.hva
+
+    def make_private(self, gpa: int, size: int = PAGE) -> None:
+        self.task.gmem_convert(self.gmem, gpa, size, True)
+
+    def pfn(self, gpa: int) -> int:
+        """The frame backing gpa (the guest touched it or the host faulted it in)."""
+        return self.vm.gpa_to_pfn(gpa)["backing_pfn"]
+
+
+def _guest_access(g, gpa, n, private, data=None):
+    try:
+        if data is None:
+            v = yield g.read(gpa, n, private)
+        else:
+            yield g.write(gpa, data, private)
+            v = len(data)
+        yield g.sync(v)
+    except GuestTaskKilled as e:
+        yield g.sync("killed", e.args[0])
+
+
+def _guest_boot(g):
+    yield g.set_cr4_mce(True)
+    yield g.sync("booted")
+
+
+class Vmm:
+    """The common part: attach, guest RAM, one vCPU; subclasses decide what a
+    SIGBUS and a KVM_RUN error turn into (on_sigbus, on_kvm_error)."""
+
+    name = "vmm"
+
+    def __init__(self, task, ram: str = "anon", ram_size: int = 16 * PAGE, log_fd: int = 2):
+        self.task, self.log_fd = task, log_fd
+        self.lines: list[str] = []
+        self.sigbus: list[tuple[int, int, int]] = []       # (si_code, si_addr, si_addr_lsb)
+        self._host_access = False
+        self.install_signal_handlers()
+        self.ram = GuestRam(task, ram, ram_size)
+        self.vcpu = self.ram.vm.create_vcpu(0)
+        self.vcpu.setup_mce(MCG_CAP)
+        self.vcpu.set_guest(_guest_boot)
+        self._run()
+
+    # ---- output ----
+    def log(self, text: str) -> None:
+        self.lines.append(text)
+        os.write(self.log_fd, (text + "\n").encode())
+
+    # ---- hooks ----
+    def install_signal_handlers(self) -> None:
+        emu.sigaction(signal.SIGBUS, signal.SIG_DFL)
+
+    def on_kvm_error(self, err: int, kvm_run) -> str | None:
+        """KVM_RUN returned -1 with errno err (not EINTR): None re-enters, a string
+        ends the access with that result."""
+        return "error"
+
+    def on_eintr(self) -> str | None:
+        return None
+
+    # ---- the guest and the device model ----
+    def guest_read(self, gpa: int, n: int = 8, private: bool | None = None):
+        """The guest reads n bytes at gpa; its result (bytes, ("killed", va), or
+        what a hook decided)."""
+        self.vcpu.set_guest(_guest_access, gpa, n, private)
+        return self._run()
+
+    def guest_write(self, gpa: int, data: bytes, private: bool | None = None):
+        """The guest stores data at gpa; len(data), or as guest_read."""
+        self.vcpu.set_guest(_guest_access, gpa, len(data), private, data)
+        return self._run()
+
+    def host_read(self, gpa: int, n: int = 8) -> bytes:
+        """The device model reads guest RAM through the host mapping."""
+        self._host_access = True
+        try:
+            return self.task.read(self.ram.hva + gpa, n)
+        finally:
+            self._host_access = False
+
+    def host_write(self, gpa: int, data: bytes) -> None:
+        """The VMM writes guest RAM (loading the kernel image, a virtio reply)."""
+        self._host_access = True
+        try:
+            self.task.write(self.ram.hva + gpa, data)
+        finally:
+            self._host_access = False
+
+    def _run(self):
+        vcpu = self.vcpu
+        while True:
+            try:
+                vcpu.run()
+            except OSError as e:
+                out = self.on_eintr() if e.errno == u.EINTR else self.on_kvm_error(e.errno,
+                                                                                   vcpu.kvm_run)
+                if out is not None:
+                    return out
+                continue
+            kr = vcpu.kvm_run
+            if kr.exit_reason == u.KVM_EXIT_IO:
+                cmd, args = vcpu.ucall()
+                if cmd == u.UCALL_SYNC:
+                    return args[0] if len(args) == 1 else args
+            return "exit %d" % kr.exit_reason
+
+    def close(self) -> None:
+        """Tear the VM down: the vCPU, the VM, guest RAM."""
+        t = self.task
+        for fd in (self.vcpu.fd, self.ram.gmem, self.ram.vm.fd, self.ram.kvm.fd):
+            if fd is not None:
+                t.close(fd)
+        t.munmap(self.ram.hva, self.ram.size)
+
+
+def memory_fault_debug(kr) -> str:
+    """kvm-ioctls' VcpuExit::MemoryFault as Rust's {:?} prints it (VcpuFd::run maps
+    -1/EFAULT or -1/EHWPOISON with KVM_EXIT_MEMORY_FAULT to it; the errno is lost)."""
+    mf = kr.memory_fault
+    return "MemoryFault { flags: %d, gpa: %d, size: %d }" % (mf.flags, mf.gpa, mf.size)
