@@ -233,3 +233,53 @@ def test_what_the_machine_refuses_is_a_setup_error_not_a_crash():
         S.loads(BASE.replace('ram = "64M"', 'ram = "64M"\nhugepages = { "2M" = 2 }'), "hp.toml")
     assert str(e.value) == ("hp.toml:3: machine.hugepages: 4M of huge pages do not fit in "
                             "ram = '64M': the first 64M stay with the buddy allocator")
+
+
+@pytest.mark.parametrize("vmm, ends, line", [
+    ("firecracker-like", "exit 1 (vcpu0)",
+     "Unexpected exit reason on vcpu run: MemoryFault { flags: 8, gpa: 12288, size: 4096 }"),
+    ("cloud-hypervisor-like", "exit 0 (vcpu0)",
+     "VCPU generated error: VcpuRun(Memory page has hardware error)"),
+    ("qemu-like", "ran to the end", "QEMU: VM paused (internal-error)"),
+])
+def test_vmm_models_end_a_guest_memfd_ehwpoison_their_own_way(vmm, ends, line):
+    """KVM_RUN -1/EHWPOISON on a private guest_memfd page (MEMORY_FAULT, flags
+    PRIVATE): Firecracker's handle_kvm_exit ends the VM with GenericError (1),
+    cloud-hypervisor shuts the VM down, QEMU pauses it."""
+    text = textwrap.dedent("""
+        [machine]
+        ram = "64M"
+        [[process]]
+        name = "vmm"
+        vmm = "%s"
+        [[vm]]
+        name = "vm0"
+        process = "vmm"
+        vcpus = 1
+        slots = [{ memory = "ram", gpa = 0 }]
+        [[memory]]
+        name = "ram"
+        type = "guest_memfd"
+        size = "64K"
+        private = [[0x3000, 0x1000]]
+        [[step]]
+        who = "vcpu0"
+        do = "write"
+        memory = "ram"
+        offset = 0x3000
+        [[step]]
+        do = "inject"
+        error = "deferred"
+        memory = "ram"
+        offset = 0x3000
+        [[step]]
+        who = "vcpu0"
+        do = "read"
+        memory = "ram"
+        offset = 0x3000
+    """ % vmm)
+    out = S.run(S.loads(text, "vmm.toml"), "mf-delayed-fix")
+    assert out["error"] is None
+    assert out["processes"] == {"vmm": ends}
+    assert out["exits"] == ["vcpu0: EHWPOISON (private)"]
+    assert line in [e["what"] for e in out["timeline"] if e["who"] == "vcpu0"]

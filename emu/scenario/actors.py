@@ -75,8 +75,8 @@ class Actor:
             self.task.prctl(u.PR_MCE_KILL, u.PR_MCE_KILL_SET, MCE_KILL[how])
 
     def install(self, vcpu: bool = False) -> None:
-        if self.proc.sigbus == "default" and self.model.name == "none":
-            return
+        if (self.proc.sigbus == "default" and self.model.name == "none") or not self.model.handles_sigbus:
+            return                         # SIG_DFL: SIGBUS kills the process
         import emu
 
         def handler(signum, info):
@@ -434,6 +434,7 @@ class VcpuActor(Actor):
             self.task.fallocate(self.mem[mem]["fd"], u.FALLOC_FL_PUNCH_HOLE | u.FALLOC_FL_KEEP_SIZE,
                                 off, mf.size)
             return None
+        self.model.on_kvm_error(self, e.errno, kr)          # a VMM that ends here does not return
         if self.model.pause_on_ehwpoison:
             self.log("QEMU: error: kvm run failed %s" % os.strerror(e.errno))
             self.log("QEMU: VM paused (internal-error)")

@@ -2,7 +2,8 @@
 
     [scenario]   name, summary, description, policies (the default comparison), probe
     [machine]    ram, hugepages = {"2M" = N, "1G" = M}, sysctl = {name = value}
-    [[process]]  name, vmm (none | qemu-like | firecracker-like | recovering), mce_kill
+    [[process]]  name, vmm (none | qemu-like | firecracker-like | cloud-hypervisor-like |
+                 recovering), mce_kill
                  (early | late | default | unset), sigbus (handle | default), fork_from,
                  threads = [{name, mce_kill}]
     [[memory]]   name, type (anon | memfd | hugetlb-memfd | guest_memfd), size, page
@@ -28,7 +29,7 @@ from pathlib import Path
 SIZES = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 PAGE = 4096
 PAGE_SIZES = {"4K": PAGE, "2M": 2 << 20, "1G": 1 << 30}
-VMMS = ("none", "qemu-like", "firecracker-like", "recovering")
+VMMS = ("none", "qemu-like", "firecracker-like", "cloud-hypervisor-like", "recovering")
 MCE_KILL = ("early", "late", "default", "unset")
 MEMORY_TYPES = ("anon", "memfd", "hugetlb-memfd", "guest_memfd")
 VM_TYPES = ("default", "sw-protected")

@@ -15,7 +15,14 @@ error in front of QEMU, Firecracker or a process with no VMM at all.
 - recovering: qemu-like, but EHWPOISON punches a hole over the page and
   re-enters (the guest reads zeros), as the guest_memfd RFC selftests do.
 - firecracker-like: no PR_MCE_KILL; any SIGBUS logs "Shutting down VM after
-  intercepting signal 7, code N." and exits 149 (vmm/src/signal_handler.rs).
+  intercepting signal 7, code N." and exits 149 (vmm/src/signal_handler.rs
+  sigbus_sigsegv_handler); a KVM_RUN error other than EINTR/EAGAIN logs and ends
+  the VM with FcExitCode::GenericError, 1 (vstate/vcpu.rs handle_kvm_exit: kvm-ioctls
+  turns -1 with KVM_EXIT_MEMORY_FAULT into VcpuExit::MemoryFault, an exit reason
+  run_arch_emulation does not handle).
+- cloud-hypervisor-like: no SIGBUS handler (SIGBUS kills it); a KVM_RUN error is
+  "VCPU generated error" and the VM shuts down (vmm/src/cpu.rs; the exit status 0 is
+  inferred).  workers/ has the same VMMs as standalone workers.
 """
 from __future__ import annotations
 
@@ -68,6 +75,10 @@ class Model:
     prctl = True                        # the scenario's mce_kill is applied
     recover = False
     pause_on_ehwpoison = False
+    handles_sigbus = True
+
+    def on_kvm_error(self, actor, err: int, kvm_run) -> None:
+        """A KVM_RUN error the loop did not resolve: a VMM that ends the VM here exits."""
 
     def on_sigbus(self, actor, info) -> None:
         if info.si_code == u.BUS_MCEERR_AO:
@@ -124,5 +135,26 @@ class FirecrackerLike(Model):
 
     on_vcpu_sigbus = on_sigbus
 
+    def on_kvm_error(self, actor, err: int, kvm_run) -> None:
+        mf = kvm_run.memory_fault
+        if kvm_run.exit_reason == u.KVM_EXIT_MEMORY_FAULT:
+            actor.log("Unexpected exit reason on vcpu run: MemoryFault { flags: %d, gpa: %d, size: %d }"
+                      % (mf.flags, mf.gpa, mf.size))
+        else:
+            actor.log("Failure during vcpu run: %s" % os.strerror(err))
+        actor.last_words("exit 1")
+        os._exit(1)
 
-MODELS = {m.name: m for m in (Model, QemuLike, Recovering, FirecrackerLike)}
+
+class CloudHypervisorLike(Model):
+    name = "cloud-hypervisor-like"
+    prctl = False
+    handles_sigbus = False
+
+    def on_kvm_error(self, actor, err: int, kvm_run) -> None:
+        actor.log("VCPU generated error: VcpuRun(%s)" % os.strerror(err))
+        actor.last_words("exit 0")
+        os._exit(0)
+
+
+MODELS = {m.name: m for m in (Model, QemuLike, Recovering, FirecrackerLike, CloudHypervisorLike)}
