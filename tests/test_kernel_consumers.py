@@ -53,12 +53,17 @@ def memfd_vm(me, size=4 * PAGE):
 def gmem_vm(me, size=4 * PAGE):
     """guest_memfd with MMAP | INIT_SHARED: shared memory the VMM maps, and the
     memslot's userspace_addr is that mapping (what __kvm_read_guest_page uses)."""
+    vm, mem, _gfd = gmem_vm_fd(me, size)
+    return vm, mem
+
+
+def gmem_vm_fd(me, size=4 * PAGE):
     vm = me.open_kvm().create_vm(u.KVM_X86_SW_PROTECTED_VM)
     gfd = vm.create_guest_memfd(size, SHARED_GMEM)
     mem = me.mmap(0, size, RW, u.MAP_SHARED, gfd, 0)
     me.write(mem, b"guest ram".ljust(size, b"."))
     assert vm.set_user_memory_region2(SLOT, u.KVM_MEM_GUEST_MEMFD, GPA, size, mem, gfd, 0) == 0
-    return vm, mem
+    return vm, mem, gfd
 
 
 BACKINGS = {"anon": anon_vm, "memfd": memfd_vm, "gmem-shared": gmem_vm}
@@ -281,3 +286,28 @@ def test_write_from_poisoned_guest_ram_is_efault(host, backing):
         me.pwrite_from(fd, mem, 64, 0)
     assert ei.value.errno == errno.EFAULT
     after_kill_me_never(host, pfn, 0, got)
+
+
+def test_emulated_fetch_of_private_guest_memfd_memory_never_touches_it(host):
+    """A private page of an mmap-able guest_memfd is not mapped for the VMM:
+    __copy_from_user on the hva faults, kvm_gmem_fault() refuses a private index
+    (VM_FAULT_SIGBUS), the uaccess fixup gives -EFAULT.  The latent error is never
+    loaded: no #MC, nothing queued, an emulation failure all the same."""
+    me = emu.attach(host, name="qemu")
+    got = recorder()
+    vm, mem, gfd = gmem_vm_fd(me)
+    pfn = me.pagemap(mem + PAGE).pfn
+    me.gmem_convert(gfd, PAGE, PAGE, private=True)
+    host.hw_poison(pfn)
+    vcpu = vm.create_vcpu(0)
+
+    def guest(g):
+        yield g.kernel()
+        yield g.emulate(GPA + PAGE, 4)
+        yield g.done()
+
+    vcpu.set_guest(guest)
+    assert vcpu.run() == 0 and vcpu.kvm_run.exit_reason == u.KVM_EXIT_INTERNAL_ERROR
+    assert got == [] and host.mf_stats()["total"] == 0
+    assert not host.tainted() & (1 << u.TAINT_MACHINE_CHECK)
+    assert not host.kpageflags(pfn) & KPF_HWPOISON
