@@ -11,6 +11,7 @@ kvm_fetch_guest_virt() (X86EMUL_IO_NEEDED) and handle_emulation_failure()
 drivers/vhost/vhost.c (copy_from_iter on the owner's mm from the vhost_task).
 """
 import errno
+import time
 
 import pytest
 from checks import Stop, lines_in_order
@@ -205,11 +206,24 @@ def test_kvm_map_read_of_poisoned_guest_ram_panics(host, backing):
         yield g.kvm_map_read(GPA + 2 * PAGE, 4)
         yield g.done()
 
+    def other(t):                                 # another process, asleep
+        try:
+            t.idle(60)
+        except emu.KernelPanic as e:
+            return e.reason
+        return None
+
     vcpu.set_guest(guest)
     assert vcpu.run() == 0 and vcpu.ucall() == (u.UCALL_SYNC, (b"gues",))
+    ch = me.fork(other, name="other")
+    end = time.monotonic() + 10
+    while len(host.status()["processes"]) < 2:
+        assert time.monotonic() < end
+        time.sleep(0.05)
     pfn = poison(host, me, mem, 2 * PAGE)
     with pytest.raises(emu.KernelPanic) as ei:
         vcpu.run()
+    assert ch.join(20) == 0 and ch.result == FATAL
     assert ei.value.reason == FATAL
     assert host.panicked() == FATAL
     d = host.dmesg()
