@@ -74,6 +74,13 @@ def _cr4(on: bool):
 GuestOps.set_cr4_mce = staticmethod(_cr4)
 GuestOps.user = staticmethod(lambda: ("mode", "user"))
 GuestOps.kernel = staticmethod(lambda: ("mode", "kernel"))
+# KVM reading guest memory itself (the guest's code is identity-mapped, gva == gpa):
+# emulate(gpa, n): an instruction at gpa that KVM must emulate; it fetches the n bytes
+#   with __copy_from_user on the slot's hva (kvm_fetch_guest_virt); the value is them.
+# kvm_map_read(gpa, n): KVM maps the page into the kernel (kvm_vcpu_map, as nested
+#   VMX's VMPTRLD does) and loads n bytes; the value is them, or None if the map failed.
+GuestOps.emulate = staticmethod(lambda gpa, n: ("emulate", gpa, n))
+GuestOps.kvm_map_read = staticmethod(lambda gpa, n: ("kvm_map_read", gpa, n))
 
 
 class GuestTaskKilled(Exception):

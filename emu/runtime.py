@@ -783,6 +783,13 @@ class Task:
         the kernel (no signal; memory_failure() of the page afterwards)."""
         return self._call("pwrite", fd=fd, addr=addr, count=count, offset=offset)
 
+    def vhost_copy(self, addr: int, n: int) -> bytes:
+        """A vhost worker of this process copying `n` bytes of a guest buffer at this
+        process's address `addr` (vhost-net's copy_from_iter() from the vhost_task):
+        a kernel copy from user, so a bad buffer or a latent error is EFAULT, never
+        a signal; the error's memory_failure() runs after the copy."""
+        return base64.b64decode(self._call("vhost_copy", addr=addr, n=n))
+
     def fallocate(self, fd: int, mode: int, offset: int, length: int) -> None:
         self._call("fallocate", fd=fd, mode=mode, offset=offset, length=length)
 
@@ -1018,12 +1025,24 @@ class MemoryFault:
         return "memory_fault(flags=%#x, gpa=%#x, size=%d)" % (self.flags, self.gpa, self.size)
 
 
+class Internal:
+    """kvm_run.internal (KVM_EXIT_INTERNAL_ERROR)."""
+    __slots__ = ("ndata", "suberror")
+
+    def __init__(self):
+        self.suberror = self.ndata = 0
+
+    def __repr__(self):
+        return "internal(suberror=%d, ndata=%d)" % (self.suberror, self.ndata)
+
+
 class KvmRun:
     """The parts of struct kvm_run a VMM reads after KVM_RUN."""
 
     def __init__(self):
         self.exit_reason = u.KVM_EXIT_UNKNOWN
         self.memory_fault = MemoryFault()
+        self.internal = Internal()
 
     def __repr__(self):
         return "kvm_run(exit_reason=%d, %r)" % (self.exit_reason, self.memory_fault)
@@ -1170,10 +1189,45 @@ class Vcpu:
                 self.guest_kernel.mode = op[1]
                 self._op = None
                 continue
+            if kind in ("emulate", "kvm_map_read"):
+                reason = self._kvm_read(op)
+                if reason is not None:
+                    kr.exit_reason = reason
+                    return 0
+                continue
             exit_ = self._access(op)
             if exit_ is None:
                 continue
             return exit_
+
+    def _kvm_read(self, op) -> int | None:
+        """KVM itself reads guest memory for this vCPU: an instruction it emulates
+        (a copy from user: an error is an emulation failure) or a page it maps into
+        the kernel (a plain load).  The exit reason to return, or None to go on."""
+        from .guest import GuestTaskKilled
+
+        kind, gpa, n = op
+        gk = self.guest_kernel
+        r = self.task._call("kvm_guest_read", vcpu=self.fd, gpa=gpa, n=n,
+                            how="emulate" if kind == "emulate" else "map",
+                            cpl=3 if gk.mode == "user" else 0)
+        if r.get("exit"):                   # the instruction stays where it was
+            self.kvm_run.internal.suberror = r["exit"]["suberror"]
+            self.kvm_run.internal.ndata = 0
+            return r["exit"]["reason"]
+        self._op, self._pos = None, 0
+        if r.get("ud"):                     # #UD at CPL 3: the guest kernel kills the task
+            gk.log.append("traps: guest-task trap invalid opcode ip:%x" % gpa)
+            gk.killed += 1
+            try:
+                self._op = self._gen.throw(GuestTaskKilled(gpa))
+            except (StopIteration, GuestTaskKilled):
+                self._gen = None
+                return u.KVM_EXIT_HLT
+            self._value = None
+            return None
+        self._value = None if r["data"] is None else base64.b64decode(r["data"])
+        return None
 
     def _access(self, op):
         """Run one memory op through stage-2; None when it completed."""

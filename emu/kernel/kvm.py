@@ -13,11 +13,21 @@ from .. import _core as C
 from .. import uapi as u
 from .fs import File, FileOps, Inode
 from .mm import PAGE_SHIFT, PAGE_SIZE, VM_FAULT_HWPOISON, VM_FAULT_HWPOISON_LARGE
+from .uaccess import copy_from_user
 
 VM_TYPES = (u.KVM_X86_DEFAULT_VM, u.KVM_X86_SW_PROTECTED_VM, u.KVM_X86_SNP_VM, u.KVM_X86_TDX_VM)
 CONFIDENTIAL = (u.KVM_X86_SNP_VM, u.KVM_X86_TDX_VM)
 KVM_MEM_SLOTS_NUM = 32767
 KVM_EXIT_MMIO = 6
+X86_MAX_INSTRUCTION_LENGTH = 15
+
+# the kernel paths of KVM's own reads of guest memory, for a machine check's call trace
+_FETCH_STACK = ("copy_user_generic", "__kvm_read_guest_page", "kvm_vcpu_read_guest_page",
+                "kvm_fetch_guest_virt", "x86_decode_insn", "x86_emulate_instruction",
+                "kvm_mmu_page_fault", "vcpu_enter_guest", "kvm_arch_vcpu_ioctl_run",
+                "kvm_vcpu_ioctl", "__x64_sys_ioctl", "do_syscall_64")
+_MAP_STACK = ("kvm_vcpu_map", "handle_vmptrld", "vmx_handle_exit", "vcpu_enter_guest",
+              "kvm_arch_vcpu_ioctl_run", "kvm_vcpu_ioctl", "__x64_sys_ioctl", "do_syscall_64")
 
 
 class KvmDevOps(FileOps):
@@ -420,6 +430,74 @@ class KVM:
             if ret:
                 return -u.EFAULT, False
         return -u.EFAULT, False
+
+    # ------------------------------------------------------------ KVM reading guest memory
+    def read_guest(self, t, vm: Vm, gpa: int, n: int, stack: tuple[str, ...]) -> bytes | None:
+        """kvm_vcpu_read_guest(): page by page, __kvm_read_guest_page() copies from the
+        memslot's hva with __copy_from_user() on the VMM's mm (current is the vCPU
+        thread), so a latent error is a recoverable #MC (is_copy_from_user()) and
+        kill_me_never is queued.  None for -EFAULT: no slot (kvm_is_error_hva) or a
+        copy that stopped short.  Whatever the slot's memory attributes say, the read
+        goes through the hva: KVM has no kernel path into private guest_memfd here."""
+        out = bytearray()
+        while n > 0:
+            s = vm.slot_for(gpa)
+            chunk = min(n, PAGE_SIZE - (gpa & (PAGE_SIZE - 1)))
+            if s is None:
+                return None
+            data = copy_from_user(self.k, t, s.hva + (gpa - s.gpa), chunk, stack)
+            out += data
+            if len(data) < chunk:
+                return None
+            gpa, n = gpa + chunk, n - chunk
+        return bytes(out)
+
+    def emulate_fetch(self, t, v: Vcpu, gpa: int, n: int, cpl: int) -> dict:
+        """x86_emulate_instruction() fetching the instruction at gpa (the guest's code
+        is identity-mapped: gva == gpa): kvm_fetch_guest_virt() reads it with
+        kvm_vcpu_read_guest_page(); a failed read is X86EMUL_IO_NEEDED, the decode
+        fails and handle_emulation_failure() queues #UD: at CPL 0 KVM_RUN returns 0
+        with KVM_EXIT_INTERNAL_ERROR / KVM_INTERNAL_ERROR_EMULATION, at CPL 3 the
+        guest gets the #UD.  Returns {"data"} or {"exit"} or {"ud"}."""
+        if not 1 <= n <= X86_MAX_INSTRUCTION_LENGTH:
+            raise OSError(u.EINVAL, "emulate: an instruction is 1 to 15 bytes")
+        data = self.read_guest(t, v.vm, gpa, n, _FETCH_STACK)
+        if data is not None:
+            return {"data": data}
+        self.k.trace("kvm_emulate_insn_failed", vcpu=v.id, gpa=gpa, cpl=cpl)
+        if cpl == 0:
+            return {"exit": {"reason": u.KVM_EXIT_INTERNAL_ERROR,
+                             "suberror": u.KVM_INTERNAL_ERROR_EMULATION}}
+        return {"ud": True}
+
+    def map_read(self, t, v: Vcpu, gpa: int, n: int) -> bytes | None:
+        """kvm_vcpu_map() of the page at gpa and a load through that kernel mapping
+        (nested VMX's handle_vmptrld() reading the VMCS12 header): the pfn comes from
+        GUP on the slot's hva (a hwpoison entry or no slot: -EFAULT, None); the load
+        is a plain kernel load, not a uaccess: a latent error there is IN_KERNEL,
+        mce_panic("Fatal machine check")."""
+        if n < 1 or (gpa & (PAGE_SIZE - 1)) + n > PAGE_SIZE:
+            raise OSError(u.EINVAL, "kvm_map_read: 1 byte to the end of one page")
+        k = self.k
+        s = v.vm.slot_for(gpa)
+        if s is None:
+            return None
+        hva = s.hva + (gpa - s.gpa)
+        mm = t.process.mm
+        for _ in range(2):
+            e, level = k.core.walk(mm.pgd, hva)
+            if e & C.PTE_PRESENT:
+                break
+            if k.mm.handle_mm_fault(t, hva, False, gup=True):
+                return None                      # KVM_PFN_ERR_HWPOISON / _FAULT: -EFAULT
+        else:
+            return None
+        sub = (hva >> PAGE_SHIFT) & ((1 << (9 * (level - 1))) - 1)
+        pfn = ((e & C.PTE_PFN_MASK) >> PAGE_SHIFT) + sub
+        po = gpa & (PAGE_SIZE - 1)
+        if k.core.hwerr(pfn):
+            k.mce.kernel_load(t, pfn, (pfn << PAGE_SHIFT) | po, False, _MAP_STACK)
+        return bytes(k.core.phys_read(pfn, po, n))
 
     # ------------------------------------------------------------ vCPUs
     def create_vcpu(self, t, vm_fd: int, vcpu_id: int) -> dict:

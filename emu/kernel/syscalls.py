@@ -319,6 +319,47 @@ def sys_kvm_fault(k, t, a):
     return {"exit": None, "done": done}
 
 
+def sys_kvm_guest_read(k, t, a):
+    """KVM reading guest memory for the vCPU this thread runs: `how` "emulate" (the
+    instruction fetch of x86_emulate_instruction, a copy from user) or "map"
+    (kvm_vcpu_map and a kernel load).  `cpl`: the guest's privilege level."""
+    vcpu = k.kvm.vcpu_of(t, _int(a, "vcpu"))
+    gpa, n, how = _u64(a, "gpa"), _int(a, "n"), a.get("how")
+    if gpa >= 1 << 52:
+        raise OSError(u.EINVAL, "gpa: beyond 2**52")
+    if how == "emulate":
+        cpl = _int(a, "cpl", 0)
+        if cpl not in (0, 3):
+            raise OSError(u.EINVAL, "cpl: 0 or 3")
+        r = k.kvm.emulate_fetch(t, vcpu, gpa, n, cpl)
+    elif how == "map":
+        r = {"data": k.kvm.map_read(t, vcpu, gpa, n)}
+    else:
+        raise OSError(u.EINVAL, "how: \"emulate\" or \"map\"")
+    if r.get("data") is not None:
+        r["data"] = base64.b64encode(r["data"]).decode()
+    return r
+
+
+_VHOST_STACK = ("copy_user_generic", "_copy_from_iter", "copy_from_iter", "handle_tx_copy",
+                "handle_tx", "handle_tx_kick", "vhost_run_work_list", "vhost_task_fn",
+                "ret_from_fork")
+
+
+def sys_vhost_copy(k, t, a):
+    """A vhost worker of this process (a vhost_task: a thread of the owner's group,
+    on its mm) copying a guest buffer at the VMM address `addr` with
+    copy_from_iter(): a copy from user.  A short copy is a failed descriptor
+    (vq_err): -EFAULT."""
+    addr, n = _u64(a, "addr"), _int(a, "n")
+    if n < 0 or n > MAX_RW_COUNT:
+        raise OSError(u.EINVAL, "vhost_copy: length")
+    data = copy_from_user(k, t, addr, n, _VHOST_STACK)
+    if len(data) < n:
+        raise OSError(u.EFAULT, "vhost_copy: fault copying the guest buffer")
+    return base64.b64encode(data).decode()
+
+
 def sys_setup_mce(k, t, a):
     return k.kvm.setup_mce(t, _int(a, "vcpu"), _u64(a, "mcg_cap"))
 
@@ -350,6 +391,7 @@ SYSCALLS = {
     "getpid": sys_getpid, "set_user_memory_region2": sys_set_user_memory_region2,
     "set_memory_attributes": sys_set_memory_attributes, "gmem_convert": sys_gmem_convert,
     "create_vcpu": sys_create_vcpu, "gpa_to_pfn": sys_gpa_to_pfn, "kvm_fault": sys_kvm_fault,
+    "kvm_guest_read": sys_kvm_guest_read, "vhost_copy": sys_vhost_copy,
     "setup_mce": sys_setup_mce, "set_mce": sys_set_mce, "guest_state": sys_guest_state,
 }
 

@@ -18,10 +18,10 @@ _STACK = ("copy_user_generic", "_copy_from_iter", "generic_perform_write", "vfs_
           "__x64_sys_pwrite64", "do_syscall_64")
 
 
-def copy_from_user(k, t, addr: int, n: int) -> bytes:
+def copy_from_user(k, t, addr: int, n: int, stack: tuple[str, ...] = _STACK) -> bytes:
     """The bytes of t's memory at [addr, addr + n), as far as they can be read: a
     short result means the copy stopped at a bad page (the caller returns what it
-    did, or -EFAULT)."""
+    did, or -EFAULT).  `stack`: the kernel path, for the #MC's call trace."""
     core, mm = k.core, t.process.mm
     out = bytearray()
     pos, end = addr, addr + n
@@ -35,7 +35,7 @@ def copy_from_user(k, t, addr: int, n: int) -> bytes:
         pfn = ((e & C.PTE_PFN_MASK) >> 12) + ((pos >> 12) & ((1 << (shift - 12)) - 1))
         po = pos & (PAGE_SIZE - 1)
         if core.hwerr(pfn):
-            k.mce.kernel_load(t, pfn, (pfn << 12) | po, True, _STACK)
+            k.mce.kernel_load(t, pfn, (pfn << 12) | po, True, stack)
             break
         chunk = min(PAGE_SIZE - po, end - pos)
         out += core.phys_read(pfn, po, chunk)
