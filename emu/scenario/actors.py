@@ -112,7 +112,7 @@ class Actor:
                 self._reply(None)
                 return 0
             try:
-                result = getattr(self, "op_" + op)(**cmd)
+                result = getattr(self, "op_" + op.replace("-", "_"))(**cmd)
             except Unwind as e:
                 result = "SIGBUS %s" % SHORT.get(e.code, e.code)
             except OSError as e:
@@ -172,6 +172,14 @@ class Actor:
         self.log("pread(fd, %d, %s+%#x)" % (n, memory, offset))
         got = self.task.pread(self.mem[memory]["fd"], n, offset)
         return "ok" if len(got) == n else "short read: %d of %d bytes" % (len(got), n)
+
+    def op_vhost_copy(self, memory: str, offset: int, length=None, **_):
+        """A vhost worker of this process copying a guest buffer (copy_from_iter):
+        a kernel copy from user, EFAULT at a bad page, never a signal."""
+        n = length or 8
+        self.log("vhost copies %d bytes at %s+%#x" % (n, memory, offset))
+        self.task.vhost_copy(self.addr(memory, offset), n)
+        return "ok"
 
     def op_idle(self, seconds: float, **_):
         self.task.idle(seconds)
@@ -348,6 +356,18 @@ def _guest_access(g, op, gpas, data):
     yield g.sync(out)
 
 
+def _guest_kernel_read(g, what, gpa):
+    """The guest kernel makes KVM read guest memory itself."""
+    yield g.kernel()
+    try:
+        v = yield (g.emulate(gpa, 8) if what == "emulate" else g.kvm_map_read(gpa, 8))
+        r = "ok" if v is not None else "map failed"
+    except GuestTaskKilled:
+        r = "killed"
+    yield g.user()
+    yield g.sync(r)
+
+
 def _guest_boot(g):
     yield g.set_cr4_mce(True)
     yield g.sync("booted")
@@ -479,6 +499,28 @@ class VcpuActor(Actor):
         for r in self._run("read", gpas, b""):
             counts[r] = counts.get(r, 0) + 1
         return _counts(counts)
+
+    def _kernel_read(self, what: str, memory: str, offset: int):
+        if self.paused:
+            return "paused"
+        gpa = self.gpa(memory, offset)
+        self.log("guest makes KVM %s GPA %#x (%s+%#x)" % (
+            "emulate an instruction at" if what == "emulate" else "map and read", gpa, memory, offset))
+        self.vcpu.set_guest(_guest_kernel_read, what, gpa)
+        r = self.exec()
+        if r == "exit %d" % u.KVM_EXIT_INTERNAL_ERROR:
+            return "KVM_EXIT_INTERNAL_ERROR (emulation)"
+        return r
+
+    def op_emulate(self, memory: str, offset: int, **_):
+        """KVM emulates an instruction at the address: it fetches the bytes with
+        __copy_from_user (kvm_fetch_guest_virt), an MC-safe copy."""
+        return self._kernel_read("emulate", memory, offset)
+
+    def op_kvm_map_read(self, memory: str, offset: int, **_):
+        """KVM maps the page into the kernel and loads from it (kvm_vcpu_map): not
+        MC-safe."""
+        return self._kernel_read("kvm_map_read", memory, offset)
 
     def op_idle(self, seconds: float, **_):
         if not self.paused:

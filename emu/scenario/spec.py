@@ -11,9 +11,10 @@
                  mapped_by = [process names]
     [[vm]]       name, process, type (default | sw-protected), vcpus (count or names),
                  slots = [{memory, gpa, offset, size}]
-    [[step]]     who, do (read | write | touch | pread | idle | inject | convert |
-                 punch | measure), memory + offset [+ length] or gpa, error
-                 (deferred | latent | madvise), to (private | shared), seconds, data
+    [[step]]     who, do (read | write | touch | pread | emulate | kvm-map-read |
+                 vhost-copy | idle | inject | convert | punch | measure), memory + offset
+                 [+ length] or gpa, error (deferred | latent | madvise), to (private |
+                 shared), seconds, data
     [expect.<policy>]  measured values the run must give under that policy
 
 Everything is checked before anything runs: a bad file is one line, `file:line:
@@ -33,7 +34,8 @@ VMMS = ("none", "qemu-like", "firecracker-like", "cloud-hypervisor-like", "recov
 MCE_KILL = ("early", "late", "default", "unset")
 MEMORY_TYPES = ("anon", "memfd", "hugetlb-memfd", "guest_memfd")
 VM_TYPES = ("default", "sw-protected")
-VERBS = ("read", "write", "touch", "pread", "idle", "inject", "convert", "punch", "measure")
+VERBS = ("read", "write", "touch", "pread", "emulate", "kvm-map-read", "vhost-copy", "idle", "inject",
+         "convert", "punch", "measure")
 ERRORS = ("deferred", "latent", "madvise")
 MEASURED = ("signals", "exits", "host_unmapped", "s2_zapped", "hwpoison_running", "hwpoison_after",
             "hardware_corrupted_running", "hardware_corrupted_after", "pool_lost", "mces",
@@ -514,7 +516,8 @@ def _step(r: _Reader, sc: Scenario, d: dict, i: int, lines: _Lines) -> Step:
         r.fail(where + ".data", "expected a byte value 0..255, got %r" % (data,))
     st.data = data
     vcpu = sc.vcpu_owner(st.who) if st.who else None
-    needs_target = do in ("read", "write", "touch", "pread", "inject", "convert", "punch")
+    needs_target = do in ("read", "write", "touch", "pread", "emulate", "kvm-map-read", "vhost-copy",
+                          "inject", "convert", "punch")
     if needs_target and st.memory is None and st.gpa is None:
         r.fail(where, "'%s' needs memory (+ offset) or gpa" % do)
     if st.gpa is not None:
@@ -560,6 +563,14 @@ def _check_verb(r: _Reader, sc: Scenario, st: Step, where: str, vcpu) -> None:
                        % (st.who.split(".")[0], m.name))
         elif st.who not in (None, "host"):
             r.fail(where + ".who", "a %s error is injected by the host" % st.error)
+    elif do in ("emulate", "kvm-map-read"):
+        if vcpu is None:
+            r.fail(where + ".who", "'%s' is KVM reading guest memory for a vCPU: name one" % do)
+        if not any(s.memory == m.name for s in vcpu.slots):
+            r.fail(where + ".memory", "memory %r is in no memslot of %s's vm" % (m.name, st.who))
+    elif do == "vhost-copy":
+        if not host_thread or st.who.split(".")[0] not in m.mapped_by:
+            r.fail(where + ".who", "a vhost worker copies from a process that maps %r" % m.name)
     elif do == "pread":
         if not host_thread:
             r.fail(where + ".who", "read(2) is done by a process's thread")
