@@ -35,7 +35,7 @@ import time
 
 import emu
 from emu import uapi as u
-from emu.guest import GuestTaskKilled
+from workers import guest_programs
 
 MCG_CAP = u.MCG_SER_P | u.MCG_CTL_P | 10            # 10 banks, as QEMU's default CPU models
 MCG_CAP_NO_SER = u.MCG_CTL_P | 10                   # a CPU model without MCG_SER_P
@@ -312,25 +312,6 @@ def _sigbus_reraise() -> None:
     os._exit(134)                       # perror("Failed to re-raise SIGBUS!"); abort()
 
 
-def _guest_access(g, op, gpa, n, data, private):
-    """One guest user task doing one access; the guest kernel may kill it."""
-    try:
-        if op == "read":
-            v = yield g.read(gpa, n, private)
-        else:
-            yield g.write(gpa, data, private)
-            v = len(data)
-        yield g.sync(v)
-    except GuestTaskKilled as e:
-        yield g.sync("killed", e.args[0])
-
-
-def _guest_boot(g, mce: bool = True):
-    if mce:
-        yield g.set_cr4_mce(True)
-    yield g.sync("booted")
-
-
 def _guest_idle(g):
     yield g.sync("idle")
 
@@ -471,7 +452,7 @@ def _vcpu_thread(task, idx: int, ram: GuestRam, cmd_r: int, rep_w: int, recover:
             else:
                 return "exit %d" % vcpu.kvm_run.exit_reason
 
-    vcpu.set_guest(_guest_boot, guest_mce)
+    vcpu.set_guest(guest_programs.boot, guest_mce)
     kvm_cpu_exec()
     reply("booted")
     while True:
@@ -488,7 +469,7 @@ def _vcpu_thread(task, idx: int, ram: GuestRam, cmd_r: int, rep_w: int, recover:
             continue
         if op == "reset":                          # kvm_arch_reset_vcpu + the guest boots
             vcpu.reset()
-            vcpu.set_guest(_guest_boot, guest_mce)
+            vcpu.set_guest(guest_programs.boot, guest_mce)
             reply(kvm_cpu_exec())
             continue
         gk = vcpu.guest_kernel
@@ -502,7 +483,7 @@ def _vcpu_thread(task, idx: int, ram: GuestRam, cmd_r: int, rep_w: int, recover:
             journal.add(who, "guest %s %d bytes at GPA %#x%s" % (
                 "reads" if op == "read" else "writes", n if op == "read" else len(data), gpa,
                 " (private)" if private else ""))
-            vcpu.set_guest(_guest_access, op, gpa, n, data, private)
+            vcpu.set_guest(guest_programs.access, gpa, n, private, None if op == "read" else data)
             result = kvm_cpu_exec()
         for line in gk.log[seen:]:
             journal.add(who, "guest kernel: " + line)

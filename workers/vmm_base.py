@@ -21,7 +21,7 @@ import signal
 
 import emu
 from emu import uapi as u
-from emu.guest import GuestTaskKilled
+from workers import guest_programs
 
 PAGE = 4096
 MCG_CAP = u.MCG_SER_P | u.MCG_CTL_P | 10
@@ -74,21 +74,6 @@ class GuestRam:
         return self.vm.gpa_to_pfn(gpa)["backing_pfn"]
 
 
-def _guest_access(g, gpa, n, private, data=None):
-    try:
-        if data is None:
-            v = yield g.read(gpa, n, private)
-        else:
-            yield g.write(gpa, data, private)
-            v = len(data)
-        yield g.sync(v)
-    except GuestTaskKilled as e:
-        yield g.sync("killed", e.args[0])
-
-
-def _guest_boot(g):
-    yield g.set_cr4_mce(True)
-    yield g.sync("booted")
 
 
 class Vmm:
@@ -106,7 +91,7 @@ class Vmm:
         self.ram = GuestRam(task, ram, ram_size)
         self.vcpu = self.ram.vm.create_vcpu(0)
         self.vcpu.setup_mce(MCG_CAP)
-        self.vcpu.set_guest(_guest_boot)
+        self.vcpu.set_guest(guest_programs.boot)
         self._run()
 
     # ---- output ----
@@ -130,12 +115,12 @@ class Vmm:
     def guest_read(self, gpa: int, n: int = 8, private: bool | None = None):
         """The guest reads n bytes at gpa; its result (bytes, ("killed", va), or
         what a hook decided)."""
-        self.vcpu.set_guest(_guest_access, gpa, n, private)
+        self.vcpu.set_guest(guest_programs.access, gpa, n, private)
         return self._run()
 
     def guest_write(self, gpa: int, data: bytes, private: bool | None = None):
         """The guest stores data at gpa; len(data), or as guest_read."""
-        self.vcpu.set_guest(_guest_access, gpa, len(data), private, data)
+        self.vcpu.set_guest(guest_programs.access, gpa, len(data), private, data)
         return self._run()
 
     def host_read(self, gpa: int, n: int = 8) -> bytes:

@@ -90,7 +90,7 @@ def measure(run, start_mi: dict, usable, reach: dict, events: list) -> dict:
         "hardware_corrupted_running": e["meminfo"]["HardwareCorrupted"],
         "hardware_corrupted_after": a["meminfo"]["HardwareCorrupted"],
         "pool_lost": start_mi["HugePages_Free"] - a["meminfo"]["HugePages_Free"],
-        "mces": e["mces"] - 0,
+        "mces": e["mces"],
         "panic": a["panic"],
         "gmem_usable": usable,
         "bad_memory": reach,

@@ -20,7 +20,7 @@ from multiprocessing.connection import Connection
 
 from .. import records
 from .. import uapi as u
-from .actors import MainActor, _inherited
+from .actors import MainActor, _errname, _inherited
 from .spec import PAGE, Scenario
 
 KPF_HWPOISON = 1 << u.KPF_HWPOISON
@@ -356,9 +356,7 @@ def _size(n: int) -> str:
 
 
 def _ret(r: int) -> str:
-    import errno
-
-    return "%d" % r if r >= 0 else "-%s" % errno.errorcode.get(-r, str(-r))
+    return "%d" % r if r >= 0 else "-" + _errname(-r)
 
 
 def _what(st) -> str:
