@@ -6,6 +6,8 @@ import json
 import os
 import signal
 
+import pytest
+
 from emu import records
 
 PAGE = 4096
@@ -209,25 +211,13 @@ def test_e6_ao_without_ser_p_is_ignored(host):
 
 
 # ---- E7: AR in the main thread or an iothread (SIGBUS blocked there): killed ----
-def test_e7_ar_in_main_thread_kills_with_sigbus(host):
+@pytest.mark.parametrize("reader", ["main_read", "iothread_read"])
+def test_e7_ar_in_main_thread_or_iothread_kills_with_sigbus(host, reader):
     def script(q, out):
         q.vcpu(0, "write", GPA_A, data=b"\xaa" * PAGE)
         q.me.read(q.ram.hva + GPA_A, 8)
         q.host.hw_poison(pfn_of(q, GPA_A))
-        q.main_read(GPA_A)
-        out("not reached", True)
-
-    code, journal, events, res = run_qemu(host, script)
-    assert code == -signal.SIGBUS
-    assert "not reached" not in res and events == []
-
-
-def test_e7_ar_in_an_iothread_kills_with_sigbus(host):
-    def script(q, out):
-        q.vcpu(0, "write", GPA_A, data=b"\xaa" * PAGE)
-        q.me.read(q.ram.hva + GPA_A, 8)
-        q.host.hw_poison(pfn_of(q, GPA_A))
-        q.iothread_read(GPA_A)
+        getattr(q, reader)(GPA_A)
         out("not reached", True)
 
     code, journal, events, res = run_qemu(host, script)
