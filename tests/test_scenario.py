@@ -239,8 +239,9 @@ def test_what_the_machine_refuses_is_a_setup_error_not_a_crash():
     ("firecracker-like", "exit 1 (vcpu0)",
      "Unexpected exit reason on vcpu run: MemoryFault { flags: 8, gpa: 12288, size: 4096 }"),
     ("cloud-hypervisor-like", "exit 0 (vcpu0)",
-     "VCPU generated error: VcpuRun(Memory page has hardware error)"),
-    ("qemu-like", "ran to the end", "QEMU: VM paused (internal-error)"),
+     "VCPU generated error: VcpuRun(Unexpected exit reason on vcpu run: "
+     "MemoryFault { flags: 8, gpa: 12288, size: 4096 })"),
+    ("qemu-like", "ran to the end", "QEMU: error: kvm run failed Memory page has hardware error"),
 ])
 def test_vmm_models_end_a_guest_memfd_ehwpoison_their_own_way(vmm, ends, line):
     """KVM_RUN -1/EHWPOISON on a private guest_memfd page (MEMORY_FAULT, flags

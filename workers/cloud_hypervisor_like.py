@@ -1,4 +1,5 @@
-"""A cloud-hypervisor-shaped VMM worker: no SIGBUS handler at all.
+"""A cloud-hypervisor-shaped VMM worker: no SIGBUS handler at all (the decisions
+are workers/models.py's CloudHypervisorLike).
 
 cloud-hypervisor installs handlers for SIGWINCH, SIGTERM and SIGINT but none for
 SIGBUS and sets no PR_MCE_KILL policy (no SIGBUS or machine-check handling found
@@ -15,24 +16,10 @@ the exit event's handling, not checked in the source).
 """
 from __future__ import annotations
 
-import os
-
-from emu import uapi as u
-
-from .vmm_base import Vmm, memory_fault_debug
+from . import models
+from .vmm_base import Vmm
 
 
 class CloudHypervisorLike(Vmm):
     name = "cloud-hypervisor"
-
-    def on_kvm_error(self, err: int, kvm_run) -> str | None:
-        if err == u.EAGAIN:
-            return None
-        if err in (u.EFAULT, u.EHWPOISON) and kvm_run.exit_reason == u.KVM_EXIT_MEMORY_FAULT:
-            why = "Unexpected exit reason on vcpu run: %s" % memory_fault_debug(kvm_run)
-        else:
-            why = "VCPU error Error(%d)" % err
-        self.log("VCPU generated error: VcpuRun(%s)" % why)
-        self.close()
-        self.task.exit()
-        os._exit(0)
+    model = models.CloudHypervisorLike()

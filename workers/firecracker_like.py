@@ -1,6 +1,7 @@
 """A Firecracker-shaped VMM worker: what Firecracker turns a memory error into.
 
-From firecracker-microvm/firecracker's source:
+The decisions are workers/models.py's FirecrackerLike, from
+firecracker-microvm/firecracker's source:
 - No prctl(PR_MCE_KILL): its threads follow the vm.memory_failure_early_kill
   sysctl (0 by default), so a deferred error signals nobody.
 - src/vmm/src/signal_handler.rs sigbus_sigsegv_handler: any SIGBUS, whatever its
@@ -19,42 +20,10 @@ From firecracker-microvm/firecracker's source:
 """
 from __future__ import annotations
 
-import os
-import signal
-
-import emu
-from emu import uapi as u
-
-from .vmm_base import Vmm, memory_fault_debug
-
-FC_EXIT_CODE_GENERIC_ERROR = 1
-FC_EXIT_CODE_SIGBUS = 149
+from . import models
+from .vmm_base import Vmm
 
 
 class FirecrackerLike(Vmm):
     name = "firecracker"
-
-    def install_signal_handlers(self) -> None:
-        """register_signal_handlers(): SIGBUS -> sigbus_sigsegv_handler."""
-        def sigbus_handler(signum, info):
-            self.sigbus.append((info.si_code, info.si_addr, info.si_addr_lsb))
-            self.log("Shutting down VM after intercepting signal %d, code %d."
-                     % (signum, info.si_code))
-            os._exit(FC_EXIT_CODE_SIGBUS)
-
-        emu.sigaction(signal.SIGBUS, sigbus_handler)
-
-    def on_kvm_error(self, err: int, kvm_run) -> str | None:
-        if err == u.EAGAIN:
-            return None
-        if err in (u.EFAULT, u.EHWPOISON) and kvm_run.exit_reason == u.KVM_EXIT_MEMORY_FAULT:
-            self.log("Unexpected exit reason on vcpu run: %s" % memory_fault_debug(kvm_run))
-        else:
-            self.log("Failure during vcpu run: %s (os error %d)" % (os.strerror(err), err))
-        self.exit(FC_EXIT_CODE_GENERIC_ERROR)
-
-    def exit(self, code: int) -> None:
-        """Vcpu::exit -> the VMM's exit event: stop the VM, exit with the code."""
-        self.close()
-        self.task.exit()
-        os._exit(code)
+    model = models.FirecrackerLike()

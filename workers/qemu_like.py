@@ -35,24 +35,10 @@ import time
 
 import emu
 from emu import uapi as u
-from workers import guest_programs
+from workers import guest_programs, models
 
-MCG_CAP = u.MCG_SER_P | u.MCG_CTL_P | 10            # 10 banks, as QEMU's default CPU models
-MCG_CAP_NO_SER = u.MCG_CTL_P | 10                   # a CPU model without MCG_SER_P
 MIGRATE_POISONED = ("Can't migrate this vm with hardware poisoned memory, please reboot the vm "
                     "and try again")                # migration/migration.c migrate_prepare
-AR_STATUS = (u.MCI_STATUS_VAL | u.MCI_STATUS_UC | u.MCI_STATUS_EN | u.MCI_STATUS_MISCV
-             | u.MCI_STATUS_ADDRV | u.MCI_STATUS_S | u.MCI_STATUS_AR | 0x134)
-AO_STATUS = (u.MCI_STATUS_VAL | u.MCI_STATUS_UC | u.MCI_STATUS_EN | u.MCI_STATUS_MISCV
-             | u.MCI_STATUS_ADDRV | u.MCI_STATUS_S | 0xC0)
-
-
-def kvm_mce(code: int, gpa: int) -> u.KvmX86Mce:
-    """QEMU's kvm_mce_inject() for an Intel guest: bank 9, misc 0x8c."""
-    ar = code == u.BUS_MCEERR_AR
-    mcg = u.MCG_STATUS_MCIP | u.MCG_STATUS_RIPV | (u.MCG_STATUS_EIPV if ar else 0)
-    return u.KvmX86Mce(status=AR_STATUS if ar else AO_STATUS, addr=gpa, misc=0x8C,
-                       mcg_status=mcg, bank=9)
 
 
 class Journal(list):
@@ -128,7 +114,7 @@ class QemuLike:
         self.journal = Journal()
         self.journal.fd = log_fd
         self.hwpoison_pages: list[int] = []          # kvm_hwpoison_page_add's list (GPAs here)
-        self.ser = ser
+        self.model = models.QemuLike(ser=ser, recover=recover)
         self.runstate = "running"
         self.reset_requested = False
         self.me = emu.attach(host, name=name)
@@ -140,7 +126,7 @@ class QemuLike:
         for i in range(nvcpus):
             cmd_r, cmd_w = os.pipe()
             rep_r, rep_w = os.pipe()
-            th = self.me.clone(_vcpu_thread, i, self.ram, cmd_r, rep_w, recover, ser, guest_mce,
+            th = self.me.clone(_vcpu_thread, i, self.ram, cmd_r, rep_w, self.model, guest_mce,
                                log_fd, name="vcpu%d" % i)
             os.close(cmd_r)
             os.close(rep_w)
@@ -157,28 +143,33 @@ class QemuLike:
         synchronous call.  An AR cannot come here in QEMU: a blocked SIGBUS that the
         kernel forces is unblocked and reset to SIG_DFL (force_sig_info_to_task), so
         main_read() blocks SIGBUS as QEMU does, and the process dies."""
-        if info.si_code not in (u.BUS_MCEERR_AO, u.BUS_MCEERR_AR):
-            _sigbus_reraise()
-        addr = info.si_addr
-        if info.si_code == u.BUS_MCEERR_AR:          # assert(code != BUS_MCEERR_AR)
-            _sigbus_reraise()
-        if self.ser and addr:                         # env->mcg_cap & MCG_SER_P
-            if self.ram.contains(addr):
-                gpa = self.ram.gpa(addr)
-                self._hwpoison_page_add(gpa)
-                self.journal.add("main", "QEMU: warning: Guest MCE Memory Error at QEMU addr %#x "
-                                 "and GUEST addr %#x of type BUS_MCEERR_AO injected" % (addr, gpa))
-                self.pending_ao = gpa                 # run_on_cpu(first_cpu, ...)
-                return
-            self.journal.add("main", "QEMU: warning: Hardware memory error at addr %#x of type "
-                             "BUS_MCEERR_AO for memory used by QEMU itself instead of guest "
-                             "system!" % addr)
-        # "Hope we are lucky for AO MCE, just notify a event"
-        self.journal.memory_failure("hypervisor", "ignore", False)
+        self.model.on_sigbus(self, info, vcpu=False)
+
+    # the main thread as the models' Executor
+    pending: list = []                      # never used: no KVM_RUN on the main thread
+    index = 0
+
+    def log(self, text: str) -> None:
+        self.journal.add("main", text)
+
+    def qmp(self, recipient: str, action: str, ar: bool, recursive: bool = False) -> None:
+        self.journal.memory_failure(recipient, action, ar, recursive)
+
+    def reraise(self):
+        models.sigbus_reraise()
+
+    def die(self, status: int):
+        os._exit(status)
+
+    def guest_addr(self, hva: int) -> int | None:
+        return self.ram.gpa(hva) if self.ram.contains(hva) else None
+
+    def kvm_mce_inject(self, code: int, gpa: int) -> None:
+        self.pending_ao = gpa                 # run_on_cpu(first_cpu, ...) when next driven
 
     pending_ao = None
 
-    def _hwpoison_page_add(self, gpa: int) -> None:
+    def hwpoison_page_add(self, gpa: int) -> None:
         """accel/kvm/kvm-all.c kvm_hwpoison_page_add: a deduplicated list."""
         page = gpa & ~0xFFF
         if page not in self.hwpoison_pages:
@@ -215,7 +206,7 @@ class QemuLike:
             result, journal, poisoned = None, [], []
         self.journal.extend(journal)
         for gpa in poisoned:
-            self._hwpoison_page_add(gpa)
+            self.hwpoison_page_add(gpa)
         if result is None:                            # the vCPU thread died
             self._thread_ended(self.vcpus[i][0])
         if isinstance(result, tuple) and result[:1] == ("qemu-exit",):
@@ -304,194 +295,151 @@ class QemuLike:
         self.vcpus = []
 
 
-def _sigbus_reraise() -> None:
-    """QEMU's sigbus_reraise: SIG_DFL, raise, unblock."""
-    signal.signal(signal.SIGBUS, signal.SIG_DFL)
-    os.kill(os.getpid(), signal.SIGBUS)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGBUS])
-    os._exit(134)                       # perror("Failed to re-raise SIGBUS!"); abort()
-
-
 def _guest_idle(g):
     yield g.sync("idle")
 
 
-def _vcpu_thread(task, idx: int, ram: GuestRam, cmd_r: int, rep_w: int, recover: bool,
-                 ser: bool = True, guest_mce: bool = True, log_fd: int | None = None) -> int:
-    who = "vcpu%d" % idx
-    task.prctl(u.PR_MCE_KILL, u.PR_MCE_KILL_SET, u.PR_MCE_KILL_LATE)
-    journal = Journal()
-    journal.fd = log_fd
-    poisoned: list[int] = []                       # kvm_hwpoison_page_add, sent to main
-    pending = []                                   # QEMU: pending_sigbus_addr/code
-    state = {"touch": None}
+class VcpuThread:
+    """A vCPU thread (kvm_vcpu_thread_fn): KVM_RUN in kvm_cpu_exec, the main
+    thread's requests between runs, and the models' Executor for what it decides."""
 
-    def reply(result):
-        _send(rep_w, (result, list(journal), list(poisoned)))
-        journal.clear()
-        poisoned.clear()
+    def __init__(self, task, idx: int, ram: GuestRam, rep_w: int, model: models.QemuLike,
+                 log_fd: int | None):
+        self.task, self.index, self.ram, self.rep_w, self.model = task, idx, ram, rep_w, model
+        self.who = "vcpu%d" % idx
+        self.journal = Journal()
+        self.journal.fd = log_fd
+        self.poisoned: list[int] = []             # kvm_hwpoison_page_add, sent to main
+        self.pending: list = []                   # QEMU: pending_sigbus_addr/code
+        self.touch: int | None = None
+        task.prctl(u.PR_MCE_KILL, u.PR_MCE_KILL_SET, u.PR_MCE_KILL_LATE)
+        emu.sigaction(signal.SIGBUS, lambda signum, info: model.on_sigbus(self, info, vcpu=True))
+        self.vcpu = ram.vm.create_vcpu(idx)       # kvm_init_cpu_signals unblocks SIGBUS
+        self.vcpu.setup_mce(model.mcg_cap)
 
-    def on_sigbus(signum, info):
-        # system/cpus.c sigbus_handler -> accel/kvm/kvm-all.c kvm_on_sigbus_vcpu
-        if info.si_code not in (u.BUS_MCEERR_AO, u.BUS_MCEERR_AR):
-            journal.add(who, "QEMU: SIGBUS si_code %#x is not a memory error: re-raising"
-                        % info.si_code)
-            reply(None)
-            _sigbus_reraise()
-        if pending:                                # have_sigbus_pending: return 1 -> reraise
-            journal.add(who, "QEMU: second SIGBUS %s at %#x while one is pending: re-raising"
-                        % (_code_name(info.si_code), info.si_addr))
-            reply(None)
-            _sigbus_reraise()
-        pending.append((info.si_code, info.si_addr))
+    def reply(self, result) -> None:
+        _send(self.rep_w, (result, list(self.journal), list(self.poisoned)))
+        self.journal.clear()
+        self.poisoned.clear()
 
-    emu.sigaction(signal.SIGBUS, on_sigbus)        # kvm_init_cpu_signals unblocks it
-    vcpu = ram.vm.create_vcpu(idx)
-    vcpu.setup_mce(MCG_CAP if ser else MCG_CAP_NO_SER)
+    # ---- Executor ----
+    def log(self, text: str) -> None:
+        self.journal.add(self.who, text)
 
-    def do_inject_x86_mce(code: int, gpa: int) -> str | None:
-        """target/i386/helper.c do_inject_x86_mce on this vCPU (run_on_cpu), after
-        cpu_synchronize_state: the guest's CR4, MCG_STATUS/MCG_CTL and the bank's
-        MCi_CTL as KVM holds them.  Returns "reset" when it raised a triple fault."""
-        ar = code == u.BUS_MCEERR_AR
-        st = task._call("guest_state", vcpu=vcpu.fd)
-        recursive = bool(st["mcg_status"] & u.MCG_STATUS_MCIP)
-        if not ar and recursive:                   # an AO while the guest is mid-#MC: dropped
-            journal.memory_failure("guest", "ignore", ar, recursive)
-            return None
-        ones = (1 << 64) - 1
-        # "Uncorrected error reporting disabled": printed to params->mon, which is
-        # NULL for kvm_mce_inject, so nothing is shown and no event is sent.
-        if st["mcg_cap"] & u.MCG_CTL_P and st.get("mcg_ctl", ones) != ones:
-            return None
-        if st["banks"][9][0] != ones:
-            return None
-        msg = None
-        if not st["cr4_mce"]:
-            msg = "CPU %d: MCE capability is not enabled, raising triple fault" % idx
-        elif recursive:
-            msg = "CPU %d: Previous MCE still in progress, raising triple fault" % idx
-        if msg:                                    # qemu_system_reset_request(GUEST_RESET)
-            journal.memory_failure("guest", "reset", ar, recursive)
-            journal.add(who, "QEMU: " + msg)       # qemu_log_mask(CPU_LOG_RESET): -d cpu_reset
-            return "reset"
-        vcpu.set_mce(kvm_mce(code, gpa))
-        journal.memory_failure("guest", "inject", ar, recursive)
-        return None
+    def qmp(self, recipient: str, action: str, ar: bool, recursive: bool = False) -> None:
+        self.journal.memory_failure(recipient, action, ar, recursive)
 
-    def kvm_arch_on_sigbus_vcpu(code: int, addr: int) -> str | None:
-        """target/i386/kvm/kvm.c kvm_arch_on_sigbus_vcpu for a SIGBUS on this vCPU."""
-        if ser and addr and ram.contains(addr):    # qemu_ram_addr_from_host + memslot lookup
-            gpa = ram.gpa(addr)
-            poisoned.append(gpa & ~0xFFF)          # kvm_hwpoison_page_add
-            r = do_inject_x86_mce(code, gpa)       # kvm_mce_inject
-            if code == u.BUS_MCEERR_AR:
-                journal.add(who, "QEMU: error: Guest MCE Memory Error at QEMU addr %#x and "
-                            "GUEST addr %#x of type BUS_MCEERR_AR injected" % (addr, gpa))
-            else:
-                journal.add(who, "QEMU: warning: Guest MCE Memory Error at QEMU addr %#x and "
-                            "GUEST addr %#x of type BUS_MCEERR_AO injected" % (addr, gpa))
-            return r
-        if ser and addr and code == u.BUS_MCEERR_AO:
-            journal.add(who, "QEMU: warning: Hardware memory error at addr %#x of type "
-                        "BUS_MCEERR_AO for memory used by QEMU itself instead of guest system!"
-                        % addr)
-        if code == u.BUS_MCEERR_AR:                # hardware_memory_error
-            journal.memory_failure("hypervisor", "fatal", True)
-            journal.add(who, "QEMU: QEMU got Hardware memory error at addr %#x" % addr)
-            reply(("qemu-exit", 1))                   # exit(1): the main thread ends the process
-            task.exit()
-            os._exit(0)
-        journal.memory_failure("hypervisor", "ignore", False)
-        return None
+    def die(self, status: int):
+        """exit(status) on this thread: the main thread ends the process."""
+        self.reply(("qemu-exit", status))
+        self.task.exit()
+        os._exit(0)
 
-    def kvm_cpu_exec():
+    def reraise(self):
+        self.reply(None)
+        models.sigbus_reraise()
+
+    def guest_addr(self, hva: int) -> int | None:
+        return self.ram.gpa(hva) if self.ram.contains(hva) else None
+
+    def hwpoison_page_add(self, gpa: int) -> None:
+        self.poisoned.append(gpa & ~0xFFF)
+
+    def kvm_mce_inject(self, code: int, gpa: int) -> str | None:
+        return self.model.do_inject_x86_mce(self, code, gpa)
+
+    def guest_state(self) -> dict:
+        return self.task._call("guest_state", vcpu=self.vcpu.fd)
+
+    def set_mce(self, mce: u.KvmX86Mce) -> None:
+        self.vcpu.set_mce(mce)
+
+    def convert(self, gpa: int, size: int, private: bool) -> None:
+        self.task.gmem_convert(self.ram.gmem, gpa - self.ram.gpa_base, size, private)
+
+    def punch(self, gpa: int, size: int) -> None:
+        self.task.fallocate(self.ram.gmem, u.FALLOC_FL_PUNCH_HOLE | u.FALLOC_FL_KEEP_SIZE,
+                            gpa - self.ram.gpa_base, size)
+
+    def pause(self) -> str:
+        return "paused"
+
+    # ---- the loop ----
+    def kvm_cpu_exec(self):
         """accel/kvm/kvm-all.c kvm_cpu_exec until the guest's ucall; returns the
         ucall value, "paused", "reset" or "shutdown"."""
+        vcpu = self.vcpu
         while True:
             try:
                 vcpu.run()
             except OSError as e:
-                kr = vcpu.kvm_run
-                if pending:                        # right after KVM_RUN, under the BQL
-                    if state["touch"] is not None:
-                        task.read(state["touch"], 8)
-                    code, addr = pending.pop()
-                    if kvm_arch_on_sigbus_vcpu(code, addr) == "reset":
-                        return "reset"
-                if e.errno in (u.EINTR, u.EAGAIN):  # kvm_eat_signals, EXCP_INTERRUPT
+                if self.pending and self.touch is not None:
+                    self.task.read(self.touch, 8)   # QEMU code between KVM_RUN and the BQL
+                if self.model.post_run(self) == "reset":
+                    return "reset"
+                if e.errno == u.EINTR:             # kvm_eat_signals, EXCP_INTERRUPT
                     continue
-                if e.errno == u.EFAULT and kr.exit_reason == u.KVM_EXIT_MEMORY_FAULT:
-                    mf = kr.memory_fault
-                    private = bool(mf.flags & u.KVM_MEMORY_EXIT_FLAG_PRIVATE)
-                    journal.add(who, "QEMU: KVM_EXIT_MEMORY_FAULT gpa %#x: converting to %s"
-                                % (mf.gpa, "private" if private else "shared"))
-                    task.gmem_convert(ram.gmem, mf.gpa - ram.gpa_base, mf.size, private)
-                    continue                       # kvm_convert_memory
-                journal.add(who, "QEMU: error: kvm run failed %s" % os.strerror(e.errno))
-                if recover and e.errno == u.EHWPOISON:
-                    mf = kr.memory_fault
-                    journal.add(who, "recovering VMM: punch hole over GPA %#x and re-enter"
-                                % mf.gpa)
-                    task.fallocate(ram.gmem, u.FALLOC_FL_PUNCH_HOLE | u.FALLOC_FL_KEEP_SIZE,
-                                   mf.gpa - ram.gpa_base, mf.size)
+                r = self.model.on_kvm_error(self, e.errno, vcpu.kvm_run)
+                if r is None:
                     continue
-                journal.add(who, "QEMU: KVM_EXIT_MEMORY_FAULT gpa %#x size %#x flags %#x; "
-                            "VM paused (internal-error)" % (
-                                kr.memory_fault.gpa, kr.memory_fault.size, kr.memory_fault.flags))
-                return "paused"                    # cpu_dump_state, vm_stop(INTERNAL_ERROR)
-            if vcpu.kvm_run.exit_reason == u.KVM_EXIT_IO:
+                return r
+            kr = vcpu.kvm_run
+            if kr.exit_reason == u.KVM_EXIT_IO:
                 cmd, args = vcpu.ucall()
                 if cmd == u.UCALL_SYNC:
                     return args[0] if len(args) == 1 else args
                 if cmd == u.UCALL_DONE:
                     return "done"
-            elif vcpu.kvm_run.exit_reason == u.KVM_EXIT_SHUTDOWN:
-                journal.add(who, "QEMU: guest triple fault: system reset requested")
+            elif kr.exit_reason == u.KVM_EXIT_SHUTDOWN:
+                self.log("QEMU: guest triple fault: system reset requested")
                 return "shutdown"
             else:
-                return "exit %d" % vcpu.kvm_run.exit_reason
+                return "exit %d" % kr.exit_reason
 
-    vcpu.set_guest(guest_programs.boot, guest_mce)
-    kvm_cpu_exec()
-    reply("booted")
-    while True:
-        try:
-            op, gpa, n, data, private, touch = _recv(cmd_r)
-        except EOFError:
-            return 0
-        if op == "exit":
-            return 0
-        state["touch"] = touch
-        if op == "qemu_read":                      # QEMU code on the vCPU thread
-            journal.add(who, "QEMU reads %d bytes at %#x" % (n, gpa))
-            reply(task.read(gpa, n))
-            continue
-        if op == "reset":                          # kvm_arch_reset_vcpu + the guest boots
-            vcpu.reset()
-            vcpu.set_guest(guest_programs.boot, guest_mce)
-            reply(kvm_cpu_exec())
-            continue
-        gk = vcpu.guest_kernel
-        seen = len(gk.log)
-        if op == "inject_ao":
-            journal.add(who, "QEMU: injecting the AO machine check for GPA %#x (run_on_cpu)" % gpa)
-            r = do_inject_x86_mce(u.BUS_MCEERR_AO, gpa)
-            vcpu.set_guest(_guest_idle)
-            result = r or kvm_cpu_exec()
-        else:
-            journal.add(who, "guest %s %d bytes at GPA %#x%s" % (
-                "reads" if op == "read" else "writes", n if op == "read" else len(data), gpa,
-                " (private)" if private else ""))
-            vcpu.set_guest(guest_programs.access, gpa, n, private, None if op == "read" else data)
-            result = kvm_cpu_exec()
-        for line in gk.log[seen:]:
-            journal.add(who, "guest kernel: " + line)
-        reply(result)
+    def serve(self, cmd_r: int, guest_mce: bool) -> int:
+        vcpu = self.vcpu
+        vcpu.set_guest(guest_programs.boot, guest_mce)
+        self.kvm_cpu_exec()
+        self.reply("booted")
+        while True:
+            try:
+                op, gpa, n, data, private, touch = _recv(cmd_r)
+            except EOFError:
+                return 0
+            if op == "exit":
+                return 0
+            self.touch = touch
+            if op == "qemu_read":                  # QEMU code on the vCPU thread
+                self.log("QEMU reads %d bytes at %#x" % (n, gpa))
+                self.reply(self.task.read(gpa, n))
+                continue
+            if op == "reset":                      # kvm_arch_reset_vcpu + the guest boots
+                vcpu.reset()
+                vcpu.set_guest(guest_programs.boot, guest_mce)
+                self.reply(self.kvm_cpu_exec())
+                continue
+            gk = vcpu.guest_kernel
+            seen = len(gk.log)
+            if op == "inject_ao":
+                self.log("QEMU: injecting the AO machine check for GPA %#x (run_on_cpu)" % gpa)
+                r = self.model.do_inject_x86_mce(self, u.BUS_MCEERR_AO, gpa)
+                vcpu.set_guest(_guest_idle)
+                result = r or self.kvm_cpu_exec()
+            else:
+                self.log("guest %s %d bytes at GPA %#x%s" % (
+                    "reads" if op == "read" else "writes", n if op == "read" else len(data), gpa,
+                    " (private)" if private else ""))
+                vcpu.set_guest(guest_programs.access, gpa, n, private,
+                               None if op == "read" else data)
+                result = self.kvm_cpu_exec()
+            for line in gk.log[seen:]:
+                self.log("guest kernel: " + line)
+            self.reply(result)
 
 
-def _code_name(code: int) -> str:
-    return {u.BUS_MCEERR_AO: "BUS_MCEERR_AO", u.BUS_MCEERR_AR: "BUS_MCEERR_AR"}.get(code, str(code))
+def _vcpu_thread(task, idx: int, ram: GuestRam, cmd_r: int, rep_w: int, model: models.QemuLike,
+                 guest_mce: bool = True, log_fd: int | None = None) -> int:
+    return VcpuThread(task, idx, ram, rep_w, model, log_fd).serve(cmd_r, guest_mce)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ import signal
 import emu
 from emu import uapi as u
 
-from .vmm_base import PAGE, HostFault, Vmm, ar_mce
+from . import models
+from .vmm_base import PAGE, HostFault, Vmm
 
 PATTERNS = ("punch", "replace", "degrade", "shutdown")
 
@@ -77,7 +78,7 @@ class RecoveringVmm(Vmm):
             return "shutdown"
         if self.pattern == "degrade":
             self.log("memory error at GPA %#x: injecting a machine check" % gpa)
-            self.vcpu.set_mce(ar_mce(gpa))
+            self.vcpu.set_mce(models.kvm_mce(u.BUS_MCEERR_AR, gpa))
             return None
         if ram.gmem is not None:
             self.log("punch hole over GPA %#x" % gpa)

@@ -18,22 +18,13 @@ from __future__ import annotations
 
 import os
 import signal
+from typing import NoReturn
 
 import emu
 from emu import uapi as u
-from workers import guest_programs
+from workers import guest_programs, models
 
-PAGE = 4096
-MCG_CAP = u.MCG_SER_P | u.MCG_CTL_P | 10
-AR_STATUS = (u.MCI_STATUS_VAL | u.MCI_STATUS_UC | u.MCI_STATUS_EN | u.MCI_STATUS_MISCV
-             | u.MCI_STATUS_ADDRV | u.MCI_STATUS_S | u.MCI_STATUS_AR | 0x134)
-
-
-def ar_mce(gpa: int) -> u.KvmX86Mce:
-    """An action-required machine check for the guest (QEMU's kvm_mce_inject values)."""
-    return u.KvmX86Mce(status=AR_STATUS, addr=gpa, misc=0x8C,
-                       mcg_status=u.MCG_STATUS_MCIP | u.MCG_STATUS_RIPV | u.MCG_STATUS_EIPV,
-                       bank=9)
+PAGE = models.PAGE
 
 
 class HostFault(Exception):
@@ -77,10 +68,14 @@ class GuestRam:
 
 
 class Vmm:
-    """The common part: attach, guest RAM, one vCPU; subclasses decide what a
-    SIGBUS and a KVM_RUN error turn into (on_sigbus, on_kvm_error)."""
+    """The common part: guest RAM, one vCPU, a log; `model` (workers/models.py)
+    decides what a SIGBUS and a KVM_RUN error turn into, and this class carries
+    the decisions out.  It carries out those of the models that do not inject
+    into the guest (none, firecracker-like, cloud-hypervisor-like); the QEMU
+    models run in workers/qemu_like.py, whose threads do the whole Executor."""
 
     name = "vmm"
+    model: models.Model = models.Model()
 
     def __init__(self, task, ram: str = "anon", ram_size: int = 16 * PAGE, log_fd: int = 2):
         self.task, self.log_fd = task, log_fd
@@ -90,7 +85,7 @@ class Vmm:
         self.install_signal_handlers()
         self.ram = GuestRam(task, ram, ram_size)
         self.vcpu = self.ram.vm.create_vcpu(0)
-        self.vcpu.setup_mce(MCG_CAP)
+        self.vcpu.setup_mce(models.MCG_CAP)
         self.vcpu.set_guest(guest_programs.boot)
         self._run()
 
@@ -99,17 +94,33 @@ class Vmm:
         self.lines.append(text)
         os.write(self.log_fd, (text + "\n").encode())
 
-    # ---- hooks ----
+    # ---- the executor of the model's decisions (workers/models.py Executor) ----
     def install_signal_handlers(self) -> None:
-        emu.sigaction(signal.SIGBUS, signal.SIG_DFL)
+        if not self.model.handles_sigbus:
+            emu.sigaction(signal.SIGBUS, signal.SIG_DFL)
+            return
+
+        def on_sigbus(signum, info):
+            self.sigbus.append((info.si_code, info.si_addr, info.si_addr_lsb))
+            self.model.on_sigbus(self, info, vcpu=not self._host_access)
+
+        emu.sigaction(signal.SIGBUS, on_sigbus)
+
+    def die(self, status: int) -> NoReturn:
+        """The log is already written (log_fd); the process ends, the kernel
+        tears its VM and mappings down."""
+        os._exit(status)
+
+    def unwind(self, code: int) -> NoReturn:
+        raise HostFault(code)
 
     def on_kvm_error(self, err: int, kvm_run) -> str | None:
         """KVM_RUN returned -1 with errno err (not EINTR): None re-enters, a string
         ends the access with that result."""
-        return "error"
+        return self.model.on_kvm_error(self, err, kvm_run)
 
     def on_eintr(self) -> str | None:
-        return None
+        return self.model.post_run(self)
 
     # ---- the guest and the device model ----
     def guest_read(self, gpa: int, n: int = 8, private: bool | None = None):
@@ -165,9 +176,3 @@ class Vmm:
                 t.close(fd)
         t.munmap(self.ram.hva, self.ram.size)
 
-
-def memory_fault_debug(kr) -> str:
-    """kvm-ioctls' VcpuExit::MemoryFault as Rust's {:?} prints it (VcpuFd::run maps
-    -1/EFAULT or -1/EHWPOISON with KVM_EXIT_MEMORY_FAULT to it; the errno is lost)."""
-    mf = kr.memory_fault
-    return "MemoryFault { flags: %d, gpa: %d, size: %d }" % (mf.flags, mf.gpa, mf.size)

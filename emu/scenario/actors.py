@@ -7,17 +7,19 @@ thread the scenario names, through its own mapping or its own vCPU.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import time
 from multiprocessing.connection import Connection
 
+from workers.models import MODELS, SHORT, errname, sigbus_reraise
+
 from .. import uapi as u
 from ..guest import GuestTaskKilled
 from ..runtime import KernelPanic
 from .spec import PAGE, Memory, Scenario
-from .vmm import MODELS, SHORT, Unwind, kvm_mce
 
 MCE_KILL = {"early": u.PR_MCE_KILL_EARLY, "late": u.PR_MCE_KILL_LATE,
             "default": u.PR_MCE_KILL_DEFAULT}
@@ -36,6 +38,14 @@ def connect(path: str, hello: dict) -> Connection:
     return conn
 
 
+class Unwind(Exception):
+    """A handler's siglongjmp out of the access that took SIGBUS."""
+
+    def __init__(self, code: int):
+        super().__init__(SHORT.get(code, code))
+        self.code = code
+
+
 class Actor:
     """One emulated thread: a process's main thread, another thread, or a vCPU."""
 
@@ -43,6 +53,7 @@ class Actor:
         self.task, self.name, self.sc, self.sock = task, name, sc, sock
         self.proc = sc.process(proc_name)
         self.model = MODELS[self.proc.vmm]()
+        self.poisoned: set = set()        # QEMU's kvm_hwpoison_page_add list
         self.journal: list = []
         self.signals: list = []
         self.requests: list = []
@@ -84,9 +95,42 @@ class Actor:
                                  info.si_addr, info.si_addr_lsb))
             self.log("SIGBUS %s addr %#x lsb %d" % (SHORT.get(info.si_code, info.si_code),
                                                      info.si_addr, info.si_addr_lsb))
-            (self.model.on_vcpu_sigbus if vcpu else self.model.on_sigbus)(self, info)
+            self.model.on_sigbus(self, info, vcpu)
 
         emu.sigaction(signal.SIGBUS, handler)
+
+    # ---- the VMM model's Executor (workers/models.py): its decisions, carried out here
+    index = 0
+    _gpa_vm: str | None = None
+
+    def qmp(self, recipient: str, action: str, ar: bool, recursive: bool = False) -> None:
+        self.log("QMP " + json.dumps({"event": "MEMORY_FAILURE", "data": {
+            "recipient": recipient, "action": action,
+            "flags": {"action-required": bool(ar), "recursive": bool(recursive)}}}))
+
+    def die(self, status: int):
+        self.last_words("exit %d" % status)
+        os._exit(status)
+
+    def reraise(self):
+        self.flush()
+        sigbus_reraise()
+
+    def unwind(self, code: int):
+        raise Unwind(code)
+
+    def guest_addr(self, hva: int) -> int | None:
+        """The GPA of hva in guest RAM; the VM it is in is kept for kvm_mce_inject."""
+        vg = self.gpa_of(hva)
+        self._gpa_vm = vg and vg[0]
+        return vg and vg[1]
+
+    def hwpoison_page_add(self, gpa: int) -> None:
+        self.poisoned.add(gpa & ~(PAGE - 1))
+
+    def kvm_mce_inject(self, code: int, gpa: int) -> None:
+        """run_on_cpu(first_cpu, do_inject_x86_mce): the runner asks the VM's first vCPU."""
+        self.requests.append(("inject_mce", self._gpa_vm, code, gpa))
 
     def gpa_of(self, hva: int):
         """(vm name, gpa) of a host address in this process's guest RAM, or None."""
@@ -116,7 +160,7 @@ class Actor:
             except Unwind as e:
                 result = "SIGBUS %s" % SHORT.get(e.code, e.code)
             except OSError as e:
-                result = "error %s (%s)" % (_errname(e.errno), e.strerror)
+                result = "error %s (%s)" % (errname(e.errno), e.strerror)
             except KernelPanic as e:
                 result = "kernel panic: %s" % e.reason
             except Exception as e:            # a bug in the scenario machinery: say so
@@ -304,12 +348,6 @@ class MainActor(Actor):
         return th.pid
 
 
-def _errname(e: int) -> str:
-    import errno
-
-    return {u.EHWPOISON: "EHWPOISON"}.get(e) or errno.errorcode.get(e, str(e))
-
-
 def _counts(counts: dict) -> str:
     if list(counts) == ["ok"]:
         return "ok"
@@ -387,8 +425,9 @@ class VcpuActor(Actor):
         self.vm_name = vm_name
         vm = self.vms[vm_name]
         self.vcpu = vm.create_vcpu(self.sc.vm(vm_name).vcpus.index(self.name))
-        if self.model.name != "none":
-            self.vcpu.setup_mce(u.MCG_SER_P | u.MCG_CTL_P | 10)
+        self.index = self.sc.vm(vm_name).vcpus.index(self.name)
+        if self.model.mce_banks:
+            self.vcpu.setup_mce(self.model.mcg_cap)
         self.vcpu.set_guest(_guest_boot)
         self.exec(raw=True)
 
@@ -420,47 +459,43 @@ class VcpuActor(Actor):
             return "exit %d" % kr.exit_reason
 
     def _kvm_error(self, e: OSError, raw: bool):
+        """KVM_RUN returned -1: the VMM model decides (None re-enters).  A probe
+        (raw) asks the machine, not the VMM: the errno is its answer."""
+        if e.errno == u.EINTR:
+            return None if raw else self.model.post_run(self)
         kr = self.vcpu.kvm_run
         mf = kr.memory_fault
-        if e.errno == u.EINTR:
-            if self.pending and not raw:
-                code, addr = self.pending.pop()
-                gpa = self.gpa_of(addr)
-                if gpa is None:
-                    self.log("QEMU: QEMU got Hardware memory error at addr %#x" % addr)
-                    self.last_words("exit 1")
-                    os._exit(1)
-                self.log("QEMU: error: Guest MCE Memory Error at QEMU addr %#x and GUEST addr %#x "
-                         "of type %s injected" % (addr, gpa[1], SHORT[code].join(("BUS_MCEERR_", ""))))
-                self.vcpu.set_mce(kvm_mce(code, gpa[1]))
-            return None
         priv = bool(mf.flags & u.KVM_MEMORY_EXIT_FLAG_PRIVATE)
-        if e.errno == u.EFAULT and kr.exit_reason == u.KVM_EXIT_MEMORY_FAULT and not raw \
-                and self.model.name != "none":
-            mem, off = self._memory_at(mf.gpa)
-            self.log("KVM_EXIT_MEMORY_FAULT gpa %#x: converting to %s" % (mf.gpa, "private" if priv
-                                                                            else "shared"))
-            self.task.gmem_convert(self.mem[mem]["fd"], off, mf.size, priv)
-            return None
-        if not raw:
-            self.exits.append(_errname(e.errno) + (" (private)" if priv else ""))
-        self.log("KVM_RUN: -1/%s, exit %d, gpa %#x, flags %#x" % (_errname(e.errno), kr.exit_reason,
+        self.log("KVM_RUN: -1/%s, exit %d, gpa %#x, flags %#x" % (errname(e.errno), kr.exit_reason,
                                                                  mf.gpa, mf.flags))
         if raw:
-            return _errname(e.errno)
-        if e.errno == u.EHWPOISON and self.model.recover:
-            mem, off = self._memory_at(mf.gpa)
-            self.log("recovering VMM: punch hole over GPA %#x and re-enter" % mf.gpa)
-            self.task.fallocate(self.mem[mem]["fd"], u.FALLOC_FL_PUNCH_HOLE | u.FALLOC_FL_KEEP_SIZE,
-                                off, mf.size)
-            return None
-        self.model.on_kvm_error(self, e.errno, kr)          # a VMM that ends here does not return
-        if self.model.pause_on_ehwpoison:
-            self.log("QEMU: error: kvm run failed %s" % os.strerror(e.errno))
-            self.log("QEMU: VM paused (internal-error)")
-            self.paused = True
-            return "paused"
-        return _errname(e.errno)
+            return errname(e.errno)
+        self.exits.append(errname(e.errno) + (" (private)" if priv else ""))
+        return self.model.on_kvm_error(self, e.errno, kr)   # a VMM that ends here does not return
+
+    # ---- Executor, vCPU side
+    def kvm_mce_inject(self, code: int, gpa: int) -> str | None:
+        return self.model.do_inject_x86_mce(self, code, gpa)
+
+    def guest_state(self) -> dict:
+        return self.task._call("guest_state", vcpu=self.vcpu.fd)
+
+    def set_mce(self, mce) -> None:
+        self.vcpu.set_mce(mce)
+
+    def convert(self, gpa: int, size: int, private: bool) -> None:
+        self.exits.pop()                  # a conversion request the VMM resolves is no error
+        mem, off = self._memory_at(gpa)
+        self.task.gmem_convert(self.mem[mem]["fd"], off, size, private)
+
+    def punch(self, gpa: int, size: int) -> None:
+        mem, off = self._memory_at(gpa)
+        self.task.fallocate(self.mem[mem]["fd"], u.FALLOC_FL_PUNCH_HOLE | u.FALLOC_FL_KEEP_SIZE,
+                            off, size)
+
+    def pause(self) -> str:
+        self.paused = True
+        return "paused"
 
     def _memory_at(self, gpa: int) -> tuple[str, int]:
         for s in self.sc.vm(self.vm_name).slots:
@@ -533,7 +568,8 @@ class VcpuActor(Actor):
         """run_on_cpu(first_cpu, do_inject_x86_mce): this vCPU's thread does SET_MCE."""
         self.log("QEMU: injecting the %s machine check for GPA %#x (run_on_cpu)"
                  % (SHORT.get(code, code), gpa))
-        self.vcpu.set_mce(kvm_mce(code, gpa))
+        if self.model.do_inject_x86_mce(self, code, gpa) == "reset":
+            return "reset"
         if not self.paused:
             self.vcpu.set_guest(_guest_idle)
             self.exec()

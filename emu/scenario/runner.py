@@ -18,9 +18,11 @@ import tempfile
 import time
 from multiprocessing.connection import Connection
 
+from workers.models import errname
+
 from .. import records
 from .. import uapi as u
-from .actors import MainActor, _errname, _inherited
+from .actors import MainActor, _inherited
 from .spec import PAGE, Scenario
 
 KPF_HWPOISON = 1 << u.KPF_HWPOISON
@@ -356,7 +358,7 @@ def _size(n: int) -> str:
 
 
 def _ret(r: int) -> str:
-    return "%d" % r if r >= 0 else "-" + _errname(-r)
+    return "%d" % r if r >= 0 else "-" + errname(-r)
 
 
 def _what(st) -> str:
