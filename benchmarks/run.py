@@ -12,11 +12,12 @@ import bench_guest  # noqa: E402
 import bench_hugetlb  # noqa: E402
 import bench_supervisor_death  # noqa: E402
 import bench_syscall  # noqa: E402
+import bench_vmm  # noqa: E402
 
 if __name__ == "__main__":
     results = []
     for mod in (bench_fastpath, bench_syscall, bench_deferred_mf, bench_guest, bench_hugetlb,
-                bench_supervisor_death):
+                bench_supervisor_death, bench_vmm):
         results += mod.main()
     print("\n%d figures, each beside a baseline measured in this run." % len(results))
     if "--json" in sys.argv:
