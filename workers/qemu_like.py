@@ -22,7 +22,8 @@ MEMORY_FAILURE event ({"event": "MEMORY_FAILURE", "data": {"recipient":
 "hypervisor"|"guest", "action": "ignore"|"inject"|"fatal"|"reset", "flags":
 {"action-required": bool, "recursive": bool}}}), who = "qmp"; `qmp_events()`
 returns them.  The guest's CPU model has MCG_SER_P unless `ser=False`; its
-kernel enables CR4.MCE unless `guest_mce=False`.
+kernel enables CR4.MCE unless `guest_mce=False`; `mce_handler` replaces its #MC
+handler (emu.guest.GuestKernel.handler).
 """
 from __future__ import annotations
 
@@ -123,7 +124,7 @@ class GuestRam:
 class QemuLike:
     def __init__(self, host, ram_size: int = 2 << 20, nvcpus: int = 2, name: str = "qemu",
                  recover: bool = False, ser: bool = True, guest_mce: bool = True,
-                 log_fd: int | None = None):
+                 log_fd: int | None = None, mce_handler=None):
         self.host = host
         self.journal = Journal()
         self.journal.fd = log_fd
@@ -141,7 +142,7 @@ class QemuLike:
             cmd_r, cmd_w = os.pipe()
             rep_r, rep_w = os.pipe()
             th = self.me.clone(_vcpu_thread, i, self.ram, cmd_r, rep_w, recover, ser, guest_mce,
-                               log_fd, name="vcpu%d" % i)
+                               log_fd, mce_handler, name="vcpu%d" % i)
             os.close(cmd_r)
             os.close(rep_w)
             self.vcpus.append((th, cmd_w, rep_r))
@@ -270,7 +271,7 @@ class QemuLike:
                 self.me.fallocate(self.ram.gmem, u.FALLOC_FL_PUNCH_HOLE | u.FALLOC_FL_KEEP_SIZE,
                                   gpa - self.ram.gpa_base, 4096)
             except OSError as e:
-                self.journal.add("main", "QEMU: error: Could not remap RAM pc.ram:%x +%x: %s"
+                self.journal.add("main", "QEMU: Could not remap RAM pc.ram:%x +%x: %s"
                                  % (gpa, 4096, e.strerror))
                 os._exit(1)
             self.journal.add("main", "QEMU: kvm_unpoison_all: remapped GPA %#x" % gpa)
@@ -317,7 +318,8 @@ def _guest_idle(g):
 
 
 def _vcpu_thread(task, idx: int, ram: GuestRam, cmd_r: int, rep_w: int, recover: bool,
-                 ser: bool = True, guest_mce: bool = True, log_fd: int | None = None) -> int:
+                 ser: bool = True, guest_mce: bool = True, log_fd: int | None = None,
+                 mce_handler=None) -> int:
     who = "vcpu%d" % idx
     task.prctl(u.PR_MCE_KILL, u.PR_MCE_KILL_SET, u.PR_MCE_KILL_LATE)
     journal = Journal()
@@ -386,7 +388,8 @@ def _vcpu_thread(task, idx: int, ram: GuestRam, cmd_r: int, rep_w: int, recover:
             poisoned.append(gpa & ~0xFFF)          # kvm_hwpoison_page_add
             r = do_inject_x86_mce(code, gpa)       # kvm_mce_inject
             if code == u.BUS_MCEERR_AR:
-                journal.add(who, "QEMU: error: Guest MCE Memory Error at QEMU addr %#x and "
+                # error_report (no "error: " prefix: util/error-report.c vreport)
+                journal.add(who, "QEMU: Guest MCE Memory Error at QEMU addr %#x and "
                             "GUEST addr %#x of type BUS_MCEERR_AR injected" % (addr, gpa))
             else:
                 journal.add(who, "QEMU: warning: Guest MCE Memory Error at QEMU addr %#x and "
@@ -452,6 +455,8 @@ def _vcpu_thread(task, idx: int, ram: GuestRam, cmd_r: int, rep_w: int, recover:
             else:
                 return "exit %d" % vcpu.kvm_run.exit_reason
 
+    if mce_handler is not None:                    # the guest kernel's own #MC handler
+        vcpu.guest_kernel.handler = mce_handler
     vcpu.set_guest(guest_programs.boot, guest_mce)
     kvm_cpu_exec()
     reply("booted")
@@ -469,6 +474,8 @@ def _vcpu_thread(task, idx: int, ram: GuestRam, cmd_r: int, rep_w: int, recover:
             continue
         if op == "reset":                          # kvm_arch_reset_vcpu + the guest boots
             vcpu.reset()
+            if mce_handler is not None:
+                vcpu.guest_kernel.handler = mce_handler
             vcpu.set_guest(guest_programs.boot, guest_mce)
             reply(kvm_cpu_exec())
             continue
