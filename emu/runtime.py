@@ -1027,13 +1027,14 @@ class MemoryFault:
 
 class Internal:
     """kvm_run.internal (KVM_EXIT_INTERNAL_ERROR)."""
-    __slots__ = ("ndata", "suberror")
+    __slots__ = ("ndata", "suberror", "flags", "insn_size")
 
     def __init__(self):
-        self.suberror = self.ndata = 0
+        self.suberror = self.ndata = self.flags = self.insn_size = 0
 
     def __repr__(self):
-        return "internal(suberror=%d, ndata=%d)" % (self.suberror, self.ndata)
+        return "internal(suberror=%d, ndata=%d, flags=%#x, insn_size=%d)" % (
+            self.suberror, self.ndata, self.flags, self.insn_size)
 
 
 class KvmRun:
@@ -1235,8 +1236,10 @@ class Vcpu:
                             how="emulate" if kind == "emulate" else "map",
                             cpl=3 if gk.mode == "user" else 0)
         if r.get("exit"):                   # the instruction stays where it was
-            self.kvm_run.internal.suberror = r["exit"]["suberror"]
-            self.kvm_run.internal.ndata = 0
+            ex, internal = r["exit"], self.kvm_run.internal
+            internal.suberror = ex["suberror"]
+            internal.ndata, internal.flags = ex.get("ndata", 0), ex.get("flags", 0)
+            internal.insn_size = ex.get("insn_size", 0)
             return r["exit"]["reason"]
         self._op, self._pos = None, 0
         if r.get("ud"):                     # #UD at CPL 3: the guest kernel kills the task
