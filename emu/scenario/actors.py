@@ -430,8 +430,10 @@ class VcpuActor(Actor):
                     self.log("QEMU: QEMU got Hardware memory error at addr %#x" % addr)
                     self.last_words("exit 1")
                     os._exit(1)
-                self.log("QEMU: error: Guest MCE Memory Error at QEMU addr %#x and GUEST addr %#x "
-                         "of type %s injected" % (addr, gpa[1], SHORT[code].join(("BUS_MCEERR_", ""))))
+                # error_report for AR (no prefix), warn_report for AO (util/error-report.c)
+                self.log("QEMU: %sGuest MCE Memory Error at QEMU addr %#x and GUEST addr %#x "
+                         "of type %s injected" % ("" if code == u.BUS_MCEERR_AR else "warning: ",
+                                                  addr, gpa[1], SHORT[code].join(("BUS_MCEERR_", ""))))
                 self.vcpu.set_mce(kvm_mce(code, gpa[1]))
             return None
         priv = bool(mf.flags & u.KVM_MEMORY_EXIT_FLAG_PRIVATE)
