@@ -92,7 +92,9 @@ class GuestKernel:
     """The guest OS's machine-check handling, Linux-like by default.
 
     `handler(gk, event)` may be replaced; it returns "killed", "recovered" or
-    "panic".  The guest's view stays readable: `log`, `offlined` (guest page
+    "panic", or a guest program fn(g, event) that the handler runs before it
+    returns (MCG_STATUS.MCIP stays set until that program returns its outcome).
+    The guest's view stays readable: `log`, `offlined` (guest page
     frames taken offline), `killed`, `panicked`.
     """
 

@@ -1027,13 +1027,14 @@ class MemoryFault:
 
 class Internal:
     """kvm_run.internal (KVM_EXIT_INTERNAL_ERROR)."""
-    __slots__ = ("ndata", "suberror")
+    __slots__ = ("ndata", "suberror", "flags", "insn_size")
 
     def __init__(self):
-        self.suberror = self.ndata = 0
+        self.suberror = self.ndata = self.flags = self.insn_size = 0
 
     def __repr__(self):
-        return "internal(suberror=%d, ndata=%d)" % (self.suberror, self.ndata)
+        return "internal(suberror=%d, ndata=%d, flags=%#x, insn_size=%d)" % (
+            self.suberror, self.ndata, self.flags, self.insn_size)
 
 
 class KvmRun:
@@ -1068,6 +1069,7 @@ class Vcpu:
         self.guest_kernel = GuestKernel()
         self.fault_requests = 0          # stage-2 fault round trips to the kernel (statistics)
         self._pending_mce: list[dict] = []
+        self._in_mc: list[tuple] = []    # #MC handlers running guest code: interrupted programs
         self._shutdown = False
 
     # ---- machine checks for the guest (QEMU: kvm_mce_inject) ----
@@ -1090,11 +1092,23 @@ class Vcpu:
 
     def _deliver_mce(self) -> int | None:
         """The queued #MC reaches the guest kernel before its next instruction."""
-        from .guest import GuestTaskKilled
-
         ev = self._pending_mce.pop(0)
         gk = self.guest_kernel
         outcome = gk.handler(gk, ev)
+        if callable(outcome):
+            # a handler that runs guest code (a guest program fn(g, ev) returning the
+            # outcome) before it returns: MCG_STATUS.MCIP stays set meanwhile
+            from .guest import G
+
+            self._in_mc.append((ev, self._gen, self._op, self._pos, self._value))
+            self._gen, self._op, self._pos, self._value = outcome(G, ev), None, 0, None
+            return None
+        return self._mce_done(ev, outcome)
+
+    def _mce_done(self, ev: dict, outcome: str) -> int | None:
+        """The guest's #MC handler returned with `outcome`."""
+        from .guest import GuestTaskKilled
+
         if outcome == "panic":
             return u.KVM_EXIT_HLT
         # the handler clears MCi_STATUS and MCG_STATUS.MCIP (mce_clear_state, mce_wrmsrl)
@@ -1120,11 +1134,14 @@ class Vcpu:
         self.task._call("guest_state", vcpu=self.fd, cr4_mce=False, mcg_status=0)
         self._shutdown = False
         self._pending_mce.clear()
+        self._in_mc.clear()
         self.guest_kernel = GuestKernel()
         self._fn = self._gen = self._op = None
 
     def set_guest(self, fn, *args) -> None:
-        """The guest program: a generator function fn(g, *args)."""
+        """The guest program: a generator function fn(g, *args).  Set while the
+        guest's #MC handler runs guest code, it runs inside that handler: MCIP stays
+        set until the handler's own program returns."""
         from .guest import G
 
         self._fn, self._gen, self._op, self._pos, self._value = fn, fn(G, *args), None, 0, None
@@ -1164,7 +1181,14 @@ class Vcpu:
             if self._op is None:
                 try:
                     self._op = self._gen.send(self._value)
-                except StopIteration:
+                except StopIteration as e:
+                    if self._in_mc:              # the #MC handler returns
+                        ev, self._gen, self._op, self._pos, self._value = self._in_mc.pop()
+                        reason = self._mce_done(ev, e.value or "recovered")
+                        if reason is not None:
+                            kr.exit_reason = reason
+                            return 0
+                        continue
                     self._gen = None
                     kr.exit_reason = u.KVM_EXIT_HLT
                     return 0
@@ -1212,8 +1236,10 @@ class Vcpu:
                             how="emulate" if kind == "emulate" else "map",
                             cpl=3 if gk.mode == "user" else 0)
         if r.get("exit"):                   # the instruction stays where it was
-            self.kvm_run.internal.suberror = r["exit"]["suberror"]
-            self.kvm_run.internal.ndata = 0
+            ex, internal = r["exit"], self.kvm_run.internal
+            internal.suberror = ex["suberror"]
+            internal.ndata, internal.flags = ex.get("ndata", 0), ex.get("flags", 0)
+            internal.insn_size = ex.get("insn_size", 0)
             return r["exit"]["reason"]
         self._op, self._pos = None, 0
         if r.get("ud"):                     # #UD at CPL 3: the guest kernel kills the task

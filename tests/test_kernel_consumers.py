@@ -121,9 +121,38 @@ def test_emulated_instruction_fetch_of_poisoned_guest_ram_is_emulation_failure(h
     assert vcpu.run() == 0
     assert vcpu.kvm_run.exit_reason == u.KVM_EXIT_INTERNAL_ERROR
     assert vcpu.kvm_run.internal.suberror == u.KVM_INTERNAL_ERROR_EMULATION
+    # prepare_emulation_failure_exit (arch/x86/kvm/x86.c): no instruction byte was
+    # fetched, so flags = 0 and ndata = 1 (flags) + 5 (get_exit_info's info[])
+    assert vcpu.kvm_run.internal.flags == 0
+    assert vcpu.kvm_run.internal.ndata == 6
     after_kill_me_never(host, pfn, off & 0xFFF, got)
     assert me.pagemap(mem + off).hwpoison
     assert host.check_invariants() == []
+
+
+def test_emulation_failure_reports_the_bytes_fetched_before_the_poisoned_page(host):
+    """An instruction that starts 2 bytes before a poisoned page: the emulator's
+    first fetch (__do_insn_fetch_bytes, up to the page end) gets those 2 bytes, the
+    next one fails; prepare_emulation_failure_exit reports them: flags
+    KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES, insn_size 2, ndata 1 + 2 + 5."""
+    me = emu.attach(host, name="qemu")
+    vm, mem = BACKINGS["anon"](me)
+    vcpu = vm.create_vcpu(0)
+
+    def guest(g):
+        yield g.kernel()
+        yield g.sync((yield g.emulate(GPA + PAGE - 2, 4)))
+        yield g.done()
+
+    me.read(mem + PAGE, 8)                                 # both pages present
+    poison(host, me, mem, PAGE)
+    vcpu.set_guest(guest)
+    assert vcpu.run() == 0 and vcpu.kvm_run.exit_reason == u.KVM_EXIT_INTERNAL_ERROR
+    internal = vcpu.kvm_run.internal
+    assert internal.suberror == u.KVM_INTERNAL_ERROR_EMULATION
+    assert internal.flags == u.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
+    assert internal.insn_size == 2
+    assert internal.ndata == 8
 
 
 def test_emulated_instruction_fetch_at_cpl3_injects_ud(host):

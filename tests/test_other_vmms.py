@@ -126,7 +126,9 @@ def test_kvm_run_ehwpoison_on_private_guest_memfd(host, vmm):
     KVM_EXIT_MEMORY_FAULT (flags PRIVATE).  kvm-ioctls reports that as
     VcpuExit::MemoryFault, which neither VMM handles: Firecracker logs "Unexpected
     exit reason on vcpu run: MemoryFault {...}" and exits 1 (GenericError);
-    cloud-hypervisor logs "VCPU generated error" and shuts down."""
+    cloud-hypervisor logs "VCPU generated error", writes exit_evt, and its control
+    loop's vmm_shutdown() returns Ok: main() exits 0 (vmm/src/cpu.rs, vmm/src/lib.rs
+    Vmm::control_loop, cloud-hypervisor/src/main.rs)."""
     def body(vmm):
         vmm.ram.make_private(GPA)
         assert vmm.guest_read(GPA, private=True) == b"\0" * 8     # a fresh private page

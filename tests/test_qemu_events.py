@@ -76,7 +76,8 @@ def test_e1_ar_on_vcpu_is_injected_into_the_guest(host):
     assert res["after"] == b"\0" * 4
     assert res["poisoned"] == [GPA_B]                   # kvm_hwpoison_page_add
     assert events == [mf("guest", "inject", True)]
-    assert ("QEMU: error: Guest MCE Memory Error at QEMU addr %#x and GUEST addr %#x of type "
+    # error_report: no "error: " prefix (util/error-report.c vreport; only warnings get one)
+    assert ("QEMU: Guest MCE Memory Error at QEMU addr %#x and GUEST addr %#x of type "
             "BUS_MCEERR_AR injected" % (res["hva"] + GPA_B, GPA_B)) in texts(journal, "vcpu1")
     assert ("guest kernel: Memory failure: %#x: Sending SIGBUS to guest-task due to hardware "
             "memory corruption" % (GPA_B >> 12)) in texts(journal, "vcpu1")
@@ -103,6 +104,97 @@ def test_e1a_ar_without_cr4_mce_resets_the_guest_and_remaps_the_pages(host):
     assert "QEMU: kvm_unpoison_all: remapped GPA %#x" % GPA_B in texts(journal, "main")
     assert res["poisoned_after"] == []
     assert res["reread"] == b"\0" * 8
+
+
+# ---- E1a: an AR while the guest is still in its #MC handler (MCIP set) ----
+def test_e1a_ar_while_previous_mce_in_progress_resets_the_guest(host):
+    """target/i386/helper.c do_inject_x86_mce: UC with MCG_STATUS.MCIP already set is
+    "Previous MCE still in progress, raising triple fault", QMP (guest, reset,
+    recursive) and qemu_system_reset_request; nothing reaches KVM_X86_SET_MCE.  The
+    guest's #MC handler reports over an I/O port before it returns, and the
+    guest's next access (inside that handler) consumes a second poisoned page."""
+    from workers.guest_programs import mce_handler_reporting
+
+    def script(q, out):
+        dirty_and_poison(q, out, 1, GPA_A)
+        dirty_and_poison(q, out, 1, GPA_B)
+        out("first", q.vcpu(1, "read", GPA_B, n=8))
+        out("second", q.vcpu(1, "read", GPA_A, n=8))
+        out("reset_requested", q.reset_requested)
+        out("poisoned", sorted(q.hwpoison_pages))
+        out("hva", q.ram.hva)
+        q.system_reset()
+        out("reread", q.vcpu(1, "read", GPA_A, n=8))
+
+    code, journal, events, res = run_qemu(host, script, mce_handler=mce_handler_reporting)
+    assert code == 0
+    assert res["first"] == "in #MC handler"             # the #MC was injected, handler running
+    assert res["second"] == "reset" and res["reset_requested"]
+    assert events == [mf("guest", "inject", True), mf("guest", "reset", True, recursive=True)]
+    assert "QEMU: CPU 1: Previous MCE still in progress, raising triple fault" in \
+        texts(journal, "vcpu1")
+    assert ("QEMU: Guest MCE Memory Error at QEMU addr %#x and GUEST addr %#x of type "
+            "BUS_MCEERR_AR injected" % (res["hva"] + GPA_A, GPA_A)) in texts(journal, "vcpu1")
+    assert res["poisoned"] == [GPA_A, GPA_B]
+    assert res["reread"] == b"\0" * 8                   # kvm_unpoison_all remapped it
+
+
+# ---- E4 (dropped): an AO while the first vCPU's guest is mid-#MC ----
+def test_e4_ao_while_guest_is_mid_mce_is_ignored(host):
+    """do_inject_x86_mce: an AO (no MCE_INJECT_UNCOND_AO from kvm_mce_inject) while
+    MCG_STATUS.MCIP is set is dropped: QMP (guest, ignore, action-required false,
+    recursive true), no SET_MCE.  kvm_arch_on_sigbus_vcpu still records the page
+    and warns "... injected" (it does not know run_on_cpu dropped it)."""
+    from workers.guest_programs import mce_handler_reporting
+
+    def script(q, out):
+        dirty_and_poison(q, out, 0, GPA_B)
+        q.vcpu(0, "write", GPA_A, data=b"\xaa" * PAGE)
+        q.me.read(q.ram.hva + GPA_A, 8)
+        out("first", q.vcpu(0, "read", GPA_B, n=8))     # vCPU 0's guest is in its #MC handler
+        q.host.hw_detect(pfn_of(q, GPA_A))
+        wait_ao(q)
+        out("pending", q.pending_ao)
+        q.deliver_pending_ao()
+        out("poisoned", sorted(q.hwpoison_pages))
+
+    code, journal, events, res = run_qemu(host, script, mce_handler=mce_handler_reporting)
+    assert code == 0
+    assert res["first"] == "in #MC handler" and res["pending"] == GPA_A
+    assert events == [mf("guest", "inject", True), mf("guest", "ignore", False, recursive=True)]
+    assert res["poisoned"] == [GPA_A, GPA_B]
+    assert not any("recovery action" in t for t in texts(journal, "vcpu0"))   # nothing injected
+
+
+# ---- E2: AR on a vCPU, guest CPU with MCG_SER_P, address in no memslot QEMU knows ----
+def test_e2_ar_outside_guest_ram_with_ser_p_is_fatal_exit_1(host):
+    """kvm_arch_on_sigbus_vcpu: with MCG_SER_P, an AR whose address
+    kvm_physical_memory_addr_from_host cannot map through QEMU's (address space 0)
+    memslots ends in hardware_memory_error: QMP (hypervisor, fatal, AR), error_report
+    "QEMU got Hardware memory error at addr %p", exit(1).  KVM only sends an AR for a
+    memslot's hva (kvm_send_hwpoison_signal), so the slot here is one QEMU's lookup
+    does not see (as SMRAM's slot in KVM address space 1 is not in kvm_state's
+    address-space-0 list)."""
+    from emu import uapi as u
+
+    gpa_x = 0x400000
+
+    def script(q, out):
+        buf = q.me.mmap(0, PAGE, u.PROT_READ | u.PROT_WRITE, u.MAP_SHARED | u.MAP_ANONYMOUS)
+        q.ram.vm.set_user_memory_region2(1, 0, gpa_x, PAGE, buf)
+        q.vcpu(1, "write", gpa_x, data=b"\xaa" * PAGE)
+        q.host.hw_poison(q.me.pagemap(buf).pfn)
+        out("buf", buf)
+        q.vcpu(1, "read", gpa_x, n=8)
+        out("not reached", True)
+
+    code, journal, events, res = run_qemu(host, script)
+    assert code == 1                                     # exit(1), not a signal
+    assert "not reached" not in res
+    assert events == [mf("hypervisor", "fatal", True)]
+    assert texts(journal, "vcpu1")[-1] == ("QEMU: QEMU got Hardware memory error at addr %#x"
+                                           % res["buf"])
+    assert not any("injected" in t or "QEMU itself" in t for t in texts(journal))
 
 
 # ---- E2: AR on a vCPU, CPU model without MCG_SER_P: hardware_memory_error, exit(1) ----

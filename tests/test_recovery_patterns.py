@@ -227,3 +227,71 @@ def test_recovery_pattern(host_factory, scenario, policy):
     ram = SCENARIOS[scenario](h)[1]
     assert ("mce: Memory error not recovered" in out["dmesg"]) == (
         policy == "v6.18" and ram == "gmem"), out
+
+
+# policy -> (an AO reached the VMM, the SIGBUS codes it saw, how the later guest load
+# reached it, what the guest read).  guest_memfd-only slots: KVM takes the pfn from
+# guest_memfd and a poisoned folio is KVM_RUN -1/EHWPOISON (kvm_gmem_get_pfn), not
+# a SIGBUS.  "minimum" ignores PR_MCE_KILL_EARLY and unmaps nothing: no AO, the
+# load is the VMM's SIGBUS AR.  "initial" keeps the error after the punch.
+EHW = "KVM_RUN: Memory page has hardware error at GPA %#x" % GPA
+AO_LATER = {
+    "v6.18": (True, [u.BUS_MCEERR_AO], EHW, b"\0" * 8),
+    "mf-delayed-fix": (True, [u.BUS_MCEERR_AO], EHW, b"\0" * 8),
+    "minimum": (False, [AR], None, b"\0" * 8),
+    "initial": (True, [u.BUS_MCEERR_AO], EHW, "re-faulted"),
+    "eventual": (True, [u.BUS_MCEERR_AO], EHW, b"\0" * 8),
+}
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_ao_is_noted_then_recovered_at_the_later_access(host_factory, policy):
+    """The recovering VMM sets PR_MCE_KILL_EARLY (as QEMU's qemu_init_sigbus): an
+    error the hardware reports without a consumer (a patrol-scrub UCNA, hw_detect)
+    in a shared guest_memfd page it maps reaches it as SIGBUS BUS_MCEERR_AO
+    (mm/memory-failure.c kill_procs: task_early_kill).  The handler only notes it
+    ("AO memory error at hva ...: noted"); the guest's later load of the page is an
+    AR that the pattern ("replace") recovers: the guest reads zeros.  Late kill
+    (no prctl) would send no AO at all, only the AR at the access."""
+    h = host_factory(policy=policy)
+    me = emu.attach(h, name="launcher")
+    r, w = os.pipe()
+
+    def main(task):
+        os.close(r)
+        vmm = RecoveringVmm(task, "replace", ram="gmem", log_fd=w)
+        vmm.host_write(GPA, DATA)
+        hva = vmm.ram.hva + GPA
+        h.hw_detect(vmm.ram.pfn(GPA))
+        for _ in range(300):                    # the AO arrives asynchronously
+            if vmm.sigbus:
+                break
+            task.idle(0.01)
+        ao = list(vmm.sigbus)
+        guest = vmm.guest_read(GPA)
+        out = {"hva": hva, "ao": ao, "guest": guest,
+               "sigbus": [c for c, _a, _l in vmm.sigbus]}
+        vmm.close()
+        return out
+
+    th = me.fork(main, name="recovering-vmm")
+    os.close(w)
+    code = th.join(30)
+    data = b""
+    while chunk := os.read(r, 65536):
+        data += chunk
+    os.close(r)
+    out = th.result
+    log = data.decode().splitlines()
+    ao, codes, later, guest = AO_LATER[policy]
+    assert code == 0, (log, h.dmesg())
+    noted = "AO memory error at hva %#x: noted" % out["hva"]
+    if ao:
+        assert out["ao"] == [(u.BUS_MCEERR_AO, out["hva"], 12)], (out, log)
+        assert log[0] == noted, log
+    else:
+        assert out["ao"] == [] and noted not in log, (out, log)
+    assert out["sigbus"] == codes, (out, log)
+    if later:
+        assert later in log, log
+    assert out["guest"] == guest, (out, log)

@@ -10,9 +10,11 @@ A KVM_RUN error (hypervisor/src/kvm/mod.rs KvmVcpu::run): -1 with an errno other
 than EAGAIN/EINTR is RunVcpu("VCPU error ..."); an exit kvm-ioctls reports but
 the match does not handle (VcpuExit::MemoryFault for -1/EFAULT or -1/EHWPOISON
 with KVM_EXIT_MEMORY_FAULT) is RunVcpu("Unexpected exit reason on vcpu run:
-...").  vmm/src/cpu.rs logs "VCPU generated error: ..." and writes exit_evt, so
-the VMM shuts the VM down as for a guest shutdown (exit status 0: inferred from
-the exit event's handling, not checked in the source).
+...").  vmm/src/cpu.rs logs "VCPU generated error: ..." and writes exit_evt
+(the vCPU loop's Err arm); Vmm::control_loop (vmm/src/lib.rs) takes
+EpollDispatch::Exit, vmm_shutdown() and leaves the loop with Ok(()); main
+(cloud-hypervisor/src/main.rs) maps Ok to "Cloud Hypervisor exited successfully"
+and process::exit(0).  Exit status 0 (read at cloud-hypervisor ae44c29).
 """
 from __future__ import annotations
 

@@ -23,3 +23,15 @@ def boot(g, mce: bool = True):
     if mce:
         yield g.set_cr4_mce(True)
     yield g.sync("booted")
+
+
+def mce_handler_reporting(gk, ev):
+    """A guest #MC handler that reports the event over an I/O port (a ucall: the
+    vCPU exits to the VMM) before it finishes: until it returns, MCG_STATUS.MCIP is
+    still set, so what the guest does next happens inside the handler."""
+    gk.log.append("mce: reporting machine check at %#x before returning" % ev["addr"])
+
+    def body(g, ev):
+        yield g.sync("in #MC handler")
+        return "recovered"
+    return body

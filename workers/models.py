@@ -27,8 +27,8 @@ ask the same model, so a VMM is written down once, with the source it follows:
   handle_kvm_exit; kvm-ioctls turns -1 with KVM_EXIT_MEMORY_FAULT into
   VcpuExit::MemoryFault, which run_arch_emulation does not handle).
 - cloud-hypervisor-like: no PR_MCE_KILL and no SIGBUS handler (SIGBUS kills it);
-  a KVM_RUN error is "VCPU generated error" (vmm/src/cpu.rs) and the VM shuts
-  down.
+  a KVM_RUN error is "VCPU generated error" (vmm/src/cpu.rs), the VM shuts down
+  and the process exits 0 (vmm/src/lib.rs control_loop, src/main.rs).
 
 The executor interface (`Executor`) is what a decision needs from the thread
 that takes it; each method is a line of the VMM's code, not a decision.
@@ -176,8 +176,8 @@ class QemuLike(Model):
             if gpa is not None:
                 x.hwpoison_page_add(gpa)
                 r = x.kvm_mce_inject(code, gpa)
-                if code == u.BUS_MCEERR_AR:
-                    x.log("QEMU: error: Guest MCE Memory Error at QEMU addr %#x and GUEST addr "
+                if code == u.BUS_MCEERR_AR:        # error_report: no prefix (util/error-report.c)
+                    x.log("QEMU: Guest MCE Memory Error at QEMU addr %#x and GUEST addr "
                           "%#x of type BUS_MCEERR_AR injected" % (addr, gpa))
                 else:
                     x.log("QEMU: warning: Guest MCE Memory Error at QEMU addr %#x and GUEST addr "
@@ -277,7 +277,7 @@ class CloudHypervisorLike(Model):
     prctl = False
     handles_sigbus = False
 
-    exit_status = 0                     # the exit event's shutdown (see below)
+    exit_status = 0                     # control_loop's Exit -> Ok(()) -> process::exit(0)
 
     def on_kvm_error(self, x: Executor, err: int, kr) -> str | None:
         """hypervisor/src/kvm/mod.rs KvmVcpu::run, then vmm/src/cpu.rs: the error is

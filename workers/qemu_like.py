@@ -22,7 +22,8 @@ MEMORY_FAILURE event ({"event": "MEMORY_FAILURE", "data": {"recipient":
 "hypervisor"|"guest", "action": "ignore"|"inject"|"fatal"|"reset", "flags":
 {"action-required": bool, "recursive": bool}}}), who = "qmp"; `qmp_events()`
 returns them.  The guest's CPU model has MCG_SER_P unless `ser=False`; its
-kernel enables CR4.MCE unless `guest_mce=False`.
+kernel enables CR4.MCE unless `guest_mce=False`; `mce_handler` replaces its #MC
+handler (emu.guest.GuestKernel.handler).
 """
 from __future__ import annotations
 
@@ -109,7 +110,7 @@ class GuestRam:
 class QemuLike:
     def __init__(self, host, ram_size: int = 2 << 20, nvcpus: int = 2, name: str = "qemu",
                  recover: bool = False, ser: bool = True, guest_mce: bool = True,
-                 log_fd: int | None = None):
+                 log_fd: int | None = None, mce_handler=None):
         self.host = host
         self.journal = Journal()
         self.journal.fd = log_fd
@@ -127,7 +128,7 @@ class QemuLike:
             cmd_r, cmd_w = os.pipe()
             rep_r, rep_w = os.pipe()
             th = self.me.clone(_vcpu_thread, i, self.ram, cmd_r, rep_w, self.model, guest_mce,
-                               log_fd, name="vcpu%d" % i)
+                               log_fd, mce_handler, name="vcpu%d" % i)
             os.close(cmd_r)
             os.close(rep_w)
             self.vcpus.append((th, cmd_w, rep_r))
@@ -261,7 +262,7 @@ class QemuLike:
                 self.me.fallocate(self.ram.gmem, u.FALLOC_FL_PUNCH_HOLE | u.FALLOC_FL_KEEP_SIZE,
                                   gpa - self.ram.gpa_base, 4096)
             except OSError as e:
-                self.journal.add("main", "QEMU: error: Could not remap RAM pc.ram:%x +%x: %s"
+                self.journal.add("main", "QEMU: Could not remap RAM pc.ram:%x +%x: %s"
                                  % (gpa, 4096, e.strerror))
                 os._exit(1)
             self.journal.add("main", "QEMU: kvm_unpoison_all: remapped GPA %#x" % gpa)
@@ -396,9 +397,14 @@ class VcpuThread:
             else:
                 return "exit %d" % kr.exit_reason
 
-    def serve(self, cmd_r: int, guest_mce: bool) -> int:
+    def boot(self, guest_mce: bool, mce_handler) -> None:
+        self.vcpu.set_guest(guest_programs.boot, guest_mce)
+        if mce_handler is not None:                # the guest kernel's own #MC handler
+            self.vcpu.guest_kernel.handler = mce_handler
+
+    def serve(self, cmd_r: int, guest_mce: bool, mce_handler=None) -> int:
         vcpu = self.vcpu
-        vcpu.set_guest(guest_programs.boot, guest_mce)
+        self.boot(guest_mce, mce_handler)
         self.kvm_cpu_exec()
         self.reply("booted")
         while True:
@@ -415,7 +421,7 @@ class VcpuThread:
                 continue
             if op == "reset":                      # kvm_arch_reset_vcpu + the guest boots
                 vcpu.reset()
-                vcpu.set_guest(guest_programs.boot, guest_mce)
+                self.boot(guest_mce, mce_handler)
                 self.reply(self.kvm_cpu_exec())
                 continue
             gk = vcpu.guest_kernel
@@ -438,8 +444,8 @@ class VcpuThread:
 
 
 def _vcpu_thread(task, idx: int, ram: GuestRam, cmd_r: int, rep_w: int, model: models.QemuLike,
-                 guest_mce: bool = True, log_fd: int | None = None) -> int:
-    return VcpuThread(task, idx, ram, rep_w, model, log_fd).serve(cmd_r, guest_mce)
+                 guest_mce: bool = True, log_fd: int | None = None, mce_handler=None) -> int:
+    return VcpuThread(task, idx, ram, rep_w, model, log_fd).serve(cmd_r, guest_mce, mce_handler)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ can do" (docs: ../shared/reference/vmm-and-tests.md section 5.3), one pattern ea
 - "shutdown": log the error and stop the VM cleanly (exit status 0).
 
 A SIGBUS that is not a memory error (SI_KERNEL from kill_me_now, BUS_ADRERR) is
-re-raised with the default action, as QEMU's sigbus_reraise; an AO is logged and
-left for a later access.  A page that faults again after its fix ends the
+re-raised with the default action, as QEMU's sigbus_reraise.  The VMM asks for
+early kill (PR_MCE_KILL_EARLY, as QEMU's main thread): an AO is logged and left
+for a later access.  A page that faults again after its fix ends the
 access ("re-faulted"), as tinjpage's "I seem to be in a signal loop" guard.
 """
 from __future__ import annotations
@@ -63,6 +64,8 @@ class RecoveringVmm(Vmm):
             self.pending.append((info.si_code, info.si_addr))   # KVM_RUN returns -EINTR
 
         emu.sigaction(signal.SIGBUS, on_sigbus)
+        # as QEMU's qemu_init_sigbus: take AO errors early, or the AO branch never runs
+        self.task.prctl(u.PR_MCE_KILL, u.PR_MCE_KILL_SET, u.PR_MCE_KILL_EARLY)
 
     # ---- recovery ----
     def recover(self, gpa: int, private: bool) -> str | None:

@@ -461,13 +461,25 @@ class KVM:
         guest gets the #UD.  Returns {"data"} or {"exit"} or {"ud"}."""
         if not 1 <= n <= X86_MAX_INSTRUCTION_LENGTH:
             raise OSError(u.EINVAL, "emulate: an instruction is 1 to 15 bytes")
-        data = self.read_guest(t, v.vm, gpa, n, _FETCH_STACK)
+        # __do_insn_fetch_bytes: the first fetch runs to the page end, the next
+        # one (if the instruction crosses it) from the next page
+        first = min(n, PAGE_SIZE - (gpa & (PAGE_SIZE - 1)))
+        data = self.read_guest(t, v.vm, gpa, first, _FETCH_STACK)
+        got = 0 if data is None else first
+        if data is not None and first < n:
+            rest = self.read_guest(t, v.vm, gpa + first, n - first, _FETCH_STACK)
+            data = None if rest is None else data + rest
         if data is not None:
             return {"data": data}
         self.k.trace("kvm_emulate_insn_failed", vcpu=v.id, gpa=gpa, cpl=cpl)
         if cpl == 0:
+            # prepare_emulation_ctxt_failure_exit: the bytes fetched (ctxt->fetch),
+            # the flags word, then get_exit_info's 5 words
             return {"exit": {"reason": u.KVM_EXIT_INTERNAL_ERROR,
-                             "suberror": u.KVM_INTERNAL_ERROR_EMULATION}}
+                             "suberror": u.KVM_INTERNAL_ERROR_EMULATION,
+                             "flags": u.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
+                             if got else 0, "insn_size": got,
+                             "ndata": 1 + (2 if got else 0) + 5}}
         return {"ud": True}
 
     def map_read(self, t, v: Vcpu, gpa: int, n: int) -> bytes | None:
