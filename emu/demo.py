@@ -34,7 +34,7 @@ def _qemu_process(host, w: Connection) -> None:
     q = QemuLike(host, ram_size=2 << 20, nvcpus=2, recover=True)
     j = q.journal
     tids = {q.me.tid: "main"}
-    for i, (th, _, _) in enumerate(q.vcpus):
+    for i, (th, _) in enumerate(q.vcpus):
         tids[th.pid] = "vcpu%d" % i
     w.send([("tids", tids), ("hva", q.ram.hva)])
 

@@ -29,10 +29,9 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import signal
-import struct
 import time
+from multiprocessing import Pipe
 
 import emu
 from emu import uapi as u
@@ -62,28 +61,6 @@ class Journal(list):
         self.add("qmp", json.dumps({"event": "MEMORY_FAILURE", "data": {
             "recipient": recipient, "action": action,
             "flags": {"action-required": bool(ar), "recursive": bool(recursive)}}}))
-
-
-def _send(fd: int, obj) -> None:
-    data = pickle.dumps(obj)
-    os.write(fd, struct.pack("I", len(data)) + data)
-
-
-def _recv(fd: int):
-    hdr = b""
-    while len(hdr) < 4:
-        chunk = os.read(fd, 4 - len(hdr))
-        if not chunk:
-            raise EOFError
-        hdr += chunk
-    (n,) = struct.unpack("I", hdr)
-    data = b""
-    while len(data) < n:
-        chunk = os.read(fd, n - len(data))
-        if not chunk:
-            raise EOFError
-        data += chunk
-    return pickle.loads(data)
 
 
 class GuestRam:
@@ -125,13 +102,11 @@ class QemuLike:
         self.ram = GuestRam(self.me, ram_size)
         self.vcpus = []
         for i in range(nvcpus):
-            cmd_r, cmd_w = os.pipe()
-            rep_r, rep_w = os.pipe()
-            th = self.me.clone(_vcpu_thread, i, self.ram, cmd_r, rep_w, self.model, guest_mce,
+            ours, theirs = Pipe()                     # run_on_cpu's queue, both ways
+            th = self.me.clone(_vcpu_thread, i, self.ram, theirs, self.model, guest_mce,
                                log_fd, mce_handler, name="vcpu%d" % i)
-            os.close(cmd_r)
-            os.close(rep_w)
-            self.vcpus.append((th, cmd_w, rep_r))
+            theirs.close()
+            self.vcpus.append((th, ours))
             self._wait(i)                             # the guest kernel booted on it
 
     # ---- the main thread's SIGBUS (QEMU: sigbus_handler -> kvm_on_sigbus) ----
@@ -192,7 +167,7 @@ class QemuLike:
         While the VM is paused (internal-error) the vCPUs do not run: "paused"."""
         if self.runstate != "running" and op not in ("reset",):
             return "paused"
-        _send(self.vcpus[i][1], (op, gpa, n, data, private, touch))
+        self.vcpus[i][1].send((op, gpa, n, data, private, touch))
         result = self._wait(i)
         if result == "paused":
             self.runstate = "internal-error"          # vm_stop(RUN_STATE_INTERNAL_ERROR)
@@ -202,7 +177,7 @@ class QemuLike:
 
     def _wait(self, i: int):
         try:
-            result, journal, poisoned = _recv(self.vcpus[i][2])
+            result, journal, poisoned = self.vcpus[i][1].recv()
         except EOFError:
             result, journal, poisoned = None, [], []
         self.journal.extend(journal)
@@ -285,14 +260,13 @@ class QemuLike:
         return [json.loads(text) for _t, who, text in self.journal if who == "qmp"]
 
     def stop(self) -> None:
-        for th, cmd_w, rep_r in self.vcpus:
+        for th, conn in self.vcpus:
             try:
-                _send(cmd_w, ("exit", 0, 0, b"", None, None))
+                conn.send(("exit", 0, 0, b"", None, None))
             except OSError:
                 pass
             th.join(10)
-            os.close(cmd_w)
-            os.close(rep_r)
+            conn.close()
         self.vcpus = []
 
 
@@ -304,9 +278,9 @@ class VcpuThread:
     """A vCPU thread (kvm_vcpu_thread_fn): KVM_RUN in kvm_cpu_exec, the main
     thread's requests between runs, and the models' Executor for what it decides."""
 
-    def __init__(self, task, idx: int, ram: GuestRam, rep_w: int, model: models.QemuLike,
+    def __init__(self, task, idx: int, ram: GuestRam, conn, model: models.QemuLike,
                  log_fd: int | None):
-        self.task, self.index, self.ram, self.rep_w, self.model = task, idx, ram, rep_w, model
+        self.task, self.index, self.ram, self.conn, self.model = task, idx, ram, conn, model
         self.who = "vcpu%d" % idx
         self.journal = Journal()
         self.journal.fd = log_fd
@@ -319,7 +293,7 @@ class VcpuThread:
         self.vcpu.setup_mce(model.mcg_cap)
 
     def reply(self, result) -> None:
-        _send(self.rep_w, (result, list(self.journal), list(self.poisoned)))
+        self.conn.send((result, list(self.journal), list(self.poisoned)))
         self.journal.clear()
         self.poisoned.clear()
 
@@ -402,14 +376,14 @@ class VcpuThread:
         if mce_handler is not None:                # the guest kernel's own #MC handler
             self.vcpu.guest_kernel.handler = mce_handler
 
-    def serve(self, cmd_r: int, guest_mce: bool, mce_handler=None) -> int:
+    def serve(self, guest_mce: bool, mce_handler=None) -> int:
         vcpu = self.vcpu
         self.boot(guest_mce, mce_handler)
         self.kvm_cpu_exec()
         self.reply("booted")
         while True:
             try:
-                op, gpa, n, data, private, touch = _recv(cmd_r)
+                op, gpa, n, data, private, touch = self.conn.recv()
             except EOFError:
                 return 0
             if op == "exit":
@@ -443,9 +417,9 @@ class VcpuThread:
             self.reply(result)
 
 
-def _vcpu_thread(task, idx: int, ram: GuestRam, cmd_r: int, rep_w: int, model: models.QemuLike,
+def _vcpu_thread(task, idx: int, ram: GuestRam, conn, model: models.QemuLike,
                  guest_mce: bool = True, log_fd: int | None = None, mce_handler=None) -> int:
-    return VcpuThread(task, idx, ram, rep_w, model, log_fd).serve(cmd_r, guest_mce, mce_handler)
+    return VcpuThread(task, idx, ram, conn, model, log_fd).serve(guest_mce, mce_handler)
 
 
 if __name__ == "__main__":
