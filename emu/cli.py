@@ -371,7 +371,8 @@ def cmd_compare(args) -> int:
         raise CliError(str(e)) from None
 
 
-WORKERS = {"qemu-like": "workers.console"}
+WORKERS = {"qemu-like": "workers.console", "firecracker-like": "workers.firecracker_like",
+           "cloud-hypervisor-like": "workers.cloud_hypervisor_like", "recovering": "workers.recovering"}
 
 
 def cmd_run_worker(args) -> int:

@@ -5,10 +5,13 @@ import os
 import re
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+
+import pytest
 
 import emu
 
@@ -108,3 +111,210 @@ def test_a_source_tree_without_its_core_says_so(tmp_path):
     assert r.returncode == 1
     assert "emu's Cython core is not built in %s" % pkg in r.stderr
     assert "emu run-worker" in r.stderr
+
+
+# ---- the other VMM workers: firecracker-like, cloud-hypervisor-like, recovering ----
+
+GPA = 0x3000
+
+
+class Daemon:
+    """A private background daemon on a temp socket; stop() leaves nothing behind."""
+
+    def __init__(self):
+        self.sock = os.path.join(tempfile.mkdtemp(prefix="emu-rw-"), "emu.sock")
+        r = subprocess.run(_emu() + ["daemon", "--background", "--socket", self.sock, "--ram", "64M"],
+                           capture_output=True, text=True, timeout=60, cwd=tempfile.gettempdir())
+        assert r.returncode == 0, r.stderr
+        with open(os.path.splitext(self.sock)[0] + ".pid") as f:     # as cmd_daemon names it
+            self.pid = int(f.read())
+
+    def inject(self, *args):
+        """`emu inject ...` from another terminal."""
+        r = subprocess.run(_emu() + ["inject", *args, "--socket", self.sock], capture_output=True,
+                           text=True, timeout=60, cwd=tempfile.gettempdir())
+        assert r.returncode == 0, r.stderr
+
+    def stop(self):
+        subprocess.run(_emu() + ["stop", "--socket", self.sock], capture_output=True, timeout=60,
+                       cwd=tempfile.gettempdir())
+        import psutil
+        assert not psutil.pid_exists(self.pid) or \
+            psutil.Process(self.pid).status() == psutil.STATUS_ZOMBIE
+        assert not [n for n in os.listdir("/dev/shm") if n.startswith("emu-%d-" % self.pid)]
+
+
+class Worker:
+    """`emu run-worker ...` (or `python -m workers.X`) as a subprocess, stdout and
+    stderr together as a terminal shows them."""
+
+    def __init__(self, argv, cwd):
+        import psutil
+        self.p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, cwd=cwd)
+        self.out = Lines(self.p)
+        self.banner = self.out.until(r"vmm +(\w+): tgid \d+, 1 vCPU")
+        self.procs = [psutil.Process(self.p.pid)] + psutil.Process(self.p.pid).children(recursive=True)
+
+    def send(self, line):
+        self.p.stdin.write(line.encode() + b"\n")
+        self.p.stdin.flush()
+
+    def rest(self, timeout=30):
+        """Everything up to EOF and the exit status."""
+        code = self.p.wait(timeout)
+        self.out.buf += self.p.stdout.read()
+        return code, self.out.seen + [x.decode() for x in self.out.buf.split(b"\n") if x]
+
+    def close(self):
+        import psutil
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait()
+        self.p.stdin.close()
+        self.p.stdout.close()
+        gone, alive = psutil.wait_procs(self.procs, timeout=5)
+        assert not alive, alive
+
+
+def _poison_touched_page(d, w, private=False):
+    """The guest writes GPA (and the page turns private if asked); the page's frame
+    gets a latent error from another terminal.  The frame."""
+    w.send("write 0 %#x" % GPA)
+    w.out.until(r"vcpu0 +result: 8")
+    if private:
+        w.send("private %#x" % GPA)
+        w.out.until(r"GPA 0x3000 converted to private")
+    w.send("pfn %#x" % GPA)
+    pfn = int(w.out.until(r"GPA 0x3000 is pfn (0x[0-9a-f]+)%s" % (r" \(private\)" if private else ""))
+              .group(1), 16)
+    d.inject("hw-poison", "%#x" % pfn)
+    return pfn
+
+
+def _times_in_order(lines):
+    ts = [float(m.group(1)) for m in map(re.compile(r"^ *(\d+\.\d+) ms  ").match, lines) if m]
+    assert ts == sorted(ts), "\n".join(lines)
+
+
+def test_firecracker_like_exits_149_after_its_log_line():
+    """python -m workers.firecracker_like from the repository root: the guest loads
+    from a page with a latent error; KVM's GUP hits the poison, the vCPU thread gets
+    SIGBUS BUS_MCEERR_AR, Firecracker logs it and _exit(149)s.  The log line is on
+    the terminal, then the status."""
+    d = Daemon()
+    w = None
+    try:
+        w = Worker([sys.executable, "-m", "workers.firecracker_like", "--socket", d.sock], cwd=ROOT)
+        assert w.banner.group(1) == "FirecrackerLike"
+        _poison_touched_page(d, w)
+        w.send("read 0 %#x" % GPA)
+        w.send("quit")
+        code, lines = w.rest()
+        assert code == 149
+        text = "\n".join(lines)
+        assert re.search(r"vcpu0 +guest reads 8 bytes at GPA 0x3000\n.* firecracker Shutting down VM "
+                         r"after intercepting signal 7, code 4\.\n.* vmm +the worker exited with "
+                         r"status 149$", text), text
+        assert "result" not in lines[-2]
+        _times_in_order(lines)
+    finally:
+        if w:
+            w.close()
+        d.stop()
+
+
+def test_cloud_hypervisor_like_dies_of_sigbus():
+    """cloud-hypervisor has no SIGBUS handler: the consumed error kills it, with
+    nothing logged; `emu run-worker` dies of the same signal (a shell sees 135)."""
+    d = Daemon()
+    w = None
+    try:
+        w = Worker(_emu() + ["run-worker", "cloud-hypervisor-like", "--socket", d.sock],
+                   cwd=tempfile.gettempdir())
+        _poison_touched_page(d, w)
+        w.send("host-read 0")
+        w.out.until(r"vmm +device model read 0{16} at GPA 0x0")
+        w.send("read 0 %#x" % GPA)
+        w.send("quit")
+        code, lines = w.rest()
+        assert code == -signal.SIGBUS
+        assert lines[-2].endswith("vcpu0   guest reads 8 bytes at GPA 0x3000"), lines
+        assert lines[-1].endswith("vmm     the worker was killed by SIGBUS"), lines
+        sh = subprocess.run(["sh", "-c", 'exit 135'])           # what a shell reports for it
+        assert sh.returncode == 128 + signal.SIGBUS
+    finally:
+        if w:
+            w.close()
+        d.stop()
+
+
+def test_cloud_hypervisor_like_shuts_down_on_a_private_page_error():
+    """guest_memfd RAM, the page private: KVM_RUN fails with EHWPOISON and
+    KVM_EXIT_MEMORY_FAULT, kvm-ioctls' MemoryFault exit is unhandled, cloud-hypervisor
+    logs "VCPU generated error" and shuts the VM down (status 0)."""
+    d = Daemon()
+    w = None
+    try:
+        w = Worker(_emu() + ["run-worker", "cloud-hypervisor-like", "--ram", "gmem", "--size", "64K",
+                             "--socket", d.sock], cwd=tempfile.gettempdir())
+        _poison_touched_page(d, w, private=True)
+        w.send("read 0 %#x" % GPA)
+        code, lines = w.rest()
+        assert code == 0
+        assert lines[-1].endswith(
+            "cloud-hypervisor VCPU generated error: VcpuRun(Unexpected exit reason on vcpu run: "
+            "MemoryFault { flags: 8, gpa: 12288, size: 4096 })"), lines
+    finally:
+        if w:
+            w.close()
+        d.stop()
+
+
+RECOVERY = {
+    # pattern: (what the VMM logs after KVM_RUN's EHWPOISON, the guest's result)
+    "punch": ("punch hole over GPA 0x3000", r"b'\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00'"),
+    "replace": ("punch hole over GPA 0x3000", r"b'\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00'"),
+    "degrade": ("memory error at GPA 0x3000: injecting a machine check", r"\('killed', 12288\)"),
+    "shutdown": ("memory error at GPA 0x3000: shutting down", r"'shutdown'"),
+}
+
+
+@pytest.mark.parametrize("pattern", list(RECOVERY))
+def test_recovering_worker_patterns(pattern):
+    """A private guest_memfd page with a latent error: KVM_RUN returns EHWPOISON with
+    the GPA (KVM_MEMORY_EXIT_FLAG_PRIVATE) and the VMM applies its pattern; it lives
+    on and quits with status 0."""
+    d = Daemon()
+    w = None
+    try:
+        w = Worker(_emu() + ["run-worker", "recovering", "--pattern", pattern, "--ram", "gmem",
+                             "--socket", d.sock], cwd=tempfile.gettempdir())
+        assert w.banner.group(1) == "RecoveringVmm"
+        pfn = _poison_touched_page(d, w, private=True)
+        w.send("read 0 %#x" % GPA)
+        log, result = RECOVERY[pattern]
+        w.out.until(r"recovering KVM_RUN: Memory page has hardware error at GPA 0x3000 \(private\)")
+        w.out.until(r"recovering %s" % re.escape(log))
+        w.out.until(r"vcpu0 +result: %s" % result)
+        w.send("pfn %#x" % GPA)
+        w.send("quit")
+        code, lines = w.rest()
+        assert code == 0
+        if pattern in ("punch", "replace"):                 # a fresh page behind the GPA
+            new = int(re.search(r"GPA 0x3000 is pfn (0x[0-9a-f]+)", lines[-1]).group(1), 16)
+            assert new != pfn
+        _times_in_order(lines)
+    finally:
+        if w:
+            w.close()
+        d.stop()
+
+
+def test_other_workers_bad_arguments_are_one_line():
+    for argv, word in ((["recovering"], "--pattern"), (["recovering", "--pattern", "pray"], "pray"),
+                       (["firecracker-like", "--ram", "rom"], "--ram"),
+                       (["cloud-hypervisor-like", "--size", "5000"], "--size")):
+        r = subprocess.run(_emu() + ["run-worker", *argv], capture_output=True, text=True, timeout=60,
+                           cwd=tempfile.gettempdir())
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and word in r.stderr, r.stderr

@@ -25,3 +25,20 @@ from .vmm_base import Vmm
 class CloudHypervisorLike(Vmm):
     name = "cloud-hypervisor"
     model = models.CloudHypervisorLike()
+
+
+def main(argv=None) -> int:
+    """`emu run-worker cloud-hypervisor-like` (also `python -m
+    workers.cloud_hypervisor_like`): this VMM on a running daemon, driven from stdin (workers/console.py)."""
+    from workers.console import vmm_main
+
+    return vmm_main("cloud-hypervisor-like", argv)
+
+
+if __name__ == "__main__":
+    import sys
+
+    try:
+        sys.exit(main())
+    except ValueError as e:
+        sys.exit("emu: %s" % e)

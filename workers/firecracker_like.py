@@ -27,3 +27,20 @@ from .vmm_base import Vmm
 class FirecrackerLike(Vmm):
     name = "firecracker"
     model = models.FirecrackerLike()
+
+
+def main(argv=None) -> int:
+    """`emu run-worker firecracker-like` (also `python -m
+    workers.firecracker_like`): this VMM on a running daemon, driven from stdin (workers/console.py)."""
+    from workers.console import vmm_main
+
+    return vmm_main("firecracker-like", argv)
+
+
+if __name__ == "__main__":
+    import sys
+
+    try:
+        sys.exit(main())
+    except ValueError as e:
+        sys.exit("emu: %s" % e)

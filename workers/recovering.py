@@ -147,3 +147,20 @@ def run(task, pattern: str, ram: str, steps, log_fd: int = 2):
     out = steps(vmm)
     vmm.close()
     return out
+
+
+def main(argv=None) -> int:
+    """`emu run-worker recovering` (also `python -m
+    workers.recovering`): this VMM on a running daemon, driven from stdin (workers/console.py)."""
+    from workers.console import vmm_main
+
+    return vmm_main("recovering", argv)
+
+
+if __name__ == "__main__":
+    import sys
+
+    try:
+        sys.exit(main())
+    except ValueError as e:
+        sys.exit("emu: %s" % e)
