@@ -330,10 +330,29 @@ class _ChildConsole(Console):
 def _relay(fd: int, who: str, t0: int, out=None) -> int:
     """The parent's half: print the child's records, and the worker's own log lines
     (raw, written as they happen) in the timeline under the worker's name.  How
-    many lines it printed."""
+    many lines it printed.
+
+    A raw line carries no time: it gets the time it was read, or the next record's
+    if that is earlier (the line was written first), so it waits for that record
+    up to 50 ms; the times stay in order."""
     out = out or sys.stdout
     buf, n = b"", 0
+    pending: list[tuple[int, str]] = []            # (read at, raw line)
+
+    def emit(t: int, w: str, text: str) -> None:
+        out.write("%9.3f ms  %-7s %s\n" % ((t - t0) / 1e6, w, text))
+
+    def release(limit: int | None) -> None:
+        for t, text in pending:
+            emit(t if limit is None else min(t, limit), who, text)
+        pending.clear()
+
     while True:
+        r, _, _ = select.select([fd], [], [], 0.05 if pending else None)
+        if not r:
+            release(None)
+            out.flush()
+            continue
         try:
             chunk = os.read(fd, 65536)
         except InterruptedError:
@@ -342,26 +361,24 @@ def _relay(fd: int, who: str, t0: int, out=None) -> int:
             break
         buf += chunk
         *lines, buf = buf.split(b"\n")
-        # a raw log line carries no time: when it was read, or the next record's
-        # time if that is earlier (the line came first), so the times stay in order
-        t = time.monotonic_ns()
-        recs = []
-        for raw in reversed(lines):
+        now = time.monotonic_ns()
+        for raw in lines:
             s = raw.decode(errors="replace")
+            n += 1
             if raw.startswith(_REC):
                 ts, w, text = s[1:].split("\t", 2)
-                t = min(t, int(ts))
-                recs.append("%9.3f ms  %-7s %s\n" % ((int(ts) - t0) / 1e6, w, text))
+                release(int(ts))
+                emit(int(ts), w, text)
             elif raw.startswith(b"\x1d"):          # verbatim (help text)
-                recs.append(s[1:] + "\n")
+                release(None)
+                out.write(s[1:] + "\n")
             else:
-                recs.append("%9.3f ms  %-7s %s\n" % ((t - t0) / 1e6, who, s))
-        out.write("".join(reversed(recs)))
-        n += len(recs)
+                pending.append((now, s))
         out.flush()
+    release(None)
     if buf:
         out.write(buf.decode(errors="replace") + "\n")
-        out.flush()
+    out.flush()
     return n
 
 
