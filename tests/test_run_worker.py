@@ -126,8 +126,13 @@ class Daemon:
         r = subprocess.run(_emu() + ["daemon", "--background", "--socket", self.sock, "--ram", "64M"],
                            capture_output=True, text=True, timeout=60, cwd=tempfile.gettempdir())
         assert r.returncode == 0, r.stderr
-        with open(os.path.splitext(self.sock)[0] + ".pid") as f:     # as cmd_daemon names it
-            self.pid = int(f.read())
+        try:
+            with open(os.path.splitext(self.sock)[0] + ".pid") as f:     # as cmd_daemon names it
+                self.pid = int(f.read())
+        except BaseException:
+            subprocess.run(_emu() + ["stop", "--socket", self.sock], capture_output=True, timeout=60,
+                           cwd=tempfile.gettempdir())
+            raise
 
     def inject(self, *args):
         """`emu inject ...` from another terminal."""
