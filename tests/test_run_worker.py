@@ -147,6 +147,7 @@ class Daemon:
         assert not psutil.pid_exists(self.pid) or \
             psutil.Process(self.pid).status() == psutil.STATUS_ZOMBIE
         assert not [n for n in os.listdir("/dev/shm") if n.startswith("emu-%d-" % self.pid)]
+        shutil.rmtree(os.path.dirname(self.sock), ignore_errors=True)
 
 
 class Worker:
