@@ -87,6 +87,7 @@ def test_qemu_like_worker_driven_from_another_terminal():
             p.wait()
         subprocess.run(_emu() + ["stop", "--socket", sock], capture_output=True, timeout=60,
                        cwd=tempfile.gettempdir())
+        shutil.rmtree(os.path.dirname(sock), ignore_errors=True)
 
 
 def test_bad_worker_arguments_are_one_line():
