@@ -205,14 +205,16 @@ def _times_in_order(lines):
 
 
 def test_firecracker_like_exits_149_after_its_log_line():
-    """python -m workers.firecracker_like from the repository root: the guest loads
+    """python -m workers.firecracker_like (the installed workers package; from a
+    source tree's root it needs the core built in place, and says so): the guest loads
     from a page with a latent error; KVM's GUP hits the poison, the vCPU thread gets
     SIGBUS BUS_MCEERR_AR, Firecracker logs it and _exit(149)s.  The log line is on
     the terminal, then the status."""
     d = Daemon()
     w = None
     try:
-        w = Worker([sys.executable, "-m", "workers.firecracker_like", "--socket", d.sock], cwd=ROOT)
+        w = Worker([sys.executable, "-m", "workers.firecracker_like", "--socket", d.sock],
+                   cwd=tempfile.gettempdir())
         assert w.banner.group(1) == "FirecrackerLike"
         _poison_touched_page(d, w)
         w.send("read 0 %#x" % GPA)
