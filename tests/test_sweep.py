@@ -310,9 +310,10 @@ def test_ray_ctrl_c_leaves_nothing():
     p = _emu("sweep", "-p", "v6.18,mf-delayed-fix,minimum,initial", "-j", "2", "--ray", "local",
              env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
     end = time.monotonic() + 120
-    while not (_snapshot() - before) and time.monotonic() < end:       # a run's supervisor booted
-        time.sleep(0.01)
-    ours = _descendant_supervisors(p.pid, before)
+    ours: list = []
+    while not ours and time.monotonic() < end:          # one of this sweep's runs booted
+        time.sleep(0.01)                                 # (not a concurrent test's supervisor)
+        ours = _descendant_supervisors(p.pid, before)
     os.killpg(p.pid, signal.SIGINT)
     out, err = _communicate(p, 120)
     assert p.returncode in (130, 0), err[-3000:]
