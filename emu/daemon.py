@@ -696,7 +696,7 @@ def _private_child(keep: int) -> None:
     #                                  go to stderr (logging.lastResort)
     if faulthandler.is_enabled():
         faulthandler.enable(file=2)
-    from . import runtime
+    from .user import task as runtime
     runtime._cores.clear()            # the caller's mappings of other machines
 
 

@@ -22,9 +22,9 @@ import pytest
 from checks import raises_errno, settled
 
 import emu
-from emu import runtime
 from emu import uapi as u
 from emu.shm import runtime_dir
+from emu.user import task as runtime
 
 PAGE = 4096
 NOBODY = 65534

@@ -24,10 +24,10 @@ import traceback
 import weakref
 from collections import namedtuple
 
-from . import _core as C
-from . import shm
-from . import uapi as u
-from .haltpoll import others_waiting
+from .. import _core as C
+from .. import shm
+from .. import uapi as u
+from ..haltpoll import others_waiting
 
 # ------------------------------------------------------------------ errors
 
@@ -440,8 +440,8 @@ class Host:
 def start(policy=None, ram=None, hugepages=None, config=None, sysctl=None,
           madvise_action_required=None) -> Host:
     """A private supervisor owned by this process; use as a context manager."""
-    from . import config as cfgmod
-    from .daemon import spawn_private
+    from .. import config as cfgmod
+    from ..daemon import spawn_private
 
     try:
         cfg = cfgmod.build(file=config, ram=ram, hugepages=hugepages, policy=policy,
@@ -450,7 +450,7 @@ def start(policy=None, ram=None, hugepages=None, config=None, sysctl=None,
         raise ValueError(str(e)) from None
     if policy is not None and not isinstance(policy, str):
         raise ValueError("policy: pass a preset name or 'path/to/file.py:Class'")
-    from .kernel.policies import load
+    from ..kernel.policies import load
 
     load(cfg["kernel"]["policy"])              # a bad policy is a ValueError here, not at boot
     pid, path = spawn_private(cfg)
@@ -598,7 +598,7 @@ def _backend(core):
     path, or with EMU_FASTPATH=python the pure-Python reference (same contract), so
     the suite can run against both."""
     if os.environ.get("EMU_FASTPATH") == "python":
-        from ._pyref import PyCore
+        from .._pyref import PyCore
 
         py = PyCore(core)
         return (lambda s, p, va, b, priv=-1: py.access(s, p, va, b, False, priv),
@@ -1064,7 +1064,7 @@ class Vcpu:
         self._pos = 0
         self._value = None
         self._ucall = (u.UCALL_NONE, ())
-        from .guest import GuestKernel
+        from ..guest import GuestKernel
 
         self.guest_kernel = GuestKernel()
         self.fault_requests = 0          # stage-2 fault round trips to the kernel (statistics)
@@ -1098,7 +1098,7 @@ class Vcpu:
         if callable(outcome):
             # a handler that runs guest code (a guest program fn(g, ev) returning the
             # outcome) before it returns: MCG_STATUS.MCIP stays set meanwhile
-            from .guest import G
+            from ..guest import G
 
             self._in_mc.append((ev, self._gen, self._op, self._pos, self._value))
             self._gen, self._op, self._pos, self._value = outcome(G, ev), None, 0, None
@@ -1107,7 +1107,7 @@ class Vcpu:
 
     def _mce_done(self, ev: dict, outcome: str) -> int | None:
         """The guest's #MC handler returned with `outcome`."""
-        from .guest import GuestTaskKilled
+        from ..guest import GuestTaskKilled
 
         if outcome == "panic":
             return u.KVM_EXIT_HLT
@@ -1129,7 +1129,7 @@ class Vcpu:
         Call set_guest() next."""
         if os.getpid() != self.owner:
             raise OSError(u.EPERM, "reset from a thread that does not own vCPU %d" % self.id)
-        from .guest import GuestKernel
+        from ..guest import GuestKernel
 
         self.task._call("guest_state", vcpu=self.fd, cr4_mce=False, mcg_status=0)
         self._shutdown = False
@@ -1142,7 +1142,7 @@ class Vcpu:
         """The guest program: a generator function fn(g, *args).  Set while the
         guest's #MC handler runs guest code, it runs inside that handler: MCIP stays
         set until the handler's own program returns."""
-        from .guest import G
+        from ..guest import G
 
         self._fn, self._gen, self._op, self._pos, self._value = fn, fn(G, *args), None, 0, None
 
@@ -1228,7 +1228,7 @@ class Vcpu:
         """KVM itself reads guest memory for this vCPU: an instruction it emulates
         (a copy from user: an error is an emulation failure) or a page it maps into
         the kernel (a plain load).  The exit reason to return, or None to go on."""
-        from .guest import GuestTaskKilled
+        from ..guest import GuestTaskKilled
 
         kind, gpa, n = op
         gk = self.guest_kernel
