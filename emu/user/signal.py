@@ -20,25 +20,20 @@ if TYPE_CHECKING:
 SigInfo = namedtuple("SigInfo", "si_signo si_code si_errno si_pid si_addr si_addr_lsb ts_ns")
 handlers: dict[int, object] = {}
 delivered = 0            # SIGBUS deliveries handled in this process (KVM_RUN's signal_pending)
-_new_tuple = tuple.__new__
 
 
 def dispatch(signum, frame):
+    """The real SIGBUS handler: each record the core's recorder took (the siginfo the
+    kernel filled) goes to the handler sigaction() installed, in order."""
     global delivered
     while True:
         rec = C.pop_siginfo()
         if rec is None:
             return
         delivered += 1
-        info = _new_tuple(SigInfo, rec)         # SigInfo(*rec), minus a Python-level __new__
         h = handlers.get(signum)
-        try:
-            if callable(h):
-                h(signum, info)
-        finally:
-            t = current.task
-            if t is not None and t._core is not None:
-                t._core.note_handled(t.slot)
+        if callable(h):
+            h(signum, SigInfo._make(rec))
 
 
 def sigaction(sig: int, handler):

@@ -258,7 +258,8 @@ class Vcpu:
         return None
 
     def _access(self, op):
-        """Run one memory op through stage-2; None when it completed."""
+        """Run one memory op through stage-2: None when it completed or is to be
+        retried (run() checks for a handled signal first), else the exit."""
         t = self.task
         rd, wr, bt = t._rd, t._wr, t._bt           # the CPU: Cython core or the reference
         kind, priv = op[0], op[3]
@@ -296,7 +297,7 @@ class Vcpu:
             if st == C.ACC_MCE:
                 # a machine check in guest mode: handled on this thread (current)
                 t._call("mce", addr=xva, pfn=xpfn, guest=True)
-                return self._check_signal_or_retry()
+                return None     # run() goes on: EINTR if a signal was handled, else a retry
             if st != C.ACC_FAULT:
                 raise OSError(u.EFAULT, "bad frame in a stage-2 entry")
             self.fault_requests += 1
@@ -312,15 +313,10 @@ class Vcpu:
                 mf = kr.memory_fault
                 mf.gpa, mf.size, mf.flags = ex["gpa"], ex["size"], ex["flags"]
             if ex["errno"] == u.EINTR or ex["reason"] is None and ex["errno"] == 0:
-                return self._check_signal_or_retry()
+                return None     # the same
             if ex["errno"]:
                 raise OSError(ex["errno"], os.strerror(ex["errno"]))
             return 0
-
-    def _check_signal_or_retry(self):
-        """After the kernel ran on this thread: a handled signal ends KVM_RUN with
-        -EINTR (the access stays pending); otherwise the access retries."""
-        return None
 
 
 def pages_ahead(gpas, start, size):
