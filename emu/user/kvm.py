@@ -24,6 +24,8 @@ class KvmCalls:
 
 
 class Kvm:
+    """An open /dev/kvm (the kernel's file is emu.kernel.kvm.KvmDevOps)."""
+
     def __init__(self, task: Task, fd: int):
         self.task, self.fd = task, fd
 
@@ -32,6 +34,8 @@ class Kvm:
 
 
 class Vm:
+    """A VM fd as the VMM holds it (the kernel's struct kvm is emu.kernel.kvm.Vm)."""
+
     def __init__(self, task: Task, fd: int, vm_type: int):
         self.task, self.fd, self.type = task, fd, vm_type
 

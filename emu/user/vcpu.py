@@ -56,6 +56,9 @@ _FAULT_AHEAD = 512       # pages a stage-2 fault request may resolve in one roun
 
 
 class Vcpu:
+    """A vCPU fd and its thread's view of it (the kernel's struct kvm_vcpu is
+    emu.kernel.kvm.Vcpu); only the creating thread may run it."""
+
     def __init__(self, task: Task, vm: Vm, vcpu_id: int, fd: int, s2_root: int):
         self.task, self.vm, self.id, self.fd, self.s2 = task, vm, vcpu_id, fd, s2_root
         self.owner = os.getpid()
