@@ -36,7 +36,7 @@ import emu  # noqa: E402
 from emu import config as cfgmod  # noqa: E402
 from emu import uapi as u  # noqa: E402
 from emu.haltpoll import others_waiting  # noqa: E402
-from emu.runtime import Channel  # noqa: E402
+from emu.user.channel import Channel  # noqa: E402
 
 N = 3000
 BLOCK = 100

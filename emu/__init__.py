@@ -16,8 +16,20 @@ except ImportError as e:                # a source tree shadowing the installed 
         "(run from another directory, or use the `emu` command, e.g. `emu run-worker`), or "
         "build it here: python setup.py build_ext --inplace" % _os.path.dirname(__file__)) from e
 from . import uapi
-from .runtime import EmulatorBug, Host, KernelPanic, SigInfo, Task, Thread, attach, connect, sigaction, start
+from .user import (
+    EmulatorBug,
+    Host,
+    KernelGone,
+    KernelPanic,
+    SigInfo,
+    Task,
+    Thread,
+    attach,
+    connect,
+    sigaction,
+    start,
+)
 
 __version__ = "0.1.0"
-__all__ = ["EmulatorBug", "Host", "KernelPanic", "SigInfo", "Task", "Thread", "attach", "connect",
-           "sigaction", "start", "uapi"]
+__all__ = ["EmulatorBug", "Host", "KernelGone", "KernelPanic", "SigInfo", "Task", "Thread", "attach",
+           "connect", "sigaction", "start", "uapi"]

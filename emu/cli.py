@@ -8,7 +8,7 @@ import sys
 
 from . import config as cfgmod
 from . import shm
-from .runtime import KernelPanic
+from .user import KernelPanic
 
 
 class CliError(Exception):
@@ -157,7 +157,7 @@ def cmd_show(args) -> int:
 
 
 def _connect(args):
-    from .runtime import connect
+    from .user import connect
 
     try:
         return connect(args.socket)

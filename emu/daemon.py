@@ -696,8 +696,8 @@ def _private_child(keep: int) -> None:
     #                                  go to stderr (logging.lastResort)
     if faulthandler.is_enabled():
         faulthandler.enable(file=2)
-    from . import runtime
-    runtime._cores.clear()            # the caller's mappings of other machines
+    from .user import mm as user_mm
+    user_mm.cores.clear()            # the caller's mappings of other machines
 
 
 def _private_log() -> None:

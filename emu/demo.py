@@ -21,7 +21,7 @@ from multiprocessing.connection import Connection
 
 from . import records
 from . import uapi as u
-from .runtime import start
+from .user import start
 
 PAGE = 4096
 GPA_A, GPA_B, GPA_C, GPA_P = 0x10000, 0x20000, 0x30000, 0x100000

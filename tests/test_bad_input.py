@@ -22,9 +22,9 @@ import pytest
 from checks import raises_errno, settled
 
 import emu
-from emu import runtime
 from emu import uapi as u
 from emu.shm import runtime_dir
+from emu.user import channel
 
 PAGE = 4096
 NOBODY = 65534
@@ -220,7 +220,7 @@ def test_connect_no_greeting_times_out(tmp_path, monkeypatch):
     s = socket.socket(socket.AF_UNIX)
     s.bind(path)
     s.listen(1)
-    monkeypatch.setattr(runtime, "GREETING_TIMEOUT", 0.3)
+    monkeypatch.setattr(channel, "GREETING_TIMEOUT", 0.3)
     raises_errno(errno.ETIMEDOUT, emu.connect, path)
     s.close()
 

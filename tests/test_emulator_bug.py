@@ -37,7 +37,7 @@ def still_serves(host):
         task.write(a, b"ok")
         return task.read(a, 2)
 
-    me = emu.runtime._self or emu.attach(host, name="after")
+    me = emu.user.current.task or emu.attach(host, name="after")
     th = me.fork(fresh, name="fresh")
     assert th.join(30) == 0 and th.result == b"ok"
 

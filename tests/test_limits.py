@@ -164,7 +164,7 @@ def _attach_errno(host, kind="process", parent=None):
     if pid == 0:
         code = 0
         try:
-            emu.runtime.Task(host, kind, parent, "late")
+            emu.user.task.Task(host, kind, parent, "late")
         except OSError as e:
             code = e.errno
         except BaseException:

@@ -218,7 +218,7 @@ def test_panic_reaches_every_attached_thread(host):
         return ("pause", None, 0)
 
     def vcpu_thread(t, vmfd):
-        vm = emu.runtime.Vm(t, vmfd, u.KVM_X86_DEFAULT_VM)
+        vm = emu.user.kvm.Vm(t, vmfd, u.KVM_X86_DEFAULT_VM)
         vcpu = vm.create_vcpu(0)
         hva = t.mmap(0, PAGE, RW, u.MAP_PRIVATE | u.MAP_ANONYMOUS)
         vm.set_user_memory_region2(0, 0, 1 << 32, PAGE, hva)

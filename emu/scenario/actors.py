@@ -18,7 +18,7 @@ from workers.models import MODELS, SHORT, errname, sigbus_reraise
 
 from .. import uapi as u
 from ..guest import GuestTaskKilled
-from ..runtime import KernelPanic
+from ..user import KernelPanic
 from .spec import PAGE, Memory, Scenario
 
 MCE_KILL = {"early": u.PR_MCE_KILL_EARLY, "late": u.PR_MCE_KILL_LATE,

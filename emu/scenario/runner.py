@@ -391,7 +391,7 @@ def run(sc: Scenario, policy: str | None = None, sysctl: dict | None = None,
 
 def _run_here(sc: Scenario, policy, sysctl: dict, trace) -> dict:
     from .. import show
-    from ..runtime import start
+    from ..user import start
     from . import outcome
 
     sy = dict(sc.sysctl, **sysctl)
