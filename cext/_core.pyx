@@ -205,6 +205,15 @@ def layout(uint64_t nframes, uint64_t ntasks, uint64_t nmms, uint64_t npt, uint6
     return d
 
 
+cdef inline bint _mb_pending(emu_task *t):
+    return emu_ld32(&t.mb_tail) != t.mb_head
+
+
+cdef inline bint _legacy_queue(emu_task *t, bint pending_elsewhere):
+    """legacy_queue(): a SIGBUS already pending makes a new one a no-op."""
+    return pending_elsewhere or _mb_pending(t)
+
+
 cdef class Core:
     """Both segments mapped MAP_SHARED into this process."""
     cdef emu_ctx c
@@ -938,8 +947,15 @@ cdef class Core:
 
     def sig_pending(self, int slot):
         """True while a mailbox record waits for the task to dequeue it."""
-        cdef emu_task *t = &self.c.tasks[slot]
-        return emu_ld32(&t.mb_tail) != t.mb_head
+        return _mb_pending(&self.c.tasks[slot])
+
+    def legacy_queue(self, int slot, bint pending_elsewhere=False):
+        """kernel/signal.c legacy_queue(): True if a new SIGBUS-class (legacy,
+        non-queueing) signal for the task is to be dropped, because one is already
+        pending: in its mailbox, or (`pending_elsewhere`) on the reply current's
+        signals ride.  The one definition of the rule: sig_send and
+        unmap_file's sends apply it to other threads, Signals._queue to current."""
+        return _legacy_queue(&self.c.tasks[slot], pending_elsewhere)
 
     cdef bint _mb_post(self, int slot, int signo, int code, uint64_t addr, int lsb, int pid,
                        uint64_t seq):
@@ -958,8 +974,7 @@ cdef class Core:
 
     cdef tuple _send(self, int slot, int tid, int signo, int code, uint64_t addr, int lsb,
                      int pid, uint64_t seq):
-        cdef emu_task *t = &self.c.tasks[slot]
-        if emu_ld32(&t.mb_tail) != t.mb_head:     # so the ring always has room
+        if _legacy_queue(&self.c.tasks[slot], False):   # so the ring always has room
             return C_SEND_PENDING, 0, 0
         return (C_SEND_POSTED,) + self._post(slot, tid, signo, code, addr, lsb, pid, seq)
 

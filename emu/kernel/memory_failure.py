@@ -261,14 +261,13 @@ class MemoryFailure(SoftOffline):
         return [] if t is None else [
             (t, 0, shift, "policy: owner of the struct kvm, " + EARLY_WHY[t.flags & _MCE_BITS])]
 
-    def kill_proc(self, tk: ToKill, pfn: int, flags: int, sent=False) -> int:
-        """`sent`: the core's result if it sent this signal already (send_with_unmap)."""
+    def kill_proc(self, tk: ToKill, pfn: int, flags: int) -> int:
+        """kill_proc(): BUS_MCEERR_AR forced on current for an action-required error,
+        else BUS_MCEERR_AO sent (blockable) to the early-kill thread."""
         t, addr, size_shift, why = tk
         self.log("%#x: Sending SIGBUS to %s:%d due to hardware memory corruption", pfn, t.comm, t.tid)
         sig = self.k.signals
-        if sent is not False:
-            ret = sig.send_sig_mceerr_sent(t, u.BUS_MCEERR_AO, addr, size_shift, why, sent)
-        elif flags & u.MF_ACTION_REQUIRED and t is self.k.current:
+        if flags & u.MF_ACTION_REQUIRED and t is self.k.current:
             ret = sig.force_sig_mceerr(t, u.BUS_MCEERR_AR, addr, size_shift,
                                        why="action required: current consumed the error")
         else:
@@ -277,25 +276,25 @@ class MemoryFailure(SoftOffline):
             self.log("Error sending signal to %s:%d: %d", t.comm, t.tid, ret)
         return ret
 
-    def kill_procs(self, tokill: list[ToKill], forcekill: bool, pfn: int, flags: int,
-                   sent: list | None = None) -> None:
-        if not forcekill:
-            return
-        for i, tk in enumerate(tokill):
-            if self.kill_proc(tk, pfn, flags, False if sent is None else sent[i]) < 0:
-                self.log("%#x: Cannot send advisory machine check signal to %s:%d",
-                         pfn, tk[0].comm, tk[0].tid)
+    def kill_procs(self, tokill: list[ToKill], forcekill: bool, pfn: int, flags: int) -> None:
+        if forcekill:
+            for tk in tokill:
+                if self.kill_proc(tk, pfn, flags) < 0:
+                    self.log("%#x: Cannot send advisory machine check signal to %s:%d",
+                             pfn, tk[0].comm, tk[0].tid)
+        self.k.signals.early_done()
 
     def send_with_unmap(self, tokill: list[ToKill], head: int, inode, flags: int) -> list | None:
-        """kill_procs' mailbox records, for the core to send in try_to_unmap's own call,
-        right after the last zap, when the kill is decided before the unmap (a dirty
-        folio or MF_MUST_KILL) and every target is another live thread: the signals
-        leave as soon as the PTEs are gone, and kill_procs then logs and traces each
-        in order.  None: kill_procs sends them itself, after the unmap."""
+        """An optimisation of kill_procs' sends, not another route: when the kill is
+        decided before the unmap (a dirty folio or MF_MUST_KILL) and every target is
+        another live thread, the core posts kill_procs' records in try_to_unmap's own
+        call, right after the last zap, so the signals leave as soon as the PTEs are
+        gone.  kill_procs then runs as always; send_sig_mceerr takes each early
+        result instead of posting again (Signals.early_records).  None: no early send."""
         if inode is None or not tokill or not (self.k.core.flags(head) & PG_dirty
                                                or flags & u.MF_MUST_KILL):
             return None
-        return self.k.signals.mailbox_records(tokill, u.SIGBUS, u.BUS_MCEERR_AO)
+        return self.k.signals.early_records(tokill, u.SIGBUS, u.BUS_MCEERR_AO)
 
     def kill_accessing_process(self, pfn: int, flags: int) -> int:
         """Walk current's page tables for a present or hwpoison entry of pfn."""
@@ -356,7 +355,7 @@ class MemoryFailure(SoftOffline):
                 self.log("%#x: corrupted page was clean: dropped without side effects", pfn)
         extra = self.host_unmap_range(inode, head) if gmem else None  # between unmap and kill
         records = None if extra else self.send_with_unmap(tokill, head, inode, flags)
-        sent = k.mm.try_to_unmap(head, ttu_hwpoison, records)
+        k.mm.try_to_unmap(head, ttu_hwpoison, records)
         if extra:
             from .fs import unmap_mapping_range
 
@@ -370,7 +369,7 @@ class MemoryFailure(SoftOffline):
             self.log("%#x: failed to unmap page (folio mapcount=%d)", pfn, core.mapcount(pfn))
         forcekill = core.flags(head) & PG_dirty != 0 or flags & u.MF_MUST_KILL != 0 \
             or not unmap_success
-        self.kill_procs(tokill, forcekill, pfn, flags, sent if records else None)
+        self.kill_procs(tokill, forcekill, pfn, flags)
         return unmap_success
 
     def host_unmap_range(self, inode, head: int) -> tuple[int, int | None] | None:
