@@ -63,17 +63,12 @@ cdef extern from "layout.h":
         uint32_t prot, shared, ino
         uint64_t start, end, pgoff
         int32_t i_mmap_next
-    ctypedef struct emu_event:
-        uint64_t seq, ts_ns
-        int32_t type, tid
-        uint64_t a, b, c
     ctypedef struct emu_header:
         uint64_t magic, version, core_size, phys_size
-        uint64_t nframes, ntasks, nmms, npt, nevents, ninodes, nvmas
-        uint64_t off_frames, off_hwerr, off_tasks, off_mms, off_pt, off_events, off_inodes, off_vmas
+        uint64_t nframes, ntasks, nmms, npt, ninodes, nvmas
+        uint64_t off_frames, off_hwerr, off_tasks, off_mms, off_pt, off_inodes, off_vmas
         uint64_t epoch
         int64_t supervisor_pid
-        uint64_t event_head
         uint64_t shutdown
         uint64_t panicked
         char panic_msg[256]
@@ -87,7 +82,6 @@ cdef extern from "fastpath.h":
         emu_task *tasks
         emu_mm *mms
         uint64_t *pt
-        emu_event *events
         uint8_t *phys
         uint64_t nframes, npt, ntasks
     uint64_t *emu_walk(const emu_ctx *c, uint64_t pgd, uint64_t va, int *level) nogil
@@ -172,7 +166,7 @@ cdef inline uint64_t _align(uint64_t x, uint64_t a):
     return (x + a - 1) & ~(a - 1)
 
 
-def layout(uint64_t nframes, uint64_t ntasks, uint64_t nmms, uint64_t npt, uint64_t nevents,
+def layout(uint64_t nframes, uint64_t ntasks, uint64_t nmms, uint64_t npt,
            uint64_t ninodes=1024, uint64_t nvmas=4096):
     """Offsets and sizes of the core segment: the one computation of the layout."""
     cdef uint64_t off = _align(sizeof(emu_header), 4096)
@@ -190,18 +184,13 @@ def layout(uint64_t nframes, uint64_t ntasks, uint64_t nmms, uint64_t npt, uint6
     off = _align(off + nvmas * sizeof(emu_vma), 4096)
     d["off_pt"] = off
     off = _align(off + npt * EMU_PTRS * 8, 4096)
-    d["off_events"] = off
-    off = _align(off + nevents * sizeof(emu_event), 4096)
     d["core_size"] = off
     d["phys_size"] = nframes * EMU_PAGE_SIZE
     d["sizeof_frame"] = sizeof(emu_frame)
     d["sizeof_task"] = sizeof(emu_task)
-    d["sizeof_mm"] = sizeof(emu_mm)
-    d["sizeof_event"] = sizeof(emu_event)
     d["ninodes"], d["nvmas"] = ninodes, nvmas
     d["sizeof_siginfo"] = sizeof(emu_siginfo)
     d["off_task_rcu_epoch"] = <size_t>&(<emu_task *>0).rcu_epoch
-    d["off_mm_pgd"] = <size_t>&(<emu_mm *>0).pgd
     return d
 
 
@@ -260,7 +249,6 @@ cdef class Core:
         self.c.tasks = <emu_task *>(self.core_base + h.off_tasks)
         self.c.mms = <emu_mm *>(self.core_base + h.off_mms)
         self.c.pt = <uint64_t *>(self.core_base + h.off_pt)
-        self.c.events = <emu_event *>(self.core_base + h.off_events)
         self.inodes_p = <emu_inode *>(self.core_base + h.off_inodes)
         self.vmas_p = <emu_vma *>(self.core_base + h.off_vmas)
         self.c.phys = self.phys_base
@@ -269,21 +257,21 @@ cdef class Core:
         self.c.ntasks = h.ntasks
 
     def format(self, uint64_t nframes, uint64_t ntasks, uint64_t nmms, uint64_t npt,
-               uint64_t nevents, int64_t supervisor_pid, uint64_t ninodes=1024,
+               int64_t supervisor_pid, uint64_t ninodes=1024,
                uint64_t nvmas=4096):
         """Supervisor: write the header of a fresh core segment."""
         cdef emu_header *h = <emu_header *>self.core_base
         cdef uint64_t i
-        d = layout(nframes, ntasks, nmms, npt, nevents, ninodes, nvmas)
+        d = layout(nframes, ntasks, nmms, npt, ninodes, nvmas)
         if d["core_size"] > self.core_size or d["phys_size"] > self.phys_size:
             raise ValueError("segments too small for the layout")
         memset(h, 0, sizeof(emu_header))
         h.version = EMU_VERSION
         h.core_size = d["core_size"]
         h.phys_size = d["phys_size"]
-        h.nframes, h.ntasks, h.nmms, h.npt, h.nevents = nframes, ntasks, nmms, npt, nevents
+        h.nframes, h.ntasks, h.nmms, h.npt = nframes, ntasks, nmms, npt
         h.off_frames, h.off_hwerr, h.off_tasks = d["off_frames"], d["off_hwerr"], d["off_tasks"]
-        h.off_mms, h.off_pt, h.off_events = d["off_mms"], d["off_pt"], d["off_events"]
+        h.off_mms, h.off_pt = d["off_mms"], d["off_pt"]
         h.ninodes, h.nvmas = ninodes, nvmas
         h.off_inodes, h.off_vmas = d["off_inodes"], d["off_vmas"]
         h.epoch = 1
@@ -317,13 +305,12 @@ cdef class Core:
         """Worker: map read-only what an emulated CPU never writes, so a stray store
         faults (SIGSEGV) instead of corrupting the kernel's tables.  A CPU writes
         page-table entries (A/D bits), frame contents and its own task slot; the
-        header, struct pages, hwerr, mms, inodes, VMAs and the trace ring are the
+        header, struct pages, hwerr, mms, inodes and VMAs are the
         kernel's.  All task slots start read-only; bind_self opens the caller's."""
         cdef emu_header *h = self.c.hdr
         self._protect(0, h.off_tasks, PROT_READ)
         self._protect(h.off_tasks, h.off_mms, PROT_READ)
         self._protect(h.off_mms, h.off_pt, PROT_READ)
-        self._protect(h.off_events, self.core_size, PROT_READ)
         self.worker_ro = True
 
     # ------------------------------------------------------------ header
@@ -1063,29 +1050,6 @@ cdef class Core:
                 out.append((v.mm, v.start, v.end, v.prot, bool(v.shared), v.ino, v.pgoff))
         out.sort()
         return out
-
-    # ------------------------------------------------------------ events
-    def ev_post(self, int type, int tid, uint64_t a=0, uint64_t b=0, uint64_t c=0):
-        cdef emu_header *h = self.c.hdr
-        cdef uint64_t seq = h.event_head
-        cdef emu_event *e = &self.c.events[seq % h.nevents]
-        e.seq, e.ts_ns, e.type, e.tid, e.a, e.b, e.c = seq, emu_now_ns(), type, tid, a, b, c
-        h.event_head = seq + 1
-        return seq
-
-    def ev_read(self, uint64_t since=0):
-        """(next_seq, [(seq, ts_ns, type, tid, a, b, c), ...]) still in the ring."""
-        cdef emu_header *h = self.c.hdr
-        cdef uint64_t head = h.event_head, lo, s
-        cdef emu_event *e
-        lo = head - h.nevents if head > h.nevents else 0
-        if since > lo:
-            lo = since
-        out = []
-        for s in range(lo, head):
-            e = &self.c.events[s % h.nevents]
-            out.append((e.seq, e.ts_ns, e.type, e.tid, e.a, e.b, e.c))
-        return head, out
 
     # ------------------------------------------------------------ worker: the CPU
     def access_read(self, int slot, uint64_t pgd, uint64_t va, uint8_t[::1] buf, int priv=-1):

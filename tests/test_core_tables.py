@@ -19,7 +19,7 @@ PFN = 100
 
 @pytest.fixture
 def core():
-    segs = shm.Segments.create(1024, 4, 2, 64, 64, 8, 8)
+    segs = shm.Segments.create(1024, 4, 2, 64, 8, 8)
     try:
         yield segs.core
     finally:

@@ -158,7 +158,7 @@ def test_dissolved_hugetlb_subpage_is_a_free_buddy_page(host_factory):
 def _ram():
     from emu import shm
 
-    return shm.Segments.create(4096, 8, 8, 64, 64, 16, 16)
+    return shm.Segments.create(4096, 8, 8, 64, 16, 16)
 
 
 def test_grace_period_frames_taken_off_and_put_back_safely():
