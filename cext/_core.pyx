@@ -488,22 +488,6 @@ cdef class Core:
                 f.flags = flags & 0  # tail pages carry no folio flags
                 f.refcount = 0
 
-    def split_folio(self, uint64_t head, uint32_t order, uint64_t flags, int refcount):
-        """Turn a folio into 2**order order-0 folios (mapping and index kept)."""
-        cdef uint64_t i, n = 1ULL << order
-        cdef emu_frame *f
-        cdef uint32_t mapping = self.c.frames[head].mapping
-        cdef uint64_t index0 = self.c.frames[head].index
-        for i in range(n):
-            f = &self.c.frames[head + i]
-            f.head = head + i
-            f.order = 0
-            f.flags = flags
-            f.refcount = refcount
-            f.mapcount = 0
-            f.mapping = mapping
-            f.index = index0 + i
-
     def split_and_map(self, uint64_t head, uint32_t order, uint64_t flags, list maps):
         """Split a folio into order-0 folios and map each page with a 4K PTE in every
         (pgd, va, bits) of `maps`, touching each frame once.  A page's refcount is its
@@ -563,23 +547,6 @@ cdef class Core:
                     ptes[k] = slot - ((va >> 12) & 511)
                 emu_st64(ptes[k] + ((va >> 12) & 511), ((head + i) << EMU_PAGE_SHIFT) | bitss[k])
         return 0
-
-    def map_pages(self, uint64_t pgd, uint64_t va, uint64_t pfn0, uint64_t n, uint64_t bits):
-        """Install n 4K PTEs for contiguous frames (pfn0..) at va; each maps its own
-        order-0 folio (mapcount and refcount +1).  Tables are allocated as needed."""
-        cdef uint64_t i, e, idx
-        cdef uint64_t *pte = NULL
-        cdef uint64_t *slot
-        cdef emu_frame *f
-        for i in range(n):
-            if pte == NULL or ((va + (i << 12)) & 0x1FFFFF) == 0:
-                slot = self._slot(pgd, va + (i << 12), 1, True)
-                pte = slot - (((va + (i << 12)) >> 12) & 511)
-            emu_st64(pte + (((va + (i << 12)) >> 12) & 511),
-                     ((pfn0 + i) << EMU_PAGE_SHIFT) | bits)
-            f = &self.c.frames[pfn0 + i]
-            f.mapcount += 1
-            f.refcount += 1
 
     def set_mapping(self, uint64_t head, uint32_t mapping, uint64_t index):
         cdef uint64_t i, n = 1ULL << self.c.frames[head].order
@@ -996,9 +963,6 @@ cdef class Core:
     def mm_clear(self, int slot):
         memset(&self.c.mms[slot], 0, sizeof(emu_mm))
 
-    def mm_pgd(self, int slot):
-        return self.c.mms[slot].pgd
-
     # ------------------------------------------------------------ inodes & VMAs
     @property
     def ninodes(self):
@@ -1184,8 +1148,5 @@ def tgkill(int tgid, int tid, int sig):
     """Thread-directed doorbell; returns 0 or -errno."""
     return emu_tgkill(tgid, tid, sig)
 
-
-def now_ns():
-    return emu_now_ns()
 
 

@@ -98,9 +98,8 @@ def me_pagecache_clean(mf, ps, pfn):
 
 
 def me_pagecache_dirty(mf, ps, pfn):
-    inode = mf.k.inodes.get(mf.k.core.mapping(mf.k.core.head(pfn)))
-    if inode is not None:
-        inode.wb_err = -u.EIO             # mapping_set_error(mapping, -EIO)
+    """me_pagecache_dirty(): its mapping_set_error(mapping, -EIO) is reported by
+    fsync/msync, which the emulator has not; the rest is the clean case."""
     return me_pagecache_clean(mf, ps, pfn)
 
 
