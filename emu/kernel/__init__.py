@@ -208,11 +208,13 @@ class Kernel:
         self.inode_sync(inode)
         return inode
 
-    INODE_KIND = {"shmem": 1, "kvm-gmem": 2, "hugetlbfs": 3, "kvm": 4, "kvm-vm": 4}
+    # the core's inode table kind (layout.h EMU_INODE_*) of each FileOps.name
+    INODE_KIND = {"shmem": C.INODE_SHMEM, "kvm-gmem": C.INODE_GMEM,
+                  "hugetlbfs": C.INODE_HUGETLBFS, "kvm": C.INODE_KVM, "kvm-vm": C.INODE_KVM}
 
     def inode_sync(self, inode: Inode) -> None:
         """Mirror an inode into the core's inode table."""
-        self.core.inode_set(inode.slot, inode.ino, self.INODE_KIND.get(inode.ops.name, 4),
+        self.core.inode_set(inode.slot, inode.ino, self.INODE_KIND.get(inode.ops.name, C.INODE_KVM),
                             inode.size, inode.flags, inode.nrpages, inode.nlink,
                             inode.name.encode()[:31])
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .. import _core as C
 from .. import uapi as u
 from .page_alloc import (
     PG_anon,
@@ -295,18 +296,27 @@ class MemoryFailure(SoftOffline):
             return None
         return self.k.signals.early_records(tokill, u.SIGBUS, u.BUS_MCEERR_AO)
 
+    def current_entries(self, pfn: int):
+        """Current's page-table entries (present, or hwpoison swap entries) covering
+        pfn, in VMA and address order: (va of the entry, its first pfn, level)."""
+        cur = self.k.current
+        core = self.k.core
+        mask, valid = C.PTE_PFN_MASK, C.PTE_PRESENT | C.PTE_HWPOISON
+        for vma in cur.process.mm.vmas:
+            for va, e, level in core.pt_scan(cur.process.mm.pgd, vma.start, vma.end):
+                epfn = (e & mask) >> 12
+                if e & valid and epfn <= pfn < epfn + (1 << (9 * (level - 1))):
+                    yield va, epfn, level
+
     def kill_accessing_process(self, pfn: int, flags: int) -> int:
         """Walk current's page tables for a present or hwpoison entry of pfn."""
         cur = self.k.current
         if cur is None:
             return -u.EFAULT
-        from .. import _core as C
-
-        for vma in cur.process.mm.vmas:
-            for va, e, level in self.k.core.pt_scan(cur.process.mm.pgd, vma.start, vma.end):
-                if ((e & C.PTE_PFN_MASK) >> 12) == pfn and e & (C.PTE_PRESENT | C.PTE_HWPOISON):
-                    self.kill_proc((cur, va, 12 + 9 * (level - 1), "kill_accessing_process"), pfn, flags)
-                    return -u.EHWPOISON
+        for va, epfn, level in self.current_entries(pfn):
+            if epfn == pfn:
+                self.kill_proc((cur, va, 12 + 9 * (level - 1), "kill_accessing_process"), pfn, flags)
+                return -u.EHWPOISON
         return 0
 
     # ------------------------------------------------------------ unmapping
@@ -476,22 +486,15 @@ class MemoryFailure(SoftOffline):
         """SIGBUS BUS_MCEERR_AR to current for a consumed failure: at current's
         mapping of the page if it has one, else with si_addr 0 (a vCPU consuming
         memory the host never mapped, e.g. private guest_memfd)."""
-        from .. import _core as C
-
         k, core = self.k, self.k.core
         cur = k.current
         if cur is None:
             return
-        head = core.head(pfn)
-        shift = 12 + core.order(head)
-        for vma in cur.process.mm.vmas:
-            for va, e, level in core.pt_scan(cur.process.mm.pgd, vma.start, vma.end):
-                epfn = (e & C.PTE_PFN_MASK) >> 12
-                n = 1 << (9 * (level - 1))
-                if e & (C.PTE_PRESENT | C.PTE_HWPOISON) and epfn <= pfn < epfn + n:
-                    k.signals.force_sig_mceerr(cur, u.BUS_MCEERR_AR, va + ((pfn - epfn) << 12), shift,
-                                               why="policy: SIGBUS current on a consumed failure")
-                    return
+        shift = 12 + core.order(core.head(pfn))
+        for va, epfn, _level in self.current_entries(pfn):
+            k.signals.force_sig_mceerr(cur, u.BUS_MCEERR_AR, va + ((pfn - epfn) << 12), shift,
+                                       why="policy: SIGBUS current on a consumed failure")
+            return
         k.signals.force_sig_mceerr(cur, u.BUS_MCEERR_AR, 0, shift,
                                    why="policy: SIGBUS current on a consumed failure (no host address)")
 
