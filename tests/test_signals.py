@@ -15,6 +15,7 @@ import signal
 import time
 
 import pytest
+from checks import Stop, recorder, wait_for
 
 import emu
 from emu import uapi as u
@@ -29,11 +30,6 @@ WAIT = 5.0          # upper bound for an asynchronous signal to show up
 GRACE = 0.3         # how long we look for a signal that must NOT arrive
 
 
-class Stop(Exception):
-    """Raised by a SIGBUS handler to stop a faulting access (siglongjmp)."""
-
-
-# ------------------------------------------------------------------ helpers
 class Event:
     """A one-shot flag between emulated threads (real processes): a pipe whose byte is
     never consumed, so every holder of the read end sees it set."""
@@ -77,27 +73,6 @@ class Counter:
 
 def rec(info):
     return (info.si_code, info.si_addr, info.si_addr_lsb)
-
-
-def recorder(raise_on=()):
-    """A SIGBUS handler that records (si_code, si_addr, si_addr_lsb); it raises Stop for
-    the si_codes in raise_on (so a faulting access does not retry forever)."""
-    got = []
-
-    def handler(signum, info):
-        assert signum == SIGBUS
-        got.append(rec(info))
-        if info.si_code in raise_on:
-            raise Stop(info)
-
-    return got, handler
-
-
-def wait_for(task, lst, n=1, timeout=WAIT):
-    end = time.monotonic() + timeout
-    while len(lst) < n and time.monotonic() < end:
-        task.idle(0.05)
-    return lst
 
 
 def shared_page(me, backing="memfd", npages=4, target=1):
