@@ -27,6 +27,7 @@ cdef extern from "layout.h":
     uint64_t EMU_PTE_SPECIAL
     int EMU_TASK_FREE, EMU_TASK_ALIVE, EMU_TASK_DEAD
     uint64_t EMU_PG_HEAD, EMU_PG_DIRTY, EMU_PG_HWPOISON
+    int EMU_INODE_FREE, EMU_INODE_SHMEM, EMU_INODE_GMEM, EMU_INODE_HUGETLBFS, EMU_INODE_KVM
     ctypedef struct emu_frame:
         uint64_t flags
         int32_t refcount
@@ -63,17 +64,12 @@ cdef extern from "layout.h":
         uint32_t prot, shared, ino
         uint64_t start, end, pgoff
         int32_t i_mmap_next
-    ctypedef struct emu_event:
-        uint64_t seq, ts_ns
-        int32_t type, tid
-        uint64_t a, b, c
     ctypedef struct emu_header:
         uint64_t magic, version, core_size, phys_size
-        uint64_t nframes, ntasks, nmms, npt, nevents, ninodes, nvmas
-        uint64_t off_frames, off_hwerr, off_tasks, off_mms, off_pt, off_events, off_inodes, off_vmas
+        uint64_t nframes, ntasks, nmms, npt, ninodes, nvmas
+        uint64_t off_frames, off_hwerr, off_tasks, off_mms, off_pt, off_inodes, off_vmas
         uint64_t epoch
         int64_t supervisor_pid
-        uint64_t event_head
         uint64_t shutdown
         uint64_t panicked
         char panic_msg[256]
@@ -87,7 +83,6 @@ cdef extern from "fastpath.h":
         emu_task *tasks
         emu_mm *mms
         uint64_t *pt
-        emu_event *events
         uint8_t *phys
         uint64_t nframes, npt, ntasks
     uint64_t *emu_walk(const emu_ctx *c, uint64_t pgd, uint64_t va, int *level) nogil
@@ -156,6 +151,11 @@ PTE_SPECIAL = EMU_PTE_SPECIAL
 PG_HEAD = EMU_PG_HEAD
 PG_DIRTY = EMU_PG_DIRTY
 PG_HWPOISON = EMU_PG_HWPOISON
+INODE_FREE = EMU_INODE_FREE
+INODE_SHMEM = EMU_INODE_SHMEM
+INODE_GMEM = EMU_INODE_GMEM
+INODE_HUGETLBFS = EMU_INODE_HUGETLBFS
+INODE_KVM = EMU_INODE_KVM
 cdef enum:                      # sig_send's outcomes
     C_SEND_POSTED = 0
     C_SEND_PENDING = 1
@@ -172,7 +172,7 @@ cdef inline uint64_t _align(uint64_t x, uint64_t a):
     return (x + a - 1) & ~(a - 1)
 
 
-def layout(uint64_t nframes, uint64_t ntasks, uint64_t nmms, uint64_t npt, uint64_t nevents,
+def layout(uint64_t nframes, uint64_t ntasks, uint64_t nmms, uint64_t npt,
            uint64_t ninodes=1024, uint64_t nvmas=4096):
     """Offsets and sizes of the core segment: the one computation of the layout."""
     cdef uint64_t off = _align(sizeof(emu_header), 4096)
@@ -190,19 +190,23 @@ def layout(uint64_t nframes, uint64_t ntasks, uint64_t nmms, uint64_t npt, uint6
     off = _align(off + nvmas * sizeof(emu_vma), 4096)
     d["off_pt"] = off
     off = _align(off + npt * EMU_PTRS * 8, 4096)
-    d["off_events"] = off
-    off = _align(off + nevents * sizeof(emu_event), 4096)
     d["core_size"] = off
     d["phys_size"] = nframes * EMU_PAGE_SIZE
     d["sizeof_frame"] = sizeof(emu_frame)
     d["sizeof_task"] = sizeof(emu_task)
-    d["sizeof_mm"] = sizeof(emu_mm)
-    d["sizeof_event"] = sizeof(emu_event)
     d["ninodes"], d["nvmas"] = ninodes, nvmas
     d["sizeof_siginfo"] = sizeof(emu_siginfo)
     d["off_task_rcu_epoch"] = <size_t>&(<emu_task *>0).rcu_epoch
-    d["off_mm_pgd"] = <size_t>&(<emu_mm *>0).pgd
     return d
+
+
+cdef inline bint _mb_pending(emu_task *t):
+    return emu_ld32(&t.mb_tail) != t.mb_head
+
+
+cdef inline bint _legacy_queue(emu_task *t, bint pending_elsewhere):
+    """legacy_queue(): a SIGBUS already pending makes a new one a no-op."""
+    return pending_elsewhere or _mb_pending(t)
 
 
 cdef class Core:
@@ -251,7 +255,6 @@ cdef class Core:
         self.c.tasks = <emu_task *>(self.core_base + h.off_tasks)
         self.c.mms = <emu_mm *>(self.core_base + h.off_mms)
         self.c.pt = <uint64_t *>(self.core_base + h.off_pt)
-        self.c.events = <emu_event *>(self.core_base + h.off_events)
         self.inodes_p = <emu_inode *>(self.core_base + h.off_inodes)
         self.vmas_p = <emu_vma *>(self.core_base + h.off_vmas)
         self.c.phys = self.phys_base
@@ -260,21 +263,21 @@ cdef class Core:
         self.c.ntasks = h.ntasks
 
     def format(self, uint64_t nframes, uint64_t ntasks, uint64_t nmms, uint64_t npt,
-               uint64_t nevents, int64_t supervisor_pid, uint64_t ninodes=1024,
+               int64_t supervisor_pid, uint64_t ninodes=1024,
                uint64_t nvmas=4096):
         """Supervisor: write the header of a fresh core segment."""
         cdef emu_header *h = <emu_header *>self.core_base
         cdef uint64_t i
-        d = layout(nframes, ntasks, nmms, npt, nevents, ninodes, nvmas)
+        d = layout(nframes, ntasks, nmms, npt, ninodes, nvmas)
         if d["core_size"] > self.core_size or d["phys_size"] > self.phys_size:
             raise ValueError("segments too small for the layout")
         memset(h, 0, sizeof(emu_header))
         h.version = EMU_VERSION
         h.core_size = d["core_size"]
         h.phys_size = d["phys_size"]
-        h.nframes, h.ntasks, h.nmms, h.npt, h.nevents = nframes, ntasks, nmms, npt, nevents
+        h.nframes, h.ntasks, h.nmms, h.npt = nframes, ntasks, nmms, npt
         h.off_frames, h.off_hwerr, h.off_tasks = d["off_frames"], d["off_hwerr"], d["off_tasks"]
-        h.off_mms, h.off_pt, h.off_events = d["off_mms"], d["off_pt"], d["off_events"]
+        h.off_mms, h.off_pt = d["off_mms"], d["off_pt"]
         h.ninodes, h.nvmas = ninodes, nvmas
         h.off_inodes, h.off_vmas = d["off_inodes"], d["off_vmas"]
         h.epoch = 1
@@ -308,13 +311,12 @@ cdef class Core:
         """Worker: map read-only what an emulated CPU never writes, so a stray store
         faults (SIGSEGV) instead of corrupting the kernel's tables.  A CPU writes
         page-table entries (A/D bits), frame contents and its own task slot; the
-        header, struct pages, hwerr, mms, inodes, VMAs and the trace ring are the
+        header, struct pages, hwerr, mms, inodes and VMAs are the
         kernel's.  All task slots start read-only; bind_self opens the caller's."""
         cdef emu_header *h = self.c.hdr
         self._protect(0, h.off_tasks, PROT_READ)
         self._protect(h.off_tasks, h.off_mms, PROT_READ)
         self._protect(h.off_mms, h.off_pt, PROT_READ)
-        self._protect(h.off_events, self.core_size, PROT_READ)
         self.worker_ro = True
 
     # ------------------------------------------------------------ header
@@ -492,22 +494,6 @@ cdef class Core:
                 f.flags = flags & 0  # tail pages carry no folio flags
                 f.refcount = 0
 
-    def split_folio(self, uint64_t head, uint32_t order, uint64_t flags, int refcount):
-        """Turn a folio into 2**order order-0 folios (mapping and index kept)."""
-        cdef uint64_t i, n = 1ULL << order
-        cdef emu_frame *f
-        cdef uint32_t mapping = self.c.frames[head].mapping
-        cdef uint64_t index0 = self.c.frames[head].index
-        for i in range(n):
-            f = &self.c.frames[head + i]
-            f.head = head + i
-            f.order = 0
-            f.flags = flags
-            f.refcount = refcount
-            f.mapcount = 0
-            f.mapping = mapping
-            f.index = index0 + i
-
     def split_and_map(self, uint64_t head, uint32_t order, uint64_t flags, list maps):
         """Split a folio into order-0 folios and map each page with a 4K PTE in every
         (pgd, va, bits) of `maps`, touching each frame once.  A page's refcount is its
@@ -567,23 +553,6 @@ cdef class Core:
                     ptes[k] = slot - ((va >> 12) & 511)
                 emu_st64(ptes[k] + ((va >> 12) & 511), ((head + i) << EMU_PAGE_SHIFT) | bitss[k])
         return 0
-
-    def map_pages(self, uint64_t pgd, uint64_t va, uint64_t pfn0, uint64_t n, uint64_t bits):
-        """Install n 4K PTEs for contiguous frames (pfn0..) at va; each maps its own
-        order-0 folio (mapcount and refcount +1).  Tables are allocated as needed."""
-        cdef uint64_t i, e, idx
-        cdef uint64_t *pte = NULL
-        cdef uint64_t *slot
-        cdef emu_frame *f
-        for i in range(n):
-            if pte == NULL or ((va + (i << 12)) & 0x1FFFFF) == 0:
-                slot = self._slot(pgd, va + (i << 12), 1, True)
-                pte = slot - (((va + (i << 12)) >> 12) & 511)
-            emu_st64(pte + (((va + (i << 12)) >> 12) & 511),
-                     ((pfn0 + i) << EMU_PAGE_SHIFT) | bits)
-            f = &self.c.frames[pfn0 + i]
-            f.mapcount += 1
-            f.refcount += 1
 
     def set_mapping(self, uint64_t head, uint32_t mapping, uint64_t index):
         cdef uint64_t i, n = 1ULL << self.c.frames[head].order
@@ -938,8 +907,15 @@ cdef class Core:
 
     def sig_pending(self, int slot):
         """True while a mailbox record waits for the task to dequeue it."""
-        cdef emu_task *t = &self.c.tasks[slot]
-        return emu_ld32(&t.mb_tail) != t.mb_head
+        return _mb_pending(&self.c.tasks[slot])
+
+    def legacy_queue(self, int slot, bint pending_elsewhere=False):
+        """kernel/signal.c legacy_queue(): True if a new SIGBUS-class (legacy,
+        non-queueing) signal for the task is to be dropped, because one is already
+        pending: in its mailbox, or (`pending_elsewhere`) on the reply current's
+        signals ride.  The one definition of the rule: sig_send and
+        unmap_file's sends apply it to other threads, Signals._queue to current."""
+        return _legacy_queue(&self.c.tasks[slot], pending_elsewhere)
 
     cdef bint _mb_post(self, int slot, int signo, int code, uint64_t addr, int lsb, int pid,
                        uint64_t seq):
@@ -958,8 +934,7 @@ cdef class Core:
 
     cdef tuple _send(self, int slot, int tid, int signo, int code, uint64_t addr, int lsb,
                      int pid, uint64_t seq):
-        cdef emu_task *t = &self.c.tasks[slot]
-        if emu_ld32(&t.mb_tail) != t.mb_head:     # so the ring always has room
+        if _legacy_queue(&self.c.tasks[slot], False):   # so the ring always has room
             return C_SEND_PENDING, 0, 0
         return (C_SEND_POSTED,) + self._post(slot, tid, signo, code, addr, lsb, pid, seq)
 
@@ -993,9 +968,6 @@ cdef class Core:
 
     def mm_clear(self, int slot):
         memset(&self.c.mms[slot], 0, sizeof(emu_mm))
-
-    def mm_pgd(self, int slot):
-        return self.c.mms[slot].pgd
 
     # ------------------------------------------------------------ inodes & VMAs
     @property
@@ -1048,29 +1020,6 @@ cdef class Core:
                 out.append((v.mm, v.start, v.end, v.prot, bool(v.shared), v.ino, v.pgoff))
         out.sort()
         return out
-
-    # ------------------------------------------------------------ events
-    def ev_post(self, int type, int tid, uint64_t a=0, uint64_t b=0, uint64_t c=0):
-        cdef emu_header *h = self.c.hdr
-        cdef uint64_t seq = h.event_head
-        cdef emu_event *e = &self.c.events[seq % h.nevents]
-        e.seq, e.ts_ns, e.type, e.tid, e.a, e.b, e.c = seq, emu_now_ns(), type, tid, a, b, c
-        h.event_head = seq + 1
-        return seq
-
-    def ev_read(self, uint64_t since=0):
-        """(next_seq, [(seq, ts_ns, type, tid, a, b, c), ...]) still in the ring."""
-        cdef emu_header *h = self.c.hdr
-        cdef uint64_t head = h.event_head, lo, s
-        cdef emu_event *e
-        lo = head - h.nevents if head > h.nevents else 0
-        if since > lo:
-            lo = since
-        out = []
-        for s in range(lo, head):
-            e = &self.c.events[s % h.nevents]
-            out.append((e.seq, e.ts_ns, e.type, e.tid, e.a, e.b, e.c))
-        return head, out
 
     # ------------------------------------------------------------ worker: the CPU
     def access_read(self, int slot, uint64_t pgd, uint64_t va, uint8_t[::1] buf, int priv=-1):
@@ -1205,8 +1154,5 @@ def tgkill(int tgid, int tid, int sig):
     """Thread-directed doorbell; returns 0 or -errno."""
     return emu_tgkill(tgid, tid, sig)
 
-
-def now_ns():
-    return emu_now_ns()
 
 

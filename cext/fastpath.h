@@ -19,7 +19,6 @@ typedef struct {
     emu_task   *tasks;
     emu_mm     *mms;
     uint64_t   *pt;
-    emu_event  *events;
     uint8_t    *phys;
     uint64_t    nframes, npt, ntasks;
 } emu_ctx;

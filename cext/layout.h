@@ -4,7 +4,7 @@
  * Two POSIX shm segments per supervisor:
  *   core:  emu_header | emu_frame[nframes] | hwerr[nframes] | emu_task[ntasks]
  *          | emu_mm[nmms] | emu_inode[ninodes] | emu_vma[nvmas]
- *          | page-table pages[npt][512] | emu_event[nevents]
+ *          | page-table pages[npt][512]
  *   phys:  frame contents, nframes * 4096 bytes ("physical memory")
  *
  * Only the supervisor (the emulated kernel) writes these tables.  Workers (the
@@ -13,7 +13,7 @@
  * slot the rcu_epoch word and mailbox tail (atomics), handled_ns/handled_count
  * and exit_sig (plain stores, read by the supervisor only after the fact).
  * A worker maps everything else of the core segment read-only
- * (Core.protect_worker: header..hwerr, mms..vmas, events, other task slots);
+ * (Core.protect_worker: header..hwerr, mms..vmas, other task slots);
  * every section starts on a page boundary so that this is possible.
  *
  * Everything is sized at supervisor start and never shrunk while mapped.
@@ -23,7 +23,7 @@
 #include <stdint.h>
 
 #define EMU_MAGIC        0x756d652d6d656d67ULL   /* "gmem-emu" */
-#define EMU_VERSION      3
+#define EMU_VERSION      4
 #define EMU_PAGE_SHIFT   12
 #define EMU_PAGE_SIZE    4096
 #define EMU_PTRS         512        /* entries per page-table page */
@@ -135,23 +135,13 @@ typedef struct {
     int32_t  pad;
 } emu_vma;
 
-/* ---- one trace event ---- */
-typedef struct {
-    uint64_t seq;
-    uint64_t ts_ns;
-    int32_t  type;
-    int32_t  tid;
-    uint64_t a, b, c;
-} emu_event;
-
 typedef struct {
     uint64_t magic, version;
     uint64_t core_size, phys_size;
-    uint64_t nframes, ntasks, nmms, npt, nevents, ninodes, nvmas;
-    uint64_t off_frames, off_hwerr, off_tasks, off_mms, off_pt, off_events, off_inodes, off_vmas;
+    uint64_t nframes, ntasks, nmms, npt, ninodes, nvmas;
+    uint64_t off_frames, off_hwerr, off_tasks, off_mms, off_pt, off_inodes, off_vmas;
     uint64_t epoch;           /* global epoch for deferred frame reuse (TLB shootdown) */
     int64_t  supervisor_pid;
-    uint64_t event_head;      /* next event seq */
     uint64_t shutdown;        /* set before an orderly supervisor exit */
     uint64_t panicked;        /* set when the kernel panicked (panic_msg is its reason) */
     uint64_t pad[2];

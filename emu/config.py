@@ -35,7 +35,7 @@ shutdown_grace_ms = 5000     # emu stop: attached processes get ESHUTDOWN (and a
                              # tasks, as fork past max_threads), before anything changes
 tasks = 1024                 # emulated threads (~0.8 KiB of shm each; each is an OS process)
 mms = 512                    # emulated processes (each also reserves 4 page-table pages)
-events = 65536               # trace ring entries
+events = 65536               # trace events kept for host.events() / emu trace (oldest go)
 inodes = 4096                # files (memfd, guest_memfd, KVM fds, ...): ENFILE past it
 vmas = 16384                 # mappings, all processes together (48 bytes each)
 page_tables = 0              # page-table pages (4 KiB each; host and stage-2 tables);

@@ -94,13 +94,13 @@ class Supervisor:
         # enough to map all of RAM once at 4K, plus a PGD/PUD/PMD/PTE chain per process
         npt = (lim["page_tables"] + 1 if lim["page_tables"]       # (page 0 is never used)
                else 4096 + nframes // 512 + 4 * lim["mms"])
-        self.segs = shm.Segments.create(nframes, lim["tasks"], lim["mms"], npt, lim["events"],
+        self.segs = shm.Segments.create(nframes, lim["tasks"], lim["mms"], npt,
                                         lim["inodes"], lim["vmas"])
         self.core = self.segs.core
         k = self.cfg["kernel"]
         self.kernel = Kernel(self.core, nframes, policy=k["policy"], sysctl=self.cfg["sysctl"],
                              madvise_action_required=k["madvise_action_required"],
-                             hugepages=self.cfg["hugepages"])
+                             hugepages=self.cfg["hugepages"], events=lim["events"])
         self.kernel.buddy.populate_ahead(POPULATE_AHEAD)
         if os.path.exists(self.sock_path):
             os.unlink(self.sock_path)

@@ -47,10 +47,10 @@ class Segments:
         self.owner = owner
 
     @classmethod
-    def create(cls, nframes: int, ntasks: int, nmms: int, npt: int, nevents: int,
+    def create(cls, nframes: int, ntasks: int, nmms: int, npt: int,
                ninodes: int = 1024, nvmas: int = 4096) -> Segments:
         pid = os.getpid()
-        lay = _core.layout(nframes, ntasks, nmms, npt, nevents, ninodes, nvmas)
+        lay = _core.layout(nframes, ntasks, nmms, npt, ninodes, nvmas)
         names = segment_names(pid)
         for n in names:                                   # a stale one from a reused pid
             try:
@@ -64,7 +64,7 @@ class Segments:
         finally:
             a.close_fd()
             b.close_fd()
-        core.format(nframes, ntasks, nmms, npt, nevents, pid, ninodes, nvmas)
+        core.format(nframes, ntasks, nmms, npt, pid, ninodes, nvmas)
         return cls(core, names, True)
 
     @classmethod

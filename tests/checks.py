@@ -26,8 +26,41 @@ def raises_errno(err: int, fn, *args) -> OSError:
     return ei.value
 
 
+WAIT = 5.0          # upper bound for an asynchronous signal to show up
+
+
 class Stop(Exception):
-    """Raised by sigbus_recorder()'s handler: ends the access (siglongjmp)."""
+    """Raised by a SIGBUS handler to stop a faulting access (the Python counterpart
+    of siglongjmp): sigbus_recorder()'s, recorder()'s for the codes in raise_on."""
+
+
+def recorder(raise_on=()):
+    """A SIGBUS handler that records (si_code, si_addr, si_addr_lsb); it raises Stop for
+    the si_codes in raise_on (so a faulting access does not retry forever)."""
+    import signal
+
+    got = []
+
+    def handler(signum, info):
+        assert signum == signal.SIGBUS
+        got.append((info.si_code, info.si_addr, info.si_addr_lsb))
+        if info.si_code in raise_on:
+            raise Stop(info)
+
+    return got, handler
+
+
+def wait_for(task, lst, n=1, timeout=WAIT):
+    """Idle in the emulated task (its signals are delivered) until lst has n items."""
+    end = time.monotonic() + timeout
+    while len(lst) < n and time.monotonic() < end:
+        task.idle(0.05)
+    return lst
+
+
+def dmesg_has(h, text) -> bool:
+    """Some dmesg line contains text."""
+    return any(text in line for line in h.dmesg())
 
 
 def sigbus_recorder() -> list:

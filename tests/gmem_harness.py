@@ -5,6 +5,7 @@ import signal
 from types import SimpleNamespace
 
 import pytest
+from checks import Stop
 
 import emu
 from emu import uapi as u
@@ -21,10 +22,6 @@ KPF_HWPOISON = 1 << u.KPF_HWPOISON
 KPF_HUGE = 1 << u.KPF_HUGE
 KPF_COMPOUND_HEAD = 1 << u.KPF_COMPOUND_HEAD
 TODAY = ["v6.18", "mf-delayed-fix"]
-
-
-class Stop(Exception):
-    """Raised from a SIGBUS handler: the access does not retry."""
 
 
 class Recorder:

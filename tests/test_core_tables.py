@@ -19,7 +19,7 @@ PFN = 100
 
 @pytest.fixture
 def core():
-    segs = shm.Segments.create(1024, 4, 2, 64, 64, 8, 8)
+    segs = shm.Segments.create(1024, 4, 2, 64, 8, 8)
     try:
         yield segs.core
     finally:
@@ -175,3 +175,19 @@ def test_sig_send_drops_while_one_is_pending(core):
     assert core.sig_send(0, child, signal.SIGBUS, u.BUS_MCEERR_AO, VA, 12, 0, 2) == (
         C.SEND_PENDING, 0, 0)
     assert core.task(0)["mb_head"] == 1                   # the dropped one is not queued
+
+
+def test_legacy_queue_is_the_one_drop_rule(core):
+    """legacy_queue(): one definition of "a SIGBUS already pending drops the new
+    one".  sig_send (other threads) applies it to the mailbox; the kernel's path for
+    current asks it too, with current's reply-carried signals as pending_elsewhere."""
+    child = os.fork()
+    if child == 0:
+        os._exit(0)
+    os.waitpid(child, 0)
+    core.task_init(0, child, child, 0, b"gone")
+    assert not core.legacy_queue(0) and core.legacy_queue(0, True)
+    core.sig_send(0, child, signal.SIGBUS, u.BUS_MCEERR_AO, VA, 12, 0, 1)
+    assert core.legacy_queue(0) and core.legacy_queue(0, False)
+    assert core.sig_send(0, child, signal.SIGBUS, u.BUS_MCEERR_AO, VA, 12, 0, 2)[0] == \
+        C.SEND_PENDING

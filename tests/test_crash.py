@@ -134,7 +134,7 @@ def kernel():
     from emu import shm
     from emu.kernel import Kernel
 
-    segs = shm.Segments.create(4096, 8, 8, 256, 64, 16, 64)
+    segs = shm.Segments.create(4096, 8, 8, 256, 16, 64)
     try:
         yield Kernel(segs.core, 4096)
     finally:

@@ -14,7 +14,8 @@ import signal
 import time
 
 import pytest
-from checks import Event
+from checks import Event, Stop, dmesg_has, wait_for
+from checks import recorder as shared_recorder
 
 import emu
 from emu import uapi as u
@@ -36,20 +37,9 @@ GRACE = 0.3
 HUGE2M = u.MFD_HUGETLB | u.MFD_HUGE_2MB
 
 
-class Stop(Exception):
-    """Raised by a SIGBUS handler to stop a faulting access (siglongjmp)."""
-
-
-# ------------------------------------------------------------------ helpers
 def recorder(raise_on=(AR, u.BUS_ADRERR)):
-    got = []
-
-    def handler(signum, info):
-        got.append((info.si_code, info.si_addr, info.si_addr_lsb))
-        if info.si_code in raise_on:
-            raise Stop()
-
-    return got, handler
+    """checks.recorder, stopping an AR or BUS_ADRERR access by default."""
+    return shared_recorder(raise_on)
 
 
 def sigbus_of(got, fn):
@@ -62,15 +52,6 @@ def sigbus_of(got, fn):
     return out
 
 
-def wait_for(task, lst, n=1, timeout=WAIT):
-    end = time.monotonic() + timeout
-    while len(lst) < n and time.monotonic() < end:
-        task.idle(0.05)
-    return lst
-
-
-
-
 def poll(fn, want, timeout=WAIT):
     end = time.monotonic() + timeout
     while (v := fn()) != want and time.monotonic() < end:
@@ -80,10 +61,6 @@ def poll(fn, want, timeout=WAIT):
 
 def mi(h, key):
     return h.meminfo()[key]
-
-
-def dmesg_has(h, text):
-    return any(text in line for line in h.dmesg())
 
 
 def setup(host, name="t"):

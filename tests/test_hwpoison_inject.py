@@ -12,6 +12,7 @@ import errno
 import signal
 
 import pytest
+from checks import Stop, dmesg_has
 
 import emu
 from emu import uapi as u
@@ -25,10 +26,6 @@ EHWPOISON = 133
 FREE_PFN = 16000          # 64M = 16384 frames; nothing allocates this high in a fresh host
 RESERVED_PFN = 1
 QUIET_WAIT = 0.3
-
-
-class Stop(Exception):
-    pass
 
 
 class Rec:
@@ -60,10 +57,6 @@ def sigbus_of(rec, fn):
 
 def hc(h):
     return h.meminfo()["HardwareCorrupted"]
-
-
-def dmesg_has(h, text):
-    return any(text in line for line in h.dmesg())
 
 
 def anon_page(me):

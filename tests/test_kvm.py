@@ -11,6 +11,7 @@ import os
 import signal
 
 import pytest
+from checks import dmesg_has
 from gmem_harness import Recorder, Stop
 
 import emu
@@ -33,10 +34,6 @@ def attach(h, name="qemu"):
     rec = Recorder()
     emu.sigaction(signal.SIGBUS, rec)
     return me, rec
-
-
-def dmesg_has(h, text):
-    return any(text in line for line in h.dmesg())
 
 
 def run_err(vcpu):

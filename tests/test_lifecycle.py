@@ -10,6 +10,7 @@ import textwrap
 import time
 
 import psutil
+from conftest import leftovers
 
 import emu
 from emu import shm
@@ -34,16 +35,6 @@ def proc_alive(pid):
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
-
-
-def leftovers(pid):
-    out = []
-    if proc_alive(pid):
-        out.append(f"process {pid}")
-    out += shm_of(pid)
-    if os.path.exists(sock_of(pid)):
-        out.append(sock_of(pid))
-    return out
 
 
 def poll(pred, timeout=15.0, step=0.05):

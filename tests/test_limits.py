@@ -357,3 +357,18 @@ def test_fork_out_of_memory_enomem_and_undone(host_factory):
     assert comes_back(host, before) == before and host.meminfo() == mi
     assert me.read(a + (n - 1) * PAGE, 4) == b"\x33" * 4
     assert host.tainted() == 0
+
+
+def test_limits_events_is_how_many_trace_events_host_events_keeps(host_factory, tmp_path):
+    """[limits] events sizes the trace that host.events() and `emu trace` read: the
+    newest that many, the oldest dropped."""
+    host = limited(host_factory, tmp_path, events=8)
+    me = emu.attach(host, name="tracer")
+    for _ in range(6):                                  # each mmap/munmap pair traces
+        va = me.mmap(0, PAGE, u.PROT_READ | u.PROT_WRITE, ANON)
+        me.write(va, b"x")
+        me.munmap(va, PAGE)
+    evs = host.events()
+    assert len(evs) == 8
+    assert [e["seq"] for e in evs] == list(range(evs[-1]["seq"] - 7, evs[-1]["seq"] + 1))
+    assert evs[-1]["seq"] > 8

@@ -16,7 +16,7 @@ import errno
 import signal
 
 import pytest
-from checks import lines_in_order
+from checks import Stop, lines_in_order
 
 import emu
 from emu import uapi as u
@@ -28,10 +28,6 @@ ANON = u.MAP_PRIVATE | u.MAP_ANONYMOUS
 AR = u.BUS_MCEERR_AR
 KPF_HWPOISON = 1 << u.KPF_HWPOISON
 HUGE2M = u.MFD_HUGETLB | u.MFD_HUGE_2MB
-
-
-class Stop(Exception):
-    """Raised by the SIGBUS handler: ends the access."""
 
 
 def attach(h, name="t"):

@@ -20,6 +20,7 @@ import errno
 import signal
 
 import pytest
+from checks import Stop, dmesg_has
 
 import emu
 from emu import uapi as u
@@ -31,10 +32,6 @@ KPF_HWPOISON = 1 << u.KPF_HWPOISON
 POLICIES = ["mf-delayed-fix", "v6.18"]
 SIGNAL_WAIT = 5.0              # bound for asynchronous (AO) delivery; never a latency assert
 QUIET_WAIT = 0.3               # how long to look for a signal that must not come
-
-
-class Stop(Exception):
-    """Raised from the SIGBUS handler: the Python counterpart of siglongjmp."""
 
 
 class SigbusRecorder:
@@ -86,10 +83,6 @@ def wait_for_signal(me, rec, n=1, timeout=SIGNAL_WAIT):
 
 def hw_corrupted(h):
     return h.meminfo()["HardwareCorrupted"]
-
-
-def dmesg_has(h, text):
-    return any(text in line for line in h.dmesg())
 
 
 def setup_gmem(h, name="qemu"):

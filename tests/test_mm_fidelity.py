@@ -22,7 +22,7 @@ import signal
 import time
 
 import pytest
-from checks import Event
+from checks import Event, Stop, dmesg_has
 
 import emu
 from emu import uapi as u
@@ -41,10 +41,6 @@ KPF = {name: 1 << getattr(u, "KPF_" + name) for name in (
 KPF_RESERVED = 1 << 32
 WAIT = 5.0
 GRACE = 0.3
-
-
-class Stop(Exception):
-    """A SIGBUS handler raises it to stop a faulting access (siglongjmp)."""
 
 
 def setup(h, name="t"):
@@ -72,10 +68,6 @@ def sigbus_of(handler, got, fn):
     out = list(got)
     got.clear()
     return out
-
-
-def dmesg_has(h, text):
-    return any(text in line for line in h.dmesg())
 
 
 def hc(h):
@@ -158,7 +150,7 @@ def test_dissolved_hugetlb_subpage_is_a_free_buddy_page(host_factory):
 def _ram():
     from emu import shm
 
-    return shm.Segments.create(4096, 8, 8, 64, 64, 16, 16)
+    return shm.Segments.create(4096, 8, 8, 64, 16, 16)
 
 
 def test_grace_period_frames_taken_off_and_put_back_safely():

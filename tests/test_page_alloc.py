@@ -17,7 +17,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 @pytest.fixture
 def ram():
-    segs = shm.Segments.create(NFRAMES, 8, 8, 64, 64, 16, 16)
+    segs = shm.Segments.create(NFRAMES, 8, 8, 64, 16, 16)
     seg = posix_ipc.SharedMemory(segs.names[1])
     view = mmap.mmap(seg.fd, NFRAMES * PAGE)
     seg.close_fd()

@@ -16,6 +16,7 @@ import os
 import signal
 
 import pytest
+from checks import dmesg_has
 from gmem_harness import (  # noqa: F401
     FLAGS,
     GPA,
@@ -46,10 +47,6 @@ import emu
 from emu import uapi as u
 
 EINTR = ("err", u.EINTR, u.KVM_EXIT_INTR)
-
-
-def dmesg_has(host, text):
-    return any(text in line for line in host.dmesg())
 
 
 def fill_host(env, offsets, byte=b"\x11"):

@@ -15,6 +15,7 @@ import signal
 import time
 
 import pytest
+from checks import Stop, recorder, wait_for
 
 import emu
 from emu import uapi as u
@@ -29,11 +30,6 @@ WAIT = 5.0          # upper bound for an asynchronous signal to show up
 GRACE = 0.3         # how long we look for a signal that must NOT arrive
 
 
-class Stop(Exception):
-    """Raised by a SIGBUS handler to stop a faulting access (siglongjmp)."""
-
-
-# ------------------------------------------------------------------ helpers
 class Event:
     """A one-shot flag between emulated threads (real processes): a pipe whose byte is
     never consumed, so every holder of the read end sees it set."""
@@ -77,27 +73,6 @@ class Counter:
 
 def rec(info):
     return (info.si_code, info.si_addr, info.si_addr_lsb)
-
-
-def recorder(raise_on=()):
-    """A SIGBUS handler that records (si_code, si_addr, si_addr_lsb); it raises Stop for
-    the si_codes in raise_on (so a faulting access does not retry forever)."""
-    got = []
-
-    def handler(signum, info):
-        assert signum == SIGBUS
-        got.append(rec(info))
-        if info.si_code in raise_on:
-            raise Stop(info)
-
-    return got, handler
-
-
-def wait_for(task, lst, n=1, timeout=WAIT):
-    end = time.monotonic() + timeout
-    while len(lst) < n and time.monotonic() < end:
-        task.idle(0.05)
-    return lst
 
 
 def shared_page(me, backing="memfd", npages=4, target=1):
@@ -803,6 +778,51 @@ def test_forced_ar_while_ao_pending_and_blocked_kills(host):
         pytest.fail("victim did not die of the forced AR (it kept running)")
     assert code == -SIGBUS
     assert got == []
+
+
+def test_legacy_queue_drops_alike_for_another_thread_and_for_current(host):
+    """One drop rule for both routes of send_signal_locked: with an AO pending (SIGBUS
+    blocked), a second AO sent to the thread from a deferred error (another thread:
+    the mailbox) and the forced AR it then takes on a poisoned page (current: the
+    reply) are both dropped by legacy_queue; the pending AO is then delivered with
+    the default action (force_sig_info_to_task unblocked it)."""
+    me = emu.attach(host, name="qemu")
+    base, va1, pfn1 = shared_page(me, target=1)
+    va2, pfn2 = dirty_page(me, base, 2, b"\xbb")
+    va3, pfn3 = dirty_page(me, base, 3, b"\xcc")
+    ready, injected = Counter(), Event()
+
+    def victim(task):
+        emu.sigaction(SIGBUS, lambda s, i: None)
+        set_policy(task, EARLY)
+        task.read(va1, 1)                      # fork copied no PTE of the shared file
+        task.read(va2, 1)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {SIGBUS})
+        ready.post()
+        assert injected.wait(task)
+        task.idle(0.3)
+        task.read(va3, 8)                      # consumes: forced AR, dropped
+        return "survived"
+
+    since = host.events()[-1]["seq"]
+    ch = me.fork(victim, name="victim")
+    ready.wait(1)
+    assert host.hw_detect(pfn1) == 0
+    assert host.hw_detect(pfn2) == 0
+    assert host.hw_poison(pfn3) == 0
+    injected.set()
+    code = ch.join(15)
+    if code is None:
+        ch.kill()
+        ch.join(5)
+        pytest.fail("victim kept running")
+    assert code == -SIGBUS
+    ev = [(e["type"], e["code"], e["addr"], e["force"], e.get("reason"))
+          for e in host.events(since) if e["type"] in ("signal", "signal_dropped")
+          and e["tid"] == ch.pid]
+    assert ev == [("signal", AO, va1, False, None),
+                  ("signal_dropped", AO, va2, False, "already pending"),
+                  ("signal_dropped", AR, va3, True, "already pending")]
 
 
 # ------------------------------------------------------------------ AO with the default action

@@ -34,13 +34,6 @@ SYSCTL_RANGE = {
 }
 
 
-EVENT_TYPES: dict[str, int] = {}     # trace event name -> id in the shm event ring
-
-
-def _event_type(name: str) -> int:
-    return EVENT_TYPES.setdefault(name, len(EVENT_TYPES) + 1)
-
-
 class Panic(BaseException):
     """panic() does not return: it unwinds the kernel path that called it (not an
     Exception, so no `except Exception` on the way swallows it).  The supervisor
@@ -53,7 +46,7 @@ class Panic(BaseException):
 
 class Kernel:
     def __init__(self, core, nframes: int, policy="mf-delayed-fix", sysctl=None,
-                 madvise_action_required: bool = True, hugepages=None):
+                 madvise_action_required: bool = True, hugepages=None, events: int = 65536):
         self.core = core
         self.nframes = nframes
         self.policy = load_policy(policy)
@@ -63,7 +56,7 @@ class Kernel:
         self.madvise_action_required = madvise_action_required   # MF_ACTION_REQUIRED since ~6.11
         self.boot_ns = time.monotonic_ns()
         self.dmesg_lines: collections.deque[tuple] = collections.deque(maxlen=20000)
-        self.events: collections.deque[tuple] = collections.deque(maxlen=50000)
+        self.events: collections.deque[tuple] = collections.deque(maxlen=events)   # limits.events
         self.event_seq = 0
         self.current: Task | None = None
         from .hugetlb import HugeTLB, reserve_boot_pages
@@ -112,12 +105,10 @@ class Kernel:
 
     def trace(self, type_: str, _ts: int = 0, **kw) -> None:
         """A structured trace event, kept as it comes and made a dict only when read
-        (`trace_events`): the kernel path pays for an append.  A compact copy goes to
-        the shm event ring.  `_ts`: when it happened, if that was earlier than now."""
+        (`trace_events`): the kernel path pays for an append.  `_ts`: when it
+        happened, if that was earlier than now."""
         self.event_seq += 1
         self.events.append((self.event_seq, _ts or time.monotonic_ns(), type_, kw))
-        self.core.ev_post(EVENT_TYPES.get(type_) or _event_type(type_), kw.get("tid") or 0,
-                          kw.get("pfn") or 0, kw.get("addr") or 0)
 
     def trace_events(self, since: int = 0) -> list[dict]:
         """The events after seq `since` still in the ring, oldest first."""
@@ -217,11 +208,13 @@ class Kernel:
         self.inode_sync(inode)
         return inode
 
-    INODE_KIND = {"shmem": 1, "kvm-gmem": 2, "hugetlbfs": 3, "kvm": 4, "kvm-vm": 4}
+    # the core's inode table kind (layout.h EMU_INODE_*) of each FileOps.name
+    INODE_KIND = {"shmem": C.INODE_SHMEM, "kvm-gmem": C.INODE_GMEM,
+                  "hugetlbfs": C.INODE_HUGETLBFS, "kvm": C.INODE_KVM, "kvm-vm": C.INODE_KVM}
 
     def inode_sync(self, inode: Inode) -> None:
         """Mirror an inode into the core's inode table."""
-        self.core.inode_set(inode.slot, inode.ino, self.INODE_KIND.get(inode.ops.name, 4),
+        self.core.inode_set(inode.slot, inode.ino, self.INODE_KIND.get(inode.ops.name, C.INODE_KVM),
                             inode.size, inode.flags, inode.nrpages, inode.nlink,
                             inode.name.encode()[:31])
 

@@ -22,7 +22,6 @@ class Inode:
     flags: int = 0
     pages: dict[int, int] = field(default_factory=dict)   # index -> folio head pfn
     i_mmap: list = field(default_factory=list)    # VMAs mapping this file, vm_pgoff order
-    wb_err: int = 0                                       # mapping_set_error
     nlink: int = 0                                        # open files + bindings
     private: dict = field(default_factory=dict)           # per-fs data
     slot: int = -1                                        # row in the core's inode table

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .. import uapi as u
 from .fs import File, FileOps, Inode, filemap_add_folio, truncate_inode_pages_range
+from .hugetlb import hstate_name
 from .mm import PAGE_SHIFT, PAGE_SIZE, VM_FAULT_OK, VM_FAULT_SIGBUS
 from .page_alloc import PG_hwpoison, PG_lru, PG_unevictable, PG_uptodate
 
@@ -274,7 +275,7 @@ def kvm_gmem_create(k, proc, vm, size: int, flags: int) -> int:
     ops, hstate = GMEM_OPS, None
     if flags & u.GUEST_MEMFD_FLAG_HUGETLB:
         log = (flags >> u.GUESTMEM_HUGETLB_FLAG_SHIFT) & u.GUESTMEM_HUGETLB_FLAG_MASK
-        name = {0: "2M", 21: "2M", 30: "1G"}.get(log)
+        name = hstate_name(log)
         if name is None or k.hugetlb is None or name not in k.hugetlb.hstates:
             raise OSError(u.EINVAL, "guest_memfd: no HugeTLB pool of that size")
         hstate = k.hugetlb.hstates[name]

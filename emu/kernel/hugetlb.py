@@ -10,14 +10,17 @@ from dataclasses import dataclass, field
 
 from .. import uapi as u
 from .fs import File, FileOps, Inode, filemap_read, filemap_remove_folio, truncate_inode_pages_range
+from .memory_failure import MF_MSG_ALREADY_POISONED, MF_MSG_FREE_HUGE, MF_MSG_UNMAP_FAILED
 from .mm import PAGE_SHIFT
 from .page_alloc import MAX_PAGE_ORDER, PG_dirty, PG_head, PG_hugetlb, PG_hwpoison, PG_uptodate
 
-MF_MSG_FREE_HUGE = "free huge page"
-MF_MSG_ALREADY_POISONED = "already poisoned page"
-MF_MSG_UNMAP_FAILED = "unmapping failed page"
-
 HSTATE_ORDER = {"2M": 9, "1G": 18}
+
+
+def hstate_name(size_log: int) -> str | None:
+    """The pool a MFD_HUGE_* / GUESTMEM_HUGETLB_FLAG_* size field names (log2 of the
+    page size; 0: the default, 2M); None for a size with no pool."""
+    return {0: "2M", 21: "2M", 30: "1G"}.get(size_log)
 
 
 @dataclass
@@ -202,7 +205,7 @@ class HugeTLB:
     # ------------------------------------------------------------ files and folios
     def memfd_create(self, proc, name: str, flags: int) -> int:
         size_log = (flags >> u.MFD_HUGE_SHIFT) & u.MFD_HUGE_MASK
-        hname = {0: "2M", 21: "2M", 30: "1G"}.get(size_log)
+        hname = hstate_name(size_log)
         if hname is None:
             raise OSError(u.EINVAL, "memfd_create: unsupported huge page size")
         h = self.hstates.get(hname) or HState(hname, HSTATE_ORDER[hname])

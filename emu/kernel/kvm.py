@@ -403,8 +403,8 @@ class KVM:
         return (2 if order == 9 else 3), head, hgpa
 
     @staticmethod
-    def _memory_fault(gpa: int, private: bool, err: int, exit_reason: bool = True) -> dict:
-        return {"reason": u.KVM_EXIT_MEMORY_FAULT if exit_reason else None, "errno": err,
+    def _memory_fault(gpa: int, private: bool, err: int) -> dict:
+        return {"reason": u.KVM_EXIT_MEMORY_FAULT, "errno": err,
                 "gpa": gpa, "size": PAGE_SIZE,
                 "flags": u.KVM_MEMORY_EXIT_FLAG_PRIVATE if private else 0}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .. import _core as C
 from .. import uapi as u
 from .page_alloc import (
     PG_anon,
@@ -98,9 +99,8 @@ def me_pagecache_clean(mf, ps, pfn):
 
 
 def me_pagecache_dirty(mf, ps, pfn):
-    inode = mf.k.inodes.get(mf.k.core.mapping(mf.k.core.head(pfn)))
-    if inode is not None:
-        inode.wb_err = -u.EIO             # mapping_set_error(mapping, -EIO)
+    """me_pagecache_dirty(): its mapping_set_error(mapping, -EIO) is reported by
+    fsync/msync, which the emulator has not; the rest is the clean case."""
     return me_pagecache_clean(mf, ps, pfn)
 
 
@@ -261,14 +261,13 @@ class MemoryFailure(SoftOffline):
         return [] if t is None else [
             (t, 0, shift, "policy: owner of the struct kvm, " + EARLY_WHY[t.flags & _MCE_BITS])]
 
-    def kill_proc(self, tk: ToKill, pfn: int, flags: int, sent=False) -> int:
-        """`sent`: the core's result if it sent this signal already (send_with_unmap)."""
+    def kill_proc(self, tk: ToKill, pfn: int, flags: int) -> int:
+        """kill_proc(): BUS_MCEERR_AR forced on current for an action-required error,
+        else BUS_MCEERR_AO sent (blockable) to the early-kill thread."""
         t, addr, size_shift, why = tk
         self.log("%#x: Sending SIGBUS to %s:%d due to hardware memory corruption", pfn, t.comm, t.tid)
         sig = self.k.signals
-        if sent is not False:
-            ret = sig.send_sig_mceerr_sent(t, u.BUS_MCEERR_AO, addr, size_shift, why, sent)
-        elif flags & u.MF_ACTION_REQUIRED and t is self.k.current:
+        if flags & u.MF_ACTION_REQUIRED and t is self.k.current:
             ret = sig.force_sig_mceerr(t, u.BUS_MCEERR_AR, addr, size_shift,
                                        why="action required: current consumed the error")
         else:
@@ -277,38 +276,47 @@ class MemoryFailure(SoftOffline):
             self.log("Error sending signal to %s:%d: %d", t.comm, t.tid, ret)
         return ret
 
-    def kill_procs(self, tokill: list[ToKill], forcekill: bool, pfn: int, flags: int,
-                   sent: list | None = None) -> None:
-        if not forcekill:
-            return
-        for i, tk in enumerate(tokill):
-            if self.kill_proc(tk, pfn, flags, False if sent is None else sent[i]) < 0:
-                self.log("%#x: Cannot send advisory machine check signal to %s:%d",
-                         pfn, tk[0].comm, tk[0].tid)
+    def kill_procs(self, tokill: list[ToKill], forcekill: bool, pfn: int, flags: int) -> None:
+        if forcekill:
+            for tk in tokill:
+                if self.kill_proc(tk, pfn, flags) < 0:
+                    self.log("%#x: Cannot send advisory machine check signal to %s:%d",
+                             pfn, tk[0].comm, tk[0].tid)
+        self.k.signals.early_done()
 
     def send_with_unmap(self, tokill: list[ToKill], head: int, inode, flags: int) -> list | None:
-        """kill_procs' mailbox records, for the core to send in try_to_unmap's own call,
-        right after the last zap, when the kill is decided before the unmap (a dirty
-        folio or MF_MUST_KILL) and every target is another live thread: the signals
-        leave as soon as the PTEs are gone, and kill_procs then logs and traces each
-        in order.  None: kill_procs sends them itself, after the unmap."""
+        """An optimisation of kill_procs' sends, not another route: when the kill is
+        decided before the unmap (a dirty folio or MF_MUST_KILL) and every target is
+        another live thread, the core posts kill_procs' records in try_to_unmap's own
+        call, right after the last zap, so the signals leave as soon as the PTEs are
+        gone.  kill_procs then runs as always; send_sig_mceerr takes each early
+        result instead of posting again (Signals.early_records).  None: no early send."""
         if inode is None or not tokill or not (self.k.core.flags(head) & PG_dirty
                                                or flags & u.MF_MUST_KILL):
             return None
-        return self.k.signals.mailbox_records(tokill, u.SIGBUS, u.BUS_MCEERR_AO)
+        return self.k.signals.early_records(tokill, u.SIGBUS, u.BUS_MCEERR_AO)
+
+    def current_entries(self, pfn: int):
+        """Current's page-table entries (present, or hwpoison swap entries) covering
+        pfn, in VMA and address order: (va of the entry, its first pfn, level)."""
+        cur = self.k.current
+        core = self.k.core
+        mask, valid = C.PTE_PFN_MASK, C.PTE_PRESENT | C.PTE_HWPOISON
+        for vma in cur.process.mm.vmas:
+            for va, e, level in core.pt_scan(cur.process.mm.pgd, vma.start, vma.end):
+                epfn = (e & mask) >> 12
+                if e & valid and epfn <= pfn < epfn + (1 << (9 * (level - 1))):
+                    yield va, epfn, level
 
     def kill_accessing_process(self, pfn: int, flags: int) -> int:
         """Walk current's page tables for a present or hwpoison entry of pfn."""
         cur = self.k.current
         if cur is None:
             return -u.EFAULT
-        from .. import _core as C
-
-        for vma in cur.process.mm.vmas:
-            for va, e, level in self.k.core.pt_scan(cur.process.mm.pgd, vma.start, vma.end):
-                if ((e & C.PTE_PFN_MASK) >> 12) == pfn and e & (C.PTE_PRESENT | C.PTE_HWPOISON):
-                    self.kill_proc((cur, va, 12 + 9 * (level - 1), "kill_accessing_process"), pfn, flags)
-                    return -u.EHWPOISON
+        for va, epfn, level in self.current_entries(pfn):
+            if epfn == pfn:
+                self.kill_proc((cur, va, 12 + 9 * (level - 1), "kill_accessing_process"), pfn, flags)
+                return -u.EHWPOISON
         return 0
 
     # ------------------------------------------------------------ unmapping
@@ -356,7 +364,7 @@ class MemoryFailure(SoftOffline):
                 self.log("%#x: corrupted page was clean: dropped without side effects", pfn)
         extra = self.host_unmap_range(inode, head) if gmem else None  # between unmap and kill
         records = None if extra else self.send_with_unmap(tokill, head, inode, flags)
-        sent = k.mm.try_to_unmap(head, ttu_hwpoison, records)
+        k.mm.try_to_unmap(head, ttu_hwpoison, records)
         if extra:
             from .fs import unmap_mapping_range
 
@@ -370,7 +378,7 @@ class MemoryFailure(SoftOffline):
             self.log("%#x: failed to unmap page (folio mapcount=%d)", pfn, core.mapcount(pfn))
         forcekill = core.flags(head) & PG_dirty != 0 or flags & u.MF_MUST_KILL != 0 \
             or not unmap_success
-        self.kill_procs(tokill, forcekill, pfn, flags, sent if records else None)
+        self.kill_procs(tokill, forcekill, pfn, flags)
         return unmap_success
 
     def host_unmap_range(self, inode, head: int) -> tuple[int, int | None] | None:
@@ -478,22 +486,15 @@ class MemoryFailure(SoftOffline):
         """SIGBUS BUS_MCEERR_AR to current for a consumed failure: at current's
         mapping of the page if it has one, else with si_addr 0 (a vCPU consuming
         memory the host never mapped, e.g. private guest_memfd)."""
-        from .. import _core as C
-
         k, core = self.k, self.k.core
         cur = k.current
         if cur is None:
             return
-        head = core.head(pfn)
-        shift = 12 + core.order(head)
-        for vma in cur.process.mm.vmas:
-            for va, e, level in core.pt_scan(cur.process.mm.pgd, vma.start, vma.end):
-                epfn = (e & C.PTE_PFN_MASK) >> 12
-                n = 1 << (9 * (level - 1))
-                if e & (C.PTE_PRESENT | C.PTE_HWPOISON) and epfn <= pfn < epfn + n:
-                    k.signals.force_sig_mceerr(cur, u.BUS_MCEERR_AR, va + ((pfn - epfn) << 12), shift,
-                                               why="policy: SIGBUS current on a consumed failure")
-                    return
+        shift = 12 + core.order(core.head(pfn))
+        for va, epfn, _level in self.current_entries(pfn):
+            k.signals.force_sig_mceerr(cur, u.BUS_MCEERR_AR, va + ((pfn - epfn) << 12), shift,
+                                       why="policy: SIGBUS current on a consumed failure")
+            return
         k.signals.force_sig_mceerr(cur, u.BUS_MCEERR_AR, 0, shift,
                                    why="policy: SIGBUS current on a consumed failure (no host address)")
 

@@ -297,13 +297,13 @@ class MM:
         order = self.core.order(head)
         return (1, 2 if order == 9 else 3) if fl & PG_hugetlb else (1 << order, 1)
 
-    def try_to_unmap(self, head: int, hwpoison: bool, sends: list | None = None) -> list:
+    def try_to_unmap(self, head: int, hwpoison: bool, sends: list | None = None) -> None:
         """try_to_unmap(folio, TTU_HWPOISON?): poisoned subpages become hwpoison entries.
 
         A file folio's rmap walk and zaps run in the core, in one call, after the MMU
         notifiers of its mappings (try_to_unmap_one's invalidate_range_start).  With
-        `sends` (mailbox records, file folios only) that call also sends them, right
-        after the last zap; the core's sig_send results are returned."""
+        `sends` (Signals.early_records, file folios only) that call also posts them,
+        right after the last zap; kill_procs then accounts for them (Signals.posted_early)."""
         core, k = self.core, self.k
         fl = core.flags(head)
         inode = None if fl & PG_anon and not fl & PG_hugetlb else k.inodes.get(core.mapping(head))
@@ -313,7 +313,7 @@ class MM:
                 poison = hwpoison and core.flags(pfn) & PG_hwpoison != 0
                 self.zap_pte(mm, va, poison, level)
                 k.trace("unmap", mm=mm.slot, addr=va, pfn=pfn, hwpoison=poison, level=level)
-            return []
+            return
         n, level = self._span(head, fl)
         index, vma_of = core.index(head), k.vma_of
         if k.kvm.vms:
@@ -321,14 +321,13 @@ class MM:
                 if vma_of[s].mm.kvm_users:
                     k.kvm.mmu_notifier_invalidate(vma_of[s].mm, va, PAGE_SIZE << 9 * (level - 1))
         zapped, done, sent = core.unmap_file(inode.slot, head, index, n, level, hwpoison, sends)
-        if sent:
-            k.signals.doorbells_rung()
+        if sends:
+            k.signals.posted_early(sends, sent)
         for s, va, pfn, poison, refs in zapped:
             if refs <= 0:
                 self.folio_free(head)
             k.trace("unmap", _ts=done, mm=vma_of[s].mm.slot, addr=va, pfn=pfn, hwpoison=poison,
                     level=level)
-        return sent
 
     def folio_mkclean(self, head: int) -> bool:
         """Write-protect/clean every mapping; True if any PTE was dirty."""

@@ -20,7 +20,6 @@ class Process:
     comm: str
     files: dict = field(default_factory=dict)
     threads: list = field(default_factory=list)      # group order, leader first
-    exit_sig: int = 0
     # the group leader has exited while other threads run (pthread_exit): a zombie
     # whose mm is NULL (exit_mm) until the last thread goes; for_each_process still
     # finds the group through it

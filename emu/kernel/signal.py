@@ -8,10 +8,12 @@ The kernel side decides who gets which siginfo; delivery is real:
 - to any other thread: the record goes to its shm mailbox and a thread-directed
   SIGBUS rings the doorbell; blocked, it stays pending until unblocked.
 SIGBUS is a legacy signal: one already pending makes a new one a no-op
-(legacy_queue), so the kernel's own drop rule decides, not the doorbell.
+(legacy_queue), so the kernel's own drop rule decides, not the doorbell.  The rule
+has one definition, the core's legacy_queue, which both branches consult.
 """
 from __future__ import annotations
 
+import collections
 import os
 
 from .. import _core as C
@@ -22,16 +24,24 @@ class Signals:
     def __init__(self, k):
         self.k = k
         self.seq = 0
+        # records the core posted in try_to_unmap's call (mm.try_to_unmap), with its
+        # sig_send result each, waiting for kill_procs' send_sig_mceerr to account for them
+        self.early: collections.deque = collections.deque()
 
     def _queue(self, t, signo: int, code: int, addr: int, lsb: int, force: bool, why: str) -> int:
+        """send_signal_locked() for one thread: current's siginfo rides on the reply,
+        another thread's goes to its mailbox.  Both drop a SIGBUS while one is
+        pending by the core's legacy_queue."""
         k = self.k
+        info = (t, signo, code, addr, lsb, force, why)
+        if self.early:
+            return self._sent(info, self._take_early(t, signo, code, addr, lsb))
         self.seq += 1
         if not t.alive:
             return -u.ESRCH
-        info = (t, signo, code, addr, lsb, force, why)
         if t is k.current:
             pend = [s for s in t.reply_sigs if s[0] == signo and s[5]]
-            if pend or k.core.sig_pending(t.slot):
+            if k.core.legacy_queue(t.slot, bool(pend)):
                 if force:
                     # force_sig_info_to_task resets a blocked/ignored handler and
                     # unblocks before legacy_queue drops the new siginfo: the
@@ -49,10 +59,13 @@ class Signals:
         self.doorbells_rung()
         return ret
 
-    def mailbox_records(self, targets: list, signo: int, code: int) -> list | None:
-        """The mailbox records _queue would send to (thread, addr, lsb, ...) targets, for
-        a caller that has the core send them; None if a target is current or dead
-        (its signal must take _queue's own way).  Each record takes the next seq."""
+    # ------------------------------------------------------------ sent with the unmap
+    def early_records(self, targets: list, signo: int, code: int) -> list | None:
+        """The mailbox records _queue would post for (thread, addr, lsb, ...) targets,
+        in order, for the core to post in try_to_unmap's own call (an optimisation
+        of kill_procs: the signals leave the moment the PTEs are gone); None if a
+        target is current or dead (its signal must take _queue's other branch).
+        Each record takes the next seq, as _queue would."""
         cur = self.k.current
         for tk in targets:
             if tk[0] is cur or not tk[0].alive:
@@ -63,6 +76,22 @@ class Signals:
             self.seq += 1
             out.append((t.slot, t.tid, signo, code, tk[1], tk[2], 0, self.seq))
         return out
+
+    def posted_early(self, records: list, results: list) -> None:
+        """The core posted `records` (its sig_send result each): kill_procs' sends
+        take them in order instead of posting again."""
+        self.early.extend((r[0], r[2], r[3], r[4], r[5], res)
+                          for r, res in zip(records, results, strict=True))
+        self.doorbells_rung()
+
+    def _take_early(self, t, signo: int, code: int, addr: int, lsb: int) -> tuple:
+        e = self.early.popleft()
+        assert e[:5] == (t.slot, signo, code, addr, lsb), "early send out of kill_procs' order"
+        return e[5]
+
+    def early_done(self) -> None:
+        """kill_procs is over: every early send was accounted for."""
+        assert not self.early, "early sends kill_procs did not make"
 
     def _sent(self, info: tuple, result: tuple) -> int:
         """Account for the core's sig_send of `info`: the trace event, the return value."""
@@ -88,16 +117,12 @@ class Signals:
                      force=force, why=why, **extra)
 
     # the kernel's entry points
-    def send_sig_mceerr_sent(self, t, code: int, addr: int, lsb: int, why: str,
-                             result: tuple) -> int:
-        """send_sig_mceerr whose mailbox record the core has already sent (result:
-        sig_send's): what is left is its trace and return value."""
-        return self._sent((t, u.SIGBUS, code, addr, lsb, False, why), result)
-
     def force_sig_mceerr(self, t, code: int, addr: int, lsb: int, why: str = "") -> int:
+        """force_sig_mceerr(): to current (force_sig_info)."""
         return self._queue(t, u.SIGBUS, code, addr, lsb, True, why)
 
     def send_sig_mceerr(self, t, code: int, addr: int, lsb: int, why: str = "") -> int:
+        """send_sig_mceerr(): to any thread, blockable (send_sig_info)."""
         return self._queue(t, u.SIGBUS, code, addr, lsb, False, why)
 
     def force_sig(self, t, signo: int, why: str = "") -> int:

@@ -189,6 +189,10 @@ def sys_pwrite(k, t, a):
     return f.inode.ops.write(k, f.inode, buf, off)
 
 
+# host_status's name for each kind in the core's inode table (layout.h EMU_INODE_*)
+INODE_KIND_NAME = {C.INODE_SHMEM: "shmem", C.INODE_GMEM: "guest_memfd",
+                   C.INODE_HUGETLBFS: "hugetlbfs", C.INODE_KVM: "kvm"}
+
 MAX_RW_COUNT = (1 << 31) - 4096        # rw_verify_area: INT_MAX & PAGE_MASK
 
 
@@ -497,7 +501,7 @@ def host_status(k, a):
                         for t in p.threads if t.alive],
         })
     mi = k.meminfo()
-    files = [{"ino": ino, "kind": {1: "shmem", 2: "guest_memfd", 3: "hugetlbfs", 4: "kvm"}.get(kind),
+    files = [{"ino": ino, "kind": INODE_KIND_NAME.get(kind),
               "size": size, "flags": flags, "nrpages": nr, "name": name}
              for _s, ino, kind, size, flags, nr, _nl, name in k.core.inodes()]
     return {"policy": k.policy.name, "sysctl": dict(k.sysctl), "meminfo": mi, "files": files,
