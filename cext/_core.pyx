@@ -92,8 +92,13 @@ cdef extern from "fastpath.h":
     size_t emu_access_batch(emu_ctx *c, emu_task *t, uint64_t pgd, const uint64_t *addrs,
                             size_t start, size_t m, size_t size, uint8_t *buf, int write, int priv,
                             int *status, uint64_t *xva, uint64_t *xpfn, size_t *partial) nogil
-    size_t emu_plain_c_loop(const emu_ctx *c, uint64_t pgd, const uint64_t *addrs, size_t m,
-                            size_t size, uint8_t *buf) nogil
+    size_t emu_access_batch_ablate(emu_ctx *c, emu_task *t, uint64_t pgd, const uint64_t *addrs,
+                                   size_t m, size_t size, uint8_t *buf, int write, int priv,
+                                   unsigned skip) nogil
+    size_t emu_soft_walk_loop(const emu_ctx *c, uint64_t pgd, const uint64_t *addrs, size_t m,
+                              size_t size, uint8_t *buf) nogil
+    uint64_t emu_hw_loop(const uint8_t *mem, uint64_t base, const uint64_t *addrs, size_t m,
+                         size_t size, uint8_t *buf) nogil
 
 cdef extern from "sigrec.h":
     emu_task *emu_self_task
@@ -1065,11 +1070,27 @@ cdef class Core:
                                    &partial)
         return (nxt, status, xva, xpfn, partial)
 
-    def plain_c_loop(self, uint64_t pgd, const uint64_t[::1] addrs, size_t size, uint8_t[::1] buf):
-        """Benchmark baseline: the same lookup and copy, nothing else."""
+    def soft_walk_loop(self, uint64_t pgd, const uint64_t[::1] addrs, size_t size, uint8_t[::1] buf):
+        """Benchmark baseline: the fast path's walk (same walk cache, same look-ahead
+        prefetch) and copy, without its checks.  Returns the accesses done."""
         cdef size_t r
+        if <size_t>buf.shape[0] < <size_t>addrs.shape[0] * size:
+            raise ValueError("buffer too small")
         with nogil:
-            r = emu_plain_c_loop(&self.c, pgd, &addrs[0], addrs.shape[0], size, &buf[0])
+            r = emu_soft_walk_loop(&self.c, pgd, &addrs[0], addrs.shape[0], size, &buf[0])
+        return r
+
+    def access_batch_ablate(self, int slot, uint64_t pgd, const uint64_t[::1] addrs, size_t size,
+                            uint8_t[::1] buf, unsigned skip, bint write=False, int priv=-1):
+        """Benchmark ablation: access_batch with the work in `skip` (EMU_SKIP_* bits:
+        1 poison check, 2 A/D update, 4 present/permission/bound checks, 8 rcu
+        section) left out.  Not for use on tables that can fault."""
+        cdef size_t r
+        if skip > 15 or <size_t>buf.shape[0] < <size_t>addrs.shape[0] * size:
+            raise ValueError("bad skip or buffer too small")
+        with nogil:
+            r = emu_access_batch_ablate(&self.c, &self.c.tasks[slot], pgd, &addrs[0],
+                                        addrs.shape[0], size, &buf[0], write, priv, skip)
         return r
 
     def info(self):
@@ -1156,3 +1177,95 @@ def tgkill(int tgid, int tid, int sig):
 
 
 
+
+
+cdef extern from "<sys/mman.h>":
+    int MAP_PRIVATE, MAP_ANONYMOUS, MADV_NOHUGEPAGE
+
+
+cdef class HwMem:
+    """Benchmark baseline: a real anonymous mmap of `length` bytes, read with the
+    CPU's own MMU (no emulation).  4 KiB pages (MADV_NOHUGEPAGE), like the
+    emulator's; every page written first so it is resident."""
+    cdef uint8_t *mem
+    cdef readonly size_t length
+
+    def __cinit__(self, size_t length):
+        cdef void *p = mmap(NULL, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+        if p == MAP_FAILED:
+            raise OSError("mmap")
+        madvise(p, length, MADV_NOHUGEPAGE)
+        self.mem = <uint8_t *>p
+        self.length = length
+        memset(p, 0x5a, length)
+
+    def __dealloc__(self):
+        if self.mem != NULL:
+            munmap(self.mem, self.length)
+
+    def load(self, size_t off, const uint8_t[::1] data):
+        """Copy data in at off (to give it the same bytes as the emulated memory)."""
+        if off + <size_t>data.shape[0] > self.length:
+            raise ValueError("out of range")
+        memcpy(self.mem + off, &data[0], data.shape[0])
+
+    def read_batch(self, uint64_t base, const uint64_t[::1] addrs, size_t size, uint8_t[::1] buf):
+        """`size` bytes at each addrs[i] - base, packed in buf; returns the sum of
+        the 8-byte words loaded (so that no load is dropped)."""
+        cdef uint64_t r
+        cdef size_t i, m = addrs.shape[0]
+        if <size_t>buf.shape[0] < m * size:
+            raise ValueError("buffer too small")
+        for i in range(m):
+            if addrs[i] < base or addrs[i] - base + (size if size > 8 else 8) > self.length:
+                raise ValueError("address out of range")
+        with nogil:
+            r = emu_hw_loop(self.mem, base, &addrs[0], m, size, &buf[0])
+        return r
+
+
+def hw_first_touch(size_t length, size_t stride=4096):
+    """Benchmark baseline: ns to map `length` bytes of shared anonymous memory
+    (shmem, as a guest_memfd is) and write 8 bytes to each page in order, the
+    host kernel faulting each page in; then unmap."""
+    cdef uint64_t t0, t1
+    cdef size_t off
+    cdef uint8_t *m
+    cdef void *p = mmap(NULL, length, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0)
+    if p == MAP_FAILED:
+        raise OSError("mmap")
+    m = <uint8_t *>p
+    with nogil:
+        t0 = emu_now_ns()
+        off = 0
+        while off < length:
+            (<uint64_t *>(m + off))[0] = off
+            off += stride
+        t1 = emu_now_ns()
+    munmap(p, length)
+    return t1 - t0
+
+
+def fill_entries(size_t n, size_t record):
+    """Benchmark baseline, kernel-shaped work of splitting a folio of n pages:
+    write n 8-byte page-table entries (pfn | flags) and n `record`-byte per-page
+    descriptors (struct page is 64 bytes), into fresh memory already resident.
+    Returns the ns the writes took."""
+    cdef uint64_t t0, t1, i
+    cdef uint64_t *pte = <uint64_t *>PyMem_Malloc(n * 8)
+    cdef uint8_t *desc = <uint8_t *>PyMem_Malloc(n * record)
+    if pte == NULL or desc == NULL:
+        PyMem_Free(pte); PyMem_Free(desc)
+        raise MemoryError()
+    memset(pte, 0, n * 8)
+    memset(desc, 0, n * record)
+    with nogil:
+        t0 = emu_now_ns()
+        for i in range(n):
+            pte[i] = (i << 12) | 0x67
+            memset(desc + i * record, 0, record)
+            (<uint64_t *>(desc + i * record))[0] = i
+        t1 = emu_now_ns()
+    PyMem_Free(pte)
+    PyMem_Free(desc)
+    return t1 - t0

@@ -62,10 +62,14 @@ static inline int emu_level_shift(int level) {
     return level == 1 ? 12 : (level == 2 ? 21 : 30);
 }
 
-/* The frame a present leaf entry at `level` maps for va. */
+/* The frame a present leaf entry at `level` maps for va: the entry's frame plus
+ * va's page offset inside the leaf (4K: none, 2M: 9 bits, 1G and above: 18
+ * bits, as emu_level_shift says), from a table rather than a chain of tests;
+ * emu_walk sets level to 1..4. */
+static const uint64_t emu_leaf_mask[5] = {0, 0, (1ULL << 9) - 1, (1ULL << 18) - 1, (1ULL << 18) - 1};
 static inline uint64_t emu_leaf_pfn(uint64_t e, uint64_t va, int level) {
     return ((e & EMU_PTE_PFN_MASK) >> EMU_PAGE_SHIFT)
-           + ((va >> EMU_PAGE_SHIFT) & ((1ULL << (emu_level_shift(level) - EMU_PAGE_SHIFT)) - 1));
+           + ((va >> EMU_PAGE_SHIFT) & emu_leaf_mask[level]);
 }
 
 /* RCU-like read section: frames and tables a zap freed are reused only once
@@ -118,9 +122,17 @@ uint64_t *emu_walk_tlb(const emu_ctx *c, emu_tlb *tlb, uint64_t pgd, uint64_t va
  * accesses and guests whose attributes decide, else 0/1; a stage-2 entry that
  * maps the other kind of memory faults, as TDX's separate EPTs or SNP's RMP do.
  */
+/*
+ * Benchmark ablation only: each bit leaves one piece of work out, to measure
+ * what it costs (benchmarks/bench_fastpath.py).  Production passes 0, a
+ * constant, so the compiler drops every test of `skip`.
+ */
+enum { EMU_SKIP_POISON = 1, EMU_SKIP_AD = 2, EMU_SKIP_CHECKS = 4, EMU_SKIP_RCU = 8 };
+
 static inline __attribute__((always_inline))
-size_t emu_access_locked(emu_ctx *c, emu_tlb *tlb, uint64_t pgd, uint64_t va, uint8_t *buf,
-                         size_t n, int write, int priv, int *status, uint64_t *xva, uint64_t *xpfn)
+size_t emu_access_locked_s(emu_ctx *c, emu_tlb *tlb, uint64_t pgd, uint64_t va, uint8_t *buf,
+                           size_t n, int write, int priv, int *status, uint64_t *xva, uint64_t *xpfn,
+                           const unsigned skip)
 {
     size_t done = 0;
     uint64_t want = EMU_PTE_ACCESSED | (write ? EMU_PTE_DIRTY : 0);
@@ -130,22 +142,32 @@ size_t emu_access_locked(emu_ctx *c, emu_tlb *tlb, uint64_t pgd, uint64_t va, ui
         uint64_t *slot = emu_walk_tlb(c, tlb, pgd, cur, &level);
     retry:
         e = slot ? __atomic_load_n(slot, __ATOMIC_ACQUIRE) : 0;
-        if (!(e & EMU_PTE_PRESENT) || (write && !(e & EMU_PTE_RW))
-            || (priv >= 0 && !!(e & EMU_PTE_S2_PRIVATE) != priv)) {
+        if (!(skip & EMU_SKIP_CHECKS) && (!(e & EMU_PTE_PRESENT) || (write && !(e & EMU_PTE_RW))
+            || (priv >= 0 && !!(e & EMU_PTE_S2_PRIVATE) != priv))) {
             *status = EMU_ACC_FAULT; *xva = cur; return done;
         }
         pfn = emu_leaf_pfn(e, cur, level);
-        if (pfn >= c->nframes) { *status = EMU_ACC_BADPFN; *xva = cur; *xpfn = pfn; return done; }
+        if (!(skip & EMU_SKIP_CHECKS) && pfn >= c->nframes) {
+            *status = EMU_ACC_BADPFN; *xva = cur; *xpfn = pfn; return done;
+        }
         /* x86 signals an SRAR #MC for a load (or an instruction fetch) that consumes
          * poison; a store does not consume it: the store completes and the line
          * stays poisoned, so the next load still takes the machine check. */
-        if (!write && c->hwerr[pfn]) { *status = EMU_ACC_MCE; *xva = cur; *xpfn = pfn; return done; }
-        if ((e & want) != want) {
+        if (!(skip & EMU_SKIP_POISON) && !write && c->hwerr[pfn]) { *status = EMU_ACC_MCE; *xva = cur; *xpfn = pfn; return done; }
+        if (!(skip & EMU_SKIP_AD) && (e & want) != want) {
             /* hardware A/D update: a locked cmpxchg that rechecks the entry */
             if (!__atomic_compare_exchange_n(slot, &e, e | want, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
                 goto retry;
         }
         off = cur & (EMU_PAGE_SIZE - 1);
+        if (done == 0 && off + n <= EMU_PAGE_SIZE) {
+            /* the whole access in one page (the common case): one copy whose size
+             * the compiler knows when the caller's is constant (the batch's 8) */
+            if (write) memcpy(c->phys + (pfn << EMU_PAGE_SHIFT) + off, buf, n);
+            else       memcpy(buf, c->phys + (pfn << EMU_PAGE_SHIFT) + off, n);
+            done = n;
+            break;
+        }
         chunk = EMU_PAGE_SIZE - off;
         if (chunk > n - done) chunk = n - done;
         if (write) memcpy(c->phys + (pfn << EMU_PAGE_SHIFT) + off, buf + done, chunk);
@@ -154,6 +176,13 @@ size_t emu_access_locked(emu_ctx *c, emu_tlb *tlb, uint64_t pgd, uint64_t va, ui
     }
     *status = EMU_ACC_OK;
     return done;
+}
+
+static inline __attribute__((always_inline))
+size_t emu_access_locked(emu_ctx *c, emu_tlb *tlb, uint64_t pgd, uint64_t va, uint8_t *buf,
+                         size_t n, int write, int priv, int *status, uint64_t *xva, uint64_t *xpfn)
+{
+    return emu_access_locked_s(c, tlb, pgd, va, buf, n, write, priv, status, xva, xpfn, 0);
 }
 
 static size_t emu_access(emu_ctx *c, emu_task *t, uint64_t pgd, uint64_t va, uint8_t *buf,
@@ -174,7 +203,8 @@ static size_t emu_access(emu_ctx *c, emu_task *t, uint64_t pgd, uint64_t va, uin
  */
 #define EMU_PREFETCH_AHEAD 16
 static inline __attribute__((always_inline))
-void emu_prefetch(const emu_ctx *c, emu_tlb *tlb, uint64_t pgd, uint64_t va, int write) {
+void emu_prefetch(const emu_ctx *c, emu_tlb *tlb, uint64_t pgd, uint64_t va, int write,
+                  const unsigned skip) {
     int level;
     uint64_t *slot = emu_walk_tlb(c, tlb, pgd, va, &level), e, pfn;
     if (!slot) return;
@@ -182,7 +212,8 @@ void emu_prefetch(const emu_ctx *c, emu_tlb *tlb, uint64_t pgd, uint64_t va, int
     if (!(e & EMU_PTE_PRESENT)) return;
     pfn = emu_leaf_pfn(e, va, level);
     if (pfn >= c->nframes) return;
-    if (!write) __builtin_prefetch(c->hwerr + pfn, 0, 3);   /* only loads check it */
+    if (!(skip & EMU_SKIP_POISON) && !write)
+        __builtin_prefetch(c->hwerr + pfn, 0, 3);   /* only loads check it */
     if (write) __builtin_prefetch(c->phys + (pfn << EMU_PAGE_SHIFT) + (va & (EMU_PAGE_SIZE - 1)), 1, 3);
     else       __builtin_prefetch(c->phys + (pfn << EMU_PAGE_SHIFT) + (va & (EMU_PAGE_SIZE - 1)), 0, 3);
 }
@@ -192,62 +223,145 @@ void emu_prefetch(const emu_ctx *c, emu_tlb *tlb, uint64_t pgd, uint64_t va, int
  * Returns the index of the first access that did not complete (m when all did);
  * *partial holds the bytes that one did.
  */
+static inline __attribute__((always_inline))
+size_t emu_access_batch_s(emu_ctx *c, emu_task *t, uint64_t pgd, const uint64_t *addrs,
+                          size_t start, size_t m, size_t size, uint8_t *buf, int write, int priv,
+                          int *status, uint64_t *xva, uint64_t *xpfn, size_t *partial,
+                          const unsigned skip)
+{
+    size_t i, d = 0;
+    emu_tlb tlb;
+    /* Locals the copies into buf cannot alias, so the compiler keeps them in
+     * registers: the context (its addresses are fixed once bound) and the
+     * outcome, written back once at the end. */
+    emu_ctx lc = *c;
+    int st = EMU_ACC_OK;
+    uint64_t xv = *xva, xp = *xpfn;
+    emu_tlb_init(&tlb);
+    if (!(skip & EMU_SKIP_RCU)) emu_rcu_enter(&lc, t);
+    for (i = start; i < m && i < start + EMU_PREFETCH_AHEAD; i++)
+        emu_prefetch(&lc, &tlb, pgd, addrs[i], write, skip);
+    for (i = start; i < m; i++) {
+        if (i + EMU_PREFETCH_AHEAD < m)
+            emu_prefetch(&lc, &tlb, pgd, addrs[i + EMU_PREFETCH_AHEAD], write, skip);
+        d = emu_access_locked_s(&lc, &tlb, pgd, addrs[i], buf + i * size, size, write, priv,
+                                &st, &xv, &xp, skip);
+        if (st != EMU_ACC_OK) break;
+    }
+    if (!(skip & EMU_SKIP_RCU)) emu_rcu_exit(t);
+    *status = st; *partial = st == EMU_ACC_OK ? 0 : d;
+    *xva = xv; *xpfn = xp;
+    return i;
+}
+
 static size_t emu_access_batch(emu_ctx *c, emu_task *t, uint64_t pgd, const uint64_t *addrs,
                                size_t start, size_t m, size_t size, uint8_t *buf, int write, int priv,
                                int *status, uint64_t *xva, uint64_t *xpfn, size_t *partial)
 {
-    size_t i;
-    emu_tlb tlb;
-    *status = EMU_ACC_OK; *partial = 0;
-    emu_tlb_init(&tlb);
-    emu_rcu_enter(c, t);
-    for (i = start; i < m && i < start + EMU_PREFETCH_AHEAD; i++)
-        emu_prefetch(c, &tlb, pgd, addrs[i], write);
-    for (i = start; i < m; i++) {
-        size_t d;
-        if (i + EMU_PREFETCH_AHEAD < m)
-            emu_prefetch(c, &tlb, pgd, addrs[i + EMU_PREFETCH_AHEAD], write);
-        d = emu_access_locked(c, &tlb, pgd, addrs[i], buf + i * size, size, write, priv,
-                              status, xva, xpfn);
-        if (*status != EMU_ACC_OK) { *partial = d; break; }
-    }
-    emu_rcu_exit(t);
-    return i;
+    if (size == 8)      /* a word: the copies become single moves */
+        return emu_access_batch_s(c, t, pgd, addrs, start, m, 8, buf, write, priv, status, xva,
+                                  xpfn, partial, 0);
+    return emu_access_batch_s(c, t, pgd, addrs, start, m, size, buf, write, priv, status, xva,
+                              xpfn, partial, 0);
 }
 
-/* Baseline for benchmarks: the same 4-level lookup, look-ahead prefetch and
- * copy as a plain C loop, with none of the emulator's work (no epoch, TLB, A/D
- * or poison check). */
-static inline uint8_t *emu_plain_translate(const emu_ctx *c, uint64_t pgd, uint64_t va) {
-    uint64_t *tbl = c->pt + pgd * EMU_PTRS, e = 0;
-    int shift;
-    for (shift = 39; shift >= 12; shift -= 9) {
-        e = tbl[(va >> shift) & 511];
-        if (!(e & EMU_PTE_PRESENT)) return NULL;
-        if (shift == 12 || (e & EMU_PTE_PSE)) break;
-        tbl = c->pt + ((e & EMU_PTE_PFN_MASK) >> 12) * EMU_PTRS;
+/* Benchmark ablation: the batch with the work named by `skip` left out (each
+ * case a separate specialisation, as production's skip = 0 is). */
+#define EMU_ABL(k) case k: return size == 8 ? \
+    emu_access_batch_s(c, t, pgd, addrs, 0, m, 8, buf, write, priv, &st, &xva, &xpfn, &partial, k) : \
+    emu_access_batch_s(c, t, pgd, addrs, 0, m, size, buf, write, priv, \
+                                                     &st, &xva, &xpfn, &partial, k)
+static size_t emu_access_batch_ablate(emu_ctx *c, emu_task *t, uint64_t pgd, const uint64_t *addrs,
+                                      size_t m, size_t size, uint8_t *buf, int write, int priv,
+                                      unsigned skip)
+{
+    int st; uint64_t xva, xpfn; size_t partial;
+    switch (skip) {
+    EMU_ABL(0); EMU_ABL(1); EMU_ABL(2); EMU_ABL(3); EMU_ABL(4); EMU_ABL(5); EMU_ABL(6); EMU_ABL(7);
+    EMU_ABL(8); EMU_ABL(9); EMU_ABL(10); EMU_ABL(11); EMU_ABL(12); EMU_ABL(13); EMU_ABL(14);
+    EMU_ABL(15);
+    default: return 0;
     }
-    return c->phys + ((((e & EMU_PTE_PFN_MASK) >> 12) + ((va >> 12) & ((1ULL << (shift - 12)) - 1))) << 12)
-           + (va & 4095);
+}
+#undef EMU_ABL
+
+/*
+ * Benchmark baselines.
+ *
+ * Software walk: the fast path's own walk (4-level tables in shm, the same
+ * per-call walk cache, the same look-ahead prefetch of the translated pointer)
+ * and copy, with none of the emulator's checks: no rcu section, no
+ * present/permission/bound check beyond what a walk needs, no A/D, no poison.
+ */
+static inline __attribute__((always_inline))
+uint8_t *emu_soft_translate(const emu_ctx *c, emu_tlb *tlb, uint64_t pgd, uint64_t va) {
+    int level;
+    uint64_t *slot = emu_walk_tlb(c, tlb, pgd, va, &level), e;
+    if (!slot) return NULL;
+    e = *slot;
+    if (!(e & EMU_PTE_PRESENT)) return NULL;
+    return c->phys + (emu_leaf_pfn(e, va, level) << EMU_PAGE_SHIFT) + (va & (EMU_PAGE_SIZE - 1));
 }
 
-static size_t emu_plain_c_loop(const emu_ctx *c, uint64_t pgd, const uint64_t *addrs, size_t m,
-                               size_t size, uint8_t *buf)
+static inline __attribute__((always_inline))
+size_t emu_soft_walk_loop_s(const emu_ctx *c, uint64_t pgd, const uint64_t *addrs, size_t m,
+                            size_t size, uint8_t *buf)
 {
     size_t i, ok = 0;
+    emu_tlb tlb;
+    emu_tlb_init(&tlb);
     for (i = 0; i < m && i < EMU_PREFETCH_AHEAD; i++) {
-        uint8_t *p = emu_plain_translate(c, pgd, addrs[i]);
+        uint8_t *p = emu_soft_translate(c, &tlb, pgd, addrs[i]);
         if (p) __builtin_prefetch(p, 0, 3);
     }
     for (i = 0; i < m; i++) {
         uint8_t *p;
-        if (i + EMU_PREFETCH_AHEAD < m && (p = emu_plain_translate(c, pgd, addrs[i + EMU_PREFETCH_AHEAD])))
+        if (i + EMU_PREFETCH_AHEAD < m && (p = emu_soft_translate(c, &tlb, pgd, addrs[i + EMU_PREFETCH_AHEAD])))
             __builtin_prefetch(p, 0, 3);
-        p = emu_plain_translate(c, pgd, addrs[i]);
+        p = emu_soft_translate(c, &tlb, pgd, addrs[i]);
         if (!p) continue;
         memcpy(buf + i * size, p, size);
         ok++;
     }
     return ok;
+}
+
+static size_t emu_soft_walk_loop(const emu_ctx *c, uint64_t pgd, const uint64_t *addrs, size_t m,
+                                 size_t size, uint8_t *buf)
+{
+    if (size == 8) return emu_soft_walk_loop_s(c, pgd, addrs, m, 8, buf);
+    return emu_soft_walk_loop_s(c, pgd, addrs, m, size, buf);
+}
+
+/*
+ * Hardware: the same addresses (rebased from `base` onto `mem`, a real mmap of
+ * the same size, resident) read with plain loads: the CPU's MMU translates.
+ * Same look-ahead prefetch and the same copy into buf; the loaded words are
+ * also summed so that no load can be dropped.
+ */
+static inline __attribute__((always_inline))
+uint64_t emu_hw_loop_s(const uint8_t *mem, uint64_t base, const uint64_t *addrs, size_t m,
+                       size_t size, uint8_t *buf)
+{
+    size_t i;
+    uint64_t sum = 0, w;
+    for (i = 0; i < m && i < EMU_PREFETCH_AHEAD; i++)
+        __builtin_prefetch(mem + (addrs[i] - base), 0, 3);
+    for (i = 0; i < m; i++) {
+        const uint8_t *p = mem + (addrs[i] - base);
+        if (i + EMU_PREFETCH_AHEAD < m)
+            __builtin_prefetch(mem + (addrs[i + EMU_PREFETCH_AHEAD] - base), 0, 3);
+        memcpy(buf + i * size, p, size);
+        memcpy(&w, p, sizeof w);
+        sum += w;
+    }
+    return sum;
+}
+
+static uint64_t emu_hw_loop(const uint8_t *mem, uint64_t base, const uint64_t *addrs, size_t m,
+                            size_t size, uint8_t *buf)
+{
+    if (size == 8) return emu_hw_loop_s(mem, base, addrs, m, 8, buf);
+    return emu_hw_loop_s(mem, base, addrs, m, size, buf);
 }
 #endif

@@ -180,3 +180,65 @@ def test_both_backends_agree_on_stage2_private_view(host):
     # the private page through a shared view faults at its first byte
     assert core.access_read(me.slot, vcpu.s2, GPA, bytearray(8), 0)[:3] == (0, C.ACC_FAULT, GPA)
     assert core.access_read(me.slot, vcpu.s2, GPA, bytearray(8), 1) == (8, C.ACC_OK, 0, 0)
+
+
+def test_batch_word_path_agrees_with_reference(host_factory):
+    """The batch's word-sized path (size 8: one copy per access, in one page) and
+    the general path give the reference's bytes and outcome: accesses inside a
+    page, across a page boundary, inside a 2M HugeTLB leaf (a PMD entry), then a
+    hole (FAULT) and latent poison (MCE), each stopping the batch where the
+    reference stops it."""
+    host = host_factory(ram="128M", hugepages={"2M": 2})
+    me = emu.attach(host, name="cmp")
+    core, py = me._core, PyCore(me._core)
+    a = _anon(me, 4)
+    me.write(a, os.urandom(3 * PAGE))              # pages 0-2 present, page 3 not
+    gfd = me.open_kvm().create_vm(u.KVM_X86_SW_PROTECTED_VM).create_guest_memfd(
+        2 << 20, u.GUEST_MEMFD_FLAG_MMAP | u.GUEST_MEMFD_FLAG_INIT_SHARED
+        | u.GUEST_MEMFD_FLAG_HUGETLB | u.GUESTMEM_HUGETLB_FLAG_2MB)
+    h = me.mmap(0, 2 << 20, u.PROT_READ | u.PROT_WRITE, u.MAP_SHARED, gfd, 0)
+    me.write(h + 0x12345, os.urandom(PAGE))
+    assert core.walk(me.pgd, h + 0x12345)[1] == 2   # a PMD leaf: va's offset in it counts
+    ok = [a + 8, a + PAGE - 4, a + PAGE + 100, a + PAGE - 8, h + 0x12345, h + 0x13000 - 3]
+    pfn2 = me.pagemap(a + 2 * PAGE).pfn
+    for size in (8, 16, 3):
+        for tail in ([], [a + 3 * PAGE + 8, a], [a + 2 * PAGE, a]):
+            if tail and tail[0] == a + 2 * PAGE:
+                host.hw_poison(pfn2)
+            addrs = array.array("Q", ok + tail)
+            b1, b2 = bytearray(len(addrs) * size), bytearray(len(addrs) * size)
+            r1 = core.access_batch(me.slot, me.pgd, addrs, 0, size, b1, False)
+            r2 = py.access_batch(me.slot, me.pgd, addrs, 0, size, b2, False)
+            assert r1 == r2 and b1 == b2, (size, tail, r1, r2)
+            assert r1[0] == len(ok) if tail else r1[0] == len(addrs)   # stopped at the tail
+            for i, va in enumerate(addrs[:r1[0]]):          # each as a single access
+                one = bytearray(size)
+                core.access_read(me.slot, me.pgd, va, one)
+                assert b1[i * size:(i + 1) * size] == one
+    # the batch writes too: a word at each address, read back one by one
+    addrs = array.array("Q", ok)
+    data = os.urandom(len(ok) * 8)
+    assert core.access_batch(me.slot, me.pgd, addrs, 0, 8, data, True)[:2] == (len(ok), C.ACC_OK)
+    for j, va in enumerate(ok):
+        if j != 1:                                  # ok[3], written later, overlaps ok[1]
+            assert me.read(va, 8) == data[j * 8:(j + 1) * 8]
+
+
+def test_benchmark_baselines_copy_the_same_bytes(host):
+    """The benchmark baselines (software walk, plain loads from a real mmap) read the
+    bytes the fast path reads, so their ratios compare the same work."""
+    me = emu.attach(host, name="base")
+    a = _anon(me, 4)
+    data = os.urandom(4 * PAGE)
+    me.write(a, data)
+    hw = C.HwMem(4 * PAGE)
+    hw.load(0, data)
+    addrs = array.array("Q", [a + 8, a + 3 * PAGE + 16, a + PAGE - 8, a + 2 * PAGE])
+    for size in (8, 5):
+        fast, soft, real = (bytearray(len(addrs) * size) for _ in range(3))
+        assert me._core.access_batch(me.slot, me.pgd, addrs, 0, size, fast, False)[0] == 4
+        assert me._core.soft_walk_loop(me.pgd, addrs, size, soft) == 4
+        hw.read_batch(a, addrs, size, real)
+        assert fast == soft == real
+    with pytest.raises(ValueError):
+        hw.read_batch(a, array.array("Q", [a + 4 * PAGE]), 8, bytearray(8))
