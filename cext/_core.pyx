@@ -48,7 +48,6 @@ cdef extern from "layout.h":
         int32_t exit_sig, group_exit_sig
         uint64_t rcu_epoch
         uint32_t mb_head, mb_tail
-        uint64_t handled_ns, handled_count
         char comm[16]
         emu_siginfo mb[16]
     ctypedef struct emu_mm:
@@ -903,8 +902,7 @@ cdef class Core:
         cdef emu_task *t = &self.c.tasks[slot]
         return {"tid": t.tid, "tgid": t.tgid, "state": t.state, "mm": t.mm,
                 "mce_flags": t.mce_flags, "exit_sig": t.exit_sig, "rcu_epoch": t.rcu_epoch,
-                "mb_head": t.mb_head, "mb_tail": t.mb_tail, "handled_ns": t.handled_ns,
-                "handled_count": t.handled_count,
+                "mb_head": t.mb_head, "mb_tail": t.mb_tail,
                 "comm": t.comm[:15].split(b"\0", 1)[0].decode(errors="replace")}
 
     def task_exit_sig(self, int slot):
@@ -1125,12 +1123,6 @@ cdef class Core:
             self._protect(a & ~(<size_t>4095), (b + 4095) & ~(<size_t>4095), PROT_READ | PROT_WRITE)
         emu_self_task = &self.c.tasks[slot]
         emu_supervisor_pid = <int>self.c.hdr.supervisor_pid
-
-    def note_handled(self, int slot):
-        """Worker: stamp the end of a SIGBUS handler (observability and benchmarks)."""
-        cdef emu_task *t = &self.c.tasks[slot]
-        t.handled_ns = emu_now_ns()
-        t.handled_count += 1
 
     def set_exit_sig(self, int slot, int sig):
         self.c.tasks[slot].exit_sig = sig

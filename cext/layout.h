@@ -10,8 +10,8 @@
  * Only the supervisor (the emulated kernel) writes these tables.  Workers (the
  * emulated CPUs) read them lock-free and write: the accessed/dirty bits of leaf
  * page-table entries (cmpxchg), frame contents in phys, and in their own task
- * slot the rcu_epoch word and mailbox tail (atomics), handled_ns/handled_count
- * and exit_sig (plain stores, read by the supervisor only after the fact).
+ * slot the rcu_epoch word and mailbox tail (atomics) and exit_sig (a plain
+ * store, read by the supervisor only after the fact).
  * A worker maps everything else of the core segment read-only
  * (Core.protect_worker: header..hwerr, mms..vmas, other task slots);
  * every section starts on a page boundary so that this is possible.
@@ -23,7 +23,7 @@
 #include <stdint.h>
 
 #define EMU_MAGIC        0x756d652d6d656d67ULL   /* "gmem-emu" */
-#define EMU_VERSION      4
+#define EMU_VERSION      5
 #define EMU_PAGE_SHIFT   12
 #define EMU_PAGE_SIZE    4096
 #define EMU_PTRS         512        /* entries per page-table page */
@@ -93,8 +93,6 @@ typedef struct {
     uint64_t rcu_epoch;       /* 0 = quiescent, else header.epoch seen at access start */
     uint32_t mb_head;         /* written by the supervisor */
     uint32_t mb_tail;         /* written by the worker's signal handler (dequeue) */
-    uint64_t handled_ns;      /* worker: CLOCK_MONOTONIC after its last SIGBUS handler */
-    uint64_t handled_count;
     char     comm[EMU_COMM_LEN];
     emu_siginfo mb[EMU_MB_RING];
 } emu_task;
