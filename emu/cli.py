@@ -371,7 +371,7 @@ def cmd_compare(args) -> int:
         raise CliError(str(e)) from None
 
 
-WORKERS = {"qemu-like": "workers.console", "firecracker-like": "workers.firecracker_like",
+WORKERS = {"qemu-like": "workers.qemu_like", "firecracker-like": "workers.firecracker_like",
            "cloud-hypervisor-like": "workers.cloud_hypervisor_like", "recovering": "workers.recovering"}
 
 

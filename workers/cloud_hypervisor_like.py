@@ -36,9 +36,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
+    from workers.console import script
 
-    try:
-        sys.exit(main())
-    except ValueError as e:
-        sys.exit("emu: %s" % e)
+    script(main)

@@ -489,8 +489,13 @@ VMM_WORKERS = {
 }
 
 
-if __name__ == "__main__":
+def script(main) -> None:
+    """`python -m workers.NAME`: run main(), a bad argument as one line."""
     try:
         sys.exit(main())
     except ValueError as e:
         sys.exit("emu: %s" % e)
+
+
+if __name__ == "__main__":
+    script(main)

@@ -422,27 +422,15 @@ def _vcpu_thread(task, idx: int, ram: GuestRam, conn, model: models.QemuLike,
     return VcpuThread(task, idx, ram, conn, model, log_fd).serve(guest_mce, mce_handler)
 
 
-if __name__ == "__main__":
-    import argparse
-    import errno
+def main(argv=None) -> int:
+    """`emu run-worker qemu-like` (also `python -m workers.qemu_like`): this VMM on a
+    running daemon, driven from stdin (workers/console.py)."""
+    from workers.console import main as console_main
 
-    ap = argparse.ArgumentParser(description="a QEMU-shaped process against a running emu daemon")
-    ap.add_argument("--socket")
-    args = ap.parse_args()
-    h = emu.connect(args.socket)
-    q = QemuLike(h)
-    print("qemu-like: tgid %d, guest RAM at hva %#x; Ctrl-C to stop" % (q.me.tgid, q.ram.hva))
-    try:
-        while True:
-            q.me.idle(1.0)
-            q.deliver_pending_ao()
-            for _t, who, text in q.journal:
-                print("%s  %s" % (who, text))
-            q.journal.clear()
-    except KeyboardInterrupt:
-        q.stop()
-    except OSError as e:                   # `emu stop`: the host went away under the VM
-        if e.errno != errno.ESHUTDOWN:
-            raise
-        print("qemu-like: %s; exiting" % e.strerror)
-        q.stop()
+    return console_main(argv)
+
+
+if __name__ == "__main__":
+    from workers.console import script
+
+    script(main)

@@ -141,14 +141,6 @@ class RecoveringVmm(Vmm):
         return "re-faulted"
 
 
-def run(task, pattern: str, ram: str, steps, log_fd: int = 2):
-    """Convenience for scenarios: build the VMM, run steps(vmm), shut it down."""
-    vmm = RecoveringVmm(task, pattern, ram=ram, log_fd=log_fd)
-    out = steps(vmm)
-    vmm.close()
-    return out
-
-
 def main(argv=None) -> int:
     """`emu run-worker recovering` (also `python -m
     workers.recovering`): this VMM on a running daemon, driven from stdin (workers/console.py)."""
@@ -158,9 +150,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
+    from workers.console import script
 
-    try:
-        sys.exit(main())
-    except ValueError as e:
-        sys.exit("emu: %s" % e)
+    script(main)
