@@ -55,6 +55,30 @@ def reader(*reads):
     return guest
 
 
+def write_then_read(gpa, private=True, label="in"):
+    """Guest program: write 8 bytes at gpa (the page enters stage-2), sync `label`, then
+    read them back and sync the value."""
+
+    def guest(g):
+        yield g.write(gpa, b"\x33" * 8, private)
+        yield g.sync(label)
+        v = yield g.read(gpa, 8, private)
+        yield g.sync(v)
+
+    return guest
+
+
+def fail_in_stage2(env, vcpu, gpa, fail, private=True):
+    """In a vCPU thread: the guest writes gpa and syncs, then `fail` (host.hw_poison,
+    host.hw_detect) hits the pfn backing it; the guest's next step reads gpa back.
+    Returns that pfn."""
+    vcpu.set_guest(write_then_read(gpa, private))
+    assert run(vcpu) == ("sync", "in")
+    pfn = env.vm.gpa_to_pfn(gpa)["backing_pfn"]
+    fail(pfn)
+    return pfn
+
+
 def run(vcpu):
     """One KVM_RUN: ("sync", value) / ("exit", reason) or ("err", errno, exit_reason,
     memory_fault gpa, size, flags)."""
@@ -153,6 +177,27 @@ def in_vcpu(env, body, vid=None):
     th = env.me.clone(fn, name="vcpu%d" % vid)
     assert th.join(30) == 0
     return th.result
+
+
+def guest_reads(env, reads):
+    """One KVM_RUN per (gpa, private) read, each from a fresh guest program, in a vCPU
+    thread: [run results], the vCPU thread's signals."""
+
+    def body(vcpu, rec):
+        out = []
+        for gpa, priv in reads:
+            vcpu.set_guest(reader((gpa, priv)))
+            out.append(run(vcpu))
+        return out
+
+    _, runs, sigs = in_vcpu(env, body)
+    return runs, sigs
+
+
+def fill_host(env, offsets, byte=b"\x11"):
+    """The host writes 64 KiB at each offset: the folio is dirty and host-mapped."""
+    for off in offsets:
+        env.me.write(env.hva + off, byte * 0x10000)
 
 
 class Second:

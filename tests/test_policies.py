@@ -17,21 +17,21 @@ import signal
 
 import pytest
 from checks import dmesg_has
-from gmem_harness import (  # noqa: F401
-    FLAGS,
+from gmem_harness import (
     GPA,
-    KPF_HWPOISON,
     MB2,
     PAGE,
     PUNCH,
     RW,
-    SLOT,
     TODAY,
     Recorder,
     Second,
     Stop,
     ehwpoison,
     events,
+    fail_in_stage2,
+    fill_host,
+    guest_reads,
     host_pfn,
     host_read_sigbus,
     in_vcpu,
@@ -47,12 +47,6 @@ import emu
 from emu import uapi as u
 
 EINTR = ("err", u.EINTR, u.KVM_EXIT_INTR)
-
-
-def fill_host(env, offsets, byte=b"\x11"):
-    """The host writes 64 KiB at each offset: the folio is dirty and host-mapped."""
-    for off in offsets:
-        env.me.write(env.hva + off, byte * 0x10000)
 
 
 # ================================================================== minimum
@@ -113,17 +107,7 @@ def test_minimum_consumed_failure_sigbus_to_current_vcpu(host_factory):
     gpa = GPA + MB2 + 0x7000
 
     def body(vcpu, rec):
-        def guest(g):
-            yield g.write(gpa, b"\x33" * 8, True)
-            yield g.sync("in stage-2")
-            v = yield g.read(gpa, 8, True)
-            yield g.sync(v)
-            yield g.done()
-
-        vcpu.set_guest(guest)
-        assert run(vcpu) == ("sync", "in stage-2")
-        pfn = env.vm.gpa_to_pfn(gpa)["backing_pfn"]
-        env.host.hw_poison(pfn)
+        fail_in_stage2(env, vcpu, gpa, env.host.hw_poison)
         return run(vcpu), rec.take()
 
     tid, (first, sigs), _ = in_vcpu(env, body)
@@ -274,15 +258,7 @@ def test_minimum_repeated_consumption_repeated_machine_checks(host_factory):
     gpa = GPA + MB2 + 0x7000
 
     def body(vcpu, rec):
-        def guest(g):
-            yield g.write(gpa, b"\x33" * 8, True)
-            yield g.sync("in stage-2")
-            v = yield g.read(gpa, 8, True)
-            yield g.sync(v)
-
-        vcpu.set_guest(guest)
-        assert run(vcpu) == ("sync", "in stage-2")
-        env.host.hw_poison(env.vm.gpa_to_pfn(gpa)["backing_pfn"])
+        fail_in_stage2(env, vcpu, gpa, env.host.hw_poison)
         return [run(vcpu)[:3] for _ in range(4)], rec.take()
 
     tid, (runs, sigs), _ = in_vcpu(env, body)
@@ -341,16 +317,7 @@ def test_initial_mark_folios_hwpoisoned_on_handling_mce(host_factory, how):
         gpa = GPA + MB2 + 0x5000
 
         def body(vcpu, rec):
-            def guest(g):
-                yield g.write(gpa, b"\x33" * 8, True)
-                yield g.sync("in")
-                v = yield g.read(gpa, 8, True)
-                yield g.sync(v)
-
-            vcpu.set_guest(guest)
-            assert run(vcpu) == ("sync", "in")
-            pfn = env.vm.gpa_to_pfn(gpa)["backing_pfn"]
-            env.host.hw_poison(pfn)
+            pfn = fail_in_stage2(env, vcpu, gpa, env.host.hw_poison)
             return pfn, run(vcpu)
 
         _, (pfn, r), _ = in_vcpu(env, body)
@@ -401,15 +368,7 @@ def test_initial_error_on_faulting_private_memory_kvm_exit_ehwpoison(host_factor
     gpa = GPA + MB2 + 0x5008
 
     def body(vcpu, rec):
-        def guest(g):
-            yield g.write(gpa, b"\x33" * 8, True)
-            yield g.sync("in")
-            v = yield g.read(gpa, 8, True)
-            yield g.sync(v)
-
-        vcpu.set_guest(guest)
-        assert run(vcpu) == ("sync", "in")
-        env.host.hw_detect(env.vm.gpa_to_pfn(gpa)["backing_pfn"])
+        fail_in_stage2(env, vcpu, gpa, env.host.hw_detect)
         return run(vcpu), run(vcpu)
 
     _, runs, sigs = in_vcpu(env, body)
@@ -451,14 +410,7 @@ def test_initial_no_hwpoison_work_during_restructuring_guest_memfd_not_functiona
     assert events(env.host, "gmem_unusable")
     reads = [(GPA + 0x1000, None), (GPA + MB2 + 0x2000, None), (GPA + 2 * MB2 + 0x3000, True)]
 
-    def body(vcpu, rec):
-        out = []
-        for gpa, priv in reads:
-            vcpu.set_guest(reader((gpa, priv)))
-            out.append(run(vcpu))
-        return out
-
-    _, runs, sigs = in_vcpu(env, body)
+    runs, sigs = guest_reads(env, reads)
     assert runs == [ehwpoison(GPA + 0x1000, False), ehwpoison(GPA + MB2 + 0x2000, False),
                     ehwpoison(GPA + 2 * MB2 + 0x3000, True)]
     assert sigs == []
@@ -534,15 +486,7 @@ def test_initial_sigbus_current_for_consumed_memory_failure(host_factory):
     gpa = GPA + MB2 + 0x7000
 
     def body(vcpu, rec):
-        def guest(g):
-            yield g.write(gpa, b"\x33" * 8, True)
-            yield g.sync("in")
-            v = yield g.read(gpa, 8, True)
-            yield g.sync(v)
-
-        vcpu.set_guest(guest)
-        assert run(vcpu) == ("sync", "in")
-        env.host.hw_poison(env.vm.gpa_to_pfn(gpa)["backing_pfn"])
+        fail_in_stage2(env, vcpu, gpa, env.host.hw_poison)
         return run(vcpu), run(vcpu), rec.take()
 
     tid, (r1, r2, sigs), _ = in_vcpu(env, body)
@@ -602,13 +546,7 @@ def test_today_every_index_of_folio_ehwpoison(host_factory, policy, private):
     others = [GPA, GPA + 0x1000, GPA + 0x1FF000]
 
     def body(vcpu, rec):
-        def guest(g):
-            yield g.write(bad, b"\x33" * 8, private)
-            yield g.sync("in")
-
-        vcpu.set_guest(guest)
-        assert run(vcpu) == ("sync", "in")
-        env.host.hw_detect(env.vm.gpa_to_pfn(bad)["backing_pfn"])
+        fail_in_stage2(env, vcpu, bad, env.host.hw_detect, private)
         out = []
         for gpa in others:
             vcpu.set_guest(reader((gpa, private)))
@@ -664,15 +602,7 @@ def test_today_consumed_private_error_kill_me_now_only_on_v618(host_factory, pol
     gpa = GPA + MB2 + 0x7000
 
     def body(vcpu, rec):
-        def guest(g):
-            yield g.write(gpa, b"\x33" * 8, True)
-            yield g.sync("in")
-            v = yield g.read(gpa, 8, True)
-            yield g.sync(v)
-
-        vcpu.set_guest(guest)
-        assert run(vcpu) == ("sync", "in")
-        env.host.hw_poison(env.vm.gpa_to_pfn(gpa)["backing_pfn"])
+        fail_in_stage2(env, vcpu, gpa, env.host.hw_poison)
         out = [run(vcpu)]
         if out[0][:3] == EINTR:
             out.append(run(vcpu))

@@ -21,21 +21,20 @@ import signal
 import time
 
 import pytest
-from gmem_harness import (  # noqa: F401
-    FLAGS,
+from gmem_harness import (
     GPA,
     KPF_COMPOUND_HEAD,
     KPF_HUGE,
-    KPF_HWPOISON,
     MB2,
     PAGE,
     RW,
-    SLOT,
     Recorder,
     Second,
     Stop,
     ehwpoison,
     events,
+    fail_in_stage2,
+    guest_reads,
     host_pfn,
     host_read_sigbus,
     in_vcpu,
@@ -51,21 +50,6 @@ import emu
 from emu import uapi as u
 
 BAD = 0x5000                     # the failed page's offset in folio 0
-
-
-def guest_reads(env, reads):
-    """One KVM_RUN per (gpa, private) read, each from a fresh guest program, in a vCPU
-    thread: [run results], the vCPU thread's signals."""
-
-    def body(vcpu, rec):
-        out = []
-        for gpa, priv in reads:
-            vcpu.set_guest(reader((gpa, priv)))
-            out.append(run(vcpu))
-        return out
-
-    _, runs, sigs = in_vcpu(env, body)
-    return runs, sigs
 
 
 def fill(env, folio, byte=b"\x11"):
@@ -259,13 +243,7 @@ def test_eventual_pr_mce_kill_early_works_for_private_memory(host_factory, polic
     gpa = GPA + MB2 + 0x7000
 
     def body(vcpu, rec):
-        def guest(g):
-            yield g.write(gpa, b"\x33" * 8, True)
-            yield g.sync("in stage-2")
-
-        vcpu.set_guest(guest)
-        assert run(vcpu) == ("sync", "in stage-2")
-        env.host.hw_detect(env.vm.gpa_to_pfn(gpa)["backing_pfn"])
+        fail_in_stage2(env, vcpu, gpa, env.host.hw_detect)
         env.me.idle(0.1)
         return rec.take()
 
