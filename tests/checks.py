@@ -50,6 +50,18 @@ def recorder(raise_on=()):
     return got, handler
 
 
+def record_sigbus(raise_on=()) -> list:
+    """Install recorder(raise_on) as this emulated process's SIGBUS handler; returns
+    the list it records (si_code, si_addr, si_addr_lsb) into."""
+    import signal
+
+    import emu
+
+    got, handler = recorder(raise_on)
+    emu.sigaction(signal.SIGBUS, handler)
+    return got
+
+
 def wait_for(task, lst, n=1, timeout=WAIT):
     """Idle in the emulated task (its signals are delivered) until lst has n items."""
     end = time.monotonic() + timeout

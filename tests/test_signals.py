@@ -9,13 +9,14 @@ emulated process; vCPU threads are clone()d workers that report what their own S
 handler saw by returning it.  Threads that wait for an asynchronous AO poll with
 task.idle(); nothing here asserts on timing.
 """
+import contextlib
 import os
 import select
 import signal
 import time
 
 import pytest
-from checks import Stop, recorder, wait_for
+from checks import Stop, record_sigbus, wait_for
 
 import emu
 from emu import uapi as u
@@ -105,11 +106,20 @@ def set_policy(task, policy):
     return task.prctl(u.PR_MCE_KILL_GET)
 
 
+def main_thread(host, policy=None, raise_on=()):
+    """The VMM's main thread: attached as "qemu", recording SIGBUS (raising Stop for
+    raise_on), its PR_MCE_KILL policy set unless None.  Returns (me, got)."""
+    me = emu.attach(host, name="qemu")
+    got = record_sigbus(raise_on)
+    if policy is not None:
+        set_policy(me, policy)
+    return me, got
+
+
 def vcpu_wait(task, policy, ready, done):
     """A vCPU thread: set its own policy, record SIGBUS, wait until the main thread says
     the injection is over, then report (its policy, what it received)."""
-    got, h = recorder()
-    emu.sigaction(SIGBUS, h)
+    got = record_sigbus()
     pol = set_policy(task, policy)
     ready.post()
     assert done.wait(task)
@@ -122,6 +132,26 @@ def start_vcpus(me, policies, ready, done):
            for i, pol in enumerate(policies)]
     ready.wait(len(ths))
     return ths
+
+
+def detect_and_finish(host, me, pfn, ths, done, wait=None):
+    """A deferred error on pfn (hw_detect returns 0); the main thread waits for its AO
+    in `wait` if given, gives a grace period, then releases the vCPUs: their results."""
+    assert host.hw_detect(pfn) == 0
+    if wait is not None:
+        wait_for(me, wait)
+    me.idle(GRACE)
+    return finish(ths, done)
+
+
+@contextlib.contextmanager
+def sigbus_blocked():
+    """SIGBUS blocked in this emulated thread for the block (an AO stays pending)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {SIGBUS})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {SIGBUS})
 
 
 def finish(ths, done):
@@ -140,18 +170,13 @@ AR = u.BUS_MCEERR_AR
 # ------------------------------------------------------------------ 1. thread selection (AO)
 @pytest.mark.parametrize("backing", ["memfd", "gmem"])
 def test_deferred_error_main_early_vcpus_late_only_main_gets_ao(host, backing):
-    me = emu.attach(host, name="qemu")
-    got, h = recorder()
-    emu.sigaction(SIGBUS, h)
+    me, got = main_thread(host)
     assert set_policy(me, EARLY) == EARLY
     _, va, pfn = shared_page(me, backing)
     ready, done = Counter(), Event()
     ths = start_vcpus(me, [LATE, LATE, LATE], ready, done)
 
-    assert host.hw_detect(pfn) == 0
-    wait_for(me, got)
-    me.idle(GRACE)
-    res = finish(ths, done)
+    res = detect_and_finish(host, me, pfn, ths, done, wait=got)
 
     assert got == [(AO, va, 12)]               # page VA, lsb 12, exactly once
     assert res == [(LATE, []), (LATE, []), (LATE, [])]
@@ -161,18 +186,13 @@ def test_deferred_error_main_early_wins_even_with_sysctl(host_factory):
     """sysctl=1 does not add receivers: one entry per process, the first early thread
     in group order (main first) gets the AO, not the DEFAULT or EARLY vCPUs."""
     host = host_factory(sysctl={EARLY_KILL: 1})
-    me = emu.attach(host, name="qemu")
-    got, h = recorder()
-    emu.sigaction(SIGBUS, h)
+    me, got = main_thread(host)
     _, va, pfn = shared_page(me)
     ready, done = Counter(), Event()
     ths = start_vcpus(me, [None, EARLY], ready, done)   # vcpu0 DEFAULT, vcpu1 EARLY
     assert set_policy(me, EARLY) == EARLY
 
-    assert host.hw_detect(pfn) == 0
-    wait_for(me, got)
-    me.idle(GRACE)
-    res = finish(ths, done)
+    res = detect_and_finish(host, me, pfn, ths, done, wait=got)
 
     assert got == [(AO, va, 12)]
     assert res == [(DEFAULT, []), (EARLY, [])]
@@ -181,18 +201,13 @@ def test_deferred_error_main_early_wins_even_with_sysctl(host_factory):
 def test_deferred_error_main_default_with_sysctl_gets_ao(host_factory):
     host = host_factory(sysctl={EARLY_KILL: 1})
     assert host.sysctl(EARLY_KILL) == 1
-    me = emu.attach(host, name="qemu")
-    got, h = recorder()
-    emu.sigaction(SIGBUS, h)
+    me, got = main_thread(host)
     assert set_policy(me, None) == DEFAULT
     _, va, pfn = shared_page(me)
     ready, done = Counter(), Event()
     ths = start_vcpus(me, [None, LATE], ready, done)    # vcpu0 DEFAULT too: main is first
 
-    assert host.hw_detect(pfn) == 0
-    wait_for(me, got)
-    me.idle(GRACE)
-    res = finish(ths, done)
+    res = detect_and_finish(host, me, pfn, ths, done, wait=got)
 
     assert got == [(AO, va, 12)]
     assert res == [(DEFAULT, []), (LATE, [])]
@@ -201,9 +216,7 @@ def test_deferred_error_main_default_with_sysctl_gets_ao(host_factory):
 def test_deferred_error_main_late_vcpu1_default_sysctl_vcpu1_gets_ao(host):
     """main=LATE is skipped even with sysctl=1; vcpu0=LATE skipped; vcpu1 (no
     PF_MCE_PROCESS) is the first qualifying thread; vcpu2 (also DEFAULT) is not used."""
-    me = emu.attach(host, name="qemu")
-    got, h = recorder()
-    emu.sigaction(SIGBUS, h)
+    me, got = main_thread(host)
     _, va, pfn = shared_page(me)
     ready, done = Counter(), Event()
     ths = start_vcpus(me, [LATE, None, None], ready, done)
@@ -211,26 +224,19 @@ def test_deferred_error_main_late_vcpu1_default_sysctl_vcpu1_gets_ao(host):
     host.sysctl(EARLY_KILL, 1)
     assert host.sysctl(EARLY_KILL) == 1
 
-    assert host.hw_detect(pfn) == 0
-    me.idle(GRACE)
-    res = finish(ths, done)
+    res = detect_and_finish(host, me, pfn, ths, done)
 
     assert got == []
     assert res == [(LATE, []), (DEFAULT, [(AO, va, 12)]), (DEFAULT, [])]
 
 
 def test_deferred_error_main_late_vcpu_early_without_sysctl(host):
-    me = emu.attach(host, name="qemu")
-    got, h = recorder()
-    emu.sigaction(SIGBUS, h)
-    set_policy(me, LATE)
+    me, got = main_thread(host, LATE)
     _, va, pfn = shared_page(me)
     ready, done = Counter(), Event()
     ths = start_vcpus(me, [None, EARLY], ready, done)   # vcpu0 inherits LATE
 
-    assert host.hw_detect(pfn) == 0
-    me.idle(GRACE)
-    res = finish(ths, done)
+    res = detect_and_finish(host, me, pfn, ths, done)
 
     assert got == []
     assert res == [(LATE, []), (EARLY, [(AO, va, 12)])]
@@ -239,33 +245,24 @@ def test_deferred_error_main_late_vcpu_early_without_sysctl(host):
 @pytest.mark.parametrize("backing", ["memfd", "gmem"])
 def test_deferred_error_all_late_with_sysctl_nobody(host_factory, backing):
     host = host_factory(sysctl={EARLY_KILL: 1})
-    me = emu.attach(host, name="qemu")
-    got, h = recorder()
-    emu.sigaction(SIGBUS, h)
-    set_policy(me, LATE)
+    me, got = main_thread(host, LATE)
     _, va, pfn = shared_page(me, backing)
     ready, done = Counter(), Event()
     ths = start_vcpus(me, [LATE, LATE], ready, done)
 
-    assert host.hw_detect(pfn) == 0            # late kill: nothing sent, still handled
-    me.idle(GRACE)
-    res = finish(ths, done)
+    res = detect_and_finish(host, me, pfn, ths, done)   # late kill: nothing sent, still handled
 
     assert got == []
     assert res == [(LATE, []), (LATE, [])]
 
 
 def test_deferred_error_default_without_sysctl_nobody(host):
-    me = emu.attach(host, name="qemu")
-    got, h = recorder()
-    emu.sigaction(SIGBUS, h)
+    me, got = main_thread(host)
     _, va, pfn = shared_page(me)
     ready, done = Counter(), Event()
     ths = start_vcpus(me, [None, None], ready, done)
 
-    assert host.hw_detect(pfn) == 0
-    me.idle(GRACE)
-    res = finish(ths, done)
+    res = detect_and_finish(host, me, pfn, ths, done)
 
     assert got == []
     assert res == [(DEFAULT, []), (DEFAULT, [])]
@@ -273,8 +270,7 @@ def test_deferred_error_default_without_sysctl_nobody(host):
 
 # ------------------------------------------------------------------ 2. AR goes to current only
 def vcpu_consume(task, policy, va, ready, go):
-    got, h = recorder(raise_on=(AR,))
-    emu.sigaction(SIGBUS, h)
+    got = record_sigbus(raise_on=(AR,))
     pol = set_policy(task, policy)
     ready.post()
     assert go.wait(task)
@@ -288,10 +284,7 @@ def vcpu_consume(task, policy, va, ready, go):
 
 @pytest.mark.parametrize("backing", ["memfd", "gmem"])
 def test_ar_on_vcpu2_only_vcpu2_gets_it(host, backing):
-    me = emu.attach(host, name="qemu")
-    got, h = recorder()
-    emu.sigaction(SIGBUS, h)
-    set_policy(me, EARLY)
+    me, got = main_thread(host, EARLY)
     _, va, pfn = shared_page(me, backing)
     ready, done, go = Counter(), Event(), Event()
     ths = start_vcpus(me, [LATE, LATE], ready, done)
@@ -317,16 +310,12 @@ def test_ar_on_vcpu2_only_vcpu2_gets_it(host, backing):
 def test_ar_current_and_ao_to_early_thread_of_other_process(host, backing):
     """collect_procs: a second process mapping the same page with an EARLY thread gets AO
     while the consuming thread gets AR."""
-    me = emu.attach(host, name="qemu")
-    got, h = recorder(raise_on=(AR,))
-    emu.sigaction(SIGBUS, h)
-    set_policy(me, LATE)
+    me, got = main_thread(host, LATE, raise_on=(AR,))
     _, va, pfn = shared_page(me, backing)
     ready, done = Counter(), Event()
 
     def other(task):
-        ogot, oh = recorder()
-        emu.sigaction(SIGBUS, oh)
+        ogot = record_sigbus()
         pol = set_policy(task, EARLY)
         ready.post()
         wait_for(task, ogot)
@@ -347,16 +336,12 @@ def test_ar_current_and_ao_to_early_thread_of_other_process(host, backing):
 
 
 def test_ar_other_process_late_gets_nothing(host):
-    me = emu.attach(host, name="qemu")
-    got, h = recorder(raise_on=(AR,))
-    emu.sigaction(SIGBUS, h)
-    set_policy(me, EARLY)
+    me, got = main_thread(host, EARLY, raise_on=(AR,))
     _, va, pfn = shared_page(me)
     ready, done = Counter(), Event()
 
     def other(task):
-        ogot, oh = recorder()
-        emu.sigaction(SIGBUS, oh)
+        ogot = record_sigbus()
         pol = set_policy(task, LATE)
         ready.post()
         assert done.wait(task)
@@ -398,9 +383,7 @@ def _victim_ignored(task, va):
                                     _victim_ignored])
 @pytest.mark.parametrize("backing", ["memfd", "gmem"])
 def test_forced_ar_with_sigbus_blocked_or_ignored_kills(host, victim, backing):
-    me = emu.attach(host, name="qemu")
-    got, h = recorder()
-    emu.sigaction(SIGBUS, h)                   # main: DEFAULT, sysctl 0 -> not signalled
+    me, got = main_thread(host)                   # main: DEFAULT, sysctl 0 -> not signalled
     _, va, pfn = shared_page(me, backing)
     assert host.hw_poison(pfn) == 0
     ch = me.fork(victim, va, name="victim")
@@ -416,9 +399,7 @@ def test_forced_ar_with_sigbus_blocked_or_ignored_kills(host, victim, backing):
 def test_forced_ar_on_clone_takes_whole_thread_group(host):
     """A clone()d thread that dies of SIGBUS takes its thread group with it (exit_group):
     the fork child's main thread dies of SIGBUS too."""
-    me = emu.attach(host, name="qemu")
-    got, h = recorder()
-    emu.sigaction(SIGBUS, h)
+    me, got = main_thread(host)
     _, va, pfn = shared_page(me)
     assert host.hw_poison(pfn) == 0
 
@@ -452,30 +433,29 @@ def test_forced_ar_on_clone_with_ignored_sigbus_takes_group(host):
 
 
 # ------------------------------------------------------------------ 4. AO stays pending
+def blocked_early_vcpu(task, ready, injected, hold, grace):
+    """An EARLY vCPU thread recording SIGBUS with SIGBUS blocked: once `injected`, it
+    waits `hold` seconds, notes what came in and whether SIGBUS is pending, unblocks,
+    waits for a signal and `grace` more.  Returns (while blocked, pending, all)."""
+    vgot = record_sigbus()
+    set_policy(task, EARLY)
+    with sigbus_blocked():
+        ready.post()
+        assert injected.wait(task)
+        task.idle(hold)
+        while_blocked = list(vgot)
+        pending = SIGBUS in signal.sigpending()
+    wait_for(task, vgot)
+    task.idle(grace)
+    return while_blocked, pending, vgot
+
+
 def test_ao_stays_pending_while_blocked_then_delivered(host):
-    me = emu.attach(host, name="qemu")
-    got, h = recorder()
-    emu.sigaction(SIGBUS, h)
-    set_policy(me, LATE)
+    me, got = main_thread(host, LATE)
     _, va, pfn = shared_page(me)
     ready, injected = Counter(), Event()
 
-    def vcpu(task):
-        vgot, vh = recorder()
-        emu.sigaction(SIGBUS, vh)
-        set_policy(task, EARLY)
-        signal.pthread_sigmask(signal.SIG_BLOCK, {SIGBUS})
-        ready.post()
-        assert injected.wait(task)
-        task.idle(0.5)
-        while_blocked = list(vgot)
-        pending = SIGBUS in signal.sigpending()
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {SIGBUS})
-        wait_for(task, vgot)
-        task.idle(GRACE)
-        return while_blocked, pending, vgot
-
-    th = me.clone(vcpu, name="vcpu0")
+    th = me.clone(blocked_early_vcpu, ready, injected, 0.5, GRACE, name="vcpu0")
     ready.wait(1)
     assert host.hw_detect(pfn) == 0
     injected.set()
@@ -488,17 +468,13 @@ def test_ao_stays_pending_while_blocked_then_delivered(host):
 
 
 def test_ao_pending_on_main_thread(host):
-    me = emu.attach(host, name="qemu")
-    got, h = recorder()
-    emu.sigaction(SIGBUS, h)
-    set_policy(me, EARLY)
+    me, got = main_thread(host, EARLY)
     _, va, pfn = shared_page(me)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {SIGBUS})
-    assert host.hw_detect(pfn) == 0
-    me.idle(0.5)
-    assert got == []
-    assert SIGBUS in signal.sigpending()
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {SIGBUS})
+    with sigbus_blocked():
+        assert host.hw_detect(pfn) == 0
+        me.idle(0.5)
+        assert got == []
+        assert SIGBUS in signal.sigpending()
     wait_for(me, got)
     assert got == [(AO, va, 12)]
 
@@ -516,8 +492,7 @@ def test_ao_ignored_is_dropped(host):
         ready.post()
         assert injected.wait(task)
         task.idle(GRACE)
-        vgot, vh = recorder()
-        emu.sigaction(SIGBUS, vh)
+        vgot = record_sigbus()
         task.idle(GRACE)
         return "alive", vgot
 
@@ -531,20 +506,16 @@ def test_ao_ignored_is_dropped(host):
 
 # ------------------------------------------------------------------ legacy_queue
 def test_legacy_queue_second_ao_dropped_while_first_pending(host):
-    me = emu.attach(host, name="qemu")
-    got, h = recorder()
-    emu.sigaction(SIGBUS, h)
-    set_policy(me, EARLY)
+    me, got = main_thread(host, EARLY)
     base, va1, pfn1 = shared_page(me, target=1)
     va2, pfn2 = dirty_page(me, base, 2, b"\xbb")
     assert pfn2 != pfn1
 
-    signal.pthread_sigmask(signal.SIG_BLOCK, {SIGBUS})
-    assert host.hw_detect(pfn1) == 0
-    assert host.hw_detect(pfn2) == 0
-    me.idle(0.3)
-    assert got == []
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {SIGBUS})
+    with sigbus_blocked():
+        assert host.hw_detect(pfn1) == 0
+        assert host.hw_detect(pfn2) == 0
+        me.idle(0.3)
+        assert got == []
     wait_for(me, got)
     me.idle(0.5)
     assert got == [(AO, va1, 12)]              # the second SIGBUS was dropped
@@ -555,10 +526,7 @@ def test_page_mapped_twice_ao_carries_the_lower_file_offset_vma(host):
     one process maps through two VMAs is reported at its address in the VMA that
     starts lower in the file, though that VMA lies higher in memory; the second
     SIGBUS finds the first pending and is dropped."""
-    me = emu.attach(host, name="qemu")
-    got, h = recorder()
-    emu.sigaction(SIGBUS, h)
-    set_policy(me, EARLY)
+    me, got = main_thread(host, EARLY)
     fd = me.memfd_create("guest-ram")
     me.ftruncate(fd, 2 * PAGE)
     rw, shared = u.PROT_READ | u.PROT_WRITE, u.MAP_SHARED
@@ -570,54 +538,34 @@ def test_page_mapped_twice_ao_carries_the_lower_file_offset_vma(host):
     me.read(whole + PAGE, 1)
     assert me.pagemap(whole + PAGE).pfn == pfn
 
-    signal.pthread_sigmask(signal.SIG_BLOCK, {SIGBUS})
-    assert host.hw_detect(pfn) == 0
-    me.idle(0.3)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {SIGBUS})
+    with sigbus_blocked():
+        assert host.hw_detect(pfn) == 0
+        me.idle(0.3)
     wait_for(me, got)
     me.idle(0.5)
     assert got == [(AO, whole + PAGE, 12)]
 
 
 def test_legacy_queue_on_vcpu_thread(host):
-    me = emu.attach(host, name="qemu")
-    got, h = recorder()
-    emu.sigaction(SIGBUS, h)
-    set_policy(me, LATE)
+    me, got = main_thread(host, LATE)
     base, va1, pfn1 = shared_page(me, target=1)
     va2, pfn2 = dirty_page(me, base, 3, b"\xcc")
     ready, injected = Counter(), Event()
 
-    def vcpu(task):
-        vgot, vh = recorder()
-        emu.sigaction(SIGBUS, vh)
-        set_policy(task, EARLY)
-        signal.pthread_sigmask(signal.SIG_BLOCK, {SIGBUS})
-        ready.post()
-        assert injected.wait(task)
-        task.idle(0.3)
-        blocked = list(vgot)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {SIGBUS})
-        wait_for(task, vgot)
-        task.idle(0.5)
-        return blocked, vgot
-
-    th = me.clone(vcpu, name="vcpu0")
+    th = me.clone(blocked_early_vcpu, ready, injected, 0.3, 0.5, name="vcpu0")
     ready.wait(1)
     assert host.hw_detect(pfn1) == 0
     assert host.hw_detect(pfn2) == 0
     injected.set()
     assert th.join(15) == 0
-    assert th.result == ([], [(AO, va1, 12)])
+    blocked, _pending, after = th.result
+    assert (blocked, after) == ([], [(AO, va1, 12)])
     assert got == []
 
 
 def test_two_ao_unblocked_both_delivered(host):
     """Contrast: once the first AO was delivered, a second one is queued again."""
-    me = emu.attach(host, name="qemu")
-    got, h = recorder()
-    emu.sigaction(SIGBUS, h)
-    set_policy(me, EARLY)
+    me, got = main_thread(host, EARLY)
     base, va1, pfn1 = shared_page(me, target=1)
     va2, pfn2 = dirty_page(me, base, 2, b"\xbb")
 
@@ -648,8 +596,7 @@ def test_raising_handler_leaves_runtime_usable(polling_host):
     host, poll = polling_host
     me = emu.attach(host, name="qemu")
     assert me.ch.spin_ns == poll                  # announced in the greeting
-    got, h = recorder(raise_on=(AR, AO))
-    emu.sigaction(SIGBUS, h)
+    got = record_sigbus(raise_on=(AR, AO))
     set_policy(me, EARLY)
     base, va, pfn = shared_page(me, npages=8, target=1)
 
@@ -717,8 +664,7 @@ def test_raising_handler_in_vcpu_thread_then_usable(polling_host):
     assert host.hw_poison(pfn) == 0
 
     def vcpu(task):
-        vgot, vh = recorder(raise_on=(AR,))
-        emu.sigaction(SIGBUS, vh)
+        vgot = record_sigbus(raise_on=(AR,))
         out = []
         for _ in range(3):
             try:
@@ -746,9 +692,7 @@ def test_forced_ar_while_ao_pending_and_blocked_kills(host):
     because the AO is already pending ("This can happen if the signal was already
     pending and blocked"), but the now-unblocked pending SIGBUS is delivered with the
     default action: the process dies of SIGBUS."""
-    me = emu.attach(host, name="qemu")
-    got, h = recorder()
-    emu.sigaction(SIGBUS, h)                   # main: DEFAULT, sysctl 0 -> never signalled
+    me, got = main_thread(host)                   # main: DEFAULT, sysctl 0 -> never signalled
     base, va_ao, pfn_ao = shared_page(me, target=1)
     va_ar = base + 2 * PAGE
     me.write(va_ar, b"\x77" * 32)
@@ -829,9 +773,7 @@ def test_legacy_queue_drops_alike_for_another_thread_and_for_current(host):
 def test_ao_with_default_disposition_kills_whole_process(host):
     """send_sig_mceerr to an EARLY thread with SIGBUS at SIG_DFL: the default action of
     SIGBUS terminates the thread group, so the process (and its vCPU) die of SIGBUS."""
-    me = emu.attach(host, name="qemu")
-    got, h = recorder()
-    emu.sigaction(SIGBUS, h)
+    me, got = main_thread(host)
     _, va, pfn = shared_page(me)
     ready = Counter()
 
@@ -884,17 +826,13 @@ def test_signals_sent_with_the_unmap_are_those_kill_procs_sends(host_factory, mo
 
     monkeypatch.setattr(MemoryFailure, "send_with_unmap", send_with_unmap)
     host = host_factory()                       # forked now: the supervisor has the patch
-    me = emu.attach(host, name="qemu")
-    got, h = recorder()
-    emu.sigaction(SIGBUS, h)
-    set_policy(me, EARLY)
+    me, got = main_thread(host, EARLY)
     base, va1, pfn1 = shared_page(me, target=1)
     va2, pfn2 = dirty_page(me, base, 2, b"\xbb")
     ready, done = Counter(), Event()
 
     def monitor(task):
-        ogot, oh = recorder()
-        emu.sigaction(SIGBUS, oh)
+        ogot = record_sigbus()
         set_policy(task, EARLY)
         task.read(va1, 1)                       # fork copied no PTE of the shared file
         task.read(va2, 1)                       # mapping (vma_needs_copy): fault them in
@@ -906,10 +844,9 @@ def test_signals_sent_with_the_unmap_are_those_kill_procs_sends(host_factory, mo
     ch = me.fork(monitor, name="monitor")
     ready.wait(1)
     since = host.events()[-1]["seq"]
-    signal.pthread_sigmask(signal.SIG_BLOCK, {SIGBUS})
-    assert host.hw_detect(pfn1) == 0
-    assert host.hw_detect(pfn2) == 0
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {SIGBUS})
+    with sigbus_blocked():
+        assert host.hw_detect(pfn1) == 0
+        assert host.hw_detect(pfn2) == 0
     wait_for(me, got)
     done.set()
     assert ch.join(15) == 0
