@@ -54,6 +54,41 @@ def make_vm(host, vm_type=u.KVM_X86_DEFAULT_VM, npages=16):
     return me, vm, anon
 
 
+def vcpu0(host):
+    """vCPU 0 of a fresh VM (make_vm), machine checks not set up."""
+    _me, vm, _anon = make_vm(host)
+    return vm.create_vcpu(0)
+
+
+def mce_vcpu(host, guest=None, first=None):
+    """vCPU 0 of a fresh VM after KVM_X86_SETUP_MCE(QEMU's MCG_CAP); with `guest`, that
+    guest has run up to its first sync, which reported `first`."""
+    vcpu = vcpu0(host)
+    vcpu.setup_mce(MCG_CAP)
+    if guest is not None:
+        vcpu.set_guest(guest)
+        assert sync_value(vcpu) == first
+    return vcpu
+
+
+def syncs(*labels, cr4_mce=True):
+    """Guest program: CR4.MCE set (unless cr4_mce=False), then one sync per label."""
+
+    def guest(g):
+        if cr4_mce:
+            yield g.set_cr4_mce(True)
+        for label in labels:
+            yield g.sync(label)
+
+    return guest
+
+
+def exit_reason(vcpu):
+    """One KVM_RUN that returns 0: the exit reason."""
+    assert vcpu.run() == 0
+    return vcpu.kvm_run.exit_reason
+
+
 def run_ok(vcpu, reason=u.KVM_EXIT_IO):
     assert vcpu.run() == 0
     assert vcpu.kvm_run.exit_reason == reason, vcpu.kvm_run
@@ -76,8 +111,7 @@ def sync_value(vcpu):
     BANKS | (1 << 63),
 ])
 def test_setup_mce_invalid_einval(host, mcg_cap):
-    _me, vm, _anon = make_vm(host)
-    vcpu = vm.create_vcpu(0)
+    vcpu = vcpu0(host)
     assert errno_of(vcpu.setup_mce, mcg_cap) == errno.EINVAL
     # nothing configured: no bank accepts an error
     assert errno_of(vcpu.set_mce, ar_mce()) == errno.EINVAL
@@ -86,16 +120,14 @@ def test_setup_mce_invalid_einval(host, mcg_cap):
 @pytest.mark.parametrize("mcg_cap", [1, 32, MCG_CAP, u.MCG_SER_P | u.MCG_LMCE_P | 32,
                                      BANKS | 0x30000])      # MCG_EXT_CNT field is allowed
 def test_setup_mce_valid(host, mcg_cap):
-    _me, vm, _anon = make_vm(host)
-    vcpu = vm.create_vcpu(0)
+    vcpu = vcpu0(host)
     assert vcpu.setup_mce(mcg_cap) == 0
     bank = (mcg_cap & 0xFF) - 1
     assert vcpu.set_mce(u.KvmX86Mce(status=BASE, addr=0, misc=0, mcg_status=0, bank=bank)) == 0
 
 
 def test_setup_mce_failure_keeps_previous_setup(host):
-    _me, vm, _anon = make_vm(host)
-    vcpu = vm.create_vcpu(0)
+    vcpu = vcpu0(host)
     assert vcpu.setup_mce(MCG_CAP) == 0
     assert errno_of(vcpu.setup_mce, 0) == errno.EINVAL
     assert errno_of(vcpu.setup_mce, 40) == errno.EINVAL
@@ -110,17 +142,7 @@ def test_setup_mce_failure_keeps_previous_setup(host):
     (BANKS, AR_STATUS), (BANKS + 1, AR_STATUS), (255, AR_STATUS),
     (BANK, AR_STATUS & ~u.MCI_STATUS_VAL), (BANK, 0), (0, u.MCI_STATUS_UC)])
 def test_set_mce_invalid_einval(host, bank, status):
-    _me, vm, _anon = make_vm(host)
-    vcpu = vm.create_vcpu(0)
-    vcpu.setup_mce(MCG_CAP)
-
-    def guest(g):
-        yield g.set_cr4_mce(True)
-        yield g.sync("up")
-        yield g.sync("still running")
-
-    vcpu.set_guest(guest)
-    assert sync_value(vcpu) == "up"
+    vcpu = mce_vcpu(host, syncs("up", "still running"), "up")
     assert errno_of(vcpu.set_mce, u.KvmX86Mce(status=status, addr=ERR_GPA, misc=MISC,
                                               mcg_status=AR_MCG, bank=bank)) == errno.EINVAL
     # nothing was injected
@@ -130,8 +152,7 @@ def test_set_mce_invalid_einval(host, bank, status):
 
 
 def test_set_mce_without_setup_einval(host):
-    _me, vm, _anon = make_vm(host)
-    vcpu = vm.create_vcpu(0)
+    vcpu = vcpu0(host)
     assert errno_of(vcpu.set_mce, ar_mce()) == errno.EINVAL
     assert errno_of(vcpu.set_mce, u.KvmX86Mce(status=BASE, addr=0, misc=0, mcg_status=0,
                                               bank=0)) == errno.EINVAL
@@ -173,11 +194,7 @@ def guest_user_task(g, gpa=ERR_GPA):
 
 
 def test_ar_in_guest_user_mode_kills_task_and_offlines_page(host):
-    _me, vm, _anon = make_vm(host)
-    vcpu = vm.create_vcpu(0)
-    vcpu.setup_mce(MCG_CAP)
-    vcpu.set_guest(guest_user_task)
-    assert sync_value(vcpu) == "running"
+    vcpu = mce_vcpu(host, guest_user_task, "running")
     assert vcpu.set_mce(ar_mce()) == 0
     assert sync_value(vcpu) == ("killed", ERR_GPA)
     gk = vcpu.guest_kernel
@@ -193,30 +210,15 @@ def test_ar_in_guest_user_mode_kills_task_and_offlines_page(host):
 
 def test_ar_kills_guest_task_that_does_not_catch(host):
     """A guest program that does not catch GuestTaskKilled ends: the vCPU halts."""
-    _me, vm, _anon = make_vm(host)
-    vcpu = vm.create_vcpu(0)
-    vcpu.setup_mce(MCG_CAP)
-
-    def guest(g):
-        yield g.set_cr4_mce(True)
-        yield g.sync("running")
-        yield g.sync("not reached")
-
-    vcpu.set_guest(guest)
-    assert sync_value(vcpu) == "running"
+    vcpu = mce_vcpu(host, syncs("running", "not reached"), "running")
     vcpu.set_mce(ar_mce())
-    assert vcpu.run() == 0
-    assert vcpu.kvm_run.exit_reason == u.KVM_EXIT_HLT
+    assert exit_reason(vcpu) == u.KVM_EXIT_HLT
     assert vcpu.guest_kernel.offlined == [ERR_GPA >> 12]
     assert vcpu.guest_kernel.killed == 1
 
 
 def test_ao_offlines_page_and_guest_continues(host):
-    _me, vm, _anon = make_vm(host)
-    vcpu = vm.create_vcpu(0)
-    vcpu.setup_mce(MCG_CAP)
-    vcpu.set_guest(guest_user_task)
-    assert sync_value(vcpu) == "running"
+    vcpu = mce_vcpu(host, guest_user_task, "running")
     assert vcpu.set_mce(ao_mce(0x5000)) == 0
     assert sync_value(vcpu) == b"user data"              # the task was not killed
     gk = vcpu.guest_kernel
@@ -227,34 +229,23 @@ def test_ao_offlines_page_and_guest_continues(host):
 
 
 def test_ar_in_guest_kernel_mode_panics(host):
-    _me, vm, _anon = make_vm(host)
-    vcpu = vm.create_vcpu(0)
-    vcpu.setup_mce(MCG_CAP)
-
     def guest(g):
         yield g.set_cr4_mce(True)
         yield g.kernel()
         yield g.sync("in kernel")
         yield g.sync("not reached")
 
-    vcpu.set_guest(guest)
-    assert sync_value(vcpu) == "in kernel"
+    vcpu = mce_vcpu(host, guest, "in kernel")
     vcpu.set_mce(ar_mce())
-    assert vcpu.run() == 0
-    assert vcpu.kvm_run.exit_reason == u.KVM_EXIT_HLT
+    assert exit_reason(vcpu) == u.KVM_EXIT_HLT
     gk = vcpu.guest_kernel
     assert gk.panicked
     assert gk.log[-1] == "Kernel panic - not syncing: Fatal local machine check"
     assert gk.killed == 0
-    # a panicked guest stays halted
-    assert vcpu.run() == 0 and vcpu.kvm_run.exit_reason == u.KVM_EXIT_HLT
+    assert exit_reason(vcpu) == u.KVM_EXIT_HLT             # a panicked guest stays halted
 
 
 def test_guest_back_in_user_mode_is_not_panicked(host):
-    _me, vm, _anon = make_vm(host)
-    vcpu = vm.create_vcpu(0)
-    vcpu.setup_mce(MCG_CAP)
-
     def guest(g):
         yield g.set_cr4_mce(True)
         yield g.kernel()
@@ -265,8 +256,7 @@ def test_guest_back_in_user_mode_is_not_panicked(host):
         except GuestTaskKilled:
             yield g.sync("killed")
 
-    vcpu.set_guest(guest)
-    assert sync_value(vcpu) == "user again"
+    vcpu = mce_vcpu(host, guest, "user again")
     vcpu.set_mce(ar_mce())
     assert sync_value(vcpu) == "killed"
     assert vcpu.guest_kernel.panicked is None
@@ -276,61 +266,38 @@ def test_guest_back_in_user_mode_is_not_panicked(host):
 def test_cr4_mce_clear_triple_fault_shutdown(host, mce):
     """UC #MC with CR4.MCE clear: KVM_REQ_TRIPLE_FAULT -> KVM_EXIT_SHUTDOWN; the
     guest's #MC handler never runs."""
-    _me, vm, _anon = make_vm(host)
-    vcpu = vm.create_vcpu(0)
-    vcpu.setup_mce(MCG_CAP)
-
-    def guest(g):
-        yield g.sync("no cr4.mce")
-        yield g.sync("not reached")
-
-    vcpu.set_guest(guest)
-    assert sync_value(vcpu) == "no cr4.mce"
+    vcpu = mce_vcpu(host, syncs("no cr4.mce", "not reached", cr4_mce=False), "no cr4.mce")
     assert vcpu.set_mce(ar_mce() if mce == "ar" else ao_mce()) == 0
-    assert vcpu.run() == 0
-    assert vcpu.kvm_run.exit_reason == u.KVM_EXIT_SHUTDOWN
+    assert exit_reason(vcpu) == u.KVM_EXIT_SHUTDOWN
     gk = vcpu.guest_kernel
     assert (gk.log, gk.offlined, gk.killed, gk.panicked) == ([], [], 0, None)
 
 
 def test_cr4_mce_turned_off_again_triple_fault(host):
-    _me, vm, _anon = make_vm(host)
-    vcpu = vm.create_vcpu(0)
-    vcpu.setup_mce(MCG_CAP)
-
     def guest(g):
         yield g.set_cr4_mce(True)
         yield g.set_cr4_mce(False)
         yield g.sync("off")
 
-    vcpu.set_guest(guest)
-    assert sync_value(vcpu) == "off"
+    vcpu = mce_vcpu(host, guest, "off")
     vcpu.set_mce(ar_mce())
-    assert vcpu.run() == 0
-    assert vcpu.kvm_run.exit_reason == u.KVM_EXIT_SHUTDOWN
+    assert exit_reason(vcpu) == u.KVM_EXIT_SHUTDOWN
 
 
 def test_mcip_already_set_triple_fault_shutdown(host):
     """Two UC set_mce before the guest handled the first: MCIP is still set ->
     triple fault -> KVM_EXIT_SHUTDOWN."""
-    _me, vm, _anon = make_vm(host)
-    vcpu = vm.create_vcpu(0)
-    vcpu.setup_mce(MCG_CAP)
-    vcpu.set_guest(guest_user_task)
-    assert sync_value(vcpu) == "running"
+    vcpu = mce_vcpu(host, guest_user_task, "running")
     assert vcpu.set_mce(ar_mce()) == 0
     assert vcpu.set_mce(ar_mce(0x4000)) == 0
-    assert vcpu.run() == 0
-    assert vcpu.kvm_run.exit_reason == u.KVM_EXIT_SHUTDOWN
+    assert exit_reason(vcpu) == u.KVM_EXIT_SHUTDOWN
 
 
 def test_second_mce_after_guest_handled_first_is_delivered(host):
     """The guest's handler clears MCG_STATUS.MCIP, so a later #MC is delivered
     normally; the guest kernel has also cleared the bank (mce_clear_state), so
     the second record does not carry OVER."""
-    _me, vm, _anon = make_vm(host)
-    vcpu = vm.create_vcpu(0)
-    vcpu.setup_mce(MCG_CAP)
+    vcpu = mce_vcpu(host)
     seen = []
     gk = vcpu.guest_kernel
     default = gk.handler
@@ -341,13 +308,7 @@ def test_second_mce_after_guest_handled_first_is_delivered(host):
 
     gk.handler = handler
 
-    def guest(g):
-        yield g.set_cr4_mce(True)
-        yield g.sync("a")
-        yield g.sync("b")
-        yield g.sync("c")
-
-    vcpu.set_guest(guest)
+    vcpu.set_guest(syncs("a", "b", "c"))
     assert sync_value(vcpu) == "a"
     vcpu.set_mce(ao_mce(0x5000))
     assert sync_value(vcpu) == "b"
@@ -362,11 +323,7 @@ def test_second_mce_after_guest_handled_first_is_delivered(host):
 
 def test_corrected_error_is_not_injected(host):
     """A corrected (non-UC) record is only logged in the bank: no #MC for the guest."""
-    _me, vm, _anon = make_vm(host)
-    vcpu = vm.create_vcpu(0)
-    vcpu.setup_mce(MCG_CAP)
-    vcpu.set_guest(guest_user_task)
-    assert sync_value(vcpu) == "running"
+    vcpu = mce_vcpu(host, guest_user_task, "running")
     assert vcpu.set_mce(u.KvmX86Mce(status=BASE | 0x9F, addr=ERR_GPA, misc=MISC, mcg_status=0,
                                     bank=BANK)) == 0
     assert sync_value(vcpu) == b"user data"
@@ -376,9 +333,7 @@ def test_corrected_error_is_not_injected(host):
 
 def test_custom_guest_handler(host):
     """The #MC handler hook: a guest kernel that recovers instead of killing."""
-    _me, vm, _anon = make_vm(host)
-    vcpu = vm.create_vcpu(0)
-    vcpu.setup_mce(MCG_CAP)
+    vcpu = mce_vcpu(host)
     events = []
 
     def handler(gk, ev):
