@@ -10,12 +10,10 @@ tests/test_selftest_hugetlb_read_hwpoison.py and tests/test_mce_test.py.
 Default policy; every test is forked (conftest) and boots its own supervisor.
 """
 import errno
-import signal
 import time
 
 import pytest
-from checks import Event, Stop, dmesg_has, wait_for
-from checks import recorder as shared_recorder
+from checks import Event, Stop, dmesg_has, record_sigbus, wait_for
 
 import emu
 from emu import uapi as u
@@ -37,9 +35,7 @@ GRACE = 0.3
 HUGE2M = u.MFD_HUGETLB | u.MFD_HUGE_2MB
 
 
-def recorder(raise_on=(AR, u.BUS_ADRERR)):
-    """checks.recorder, stopping an AR or BUS_ADRERR access by default."""
-    return shared_recorder(raise_on)
+RAISE_ON = (AR, u.BUS_ADRERR)      # the SIGBUS recorders stop an AR or BUS_ADRERR access
 
 
 def sigbus_of(got, fn):
@@ -65,9 +61,7 @@ def mi(h, key):
 
 def setup(host, name="t"):
     me = emu.attach(host, name=name)
-    got, h = recorder()
-    emu.sigaction(signal.SIGBUS, h)
-    return me, got
+    return me, record_sigbus(RAISE_ON)
 
 
 def huge_file(me, length, flags=HUGE2M, mflags=u.MAP_SHARED):
@@ -80,6 +74,18 @@ def huge_file(me, length, flags=HUGE2M, mflags=u.MAP_SHARED):
 def pattern(length, seed=1):
     """Each 4K page gets its own byte, so a misplaced page shows."""
     return b"".join(bytes([(seed + i) % 251 + 1]) * PAGE for i in range(length // PAGE))
+
+
+def patterned_file(host_factory, nhuge, pool=8):
+    """A supervisor with 256M of RAM and `pool` 2M huge pages, this process attached
+    (setup), and a 2M HugeTLB memfd of `nhuge` huge pages mapped MAP_SHARED and
+    written with pattern().  Returns (host, me, got, fd, a)."""
+    host = host_factory(ram="256M", hugepages={"2M": pool})
+    me, got = setup(host)
+    length = nhuge * HPAGE
+    fd, a = huge_file(me, length)
+    me.write(a, pattern(length))
+    return host, me, got, fd, a
 
 
 def poison_ar(me, got, va):
@@ -191,12 +197,9 @@ def test_meminfo_1g_pool(host_factory):
 
 # ------------------------------------------------------------------ 3. faults in a poisoned huge page
 def test_fault_anywhere_in_poisoned_huge_page(host_factory):
-    host = host_factory(ram="256M", hugepages={"2M": 8})
-    me, got = setup(host)
     length = 4 * HPAGE
-    fd, a = huge_file(me, length)
+    host, me, got, fd, a = patterned_file(host_factory, 4)
     data = pattern(length)
-    me.write(a, data)
     h1 = a + HPAGE
     raw = h1 + 5 * PAGE
     assert poison_ar(me, got, raw) == [(AR, raw, 21)]
@@ -232,10 +235,7 @@ def test_fault_from_second_mapping_and_after_remap(host_factory):
     """Another mapping of the same file (never faulted) and a fresh mmap after munmap
     find the poisoned folio in the page cache: hugetlb_no_page -> VM_FAULT_HWPOISON_LARGE,
     lsb 21, at the faulting address."""
-    host = host_factory(ram="256M", hugepages={"2M": 8})
-    me, got = setup(host)
-    fd, a = huge_file(me, 2 * HPAGE)
-    me.write(a, pattern(2 * HPAGE))
+    host, me, got, fd, a = patterned_file(host_factory, 2)
     raw = a + 17 * PAGE
     assert poison_ar(me, got, raw) == [(AR, raw, 21)]
     b = me.mmap(0, 2 * HPAGE, RW, u.MAP_SHARED, fd, 0)
@@ -254,10 +254,7 @@ def test_fault_from_second_mapping_and_after_remap(host_factory):
 def test_madvise_ar_to_current_raw_page_va(host_factory):
     """kill_proc: AR to current, si_addr = page_address_in_vma of the raw page,
     si_addr_lsb = huge_page_shift."""
-    host = host_factory(ram="256M", hugepages={"2M": 8})
-    me, got = setup(host)
-    fd, a = huge_file(me, 2 * HPAGE)
-    me.write(a, pattern(2 * HPAGE))
+    host, me, got, fd, a = patterned_file(host_factory, 2)
     for raw in (a + HPAGE + 9 * PAGE,):
         assert poison_ar(me, got, raw) == [(AR, raw, 21)]
     me.idle(GRACE)
@@ -266,10 +263,7 @@ def test_madvise_ar_to_current_raw_page_va(host_factory):
 
 def test_madvise_head_page(host_factory):
     """thugetlb's "head" case: the raw page is the head of the folio."""
-    host = host_factory(ram="256M", hugepages={"2M": 8})
-    me, got = setup(host)
-    fd, a = huge_file(me, 2 * HPAGE)
-    me.write(a, pattern(2 * HPAGE))
+    host, me, got, fd, a = patterned_file(host_factory, 2)
     pfn = me.pagemap(a + HPAGE).pfn
     assert poison_ar(me, got, a + HPAGE) == [(AR, a + HPAGE, 21)]
     assert dmesg_has(host, "Memory failure: %#x: recovery action for huge page: Recovered" % pfn)
@@ -277,10 +271,14 @@ def test_madvise_head_page(host_factory):
     assert me.read(a, 4) == pattern(2 * HPAGE)[:4]
 
 
-def _other_process(me, policy, ready, done, touch=None):
+def _other_process(me, policy, touch=None):
+    """A forked process mapping the file with PR_MCE_KILL `policy`, ready once this
+    returns (ch, done); after done.set() it reports (its signals, those from reading
+    `touch`)."""
+    ready, done = Event(), Event()
+
     def body(t):
-        ogot, oh = recorder()
-        emu.sigaction(signal.SIGBUS, oh)
+        ogot = record_sigbus(RAISE_ON)
         t.prctl(u.PR_MCE_KILL, u.PR_MCE_KILL_SET, policy)
         ready.set()
         if policy == u.PR_MCE_KILL_EARLY:
@@ -298,7 +296,9 @@ def _other_process(me, policy, ready, done, touch=None):
             after = list(ogot)
         return before, after
 
-    return me.fork(body, name="other")
+    ch = me.fork(body, name="other")
+    assert ready.wait(me)
+    return ch, done
 
 
 @pytest.mark.parametrize("inject", ["hw_detect", "corrupt_pfn"])
@@ -306,15 +306,10 @@ def test_deferred_error_early_process_gets_ao(host_factory, inject):
     """A deferred error (no AR) on a dirty hugetlb folio: the EARLY process mapping the
     same file gets AO with the raw page's VA and lsb 21; the injecting (DEFAULT,
     sysctl 0) process gets nothing until it touches the huge page."""
-    host = host_factory(ram="256M", hugepages={"2M": 8})
-    me, got = setup(host)
-    fd, a = huge_file(me, 2 * HPAGE)
-    me.write(a, pattern(2 * HPAGE))
+    host, me, got, fd, a = patterned_file(host_factory, 2)
     raw = a + HPAGE + 3 * PAGE
     pfn = me.pagemap(raw).pfn
-    ready, done = Event(), Event()
-    ch = _other_process(me, u.PR_MCE_KILL_EARLY, ready, done)
-    assert ready.wait(me)
+    ch, done = _other_process(me, u.PR_MCE_KILL_EARLY)
     assert getattr(host, inject)(pfn) == 0
     done.set()
     assert ch.join(15) == 0
@@ -327,16 +322,11 @@ def test_deferred_error_early_process_gets_ao(host_factory, inject):
 
 
 def test_deferred_error_late_process_gets_nothing_until_touch(host_factory):
-    host = host_factory(ram="256M", hugepages={"2M": 8})
-    me, got = setup(host)
-    fd, a = huge_file(me, 2 * HPAGE)
-    me.write(a, pattern(2 * HPAGE))
+    host, me, got, fd, a = patterned_file(host_factory, 2)
     raw = a + HPAGE + 3 * PAGE
     pfn = me.pagemap(raw).pfn
-    ready, done = Event(), Event()
     touch = a + HPAGE + 0x1abc
-    ch = _other_process(me, u.PR_MCE_KILL_LATE, ready, done, touch=touch)
-    assert ready.wait(me)
+    ch, done = _other_process(me, u.PR_MCE_KILL_LATE, touch=touch)
     assert host.hw_detect(pfn) == 0
     done.set()
     assert ch.join(15) == 0
@@ -348,14 +338,9 @@ def test_deferred_error_late_process_gets_nothing_until_touch(host_factory):
 def test_madvise_ar_current_and_ao_to_early_process(host_factory):
     """§11 check 3 on hugetlb: current gets AR, the EARLY sharer AO, both lsb 21 and the
     raw page's VA."""
-    host = host_factory(ram="256M", hugepages={"2M": 8})
-    me, got = setup(host)
-    fd, a = huge_file(me, 2 * HPAGE)
-    me.write(a, pattern(2 * HPAGE))
+    host, me, got, fd, a = patterned_file(host_factory, 2)
     raw = a + 200 * PAGE
-    ready, done = Event(), Event()
-    ch = _other_process(me, u.PR_MCE_KILL_EARLY, ready, done)
-    assert ready.wait(me)
+    ch, done = _other_process(me, u.PR_MCE_KILL_EARLY)
     assert poison_ar(me, got, raw) == [(AR, raw, 21)]
     done.set()
     assert ch.join(15) == 0
@@ -364,12 +349,9 @@ def test_madvise_ar_current_and_ao_to_early_process(host_factory):
 
 # ------------------------------------------------------------------ 5. second raw page
 def test_second_raw_page_same_folio(host_factory):
-    host = host_factory(ram="256M", hugepages={"2M": 8})
-    me, got = setup(host)
     length = 2 * HPAGE
-    fd, a = huge_file(me, length)
+    host, me, got, fd, a = patterned_file(host_factory, 2)
     data = pattern(length)
-    me.write(a, data)
     raw1 = a + HPAGE + 5 * PAGE
     pfn1 = me.pagemap(raw1).pfn
     head = pfn1 - 5
@@ -414,10 +396,7 @@ def test_second_raw_page_consumed_ar(host_factory):
     """A consumed #MC (AR) on another raw page of an already poisoned, unmapped folio:
     the huge PTE is a hwpoison entry, so no translation reaches the frame and the
     access takes the fault path: AR, lsb 21, nothing counted."""
-    host = host_factory(ram="256M", hugepages={"2M": 8})
-    me, got = setup(host)
-    fd, a = huge_file(me, HPAGE)
-    me.write(a, pattern(HPAGE))
+    host, me, got, fd, a = patterned_file(host_factory, 1)
     head = me.pagemap(a).pfn
     assert poison_ar(me, got, a + PAGE) == [(AR, a + PAGE, 21)]
     hc0, st0 = mi(host, "HardwareCorrupted"), host.mf_stats()
@@ -636,12 +615,9 @@ def test_pwrite_einval(host_factory):
 
 
 def test_punch_hole_whole_huge_pages(host_factory):
-    host = host_factory(ram="256M", hugepages={"2M": 8})
-    me, _ = setup(host)
     length = 3 * HPAGE
-    fd, a = huge_file(me, length)
+    host, me, _, fd, a = patterned_file(host_factory, 3)
     data = pattern(length)
-    me.write(a, data)
     assert mi(host, "HugePages_Free") == 5
     me.fallocate(fd, u.FALLOC_FL_PUNCH_HOLE | u.FALLOC_FL_KEEP_SIZE, HPAGE, HPAGE)
     assert mi(host, "HugePages_Free") == 6
@@ -662,12 +638,9 @@ def test_punch_hole_partial_zeroes(host_factory):
     """fs/hugetlbfs/inode.c hugetlbfs_punch_hole (since 6.2): whole huge pages in the
     range are removed, the partial pieces at either end are zeroed in place
     (hugetlbfs_zero_partial_page)."""
-    host = host_factory(ram="256M", hugepages={"2M": 8})
-    me, _ = setup(host)
     length = 3 * HPAGE
-    fd, a = huge_file(me, length)
+    host, me, _, fd, a = patterned_file(host_factory, 3)
     data = pattern(length)
-    me.write(a, data)
     start, end = HPAGE // 2, 2 * HPAGE + PAGE
     me.fallocate(fd, u.FALLOC_FL_PUNCH_HOLE | u.FALLOC_FL_KEEP_SIZE, start, end - start)
     assert mi(host, "HugePages_Free") == 6                # only the middle one went
@@ -680,10 +653,7 @@ def test_punch_hole_over_poisoned_page(host_factory):
     """Punching out a poisoned huge page: the range is usable again (a fresh zeroed
     page, never the poisoned one), and the poisoned page does not come back to the
     pool (memory_failure's reference)."""
-    host = host_factory(ram="256M", hugepages={"2M": 4})
-    me, got = setup(host)
-    fd, a = huge_file(me, 2 * HPAGE)
-    me.write(a, pattern(2 * HPAGE))
+    host, me, got, fd, a = patterned_file(host_factory, 2, pool=4)
     bad = me.pagemap(a).pfn
     assert poison_ar(me, got, a + PAGE) == [(AR, a + PAGE, 21)]
     assert mi(host, "HugePages_Free") == 2
