@@ -26,6 +26,17 @@ def raises_errno(err: int, fn, *args) -> OSError:
     return ei.value
 
 
+def corrupt_pfn_delayed(h, pfn: int, fixed: bool) -> None:
+    """debugfs corrupt-pfn on a guest_memfd page (kvm_gmem_error_folio: MF_DELAYED):
+    0 with the MF_DELAYED fix, EBUSY on v6.18 (taken as "Failed to punch page")."""
+    if fixed:
+        assert h.corrupt_pfn(pfn) == 0
+    else:
+        with pytest.raises(OSError) as ei:
+            h.corrupt_pfn(pfn)
+        assert ei.value.errno == errno.EBUSY
+
+
 WAIT = 5.0          # upper bound for an asynchronous signal to show up
 
 

@@ -671,16 +671,13 @@ def test_cli_bad_input_live_daemon(host, args, field):
 
 
 # ------------------------------------------------------------------ other users
-def _as_nobody(fn):
-    """Run fn() in a child with uid/gid nobody; returns what it returned (a str)."""
+def _in_child(fn):
+    """Run fn() in a forked child; returns what it returned (a str), or what it raised."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
         try:
             os.close(r)
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
             res = fn()
         except BaseException as e:
             res = "raised %s: %s" % (type(e).__name__, e)
@@ -691,6 +688,18 @@ def _as_nobody(fn):
         out = f.read()
     os.waitpid(pid, 0)
     return out
+
+
+def _as_nobody(fn):
+    """Run fn() in a child with uid/gid nobody; returns what it returned (a str)."""
+
+    def child():
+        os.setgroups([])
+        os.setgid(NOBODY)
+        os.setuid(NOBODY)
+        return fn()
+
+    return _in_child(child)
 
 
 def _try(fn):
@@ -726,29 +735,19 @@ def test_other_uid_refused_by_the_supervisor(host):
     and the supervisor hangs up before the greeting."""
     before = settled(host)
     libc = ctypes.CDLL(None, use_errno=True)
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            os.setegid(NOBODY)
-            os.seteuid(NOBODY)           # SO_PEERCRED reports the effective uid
-            libc.setfsuid(0)             # ...while path lookups still pass as root
-            libc.setfsgid(0)
-            s = socket.socket(socket.AF_UNIX)
-            s.settimeout(10)
-            s.connect(host.path)
-            res = "greeted" if s.recv(4096) else "eof"
-            res += "," + _try(lambda: emu.connect(host.path))
-        except BaseException as e:
-            res = "raised %s: %s" % (type(e).__name__, e)
-        os.write(w, res.encode())
-        os._exit(0)
-    os.close(w)
-    with os.fdopen(r) as f:
-        out = f.read()
-    os.waitpid(pid, 0)
-    assert out == "eof,ECONNREFUSED"
+
+    def child():
+        os.setegid(NOBODY)
+        os.seteuid(NOBODY)               # SO_PEERCRED reports the effective uid
+        libc.setfsuid(0)                 # ...while path lookups still pass as root
+        libc.setfsgid(0)
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(10)
+        s.connect(host.path)
+        res = "greeted" if s.recv(4096) else "eof"
+        return res + "," + _try(lambda: emu.connect(host.path))
+
+    assert _in_child(child) == "eof,ECONNREFUSED"
     assert "refusing uid %d" % NOBODY in sup_log(host)
     unchanged(host, before)
 

@@ -11,7 +11,7 @@ import os
 import signal
 
 import pytest
-from checks import dmesg_has
+from checks import corrupt_pfn_delayed, dmesg_has
 from gmem_harness import Recorder, Stop
 
 import emu
@@ -46,6 +46,22 @@ def run_err(vcpu):
 def mf(vcpu):
     m = vcpu.kvm_run.memory_fault
     return (vcpu.kvm_run.exit_reason, m.gpa, m.size, m.flags)
+
+
+def runs_until_ehwpoison(vcpu, tries=3):
+    """Up to `tries` KVM_RUNs, stopping at a clean exit or at -EHWPOISON: each one's
+    (0, exit_reason) or (errno,) + mf()."""
+    out = []
+    for _ in range(tries):
+        try:
+            vcpu.run()
+            out.append((0, vcpu.kvm_run.exit_reason))
+            break
+        except OSError as e:
+            out.append((e.errno,) + mf(vcpu))
+            if e.errno == u.EHWPOISON:
+                break
+    return out
 
 
 def run_ok(vcpu, reason=u.KVM_EXIT_IO):
@@ -242,12 +258,7 @@ def test_memory_failure_guest_stage2(host_factory, policy, cleanup):
     assert (s2["mapped"], s2["pfn"], s2["slot"]) == (True, pfn, SLOT)
     stats0 = h.mf_stats()
 
-    if fixed:
-        assert h.corrupt_pfn(pfn) == 0
-    else:
-        with pytest.raises(OSError) as ei:
-            h.corrupt_pfn(pfn)
-        assert ei.value.errno == errno.EBUSY
+    corrupt_pfn_delayed(h, pfn, fixed)
     assert h.kpageflags(pfn) & KPF_HWPOISON
     assert vm.gpa_to_pfn(GPA)["mapped"] is False             # stage-2 zapped
     stats = h.mf_stats()
@@ -333,12 +344,7 @@ def test_private_ehwpoison_and_punch_hole_recovery(host_factory, policy, kind, i
     pfn = s2["pfn"]
 
     if inject == "corrupt_pfn":
-        if fixed:
-            assert h.corrupt_pfn(pfn) == 0
-        else:
-            with pytest.raises(OSError) as ei:
-                h.corrupt_pfn(pfn)
-            assert ei.value.errno == errno.EBUSY
+        corrupt_pfn_delayed(h, pfn, fixed)
     else:
         assert h.hw_detect(pfn) == (0 if fixed else -errno.EBUSY)
     assert vm.gpa_to_pfn(p0)["mapped"] is False
@@ -386,16 +392,7 @@ def _consumed_in_vcpu_thread(vm, h):
     pfn = vm.gpa_to_pfn(p0)["pfn"]
     out["pfn"] = pfn
     h.hw_poison(pfn)
-    errs = []
-    for _ in range(3):
-        try:
-            vcpu.run()
-            errs.append((0, vcpu.kvm_run.exit_reason))
-            break
-        except OSError as e:
-            errs.append((e.errno,) + mf(vcpu))
-            if e.errno == u.EHWPOISON:
-                break
+    errs = runs_until_ehwpoison(vcpu)
     out["runs"] = errs
     out["signals"] = rec.take()
     out["s2"] = vm.gpa_to_pfn(p0)
@@ -480,16 +477,7 @@ def test_consumed_error_guest_mode_shared_page_dirty_in_host(host_factory, polic
         vcpu.set_guest(guest)
         assert sync_value(vcpu) == b"\x99" * 8
         h.hw_poison(vm.gpa_to_pfn(GPA + PAGE)["pfn"])
-        runs = []
-        for _ in range(3):
-            try:
-                vcpu.run()
-                runs.append((0, vcpu.kvm_run.exit_reason))
-                break
-            except OSError as e:
-                runs.append((e.errno,) + mf(vcpu))
-                if e.errno == u.EHWPOISON:
-                    break
+        runs = runs_until_ehwpoison(vcpu)
         return os.getpid(), runs, rec.take()
 
     th = me.clone(body, name="vcpu1")

@@ -20,7 +20,7 @@ import errno
 import signal
 
 import pytest
-from checks import Stop, dmesg_has
+from checks import Stop, corrupt_pfn_delayed, dmesg_has
 
 import emu
 from emu import uapi as u
@@ -148,12 +148,7 @@ def test_memory_failure_table(host_factory, policy, case):
 
     # ---- inject
     if method == "debugfs":
-        if fixed:
-            assert h.corrupt_pfn(pfn) == 0
-        else:
-            with pytest.raises(OSError) as ei:
-                h.corrupt_pfn(pfn)
-            assert ei.value.errno == errno.EBUSY
+        corrupt_pfn_delayed(h, pfn, fixed)
     else:
         if fixed:
             me.madvise(target, PAGE, u.MADV_HWPOISON)
