@@ -135,3 +135,24 @@ class Event:
                 return False
             task.idle(0.05)
         return True
+
+
+def fork_with_log(me, fn, name: str, timeout: float = 30):
+    """Fork an emulated process running fn(task, log_fd) (a VMM writing its log to a
+    pipe); returns (its exit status, fn's return value or None, the log's lines)."""
+    import os
+
+    r, w = os.pipe()
+
+    def main(task):
+        os.close(r)
+        return fn(task, w)
+
+    th = me.fork(main, name=name)
+    os.close(w)
+    code = th.join(timeout)
+    data = b""
+    while chunk := os.read(r, 65536):
+        data += chunk
+    os.close(r)
+    return code, th.result, data.decode().splitlines()

@@ -6,6 +6,7 @@ import os
 import signal
 
 import pytest
+from checks import fork_with_log
 
 import emu
 from emu import uapi as u
@@ -22,23 +23,15 @@ def run_vmm(host, cls, body, ram="anon"):
     """Fork a VMM process, run body(vmm) in it; (exit status, log lines, body's
     return value or None)."""
     me = emu.attach(host, name="launcher")
-    r, w = os.pipe()
 
-    def main(task):
-        os.close(r)
-        vmm = cls(task, ram=ram, log_fd=w)
+    def main(task, log_fd):
+        vmm = cls(task, ram=ram, log_fd=log_fd)
         out = body(vmm)
         vmm.close()
         return out
 
-    th = me.fork(main, name=cls.name)
-    os.close(w)
-    code = th.join(30)
-    data = b""
-    while chunk := os.read(r, 65536):
-        data += chunk
-    os.close(r)
-    return code, data.decode().splitlines(), th.result
+    code, result, log = fork_with_log(me, main, cls.name)
+    return code, log, result
 
 
 def consumed_in_guest(host):

@@ -6,10 +6,10 @@ the machine shows: the guest's (or the device model's) read result, the SIGBUS
 si_codes the VMM saw, the exit status, the host's pagemap entry for the page, and
 the kernel's "Memory failure:" line.  EXPECTED is the table README's "Recovery
 patterns" section shows."""
-import os
 import signal
 
 import pytest
+from checks import fork_with_log
 
 import emu
 from emu import uapi as u
@@ -103,26 +103,18 @@ SCENARIOS = {f.__name__: f for f in (punch_private, punch_shared, replace_shared
 def run_scenario(host, scenario):
     pattern, ram, steps = SCENARIOS[scenario](host)
     me = emu.attach(host, name="launcher")
-    r, w = os.pipe()
 
-    def main(task):
-        os.close(r)
-        vmm = RecoveringVmm(task, pattern, ram=ram, log_fd=w)
+    def main(task, log_fd):
+        vmm = RecoveringVmm(task, pattern, ram=ram, log_fd=log_fd)
         out = steps(vmm)
         out["sigbus"] = [c for c, _a, _l in vmm.sigbus]
         vmm.close()
         return out
 
-    th = me.fork(main, name="recovering-vmm")
-    os.close(w)
-    code = th.join(30)
-    data = b""
-    while chunk := os.read(r, 65536):
-        data += chunk
-    os.close(r)
-    out = dict(th.result or {})
+    code, result, log = fork_with_log(me, main, "recovering-vmm")
+    out = dict(result or {})
     out["exit"] = code
-    out["log"] = data.decode().splitlines()
+    out["log"] = log
     out["dmesg"] = [line.split("] ", 1)[1] for line in host.dmesg()]
     return out
 
@@ -255,11 +247,9 @@ def test_ao_is_noted_then_recovered_at_the_later_access(host_factory, policy):
     (no prctl) would send no AO at all, only the AR at the access."""
     h = host_factory(policy=policy)
     me = emu.attach(h, name="launcher")
-    r, w = os.pipe()
 
-    def main(task):
-        os.close(r)
-        vmm = RecoveringVmm(task, "replace", ram="gmem", log_fd=w)
+    def main(task, log_fd):
+        vmm = RecoveringVmm(task, "replace", ram="gmem", log_fd=log_fd)
         vmm.host_write(GPA, DATA)
         hva = vmm.ram.hva + GPA
         h.hw_detect(vmm.ram.pfn(GPA))
@@ -274,15 +264,7 @@ def test_ao_is_noted_then_recovered_at_the_later_access(host_factory, policy):
         vmm.close()
         return out
 
-    th = me.fork(main, name="recovering-vmm")
-    os.close(w)
-    code = th.join(30)
-    data = b""
-    while chunk := os.read(r, 65536):
-        data += chunk
-    os.close(r)
-    out = th.result
-    log = data.decode().splitlines()
+    code, out, log = fork_with_log(me, main, "recovering-vmm")
     ao, codes, later, guest = AO_LATER[policy]
     assert code == 0, (log, h.dmesg())
     noted = "AO memory error at hva %#x: noted" % out["hva"]
