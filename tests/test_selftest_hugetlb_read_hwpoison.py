@@ -107,18 +107,25 @@ def _poison(me, rec, filemap, length):
     assert rec.take() == [(AR, hwp_addr, 21)]
 
 
+def poisoned_file(host_factory, chunk):
+    """The two HWPOISON cases' set-up: a supervisor with two 2M huge pages, the file
+    created, mapped and filled in `chunk`s, its raw page past the middle poisoned
+    (_poison).  Returns (me, fd, filemap, length, File)."""
+    host = host_factory(ram="128M", hugepages={"2M": 2})
+    me, rec = attach(host)
+    fd, length = create_hugetlbfs_file(me)
+    filemap, _ = map_file(me, fd, length, chunk)
+    _poison(me, rec, filemap, length)
+    return me, fd, filemap, length, File(me, fd)
+
+
 @pytest.mark.parametrize("chunk", CHUNKS)
 def test_hugetlb_read_hwpoison(host_factory, chunk):
     """hugetlb-read-hwpoison.c test_hugetlb_read_hwpoison(skip_hwpoison_page=false)
     ("HugeTLB read HWPOISON test"): read() from 0 returns exactly len/2 + 4K bytes
     (adjust_range_hwpoison stops before the raw poisoned page), the next read() fails
     with EIO (want == 0)."""
-    host = host_factory(ram="128M", hugepages={"2M": 2})
-    me, rec = attach(host)
-    fd, length = create_hugetlbfs_file(me)
-    filemap, _ = map_file(me, fd, length, chunk)
-    _poison(me, rec, filemap, length)
-    f = File(me, fd)
+    me, fd, filemap, length, f = poisoned_file(host_factory, chunk)
     total, last = read_loop(f, length, chunk, 0)
     assert total == length // 2 + PAGE
     assert last == -errno.EIO
@@ -131,12 +138,7 @@ def test_hugetlb_seek_read_hwpoison(host_factory, chunk):
     ("HugeTLB seek then read HWPOISON test"): lseek past the poisoned page to
     len/2 + max(2 pages, chunk), then read() returns the remaining
     len/2 - max(2 pages, chunk) bytes (val starts at offset / chunk + offset % chunk)."""
-    host = host_factory(ram="128M", hugepages={"2M": 2})
-    me, rec = attach(host)
-    fd, length = create_hugetlbfs_file(me)
-    filemap, _ = map_file(me, fd, length, chunk)
-    _poison(me, rec, filemap, length)
-    f = File(me, fd)
+    me, fd, filemap, length, f = poisoned_file(host_factory, chunk)
     offset = length // 2 + max(2 * PAGE, chunk)
     f.pos = offset                                      # lseek(fd, offset, SEEK_SET)
     total, last = read_loop(f, length, chunk, (offset // chunk + offset % chunk) & 0xFF, offset)

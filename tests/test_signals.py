@@ -116,12 +116,15 @@ def main_thread(host, policy=None, raise_on=()):
     return me, got
 
 
-def vcpu_wait(task, policy, ready, done):
-    """A vCPU thread: set its own policy, record SIGBUS, wait until the main thread says
-    the injection is over, then report (its policy, what it received)."""
+def vcpu_wait(task, policy, ready, done, first=False):
+    """A vCPU thread (or another process): set its own policy, record SIGBUS (with
+    `first`, wait for a first signal), wait until the main thread says the injection
+    is over, then report (its policy, what it received)."""
     got = record_sigbus()
     pol = set_policy(task, policy)
     ready.post()
+    if first:
+        wait_for(task, got)
     assert done.wait(task)
     task.idle(GRACE)                           # a signal sent before `done` is in by now
     return pol, got
@@ -314,16 +317,7 @@ def test_ar_current_and_ao_to_early_thread_of_other_process(host, backing):
     _, va, pfn = shared_page(me, backing)
     ready, done = Counter(), Event()
 
-    def other(task):
-        ogot = record_sigbus()
-        pol = set_policy(task, EARLY)
-        ready.post()
-        wait_for(task, ogot)
-        assert done.wait(task)
-        task.idle(GRACE)
-        return pol, ogot
-
-    ch = me.fork(other, name="monitor")
+    ch = me.fork(vcpu_wait, EARLY, ready, done, True, name="monitor")   # first: waits for its AO
     ready.wait(1)
     assert host.hw_poison(pfn) == 0
     with pytest.raises(Stop):
@@ -340,15 +334,7 @@ def test_ar_other_process_late_gets_nothing(host):
     _, va, pfn = shared_page(me)
     ready, done = Counter(), Event()
 
-    def other(task):
-        ogot = record_sigbus()
-        pol = set_policy(task, LATE)
-        ready.post()
-        assert done.wait(task)
-        task.idle(GRACE)
-        return pol, ogot
-
-    ch = me.fork(other, name="late-proc")
+    ch = me.fork(vcpu_wait, LATE, ready, done, name="late-proc")
     ready.wait(1)
     assert host.hw_poison(pfn) == 0
     with pytest.raises(Stop):
