@@ -245,13 +245,18 @@ def _early_thread(task, va, ready, go):
     return got
 
 
+def shared_memfd(me, size, name, flags=0):
+    """A memfd of `size` bytes (memfd_create flags), mapped MAP_SHARED: its address."""
+    fd = me.memfd_create(name, flags) if flags else me.memfd_create(name)
+    me.ftruncate(fd, size)
+    return me.mmap(0, size, RW, u.MAP_SHARED, fd, 0)
+
+
 def _qemu_with_early_thread(host):
     """A process with a dirty shared memfd page and an EARLY thread, started and
     waiting for `go`; returns (me, va, pfn, thread, go)."""
     me, _got, _h = setup(host, "qemu")
-    fd = me.memfd_create("ram")
-    me.ftruncate(fd, PAGE)
-    va = me.mmap(0, PAGE, RW, u.MAP_SHARED, fd, 0)
+    va = shared_memfd(me, PAGE, "ram")
     me.write(va, b"d" * 64)
     pfn = me.pagemap(va).pfn
     ready, go = Event(), Event()
@@ -489,9 +494,7 @@ def test_fork_does_not_copy_shared_file_ptes(host):
     its entries, present or hwpoison; the child faults them in (a poisoned page then
     gives SIGBUS from the fault)."""
     me, got, h = setup(host)
-    fd = me.memfd_create("shm")
-    me.ftruncate(fd, 2 * PAGE)
-    a = me.mmap(0, 2 * PAGE, RW, u.MAP_SHARED, fd, 0)
+    a = shared_memfd(me, 2 * PAGE, "shm")
     me.write(a, b"s" * 2 * PAGE)
     pfn0 = me.pagemap(a).pfn
     me.madvise(a + PAGE, PAGE, u.MADV_HWPOISON)
@@ -554,9 +557,7 @@ def test_fork_leaves_only_the_child_mapping_unmapped(host):
     parent unmaps, the page is mapped nowhere and memory_failure() kills nobody (the
     early !folio_mapped return of hwpoison_user_mappings)."""
     me, _got, _h = setup(host)
-    fd = me.memfd_create("shm")
-    me.ftruncate(fd, PAGE)
-    a = me.mmap(0, PAGE, RW, u.MAP_SHARED, fd, 0)
+    a = shared_memfd(me, PAGE, "shm")
     me.write(a, b"q" * 64)
     pfn = me.pagemap(a).pfn
     ready, go = Event(), Event()
@@ -587,9 +588,7 @@ def test_pagemap_file_hwpoison_entry_has_pm_file(host):
     """pte_to_pagemap_entry(): a hwpoison entry is a pfn swap entry; its folio is not
     anonymous, so PM_FILE is set (PM_SWAP, the swap type and the pfn as offset)."""
     me, _got, _h = setup(host)
-    fd = me.memfd_create("shm")
-    me.ftruncate(fd, PAGE)
-    a = me.mmap(0, PAGE, RW, u.MAP_SHARED, fd, 0)
+    a = shared_memfd(me, PAGE, "shm")
     me.write(a, b"f")
     pfn = me.pagemap(a).pfn
     me.madvise(a, PAGE, u.MADV_HWPOISON)
@@ -607,9 +606,7 @@ def test_pagemap_hugetlb_hwpoison_entry_reads_zero(host_factory):
     (only uffd-wp is looked at)."""
     host = host_factory(ram="128M", hugepages={"2M": 2})
     me, _got, _h = setup(host)
-    fd = me.memfd_create("huge", u.MFD_HUGETLB | u.MFD_HUGE_2MB)
-    me.ftruncate(fd, HPAGE)
-    a = me.mmap(0, HPAGE, RW, u.MAP_SHARED, fd, 0)
+    a = shared_memfd(me, HPAGE, "huge", u.MFD_HUGETLB | u.MFD_HUGE_2MB)
     me.write(a, b"h")
     e = me.pagemap(a + 5 * PAGE)
     assert e.present and e.file
@@ -640,9 +637,7 @@ def test_kpageflags_guest_memfd_not_swapbacked(host):
     me.write(g, b"g")
     f = host.kpageflags(me.pagemap(g).pfn)
     assert f & KPF["UNEVICTABLE"] and f & KPF["LRU"] and not f & KPF["SWAPBACKED"]
-    fd = me.memfd_create("shm")
-    me.ftruncate(fd, PAGE)
-    s = me.mmap(0, PAGE, RW, u.MAP_SHARED, fd, 0)
+    s = shared_memfd(me, PAGE, "shm")
     me.write(s, b"s")
     assert host.kpageflags(me.pagemap(s).pfn) & KPF["SWAPBACKED"]
 
@@ -653,9 +648,7 @@ def test_kpageflags_hugetlb_tail_pages_report_the_folio(host_factory):
     or poisoned huge page shows it, not only the head."""
     host = host_factory(ram="128M", hugepages={"2M": 2})
     me, got, _h = setup(host)
-    fd = me.memfd_create("huge", u.MFD_HUGETLB | u.MFD_HUGE_2MB)
-    me.ftruncate(fd, HPAGE)
-    a = me.mmap(0, HPAGE, RW, u.MAP_SHARED, fd, 0)
+    a = shared_memfd(me, HPAGE, "huge", u.MFD_HUGETLB | u.MFD_HUGE_2MB)
     me.write(a, b"h")
     head = me.pagemap(a).pfn
     for p in (head, head + 7, head + 511):
