@@ -609,7 +609,7 @@ def _hw_round(n, runs) -> float:
 
 def guest(quick: bool) -> dict:
     xs = [1, 2, 4, 8, 16, 32] if not quick else [1, 2, 8]
-    runs = 5 if not quick else 3
+    runs = 20 if not quick else 10                     # windows of 2M+ accesses: shorter ones were noise
     repeats = 3 if not quick else 1
     rows = []
     with emu.start(ram="512M") as host:
