@@ -725,15 +725,24 @@ def plot(results: list[dict], path: str) -> None:
     except ImportError:
         print("--plot: matplotlib is not installed (pip install 'gmem-emu[plot]'); tables only")
         return
-    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.6), squeeze=False)
-    for ax, res in zip(axes[0], results, strict=True):
+    import textwrap
+
+    cols = min(3, len(results))
+    nrows = -(-len(results) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.0 * cols, 4.0 * nrows), squeeze=False)
+    for ax in axes.flat[len(results):]:
+        ax.set_visible(False)
+    for ax, res in zip(axes.flat, results, strict=False):   # spare cells stay hidden
         rows = [r for r in res["rows"] if "skip" not in r]
         xs = [r[res["x"]] for r in rows]
         ax.loglog(xs, [r[res["fig"]] for r in rows], "o-", label=res["fig"])
         if res["base"]:
             ax.loglog(xs, [r[res["base"]] for r in rows], "s--", label=res["base"])
         ax.set_xlabel(res["x"])
-        ax.set_title(res["title"].split(",")[0][:48], fontsize=8)
+        title = res["title"].split(",")[0]
+        if title.count("(") > title.count(")"):
+            title = title[:title.rindex(" (")]          # not half a parenthesis
+        ax.set_title("\n".join(textwrap.wrap(title, 44)), fontsize=8)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
