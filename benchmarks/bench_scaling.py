@@ -40,6 +40,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+from bench_syscall import _echo_server  # noqa: E402
+
 import emu  # noqa: E402
 from emu import uapi as u  # noqa: E402
 
@@ -292,55 +294,6 @@ def _echo_worker(path, n, go_r, out_w):
     return t0, t1, samples.tobytes()
 
 
-def _echo_server(path: str, ready_w: int, poll_ns: int) -> None:
-    """bench_syscall's echo server (the supervisor's loop with nothing behind it, halt
-    polling included), serving any number of clients that come and go."""
-    import json
-    import selectors
-    import socket
-
-    from emu.haltpoll import others_waiting
-
-    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    srv.bind(path)
-    srv.listen(128)
-    os.write(ready_w, b"r")
-    sel = selectors.DefaultSelector()
-    sel.register(srv, selectors.EVENT_READ, None)
-    bufs = {}
-    clock = time.perf_counter_ns
-    polling_until = 0
-    while True:
-        events = sel.select(0 if polling_until else 0.1)
-        for key, _ in events:
-            if key.data is None:
-                c, _ = srv.accept()
-                c.sendall(b'{"QMP":{"halt_poll_ns":%d}}\n' % poll_ns)
-                bufs[c] = b""
-                sel.register(c, selectors.EVENT_READ, c)
-                continue
-            c = key.data
-            data = c.recv(65536)
-            if not data:
-                sel.unregister(c)
-                del bufs[c]
-                c.close()
-                continue
-            bufs[c] += data
-            while b"\n" in bufs[c]:
-                line, bufs[c] = bufs[c].split(b"\n", 1)
-                req = json.loads(line)
-                c.sendall(json.dumps({"id": req.get("id"), "return": 0},
-                                     separators=(",", ":")).encode() + b"\n")
-            if poll_ns:
-                polling_until = clock() + poll_ns
-        if not events and polling_until:
-            if clock() < polling_until and not others_waiting():
-                os.sched_yield()
-            else:
-                polling_until = 0
-
-
 def _summary(results) -> tuple[float, float, float]:
     start = min(r[0] for r in results)
     end = max(r[1] for r in results)
@@ -415,7 +368,7 @@ def syscalls(quick: bool) -> dict:
     epid = os.fork()
     if epid == 0:
         try:
-            _echo_server(path, w, poll)
+            _echo_server(path, w, poll, many=True)
         finally:
             os._exit(1)
     os.read(r, 1)
@@ -463,7 +416,7 @@ def tasks(quick: bool) -> dict:
     epid = os.fork()
     if epid == 0:
         try:
-            _echo_server(path, w, poll)
+            _echo_server(path, w, poll, many=True)
         finally:
             os._exit(1)
     os.read(r, 1)
@@ -514,8 +467,8 @@ SYSCALL_CX = (
     "the kernel serves system calls on every CPU at once: O(1) per call, throughput grows "
     "with CPUs.  The emulator has one supervisor thread: each request is O(1) (a dict "
     "lookup of the connection, the handler), so calls/s is flat and p50 grows as O(N) "
-    "queueing, as the echo server's does; _supervise's liveness sweep is O(tasks) but "
-    "runs at most every 100 ms, not per request.")
+    "queueing, as the echo server's does; _supervise's liveness sweep checks at most 32 "
+    "tasks per 100 ms tick, not per request.")
 
 
 # ------------------------------------------------------------------ guest access

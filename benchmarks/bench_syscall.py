@@ -42,11 +42,13 @@ N = 3000
 BLOCK = 100
 
 
-def _echo_server(path: str, ready_w: int, poll_ns: int) -> None:
-    """The supervisor's loop with nothing behind it, halt polling included."""
+def _echo_server(path: str, ready_w: int, poll_ns: int, many: bool = False) -> None:
+    """The supervisor's loop with nothing behind it, halt polling included.  With
+    `many`, any number of clients come and go (bench_scaling); else the first
+    client's EOF ends it."""
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     srv.bind(path)
-    srv.listen(4)
+    srv.listen(128 if many else 4)
     os.write(ready_w, b"r")
     sel = selectors.DefaultSelector()
     sel.register(srv, selectors.EVENT_READ, None)
@@ -65,7 +67,12 @@ def _echo_server(path: str, ready_w: int, poll_ns: int) -> None:
             c = key.data
             data = c.recv(65536)
             if not data:
-                os._exit(0)
+                if not many:
+                    os._exit(0)
+                sel.unregister(c)
+                del bufs[c]
+                c.close()
+                continue
             bufs[c] += data
             while b"\n" in bufs[c]:
                 line, bufs[c] = bufs[c].split(b"\n", 1)
