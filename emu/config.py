@@ -22,6 +22,7 @@ madvise_action_required = true   # MADV_HWPOISON passes MF_ACTION_REQUIRED (Linu
 "vm.memory_failure_early_kill" = 0
 "vm.memory_failure_recovery" = 1
 "vm.enable_soft_offline" = 1
+"vm.panic_on_unrecoverable_memory_failure" = 0
 
 [supervisor]
 halt_poll_ns = 200000        # after a request, poll this long for the next before sleeping

@@ -79,6 +79,12 @@ GuestOps.kernel = staticmethod(lambda: ("mode", "kernel"))
 #   with __copy_from_user on the slot's hva (kvm_fetch_guest_virt); the value is them.
 # kvm_map_read(gpa, n): KVM maps the page into the kernel (kvm_vcpu_map, as nested
 #   VMX's VMPTRLD does) and loads n bytes; the value is them, or None if the map failed.
+# wrmsr_mci_ctl2(bank, value): the guest writes MSR_IA32_MCx_CTL2 (CMCI_EN, threshold);
+#   a #GP (OSError EINVAL out of run()) without MCG_CMCI_P or with reserved bits.
+# rdmsr_mce_bank(bank): the guest reads MCi_STATUS, MCi_ADDR, MCi_MISC; the value is
+#   the tuple (status, addr, misc).
+GuestOps.wrmsr_mci_ctl2 = staticmethod(lambda bank, value: ("mci_ctl2", bank, value))
+GuestOps.rdmsr_mce_bank = staticmethod(lambda bank: ("mce_bank", bank))
 GuestOps.emulate = staticmethod(lambda gpa, n: ("emulate", gpa, n))
 GuestOps.kvm_map_read = staticmethod(lambda gpa, n: ("kvm_map_read", gpa, n))
 
@@ -105,6 +111,7 @@ class GuestKernel:
         self.offlined: list[int] = []
         self.killed = 0
         self.panicked: str | None = None
+        self.cmci: list[int] = []
         self.handler = linux_mce_handler
 
     def offline(self, gpa: int) -> None:

@@ -26,11 +26,13 @@ SYSCTL_DEFAULTS = {
     "vm.memory_failure_early_kill": 0,
     "vm.memory_failure_recovery": 1,
     "vm.enable_soft_offline": 1,
+    "vm.panic_on_unrecoverable_memory_failure": 0,
 }
 SYSCTL_RANGE = {
     "vm.memory_failure_early_kill": (0, 1),
     "vm.memory_failure_recovery": (0, 1),
     "vm.enable_soft_offline": (0, 3),
+    "vm.panic_on_unrecoverable_memory_failure": (0, 1),
 }
 
 

@@ -95,7 +95,9 @@ class Vm:
 
 
 KVM_MAX_MCE_BANKS = 32
-KVM_MCE_CAP_SUPPORTED = u.MCG_CTL_P | u.MCG_SER_P | u.MCG_LMCE_P
+# kvm_caps.supported_mce_cap on VMX: MCG_CTL_P | MCG_SER_P (x86.c), MCG_LMCE_P and,
+# since 6.0, MCG_CMCI_P (vmx.c hardware_setup)
+KVM_MCE_CAP_SUPPORTED = u.MCG_CTL_P | u.MCG_SER_P | u.MCG_LMCE_P | u.MCG_CMCI_P
 
 
 @dataclass(eq=False)
@@ -107,7 +109,9 @@ class Vcpu:
     mcg_ctl: int = 0
     mcg_status: int = 0
     mce_banks: list = field(default_factory=list)   # 4 per bank: CTL, STATUS, ADDR, MISC
+    mci_ctl2_banks: list = field(default_factory=list)   # MSR_IA32_MCx_CTL2 (with MCG_CMCI_P)
     cr4_mce: bool = False
+    cmci: list = field(default_factory=list)   # CMCIs delivered through APIC_LVTCMCI (banks)
 
 
 class KVM:
@@ -547,6 +551,33 @@ class KVM:
         v.mce_banks = []
         for _ in range(bank_num):
             v.mce_banks += [(1 << 64) - 1, 0, 0, 0]
+        v.mci_ctl2_banks = [0] * bank_num if mcg_cap & u.MCG_CMCI_P else []
+        return 0
+
+    def get_mce_cap_supported(self) -> int:
+        """KVM_X86_GET_MCE_CAP_SUPPORTED (kvm_arch_dev_ioctl): kvm_caps.supported_mce_cap."""
+        return KVM_MCE_CAP_SUPPORTED
+
+    def check_extension(self, t, fd: int, cap: int) -> int:
+        """KVM_CHECK_EXTENSION on /dev/kvm (kvm == NULL) or a VM fd
+        (kvm_vm_ioctl_check_extension{,_generic}): the capabilities the emulator
+        models answer as 6.18 does, any other is 0."""
+        f = t.process.fget(fd)
+        if isinstance(f.inode.ops, KvmVmOps):
+            vm = f.inode.private["vm"]
+        elif isinstance(f.inode.ops, KvmDevOps):
+            vm = None
+        else:
+            raise OSError(u.ENOTTY, "not a KVM fd")
+        if cap == u.KVM_CAP_MCE:
+            return KVM_MAX_MCE_BANKS
+        if cap == u.KVM_CAP_GUEST_MEMFD:
+            return 1
+        if cap == u.KVM_CAP_GUEST_MEMFD_FLAGS:     # kvm_gmem_get_supported_flags()
+            flags = u.GUEST_MEMFD_FLAG_MMAP
+            if vm is None or not vm.has_private_mem:    # kvm_arch_supports_gmem_init_shared
+                flags |= u.GUEST_MEMFD_FLAG_INIT_SHARED
+            return flags
         return 0
 
     def set_mce(self, t, vcpu_fd: int, status: int, addr: int, misc: int, mcg_status: int,
@@ -560,6 +591,8 @@ class KVM:
         if bank >= bank_num or not status & u.MCI_STATUS_VAL:
             raise OSError(u.EINVAL, "kvm_x86_mce: bank or status")
         b = 4 * bank
+        if self.is_ucna(status, mcg_status):
+            return self.set_ucna(v, bank, status, addr, misc, mcg_status)
         uc = status & u.MCI_STATUS_UC
         ones = (1 << 64) - 1
         ev = {"bank": bank, "status": status, "addr": addr, "misc": misc, "mcg_status": mcg_status}
@@ -586,20 +619,49 @@ class KVM:
             v.mce_banks[b + 1] |= u.MCI_STATUS_OVER
         return {}
 
-    def guest_state(self, t, vcpu_fd: int, cr4_mce=None, mcg_status=None, clear_bank=None) -> dict:
-        """The guest writes CR4, MCG_STATUS and MCi_STATUS (KVM sees them); returns
-        the MCE state."""
+    @staticmethod
+    def is_ucna(status: int, mcg_status: int) -> bool:
+        """x86.c is_ucna(): uncorrected, no action required (no PCC/S/AR), MCG_STATUS 0."""
+        return not mcg_status and bool(status & u.MCI_STATUS_UC) \
+            and not status & (u.MCI_STATUS_PCC | u.MCI_STATUS_S | u.MCI_STATUS_AR)
+
+    def set_ucna(self, v: Vcpu, bank: int, status: int, addr: int, misc: int,
+                 mcg_status: int) -> dict:
+        """kvm_vcpu_x86_set_ucna(): logged in the bank (no overflow bit, no #MC, no
+        triple fault), then a CMCI if MCG_CMCI_P and MCi_CTL2.CMCI_EN.  The emulated
+        guest has no local APIC: the CMCI is recorded as delivered (Vcpu.cmci)."""
+        v.mce_banks[4 * bank + 1:4 * bank + 4] = [status, addr, misc]
+        v.mcg_status = mcg_status
+        cmci = bool(v.mcg_cap & u.MCG_CMCI_P and v.mci_ctl2_banks[bank] & u.MCI_CTL2_CMCI_EN)
+        if cmci:                                  # kvm_apic_local_deliver(APIC_LVTCMCI)
+            v.cmci.append(bank)
+        self.k.trace("kvm_mce", vcpu=v.id, addr=addr, result="ucna cmci" if cmci else "ucna")
+        return {"cmci": True} if cmci else {}
+
+    def guest_state(self, t, vcpu_fd: int, cr4_mce=None, mcg_status=None, clear_bank=None,
+                    mci_ctl2=None) -> dict:
+        """The guest writes CR4, MCG_STATUS, MCi_STATUS and MCi_CTL2 (KVM sees them);
+        returns the MCE state.  `mci_ctl2`: (bank, value), kvm_set_msr_common's
+        MSR_IA32_MCx_CTL2 (a #GP, here EINVAL, without MCG_CMCI_P or with reserved bits)."""
         v = self.vcpu_of(t, vcpu_fd)
         if clear_bank is not None and not 0 <= clear_bank < len(v.mce_banks) // 4:
             raise OSError(u.EINVAL, "clear_bank: no such MCE bank")     # checked before any write
+        if mci_ctl2 is not None:
+            bank, val = mci_ctl2
+            if not 0 <= bank < len(v.mci_ctl2_banks) or not isinstance(val, int) \
+                    or val & ~(u.MCI_CTL2_CMCI_EN | u.MCI_CTL2_CMCI_THRESHOLD_MASK):
+                raise OSError(u.EINVAL, "MSR_IA32_MC%d_CTL2: #GP" % bank)
         if cr4_mce is not None:
             v.cr4_mce = bool(cr4_mce)
         if mcg_status is not None:
             v.mcg_status = mcg_status
         if clear_bank is not None:
             v.mce_banks[4 * clear_bank + 1] = 0
+        if mci_ctl2 is not None:
+            v.mci_ctl2_banks[mci_ctl2[0]] = mci_ctl2[1]
         return {"cr4_mce": v.cr4_mce, "mcg_status": v.mcg_status, "mcg_cap": v.mcg_cap,
-                "banks": [v.mce_banks[i:i + 4] for i in range(0, len(v.mce_banks), 4)]}
+                "banks": [v.mce_banks[i:i + 4] for i in range(0, len(v.mce_banks), 4)],
+                "mci_ctl2": list(v.mci_ctl2_banks), "cmci": list(v.cmci)}
 
     def gpa_to_pfn(self, proc, vm_fd: int, gpa: int) -> dict:
         vm = self.vm_of(proc, vm_fd)

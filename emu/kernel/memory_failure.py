@@ -174,7 +174,17 @@ class MemoryFailure(SoftOffline):
             self.stats["total"] += 1
         self.log("%#x: recovery action for %s: %s", pfn, type_, ACTION_NAME[result])
         self.k.trace("mf_result", pfn=pfn, page=type_, result=ACTION_NAME[result])
+        if self.panic_on_unrecoverable_mf(type_, result):
+            self.k.panic("Memory failure: %#x: unrecoverable page" % pfn,
+                         stack=("action_result", "memory_failure"))
         return 0 if result in (u.MF_RECOVERED, u.MF_DELAYED) else -u.EBUSY
+
+    def panic_on_unrecoverable_mf(self, type_: str, result: int) -> bool:
+        """vm.panic_on_unrecoverable_memory_failure (mm/memory-failure.c, Breno Leitao's
+        "add panic option for unrecoverable pages", after 6.18): only a kernel page
+        left Ignored panics; GET_HWPOISON shares its path with transient races."""
+        return bool(self.k.sysctl["vm.panic_on_unrecoverable_memory_failure"]) \
+            and type_ == MF_MSG_KERNEL and result == u.MF_IGNORED
 
     def has_extra_refcount(self, ps, pfn: int, extra_pins: bool) -> bool:
         core = self.k.core

@@ -379,7 +379,23 @@ def sys_guest_state(k, t, a):
         raise OSError(u.EINVAL, "cr4_mce: expected true or false")
     mcg_status = None if a.get("mcg_status") is None else _u64(a, "mcg_status")
     clear_bank = None if a.get("clear_bank") is None else _int(a, "clear_bank")
-    return k.kvm.guest_state(t, _int(a, "vcpu"), cr4_mce, mcg_status, clear_bank)
+    ctl2 = a.get("mci_ctl2")
+    if ctl2 is not None:
+        if not isinstance(ctl2, (list, tuple)) or len(ctl2) != 2:
+            raise OSError(u.EINVAL, "mci_ctl2: expected [bank, value]")
+        ctl2 = (_int({"b": ctl2[0]}, "b"), _u64({"v": ctl2[1]}, "v"))
+    return k.kvm.guest_state(t, _int(a, "vcpu"), cr4_mce, mcg_status, clear_bank, ctl2)
+
+
+def sys_check_extension(k, t, a):
+    return k.kvm.check_extension(t, _int(a, "fd"), _int(a, "cap"))
+
+
+def sys_get_mce_cap_supported(k, t, a):
+    f = t.process.fget(_int(a, "fd"))
+    if f.inode.ops.name != "kvm":                 # a /dev/kvm ioctl only
+        raise OSError(u.ENOTTY, "not /dev/kvm")
+    return k.kvm.get_mce_cap_supported()
 
 
 def sys_getpid(k, t, a):
@@ -397,6 +413,7 @@ SYSCALLS = {
     "create_vcpu": sys_create_vcpu, "gpa_to_pfn": sys_gpa_to_pfn, "kvm_fault": sys_kvm_fault,
     "kvm_guest_read": sys_kvm_guest_read, "vhost_copy": sys_vhost_copy,
     "setup_mce": sys_setup_mce, "set_mce": sys_set_mce, "guest_state": sys_guest_state,
+    "check_extension": sys_check_extension, "get_mce_cap_supported": sys_get_mce_cap_supported,
 }
 
 

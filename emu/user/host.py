@@ -31,6 +31,13 @@ def expand_runs(runs: list[dict]) -> list[dict]:
     return out
 
 
+def _sysctl_name(path: str) -> str:
+    """/proc/sys/vm/memory_failure_early_kill -> vm.memory_failure_early_kill."""
+    if not isinstance(path, str) or not path.startswith("/proc/sys/") or ".." in path:
+        raise OSError(errno.ENOENT, "%s: not an emulated /proc/sys file" % path)
+    return path[len("/proc/sys/"):].strip("/").replace("/", ".")
+
+
 # ------------------------------------------------------------------ host handle
 class Host:
     """The emulated machine: debugfs, /proc and sysctl views, and its lifetime."""
@@ -63,6 +70,24 @@ class Host:
 
     def sysctl(self, name: str, value=None):
         return self._call("sysctl", name=name, value=value)
+
+    def read_file(self, path: str) -> str:
+        """read(2) of a /proc/sys file as a shell's `cat` sees it: proc_dointvec's
+        "%d\n".  ENOENT for a path that is not one of the emulated sysctls."""
+        return "%d\n" % self.sysctl(_sysctl_name(path))
+
+    def write_file(self, path: str, data) -> int:
+        """write(2) to a /proc/sys file (`echo 1 > ...`): proc_dointvec_minmax parses
+        one decimal integer (whitespace around it allowed); not a number or out of
+        range is EINVAL and the value stays.  Returns the bytes written."""
+        name = _sysctl_name(path)
+        raw = data.encode() if isinstance(data, str) else bytes(data)
+        try:
+            val = int(raw.decode("ascii").strip(), 10)
+        except (UnicodeDecodeError, ValueError):
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL)) from None
+        self.sysctl(name, val)
+        return len(raw)
 
     def corrupt_pfn(self, pfn: int) -> int:
         return self._errno_call("corrupt_pfn", pfn=pfn)

@@ -29,6 +29,15 @@ class Kvm:
     def __init__(self, task: Task, fd: int):
         self.task, self.fd = task, fd
 
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION on /dev/kvm: KVM_CAP_MCE (the bank limit, 32),
+        KVM_CAP_GUEST_MEMFD, KVM_CAP_GUEST_MEMFD_FLAGS as 6.18 answers; other caps 0."""
+        return self.task._call("check_extension", fd=self.fd, cap=cap)
+
+    def get_mce_cap_supported(self) -> int:
+        """KVM_X86_GET_MCE_CAP_SUPPORTED: the MCG_CAP bits KVM_X86_SETUP_MCE accepts."""
+        return self.task._call("get_mce_cap_supported", fd=self.fd)
+
     def create_vm(self, vm_type: int = u.KVM_X86_DEFAULT_VM) -> Vm:
         return Vm(self.task, self.task._call("create_vm", fd=self.fd, type=vm_type), vm_type)
 
@@ -43,6 +52,11 @@ class Vm:
         """The calling thread (a VM handle may be used from any thread of the process)."""
         t = current.task
         return t if t is not None and t.alive else self.task
+
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION on the VM fd (the VM's own answer, e.g. no
+        GUEST_MEMFD_FLAG_INIT_SHARED for a VM with private memory)."""
+        return self._t()._call("check_extension", fd=self.fd, cap=cap)
 
     def create_guest_memfd(self, size: int, flags: int = 0) -> int:
         return self._t()._call("create_guest_memfd", vmfd=self.fd, size=size, flags=flags)

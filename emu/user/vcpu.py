@@ -89,11 +89,19 @@ class Vcpu:
             raise OSError(u.EPERM, "KVM_X86_SET_MCE from a thread that does not own vCPU %d" % self.id)
         r = self.task._call("set_mce", vcpu=self.fd, status=mce.status, addr=mce.addr, misc=mce.misc,
                             mcg_status=mce.mcg_status, bank=mce.bank)
+        if r.get("cmci"):                        # a UCNA signalled by CMCI (APIC_LVTCMCI)
+            self.guest_kernel.cmci.append(mce.bank)
         if r.get("triple_fault"):
             self._shutdown = True
         elif r.get("inject"):
             self._pending_mce.append(r["inject"])
         return 0
+
+    def mce_state(self) -> dict:
+        """KVM's view of the vCPU's machine-check MSRs: cr4_mce, mcg_status, mcg_cap,
+        banks ([CTL, STATUS, ADDR, MISC] each), mci_ctl2 (per bank with MCG_CMCI_P)
+        and cmci (the banks whose UCNA was signalled by CMCI, in order)."""
+        return self.task._call("guest_state", vcpu=self.fd)
 
     def _deliver_mce(self) -> int | None:
         """The queued #MC reaches the guest kernel before its next instruction."""
@@ -213,6 +221,16 @@ class Vcpu:
                 self.task._call("guest_state", vcpu=self.fd, cr4_mce=op[1])
                 self.guest_kernel.cr4_mce = op[1]
                 self._op = None
+                continue
+            if kind == "mci_ctl2":
+                self.task._call("guest_state", vcpu=self.fd, mci_ctl2=[op[1], op[2]])
+                self._op = None
+                continue
+            if kind == "mce_bank":
+                bank = self.task._call("guest_state", vcpu=self.fd)["banks"]
+                if not 0 <= op[1] < len(bank):
+                    raise OSError(u.EINVAL, "rdmsr MC%d: #GP" % op[1])
+                self._op, self._value = None, tuple(bank[op[1]][1:4])
                 continue
             if kind == "mode":
                 self.guest_kernel.mode = op[1]
