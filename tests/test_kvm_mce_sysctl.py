@@ -192,20 +192,32 @@ def test_ucna_injection_no_cmci_p_ctl2_gp(host):
 def test_check_extension_modelled_caps(host):
     """KVM_CHECK_EXTENSION as selftests' kvm_check_cap()/vm_check_cap() use it:
     KVM_CAP_MCE is KVM_MAX_MCE_BANKS (32); KVM_CAP_GUEST_MEMFD 1;
-    KVM_CAP_GUEST_MEMFD_FLAGS kvm_gmem_get_supported_flags(): MMAP|INIT_SHARED on
-    /dev/kvm and a default VM, MMAP only for a VM with private memory; others 0."""
+    KVM_CAP_GUEST_MEMFD_FLAGS the flags kvm_gmem_create accepts (MMAP|INIT_SHARED,
+    and the HugeTLB series' flag, on every VM type: in-place conversion);
+    USER_MEMORY2 and MEMORY_FAULT_INFO 1; MEMORY_ATTRIBUTES PRIVATE on /dev/kvm and
+    a VM with private memory, 0 on a default VM; VM_TYPES the types create_vm
+    takes; others 0."""
     me = emu.attach(host, name="qemu")
     kvm = me.open_kvm()
-    both = u.GUEST_MEMFD_FLAG_MMAP | u.GUEST_MEMFD_FLAG_INIT_SHARED
+    flags = u.GUEST_MEMFD_FLAG_MMAP | u.GUEST_MEMFD_FLAG_INIT_SHARED | u.GUEST_MEMFD_FLAG_HUGETLB
     assert kvm.check_extension(u.KVM_CAP_MCE) == 32
     assert kvm.check_extension(u.KVM_CAP_GUEST_MEMFD) == 1
-    assert kvm.check_extension(u.KVM_CAP_GUEST_MEMFD_FLAGS) == both
+    assert kvm.check_extension(u.KVM_CAP_GUEST_MEMFD_FLAGS) == flags
+    assert kvm.check_extension(u.KVM_CAP_USER_MEMORY2) == 1
+    assert kvm.check_extension(u.KVM_CAP_MEMORY_FAULT_INFO) == 1
+    assert kvm.check_extension(u.KVM_CAP_MEMORY_ATTRIBUTES) == u.KVM_MEMORY_ATTRIBUTE_PRIVATE
+    types = kvm.check_extension(u.KVM_CAP_VM_TYPES)
+    assert types & (1 << u.KVM_X86_DEFAULT_VM) and types & (1 << u.KVM_X86_SW_PROTECTED_VM)
     assert kvm.check_extension(9999) == 0
     vm = kvm.create_vm()
-    assert vm.check_extension(u.KVM_CAP_GUEST_MEMFD_FLAGS) == both
+    assert vm.check_extension(u.KVM_CAP_GUEST_MEMFD_FLAGS) == flags
     assert vm.check_extension(u.KVM_CAP_MCE) == 32
+    assert vm.check_extension(u.KVM_CAP_MEMORY_ATTRIBUTES) == 0
     pvm = kvm.create_vm(u.KVM_X86_SW_PROTECTED_VM)
-    assert pvm.check_extension(u.KVM_CAP_GUEST_MEMFD_FLAGS) == u.GUEST_MEMFD_FLAG_MMAP
+    assert pvm.check_extension(u.KVM_CAP_GUEST_MEMFD_FLAGS) == flags
+    assert pvm.check_extension(u.KVM_CAP_MEMORY_ATTRIBUTES) == u.KVM_MEMORY_ATTRIBUTE_PRIVATE
+    gfd = pvm.create_guest_memfd(1 << 20, u.GUEST_MEMFD_FLAG_MMAP | u.GUEST_MEMFD_FLAG_INIT_SHARED)
+    assert gfd >= 0                                # what the capability says is accepted
     fd = me.memfd_create("x", 0)
     with pytest.raises(OSError) as ei:
         me._call("check_extension", fd=fd, cap=u.KVM_CAP_MCE)

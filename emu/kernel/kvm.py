@@ -573,11 +573,18 @@ class KVM:
             return KVM_MAX_MCE_BANKS
         if cap == u.KVM_CAP_GUEST_MEMFD:
             return 1
-        if cap == u.KVM_CAP_GUEST_MEMFD_FLAGS:     # kvm_gmem_get_supported_flags()
-            flags = u.GUEST_MEMFD_FLAG_MMAP
-            if vm is None or not vm.has_private_mem:    # kvm_arch_supports_gmem_init_shared
-                flags |= u.GUEST_MEMFD_FLAG_INIT_SHARED
-            return flags
+        if cap == u.KVM_CAP_GUEST_MEMFD_FLAGS:
+            # kvm_gmem_get_supported_flags(): what kvm_gmem_create accepts.  6.18 drops
+            # INIT_SHARED for a VM with private memory; with in-place conversion, which
+            # the emulator models, every VM type may start shared (guest_memfd.py)
+            from .guest_memfd import HUGETLB_SIZE_FLAGS, supported_flags
+            return supported_flags(vm.type if vm else u.KVM_X86_DEFAULT_VM) & ~HUGETLB_SIZE_FLAGS
+        if cap in (u.KVM_CAP_USER_MEMORY2, u.KVM_CAP_MEMORY_FAULT_INFO):
+            return 1
+        if cap == u.KVM_CAP_MEMORY_ATTRIBUTES:     # kvm_supported_mem_attributes()
+            return u.KVM_MEMORY_ATTRIBUTE_PRIVATE if vm is None or vm.has_private_mem else 0
+        if cap == u.KVM_CAP_VM_TYPES:              # kvm_caps.supported_vm_types
+            return sum(1 << t for t in VM_TYPES)
         return 0
 
     def set_mce(self, t, vcpu_fd: int, status: int, addr: int, misc: int, mcg_status: int,
