@@ -10,7 +10,7 @@ for an access fault and tprctl reports as "late mode set, but early kill".  Each
 port therefore runs under both: "pre-6.11" (the emulator's madvise_action_required
 = False, what the programs assert) and "6.18" (what the kernel does now).
 
-The cases that need what the emulator lacks (disk files, MAP_LOCKED, SysV shm,
+The cases that need what the emulator lacks (disk files, SysV shm,
 MAP_ANONYMOUS|MAP_HUGETLB, MAP_PRIVATE huge
 pages) are listed in docs/deviations.md, "Upstream test suites: cases not ported".
 """
@@ -128,6 +128,15 @@ class DirtyAnonymousUnmap(DirtyAnonymous):
                             u.MAP_PRIVATE | u.MAP_ANONYMOUS | u.MAP_FIXED) == self.page
 
 
+class MlockedAnonymous(Case):
+    """mlocked_anonymous(): MAP_PRIVATE|MAP_ANONYMOUS|MAP_LOCKED (populated for write
+    and mlocked at mmap: memory_failure() sees a "dirty mlocked LRU page")."""
+
+    def map(self):
+        self.page = self.me.mmap(0, PAGE, RW, u.MAP_PRIVATE | u.MAP_ANONYMOUS | u.MAP_LOCKED)
+        return self.page
+
+
 class FileBackedHugepage(Case):
     """file_backed_hugepage(): alloc_filebacked_hugepage(HPS, private=0), a MAP_SHARED
     hugetlbfs file (memfd_create(MFD_HUGETLB) is a file of the same file system),
@@ -149,7 +158,7 @@ class FileBackedHugepage(Case):
 
 
 CASES = {"dirty_anonymous": DirtyAnonymous, "dirty_anonymous_unmap": DirtyAnonymousUnmap,
-         "file_backed_hugepage": FileBackedHugepage}
+         "mlocked_anonymous": MlockedAnonymous, "file_backed_hugepage": FileBackedHugepage}
 INJECTORS = ["6.18", "pre-6.11", "mce-inject"]
 
 

@@ -450,6 +450,7 @@ _KPF_FROM_FOLIO = (
     (P.PG_active, u.KPF_ACTIVE), (P.PG_slab, u.KPF_SLAB), (P.PG_writeback, u.KPF_WRITEBACK),
     (P.PG_anon, u.KPF_ANON), (P.PG_swapcache, u.KPF_SWAPCACHE),
     (P.PG_swapbacked, u.KPF_SWAPBACKED), (P.PG_unevictable, u.KPF_UNEVICTABLE),
+    (P.PG_mlocked, u.KPF_MLOCKED),
     (P.PG_hugetlb, u.KPF_HUGE))
 
 

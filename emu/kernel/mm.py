@@ -65,6 +65,7 @@ class Vma:
     # write fault, a copy-on-write, a private HugeTLB fault), never for the zero
     # page; fork copies the page tables of such VMAs only (vma_needs_copy)
     anon_vma: bool = False
+    locked: int = 0                # VM_LOCKED | VM_LOCKONFAULT (emu.kernel.mlock)
 
     @property
     def inode(self):
@@ -395,7 +396,16 @@ class MM:
     def handle_mm_fault(self, task, va: int, write: bool, gup: bool = False) -> int:
         """Resolve a fault for `task`; a user fault that fails is signalled as x86's
         do_sigbus/bad_area would.  For get_user_pages (gup=True) nothing is signalled:
-        the VM_FAULT_* code is returned for the caller to turn into an errno."""
+        the VM_FAULT_* code is returned for the caller to turn into an errno.  A page
+        faulted into a VM_LOCKED VMA is mlocked (mlock_new_folio)."""
+        ret = self._handle_mm_fault(task, va, write, gup)
+        if ret == VM_FAULT_OK:
+            from .mlock import mlock_fault
+
+            mlock_fault(self.k, task, va)
+        return ret
+
+    def _handle_mm_fault(self, task, va: int, write: bool, gup: bool = False) -> int:
         mm = task.process.mm
         vma = mm.find_vma(va)
         if vma is None or (write and not vma.prot & u.PROT_WRITE) \
@@ -600,8 +610,23 @@ class MM:
                     raise OSError(u.EINVAL, "munmap: inside a huge page")
         self.k.vmas_available(self._splits(mm, addr, end), "munmap")
         for vma in mm.overlapping(addr, end):
-            self.zap_range(mm, max(addr, vma.start), min(end, vma.end))
+            self._zap_locked(vma, max(addr, vma.start), min(end, vma.end))
             self._split_out(mm, vma, addr, end)
+
+    def _zap_locked(self, vma: Vma, start: int, end: int) -> None:
+        """zap_range, and for a VM_LOCKED VMA the munlock of what it mapped
+        (folio_remove_rmap -> munlock_vma_folio): page-cache folios stay."""
+        if not vma.locked:
+            self.zap_range(vma.mm, start, end)
+            return
+        from .mlock import munlock_folio
+
+        heads = {self.core.head((e & C.PTE_PFN_MASK) >> PAGE_SHIFT)
+                 for _va, e, level in self.core.pt_scan(vma.mm.pgd, start, end)
+                 if e & C.PTE_PRESENT and not e & C.PTE_SPECIAL and level == 1}
+        self.zap_range(vma.mm, start, end)
+        for head in heads:
+            munlock_folio(self.k, head)
 
     @staticmethod
     def _splits(mm: Mm, start: int, end: int) -> int:
@@ -615,7 +640,8 @@ class MM:
         for lo, hi in ((vma.start, min(start, vma.end)), (max(end, vma.start), vma.end)):
             if lo < hi:
                 piece = Vma(mm, lo, hi, vma.prot, vma.shared, vma.file,
-                            vma.pgoff + ((lo - vma.start) >> PAGE_SHIFT), anon_vma=vma.anon_vma)
+                            vma.pgoff + ((lo - vma.start) >> PAGE_SHIFT), anon_vma=vma.anon_vma,
+                            locked=vma.locked)
                 self.k.vma_link(piece)
                 if vma.file is not None:
                     vma.file.get()
@@ -637,7 +663,7 @@ class MM:
 
     def exit_mmap(self, mm: Mm) -> None:
         for vma in list(mm.vmas):
-            self.zap_range(mm, vma.start, vma.end)
+            self._zap_locked(vma, vma.start, vma.end)
             self._split_out(mm, vma, vma.start, vma.end)
         tables = self.core.pt_tables(mm.pgd)
         self.k.defer_pt_free(tables)

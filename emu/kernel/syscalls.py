@@ -11,7 +11,7 @@ import binascii
 
 from .. import _core as C
 from .. import uapi as u
-from . import sched
+from . import mlock, sched
 from .mm import PAGE_SHIFT, PAGE_SIZE, TASK_SIZE
 from .shmem import memfd_create
 from .uaccess import copy_from_user
@@ -59,12 +59,26 @@ def sys_mmap(k, t, a):
     # calc_vm_prot_bits: bits other than READ/WRITE/EXEC do not reach the VMA
     prot = _u64(a, "prot") & (u.PROT_READ | u.PROT_WRITE | u.PROT_EXEC)
     addr = k.mm.mmap(t.process, _u64(a, "addr", 0), length, prot, flags, f, _int(a, "offset", 0))
-    if flags & u.MAP_POPULATE:
+    if flags & u.MAP_LOCKED:
+        mlock.map_locked(k, t.process.mm, addr)
+    if flags & (u.MAP_POPULATE | u.MAP_LOCKED):
         # populate_vma_page_range(): FOLL_WRITE for private writable mappings only
         # (break COW; a shared mapping is not dirtied for nothing)
         shared = flags & u.MAP_TYPE != u.MAP_PRIVATE
         k.mm.populate(t, addr, length, bool(prot & u.PROT_WRITE) and not shared)
     return addr
+
+
+def sys_mlock(k, t, a):
+    return mlock.sys_mlock(k, t, _u64(a, "addr"), _u64(a, "length"))
+
+
+def sys_mlock2(k, t, a):
+    return mlock.sys_mlock2(k, t, _u64(a, "addr"), _u64(a, "length"), _u64(a, "flags", 0))
+
+
+def sys_munlock(k, t, a):
+    return mlock.sys_munlock(k, t, _u64(a, "addr"), _u64(a, "length"))
 
 
 def sys_munmap(k, t, a):
@@ -85,6 +99,8 @@ def sys_madvise(k, t, a):
         for vma in mm.overlapping(addr, end):
             if vma.start > cursor:
                 raise OSError(u.ENOMEM, "madvise: unmapped range")
+            if vma.locked:          # madvise_dontneed_free_valid_vma, madvise_remove
+                raise OSError(u.EINVAL, "madvise: VM_LOCKED")
             k.mm.zap_range(mm, max(addr, vma.start), min(end, vma.end))
             cursor = vma.end
         if cursor < end:
@@ -414,6 +430,7 @@ SYSCALLS = {
     "kvm_guest_read": sys_kvm_guest_read, "vhost_copy": sys_vhost_copy,
     "setup_mce": sys_setup_mce, "set_mce": sys_set_mce, "guest_state": sys_guest_state,
     "check_extension": sys_check_extension, "get_mce_cap_supported": sys_get_mce_cap_supported,
+    "mlock": sys_mlock, "mlock2": sys_mlock2, "munlock": sys_munlock,
 }
 
 
@@ -558,9 +575,10 @@ def host_smaps(k, a):
     out = []
     for _mm, s, e, prot, shared, ino, pgoff in k.core.vmas(proc.mm.slot):
         runs, poisoned = _leaf_ranges(k.core, proc.mm.pgd, s, e)
+        rss = sum(r[1] for r in runs)
         out.append({"start": s, "end": e, "prot": prot, "shared": shared, "ino": ino,
-                    "pgoff": pgoff, "Rss": sum(r[1] for r in runs), "present": runs,
-                    "hwpoison": poisoned})
+                    "pgoff": pgoff, "Rss": rss, "present": runs, "hwpoison": poisoned,
+                    "Locked": rss if proc.mm.find_vma(s).locked else 0})
     return out
 
 

@@ -63,6 +63,17 @@ class MmCalls:
     def munmap(self, addr: int, length: int) -> None:
         self._call("munmap", addr=addr, length=length)
 
+    def mlock(self, addr: int, length: int) -> int:
+        """Lock and fault in the pages of [addr, addr + length) (VM_LOCKED)."""
+        return self._call("mlock", addr=addr, length=length)
+
+    def mlock2(self, addr: int, length: int, flags: int = 0) -> int:
+        """mlock with MLOCK_ONFAULT: lock the pages as they are faulted in."""
+        return self._call("mlock2", addr=addr, length=length, flags=flags)
+
+    def munlock(self, addr: int, length: int) -> int:
+        return self._call("munlock", addr=addr, length=length)
+
     def madvise(self, addr: int, length: int, advice: int) -> None:
         self._call("madvise", addr=addr, length=length, advice=advice)
 
