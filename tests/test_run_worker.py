@@ -164,8 +164,12 @@ class Worker:
         self.procs = [psutil.Process(self.p.pid)] + psutil.Process(self.p.pid).children(recursive=True)
 
     def send(self, line):
-        self.p.stdin.write(line.encode() + b"\n")
-        self.p.stdin.flush()
+        """A command; a worker that already died (the VMM ended itself) reads none."""
+        try:
+            self.p.stdin.write(line.encode() + b"\n")
+            self.p.stdin.flush()
+        except BrokenPipeError:
+            pass
 
     def rest(self, timeout=30):
         """Everything up to EOF and the exit status."""
@@ -178,7 +182,10 @@ class Worker:
         if self.p.poll() is None:
             self.p.kill()
             self.p.wait()
-        self.p.stdin.close()
+        try:
+            self.p.stdin.close()
+        except BrokenPipeError:                  # a command it never read
+            pass
         self.p.stdout.close()
         gone, alive = psutil.wait_procs(self.procs, timeout=5)
         assert not alive, alive
@@ -228,9 +235,11 @@ def test_firecracker_like_exits_149_after_its_log_line():
         assert "result" not in lines[-2]
         _times_in_order(lines)
     finally:
-        if w:
-            w.close()
-        d.stop()
+        try:
+            if w:
+                w.close()
+        finally:
+            d.stop()                            # the daemon goes whatever the worker did
 
 
 def test_cloud_hypervisor_like_dies_of_sigbus():
@@ -253,9 +262,11 @@ def test_cloud_hypervisor_like_dies_of_sigbus():
         sh = subprocess.run(["sh", "-c", 'exit 135'])           # what a shell reports for it
         assert sh.returncode == 128 + signal.SIGBUS
     finally:
-        if w:
-            w.close()
-        d.stop()
+        try:
+            if w:
+                w.close()
+        finally:
+            d.stop()                            # the daemon goes whatever the worker did
 
 
 def test_cloud_hypervisor_like_shuts_down_on_a_private_page_error():
@@ -275,9 +286,11 @@ def test_cloud_hypervisor_like_shuts_down_on_a_private_page_error():
             "cloud-hypervisor VCPU generated error: VcpuRun(Unexpected exit reason on vcpu run: "
             "MemoryFault { flags: 8, gpa: 12288, size: 4096 })"), lines
     finally:
-        if w:
-            w.close()
-        d.stop()
+        try:
+            if w:
+                w.close()
+        finally:
+            d.stop()                            # the daemon goes whatever the worker did
 
 
 RECOVERY = {
@@ -315,9 +328,11 @@ def test_recovering_worker_patterns(pattern):
             assert new != pfn
         _times_in_order(lines)
     finally:
-        if w:
-            w.close()
-        d.stop()
+        try:
+            if w:
+                w.close()
+        finally:
+            d.stop()                            # the daemon goes whatever the worker did
 
 
 def test_other_workers_bad_arguments_are_one_line():
