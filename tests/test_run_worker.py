@@ -191,6 +191,15 @@ class Worker:
         assert not alive, alive
 
 
+def _teardown(d, w) -> None:
+    """The worker goes, then the daemon, whatever the worker did."""
+    try:
+        if w:
+            w.close()
+    finally:
+        d.stop()
+
+
 def _poison_touched_page(d, w, private=False):
     """The guest writes GPA (and the page turns private if asked); the page's frame
     gets a latent error from another terminal.  The frame."""
@@ -235,11 +244,7 @@ def test_firecracker_like_exits_149_after_its_log_line():
         assert "result" not in lines[-2]
         _times_in_order(lines)
     finally:
-        try:
-            if w:
-                w.close()
-        finally:
-            d.stop()                            # the daemon goes whatever the worker did
+        _teardown(d, w)
 
 
 def test_cloud_hypervisor_like_dies_of_sigbus():
@@ -262,11 +267,7 @@ def test_cloud_hypervisor_like_dies_of_sigbus():
         sh = subprocess.run(["sh", "-c", 'exit 135'])           # what a shell reports for it
         assert sh.returncode == 128 + signal.SIGBUS
     finally:
-        try:
-            if w:
-                w.close()
-        finally:
-            d.stop()                            # the daemon goes whatever the worker did
+        _teardown(d, w)
 
 
 def test_cloud_hypervisor_like_shuts_down_on_a_private_page_error():
@@ -286,11 +287,7 @@ def test_cloud_hypervisor_like_shuts_down_on_a_private_page_error():
             "cloud-hypervisor VCPU generated error: VcpuRun(Unexpected exit reason on vcpu run: "
             "MemoryFault { flags: 8, gpa: 12288, size: 4096 })"), lines
     finally:
-        try:
-            if w:
-                w.close()
-        finally:
-            d.stop()                            # the daemon goes whatever the worker did
+        _teardown(d, w)
 
 
 RECOVERY = {
@@ -328,11 +325,7 @@ def test_recovering_worker_patterns(pattern):
             assert new != pfn
         _times_in_order(lines)
     finally:
-        try:
-            if w:
-                w.close()
-        finally:
-            d.stop()                            # the daemon goes whatever the worker did
+        _teardown(d, w)
 
 
 def test_other_workers_bad_arguments_are_one_line():
