@@ -221,7 +221,7 @@ def start(policy=None, ram=None, hugepages=None, config=None, sysctl=None,
           madvise_action_required=None) -> Host:
     """A private supervisor owned by this process; use as a context manager."""
     from .. import config as cfgmod
-    from ..daemon import spawn_private
+    from ..spawn import spawn_private
 
     try:
         cfg = cfgmod.build(file=config, ram=ram, hugepages=hugepages, policy=policy,
