@@ -319,7 +319,12 @@ class MemoryFailure(SoftOffline):
                     yield va, epfn, level
 
     def kill_accessing_process(self, pfn: int, flags: int) -> int:
-        """Walk current's page tables for a present or hwpoison entry of pfn."""
+        """Walk current's page tables for a present or hwpoison entry of pfn.
+        check_hwpoisoned_entry() matches an entry whose pfn is poisoned_pfn rounded
+        down to the entry's size; a huge leaf therefore matches only through its
+        head, which is what try_memory_failure_hugetlb passes (folio_pfn), and the
+        address is the leaf's own.  No THP here: check_hwpoisoned_pmd_entry's
+        any-subpage match has nothing to match."""
         cur = self.k.current
         if cur is None:
             return -u.EFAULT
