@@ -75,6 +75,7 @@ def test_shmget_hugetlb_reserves(host_factory):
     me = emu.attach(h, name="thugetlb")
     flags = u.SHM_HUGETLB | u.IPC_CREAT | u.SHM_R | u.SHM_W
     raises_errno(errno.ENOMEM, me.shmget, u.IPC_PRIVATE, 3 * HPAGE, flags)
+    raises_errno(errno.ENOMEM, me.shmget, u.IPC_PRIVATE, HPAGE, flags | u.SHM_HUGE_1GB)
     assert _huge(h) == {"HugePages_Total": 2, "HugePages_Free": 2, "HugePages_Rsvd": 0,
                         "HugePages_Surp": 0}
     sid = me.shmget(u.IPC_PRIVATE, HPAGE + 1, flags | u.SHM_HUGE_2MB)
@@ -350,6 +351,9 @@ def test_shm_lock_unevictable(host_factory):
     assert h.corrupt_pfn(pfn) == 0
     assert dmesg_has(h, "Memory failure: %#x: recovery action for dirty unevictable LRU page: "
                         "Recovered" % pfn)
+    me.mlock(addr + PAGE, PAGE)
+    me.munlock(addr + PAGE, PAGE)            # __munlock_folio: the mapping is still unevictable
+    assert h.kpageflags(pfn2) & (1 << u.KPF_UNEVICTABLE)
     assert me.shmctl(sid, u.SHM_UNLOCK) == 0
     assert me.shmctl(sid, u.IPC_STAT)["shm_perm"]["mode"] == 0o600
     assert not h.kpageflags(pfn2) & (1 << u.KPF_UNEVICTABLE)
@@ -479,3 +483,39 @@ def test_thugetlb_shm_fork_shared(host_factory, target, ptype, kernel):
     assert _huge(h) == {"HugePages_Total": 2, "HugePages_Free": 1, "HugePages_Rsvd": 0,
                         "HugePages_Surp": 0}
     assert h.check_invariants() == []
+
+
+def _make_two(task, attach_one):
+    """Creates two segments, attaches the second (and leaves it attached), exits."""
+    a = task.shmget(u.IPC_PRIVATE, PAGE, 0o600)
+    b = task.shmget(u.IPC_PRIVATE, PAGE, 0o600)
+    if attach_one:
+        task.shmat(b)
+    return a, b
+
+
+def test_shm_rmid_forced(host_factory):
+    """Documentation/admin-guide/sysctl/kernel.rst shm_rmid_forced (ipc/shm.c
+    exit_shm, shm_may_destroy, shm_destroy_orphaned): 0 keeps a dead creator's
+    segments; setting 1 destroys the orphans nobody attaches; with 1, a creator's
+    exit destroys its unattached segments and the last detach any segment."""
+    import errno
+
+    h = _host(host_factory)
+    me = emu.attach(h, name="rmid_forced")
+    ch = me.fork(_make_two, False, name="creator")
+    assert ch.join(30) == 0
+    a, b = ch.result
+    assert me.shmctl(a, u.IPC_STAT)["shm_nattch"] == 0              # kept (default 0)
+    keep = me.shmat(a)                                              # attached: not an orphan to drop
+    h.write_file("/proc/sys/kernel/shm_rmid_forced", "1")
+    raises_errno(errno.EINVAL, me.shmctl, b, u.IPC_STAT)            # orphan, unattached: gone
+    assert me.shmctl(a, u.IPC_STAT)["shm_nattch"] == 1
+    me.shmdt(keep)                                                  # the last detach destroys it
+    raises_errno(errno.EINVAL, me.shmctl, a, u.IPC_STAT)
+    ch = me.fork(_make_two, True, name="creator2")
+    assert ch.join(30) == 0
+    a, b = ch.result
+    raises_errno(errno.EINVAL, me.shmctl, a, u.IPC_STAT)            # exit_shm
+    raises_errno(errno.EINVAL, me.shmctl, b, u.IPC_STAT)            # exit_mm's shm_close
+    assert h.read_file("/proc/sysvipc/shm").count("\n") == 1       # the header only

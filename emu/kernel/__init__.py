@@ -203,6 +203,8 @@ class Kernel:
         if not isinstance(val, int) or isinstance(val, bool) or not lo <= val <= hi:
             raise OSError(errno.EINVAL, "%s: value out of range %d..%d" % (key, lo, hi))
         self.sysctl[key] = val
+        if key == "kernel.shm_rmid_forced" and val and hasattr(self, "ipc"):
+            self.ipc.destroy_orphaned()               # proc_ipc_dointvec_minmax_orphans
 
     # ------------------------------------------------------------ objects
     def new_inode(self, ops, name: str) -> Inode:

@@ -387,6 +387,13 @@ class IpcNamespace:
                 if forced and self.may_destroy(seg):
                     self.destroy(seg)
 
+    def destroy_orphaned(self) -> None:
+        """shm_destroy_orphaned (kernel.shm_rmid_forced set to 1): segments whose
+        creator exited and that nobody attaches go now."""
+        for seg in list(self.segs.values()):
+            if seg.creator is None and self.may_destroy(seg):
+                self.destroy(seg)
+
     def sysvipc_shm(self) -> str:
         """/proc/sysvipc/shm (sysvipc_shm_proc_show, 64-bit columns), by index."""
         out = ["       key      shmid perms                  size  cpid  lpid nattch   uid"
