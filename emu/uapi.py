@@ -269,3 +269,34 @@ TAINT_FWCTL = 19
 # (set char, clear char) per bit, as print_tainted() shows them after "Tainted: "
 TAINT_CHARS = ("PG", "F ", "S ", "R ", "M ", "B ", "U ", "D ", "A ", "W ", "C ", "I ", "O ",
                "E ", "L ", "K ", "X ", "T ", "N ", "J ")
+
+# ---- System V shared memory (issue 17 item 5: include/uapi/linux/ipc.h, shm.h,
+# asm-generic/hugetlb_encode.h, arch/x86/include/asm/shmparam.h) ----
+IPC_PRIVATE = 0
+IPC_CREAT = 0o1000
+IPC_EXCL = 0o2000
+IPC_NOWAIT = 0o4000
+IPC_RMID = 0
+IPC_SET = 1
+IPC_STAT = 2
+IPC_INFO = 3
+SHM_R = 0o400
+SHM_W = 0o200
+SHM_HUGETLB = 0o4000
+SHM_NORESERVE = 0o10000
+SHM_HUGE_SHIFT = 26
+SHM_HUGE_MASK = 0x3F
+SHM_HUGE_2MB = 21 << SHM_HUGE_SHIFT
+SHM_HUGE_1GB = 30 << SHM_HUGE_SHIFT
+SHM_RDONLY = 0o10000
+SHM_RND = 0o20000
+SHM_REMAP = 0o40000
+SHM_EXEC = 0o100000
+SHM_LOCK = 11
+SHM_UNLOCK = 12
+SHM_STAT = 13
+SHM_INFO = 14
+SHM_STAT_ANY = 15
+SHMLBA = 4096                       # x86: PAGE_SIZE
+SHM_DEST = 0o1000                   # shm_perm.mode: destroyed on the last detach
+SHM_LOCKED = 0o2000                 # shm_perm.mode: SHM_LOCK'ed

@@ -13,6 +13,8 @@ from .. import _core as C
 from .. import uapi as u
 from . import page_alloc as P
 from .fs import Inode
+from .ipc_shm import SYSCTLS as IPC_SHM_SYSCTLS
+from .ipc_shm import IpcNamespace
 from .kvm import KVM
 from .mce import MachineCheck
 from .memory_failure import MemoryFailure
@@ -34,6 +36,9 @@ SYSCTL_RANGE = {
     "vm.enable_soft_offline": (0, 3),
     "vm.panic_on_unrecoverable_memory_failure": (0, 1),
 }
+# ipc/ipc_sysctl.c: kernel.shmmax, shmall, shmmni, shm_rmid_forced (emu.kernel.ipc_shm)
+SYSCTL_DEFAULTS.update({name: d for name, (d, _lo, _hi) in IPC_SHM_SYSCTLS.items()})
+SYSCTL_RANGE.update({name: (lo, hi) for name, (_d, lo, hi) in IPC_SHM_SYSCTLS.items()})
 
 
 class Panic(BaseException):
@@ -71,6 +76,7 @@ class Kernel:
         self.mce = MachineCheck(self)
         self.kvm = KVM(self)
         self.hugetlb = HugeTLB(self, hstates) if taken else None
+        self.ipc = IpcNamespace(self)                 # init_ipc_ns: SysV shared memory
         self.inodes: dict[int, Inode] = {}
         self._next_ino = 1
         self.tasks: dict[int, Task] = {}              # tid -> task
@@ -197,6 +203,8 @@ class Kernel:
         if not isinstance(val, int) or isinstance(val, bool) or not lo <= val <= hi:
             raise OSError(errno.EINVAL, "%s: value out of range %d..%d" % (key, lo, hi))
         self.sysctl[key] = val
+        if key == "kernel.shm_rmid_forced" and val and hasattr(self, "ipc"):
+            self.ipc.destroy_orphaned()               # proc_ipc_dointvec_minmax_orphans
 
     # ------------------------------------------------------------ objects
     def new_inode(self, ops, name: str) -> Inode:
@@ -304,6 +312,7 @@ class Kernel:
         self._check_new_task(tid, True)
         self.vmas_available(len(parent.process.mm.vmas), "fork")
         proc = Process(tid, self._new_mm(), comm)
+        self.ipc.cur_tgid = parent.tgid                # dup_mmap runs as the parent (shm_open)
         try:
             self.mm.dup_mmap(parent.process.mm, proc.mm)
         except MemoryError as e:
@@ -332,11 +341,13 @@ class Kernel:
             proc.leader_exited = True       # exit_mm(): the leader's mm is NULL from now
         if not proc.threads:
             self.tasklist.remove(proc)
+            self.ipc.cur_tgid = proc.tgid              # exit_mm runs as the exiting task
             self.mm.exit_mmap(proc.mm)
             self._free_mm.append(proc.mm.slot)
             for f in list(proc.files.values()):
                 f.put(self)
             proc.files.clear()
+        self.ipc.exit_shm(t)
 
     def defer_pt_free(self, tables) -> None:
         self._pt_pending.append((self.core.epoch_bump(), list(tables)))

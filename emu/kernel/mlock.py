@@ -42,7 +42,7 @@ def mlock_folio(k, head: int) -> None:
 def munlock_folio(k, head: int) -> None:
     """__munlock_folio: PG_mlocked goes unless another VM_LOCKED VMA maps the folio
     (mlock_count); it becomes evictable again unless its mapping is unevictable
-    (guest_memfd's mapping_set_unevictable)."""
+    (guest_memfd's mapping_set_unevictable, SHM_LOCK's shmem_lock)."""
     core = k.core
     if core.refcount(head) <= 0 or not core.flags(head) & PG_mlocked:
         return                                 # freed with its last mapping
@@ -51,7 +51,8 @@ def munlock_folio(k, head: int) -> None:
         return
     fl = core.flags(head) & ~PG_mlocked
     inode = k.inodes.get(core.mapping(head))
-    if inode is None or not getattr(inode.ops, "gmem", False):
+    if inode is None or not (getattr(inode.ops, "gmem", False)
+                             or inode.private.get("unevictable")):   # SHM_LOCK'ed shmem
         fl &= ~PG_unevictable
     core.set_flags(head, fl)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from .. import uapi as u
 from .fs import File, FileOps, Inode, filemap_add_folio, filemap_read, truncate_inode_pages_range
 from .mm import PAGE_SHIFT, PAGE_SIZE, VM_FAULT_OK, VM_FAULT_SIGBUS
-from .page_alloc import PG_dirty, PG_hwpoison, PG_lru, PG_swapbacked, PG_uptodate
+from .page_alloc import PG_dirty, PG_hwpoison, PG_lru, PG_swapbacked, PG_unevictable, PG_uptodate
 
 MFD_ALL_FLAGS = (u.MFD_CLOEXEC | u.MFD_ALLOW_SEALING | u.MFD_HUGETLB | u.MFD_NOEXEC_SEAL
                  | u.MFD_EXEC | (u.MFD_HUGE_MASK << u.MFD_HUGE_SHIFT))
@@ -19,7 +19,10 @@ class ShmemOps(FileOps):
     def _get_folio(self, k, inode: Inode, index: int) -> int:
         pfn = inode.pages.get(index)
         if pfn is None:
-            pfn = filemap_add_folio(k, inode, index, 0, PG_lru | PG_swapbacked | PG_uptodate)
+            # an unevictable mapping (SHM_LOCK's shmem_lock) puts new folios on the
+            # unevictable LRU (lru_add: !folio_evictable)
+            lru = PG_lru | (PG_unevictable if inode.private.get("unevictable") else 0)
+            pfn = filemap_add_folio(k, inode, index, 0, lru | PG_swapbacked | PG_uptodate)
         return pfn
 
     def mmap_check(self, k, file: File, shared: bool, prot: int) -> None:

@@ -11,7 +11,7 @@ import binascii
 
 from .. import _core as C
 from .. import uapi as u
-from . import mlock, sched
+from . import ipc_shm, mlock, sched
 from .mm import PAGE_SHIFT, PAGE_SIZE, TASK_SIZE
 from .shmem import memfd_create
 from .uaccess import copy_from_user
@@ -432,6 +432,7 @@ SYSCALLS = {
     "check_extension": sys_check_extension, "get_mce_cap_supported": sys_get_mce_cap_supported,
     "mlock": sys_mlock, "mlock2": sys_mlock2, "munlock": sys_munlock,
 }
+SYSCALLS.update(ipc_shm.SYSCALLS)
 
 
 # ------------------------------------------------------------------ host controls
@@ -643,13 +644,14 @@ HOSTCALLS = {
     "panicked": host_panicked, "smaps": host_smaps, "kvm_stat": host_kvm_stat,
     "file_pages": host_file_pages,
 }
+HOSTCALLS.update(ipc_shm.HOSTCALLS)
 
 # What the host may still do once the kernel has panicked: read the machine, as one
 # reads a crash dump (a sysctl without a new value), and stop it.  The rest is
 # refused with KernelPanic; "exit" is answered without touching the frozen tables.
 HOST_READS = frozenset({"meminfo", "mf_stats", "kpageflags", "dmesg", "events", "status",
                         "policy", "tainted", "check_invariants", "panicked", "smaps",
-                        "kvm_stat", "file_pages"})
+                        "kvm_stat", "file_pages", "sysvipc_shm"})
 LIFECYCLE = frozenset({"shutdown", "segments", "reap"})
 
 

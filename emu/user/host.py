@@ -73,7 +73,10 @@ class Host:
 
     def read_file(self, path: str) -> str:
         """read(2) of a /proc/sys file as a shell's `cat` sees it: proc_dointvec's
-        "%d\n".  ENOENT for a path that is not one of the emulated sysctls."""
+        "%d\n"; or of /proc/sysvipc/shm (one line per SysV segment).  ENOENT for a
+        path that is not one of the emulated files."""
+        if path == "/proc/sysvipc/shm":
+            return self._call("sysvipc_shm")
         return "%d\n" % self.sysctl(_sysctl_name(path))
 
     def write_file(self, path: str, data) -> int:

@@ -1,7 +1,7 @@
 """The emulated thread: this process as one thread of an emulated process (`me` in
 the docs; the kernel's task_struct is emu.kernel.sched.Task).  Its system calls are
 grouped as the kernel groups them, each group a mixin in its own module: memory
-(mm.py), files (fs.py), KVM (kvm.py); process control (prctl, exit, clone, fork)
+(mm.py), files (fs.py), KVM (kvm.py), SysV shared memory (ipc.py); process control (prctl, exit, clone, fork)
 is here."""
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from . import signal as usignal
 from .channel import Channel
 from .errors import EXITED_MSG, SHUTDOWN_MSG, Gone, KernelGone, from_reply
 from .fs import FileCalls
+from .ipc import IpcCalls
 from .kvm import KvmCalls
 from .mm import MmCalls
 from .thread import Thread, real_prctl, spawn
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     from .host import Host
 
 
-class Task(MmCalls, FileCalls, KvmCalls):
+class Task(MmCalls, FileCalls, KvmCalls, IpcCalls):
     """This process as one emulated thread (`me` in the docs)."""
 
     def __init__(self, host: Host, kind: str = "process", parent: int | None = None,
