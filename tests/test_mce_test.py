@@ -10,9 +10,9 @@ for an access fault and tprctl reports as "late mode set, but early kill".  Each
 port therefore runs under both: "pre-6.11" (the emulator's madvise_action_required
 = False, what the programs assert) and "6.18" (what the kernel does now).
 
-The cases that need what the emulator lacks (disk files, SysV shm,
-MAP_ANONYMOUS|MAP_HUGETLB, MAP_PRIVATE huge
-pages) are listed in docs/deviations.md, "Upstream test suites: cases not ported".
+SysV shm cases (tinjpage `ipv shared`, `shared memory hugepage`, thugetlb -S) are in
+tests/test_sysv_shm.py.  The cases that need what the emulator lacks (disk files,
+MAP_ANONYMOUS|MAP_HUGETLB, MAP_PRIVATE huge pages) are listed in docs/deviations.md, "Upstream test suites: cases not ported".
 """
 import signal
 import struct
