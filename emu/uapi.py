@@ -269,3 +269,47 @@ TAINT_FWCTL = 19
 # (set char, clear char) per bit, as print_tainted() shows them after "Tainted: "
 TAINT_CHARS = ("PG", "F ", "S ", "R ", "M ", "B ", "U ", "D ", "A ", "W ", "C ", "I ", "O ",
                "E ", "L ", "K ", "X ", "T ", "N ", "J ")
+
+# ---- regular files, read/write/lseek, fsync/msync, fstat/fstatfs (issue 17 item 4) ----
+O_ACCMODE = 0o3
+O_RDONLY = 0o0
+O_WRONLY = 0o1
+O_RDWR = 0o2
+O_CREAT = 0o100
+O_EXCL = 0o200
+O_NOCTTY = 0o400
+O_TRUNC = 0o1000
+O_APPEND = 0o2000
+O_NONBLOCK = 0o4000
+O_DSYNC = 0o10000
+O_DIRECT = 0o40000
+O_LARGEFILE = 0o100000
+O_DIRECTORY = 0o200000
+O_NOFOLLOW = 0o400000
+O_NOATIME = 0o1000000
+O_CLOEXEC = 0o2000000
+O_SYNC = 0o4010000
+O_PATH = 0o10000000
+O_TMPFILE = 0o20200000
+SEEK_CUR = 1
+SEEK_END = 2
+SEEK_DATA = 3
+SEEK_HOLE = 4
+SEEK_MAX = SEEK_HOLE
+MS_ASYNC = 1
+MS_INVALIDATE = 2
+MS_SYNC = 4
+S_IFMT = 0o170000
+S_IFREG = 0o100000
+S_IFCHR = 0o020000
+S_IFDIR = 0o040000
+EISDIR = _errno.EISDIR
+ENOTDIR = _errno.ENOTDIR
+EOVERFLOW = _errno.EOVERFLOW
+EROFS = _errno.EROFS
+# include/uapi/linux/magic.h
+EXT2_SUPER_MAGIC = 0xEF53
+TMPFS_MAGIC = 0x01021994
+HUGETLBFS_MAGIC = 0x958458F6
+ANON_INODE_FS_MAGIC = 0x09041934
+GUEST_MEMFD_MAGIC = 0x474D454D
