@@ -10,7 +10,8 @@ for an access fault and tprctl reports as "late mode set, but early kill".  Each
 port therefore runs under both: "pre-6.11" (the emulator's madvise_action_required
 = False, what the programs assert) and "6.18" (what the kernel does now).
 
-The cases that need what the emulator lacks (disk files, SysV shm,
+tinjpage's disk file cases are in tests/test_page_cache.py.  The cases that need
+what the emulator lacks (the rest of the disk file cases, SysV shm,
 MAP_ANONYMOUS|MAP_HUGETLB, MAP_PRIVATE huge
 pages) are listed in docs/deviations.md, "Upstream test suites: cases not ported".
 """

@@ -329,3 +329,23 @@ def test_tinjpage_file_hole(host_factory, kernel):
     me.msync(page, PAGE, u.MS_SYNC)
     me.close(fd)
     assert rec.take() == []
+
+
+def test_soft_offline_invalidates_a_clean_unmapped_page(host):
+    """soft_offline_in_use_page(): a clean page cache folio nobody maps is dropped
+    (mapping_evict_folio, "Soft offline: %#lx: invalidated") rather than migrated; the
+    data is read again from the disk.  A dirty one is migrated with its data."""
+    me, rec = attach(host, "t")
+    fd = me.open("/so", CREAT_RW)
+    me.write_fd(fd, b"clean" + bytes(PAGE - 5) + b"dirty")
+    me.fsync(fd)
+    me.pwrite(fd, b"DIRTY", PAGE)
+    clean, dirty = _cached_pfn(host, me, fd, 0), _cached_pfn(host, me, fd, 1)
+    assert host.soft_offline_page(clean << 12) == 0
+    assert dmesg_has(host, "Soft offline: %#x: invalidated" % clean)
+    assert host.soft_offline_page(dirty << 12) == 0
+    assert _cached_pfn(host, me, fd, 1) not in (None, dirty)
+    assert host.kpageflags(clean) & KPF_HWPOISON and host.kpageflags(dirty) & KPF_HWPOISON
+    assert me.pread(fd, 5, 0) == b"clean" and me.pread(fd, 5, PAGE) == b"DIRTY"
+    me.fsync(fd)                                            # nothing was lost
+    assert rec.take() == []
