@@ -44,6 +44,9 @@ def test_open_creat_unlink_errors(host):
     assert _err(me.read_fd, w, 1) == errno.EBADF          # O_WRONLY: no FMODE_READ
     assert _err(me.write_fd, ro, b"x") == errno.EBADF     # O_RDONLY: no FMODE_WRITE
     me.write_fd(w, b"kept")
+    assert _err(me.ftruncate, ro, 0) == errno.EINVAL      # do_ftruncate: no FMODE_WRITE
+    assert _err(me.fallocate, ro, 0, 0, PAGE) == errno.EBADF   # vfs_fallocate
+    assert _err(me.fallocate, w, 0, 0, PAGE) == errno.EOPNOTSUPP   # ext2: no fallocate
     me.unlink("/f")
     assert _err(me.unlink, "/f") == errno.ENOENT
     assert _err(me.open, "/f", u.O_RDONLY) == errno.ENOENT

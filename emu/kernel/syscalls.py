@@ -182,6 +182,8 @@ def sys_fallocate(k, t, a):
     mode, off, length = _int(a, "mode"), _int(a, "offset"), _int(a, "length")
     if off < 0 or length <= 0:                          # vfs_fallocate, before any fs
         raise OSError(u.EINVAL, "fallocate: offset or length")
+    if not f.writable:                                  # vfs_fallocate: !FMODE_WRITE
+        raise OSError(u.EBADF, "fallocate: file not open for writing")
     if off + length > MAX_LFS_FILESIZE:
         raise OSError(u.EFBIG, "fallocate: beyond the maximum file size")
     f.inode.ops.fallocate(k, f.inode, mode, off, length)
@@ -195,6 +197,8 @@ def sys_ftruncate(k, t, a):
         raise OSError(u.EINVAL, "ftruncate: negative length")
     if length > MAX_LFS_FILESIZE:
         raise OSError(u.EFBIG, "ftruncate: beyond the maximum file size")
+    if not f.writable:                                  # do_ftruncate: !FMODE_WRITE
+        raise OSError(u.EINVAL, "ftruncate: file not open for writing")
     f.inode.ops.truncate(k, f.inode, length)
     return 0
 
