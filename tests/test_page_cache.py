@@ -349,3 +349,21 @@ def test_soft_offline_invalidates_a_clean_unmapped_page(host):
     assert me.pread(fd, 5, 0) == b"clean" and me.pread(fd, 5, PAGE) == b"DIRTY"
     me.fsync(fd)                                            # nothing was lost
     assert rec.take() == []
+
+
+def test_o_sync_write_is_on_disk_when_write_returns(host):
+    """generic_write_sync(): a write(2) on an O_SYNC (or O_DSYNC) file is written back
+    before it returns, so the page is clean and losing it loses nothing; a writeback
+    error found there is the write's error (-EIO), reported once."""
+    me, _rec = attach(host, "t")
+    fd = me.open("/sync", CREAT_RW | u.O_SYNC)
+    assert me.write_fd(fd, b"durable") == 7
+    pfn = _cached_pfn(host, me, fd)
+    assert not host.kpageflags(pfn) & KPF_DIRTY
+    assert host.corrupt_pfn(pfn) == 0
+    assert me.pread(fd, 7, 0) == b"durable"
+    plain = me.open("/sync", u.O_RDWR)
+    me.pwrite(plain, b"lost", PAGE)
+    assert host.corrupt_pfn(_cached_pfn(host, me, plain, 1)) == 0
+    assert _eio(me.write_fd, fd, b"!") == u.EIO
+    assert me.write_fd(fd, b"?") == 1

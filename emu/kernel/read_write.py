@@ -71,6 +71,14 @@ def vfs_write(k, t, f, a, pos: int) -> tuple[int, int]:
         if not buf and count:
             raise OSError(u.EFAULT, "write: bad user buffer")
     n = f.inode.ops.write(k, f.inode, buf[:MAX_RW_COUNT], pos)
+    if n > 0 and f.flags & u.O_DSYNC:
+        # generic_write_sync(): O_DSYNC (and O_SYNC, which includes it) writes the
+        # range back before returning; its error replaces the count
+        from .sync import vfs_fsync_range
+
+        err = vfs_fsync_range(k, f, pos, pos + n - 1, f.flags & u.O_SYNC != u.O_SYNC)
+        if err:
+            raise OSError(-err, "write: O_SYNC writeback")
     return n, pos + n
 
 
