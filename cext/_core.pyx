@@ -28,6 +28,7 @@ cdef extern from "layout.h":
     int EMU_TASK_FREE, EMU_TASK_ALIVE, EMU_TASK_DEAD
     uint64_t EMU_PG_HEAD, EMU_PG_DIRTY, EMU_PG_HWPOISON
     int EMU_INODE_FREE, EMU_INODE_SHMEM, EMU_INODE_GMEM, EMU_INODE_HUGETLBFS, EMU_INODE_KVM
+    int EMU_INODE_EXT2
     ctypedef struct emu_frame:
         uint64_t flags
         int32_t refcount
@@ -160,6 +161,7 @@ INODE_SHMEM = EMU_INODE_SHMEM
 INODE_GMEM = EMU_INODE_GMEM
 INODE_HUGETLBFS = EMU_INODE_HUGETLBFS
 INODE_KVM = EMU_INODE_KVM
+INODE_EXT2 = EMU_INODE_EXT2
 cdef enum:                      # sig_send's outcomes
     C_SEND_POSTED = 0
     C_SEND_PENDING = 1

@@ -111,6 +111,7 @@ typedef struct {
 #define EMU_INODE_GMEM   2
 #define EMU_INODE_HUGETLBFS 3
 #define EMU_INODE_KVM    4
+#define EMU_INODE_EXT2   5          /* a regular file of the disk file system (kernel/ext2.py) */
 typedef struct {
     uint32_t ino;
     uint32_t kind;            /* EMU_INODE_* */

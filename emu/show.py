@@ -66,10 +66,11 @@ def snapshot(host, ino: int) -> dict:
 
 
 def snapshot_files(host) -> dict:
-    """Every memory file of the machine (guest_memfd, shmem/memfd, hugetlbfs)."""
+    """Every memory file of the machine (guest_memfd, shmem/memfd, hugetlbfs) and the
+    page cache of every disk file (ext2)."""
     st = host.status()
     return _wrap(st, [host.file_pages(f["ino"], runs=True) for f in st["files"]
-                      if f["kind"] in ("guest_memfd", "shmem", "hugetlbfs")])
+                      if f["kind"] in ("guest_memfd", "shmem", "hugetlbfs", "ext2")])
 
 
 def snapshot_vm(host, vm: str | None = None) -> dict:

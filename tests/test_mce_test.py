@@ -11,8 +11,10 @@ port therefore runs under both: "pre-6.11" (the emulator's madvise_action_requir
 = False, what the programs assert) and "6.18" (what the kernel does now).
 
 SysV shm cases (tinjpage `ipv shared`, `shared memory hugepage`, thugetlb -S) are in
-tests/test_sysv_shm.py.  The cases that need what the emulator lacks (disk files,
-MAP_ANONYMOUS|MAP_HUGETLB, MAP_PRIVATE huge pages) are listed in docs/deviations.md, "Upstream test suites: cases not ported".
+tests/test_sysv_shm.py, tinjpage's disk file cases in tests/test_page_cache.py.  The
+cases that need what the emulator lacks (the rest of the disk file cases,
+MAP_ANONYMOUS|MAP_HUGETLB, MAP_PRIVATE huge pages) are listed in docs/deviations.md,
+"Upstream test suites: cases not ported".
 """
 import signal
 import struct
@@ -262,14 +264,22 @@ def test_tinjpage_suicide(host_factory, case, kernel):
 
 
 # ------------------------------------------------------------------- mmap shared
+# do_shared's late and suicide loops have no semaphore: the parent's memset(shared_page,
+# 'a', 3) after fork races the child's poison, and a C parent wins it (the child has to
+# start first).  An emulated fork starts a process, so either may win; the loser's
+# write would meet the poison outside any recover() context (tinjpage's handler would
+# see an unexpected SIGBUS; here the handler returns and the write re-faults for ever).
+# PARENT_WRITES_FIRST: the ports make the C parent's win certain: the child waits for
+# the parent's write.
+
+
 def _shared_child(task, rec, kernel, early, go, req, ack, page):
     """do_shared(MMAP_SHARED), the child: memset(shared_page, 'a', 3); in early kill
     get_semaphore (wait for the parent); testmem(MWRITE): poison() then recover()
     (`*page = 2`); _exit(failure).  -> (what injection did, what the write did,
     signals left over)."""
     task.write(page, b"aaa")
-    if early:
-        assert go.get(task) == b"g"
+    assert go.get(task) == b"g"      # early: get_semaphore; late: PARENT_WRITES_FIRST
     if kernel == "mce-inject":
         def inject():
             req.put(struct.pack("<Q", task.pagemap(page).pfn))
@@ -314,6 +324,8 @@ def test_tinjpage_mmap_shared(host_factory, mode, kernel):
     go, req, ack = Pipe(), Pipe(), Pipe()
     ch = me.fork(_shared_child, rec, kernel, early, go, req, ack, page, name="tinjpage-child")
     me.write(page, b"aaa")
+    if not early:
+        go.put(b"g")                                     # PARENT_WRITES_FIRST
 
     if early:
         def wait_for_sigbus():
@@ -343,9 +355,10 @@ def test_tinjpage_mmap_shared(host_factory, mode, kernel):
     assert rec.take() == []
 
 
-def _shared_grandchild(task, kernel, progress, req, ack, page):
+def _shared_grandchild(task, kernel, progress, req, ack, go, page):
     """do_shared's child in the suicide loop: SIGBUS is SIG_DFL (inherited)."""
     task.write(page, b"aaa")
+    assert go.get(task) == b"g"                  # PARENT_WRITES_FIRST
     _inject_then_write(task, kernel, progress, req, ack, page)
     return 0
 
@@ -356,8 +369,10 @@ def _shared_suicide_child(task, kernel, progress, req, ack):
     so the child must be CLD_KILLED), then recover(): the write to the shared page."""
     emu.sigaction(SIGBUS, signal.SIG_DFL)
     page = task.mmap(0, PAGE, RW, u.MAP_SHARED | u.MAP_ANONYMOUS | u.MAP_POPULATE)
-    gc = task.fork(_shared_grandchild, kernel, progress, req, ack, page, name="tinjpage-gchild")
+    go = Pipe()
+    gc = task.fork(_shared_grandchild, kernel, progress, req, ack, go, page, name="tinjpage-gchild")
     task.write(page, b"aaa")
+    go.put(b"g")
     progress.put(b"k" if gc.join(30) == -SIGBUS else b"e")
     task.write(page, b"\x02")
     progress.put(b"W")

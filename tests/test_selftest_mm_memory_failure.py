@@ -10,9 +10,10 @@ times each TEST_F the emulator can run.
 
 Each test keeps the C test's flow: the SIGBUS handler copies the siginfo and
 siglongjmps (here: raises), `ret` is sigsetjmp's value, check() and cleanup() assert
-what the C helpers assert.  The cases that need what the emulator lacks (a disk file
-system for clean_pagecache / dirty_pagecache, MAP_ANONYMOUS|MAP_HUGETLB for anon_hugetlb)
-are listed in docs/deviations.md, "Upstream test suites: cases not ported".
+what the C helpers assert.  clean_pagecache / dirty_pagecache (a disk file) are ported
+in tests/test_page_cache.py; the cases that need what the emulator lacks
+(MAP_ANONYMOUS|MAP_HUGETLB for anon_hugetlb) are listed in docs/deviations.md,
+"Upstream test suites: cases not ported".
 """
 import pytest
 from selftest_harness import AR, KPF_HWPOISON, PAGE, RW, attach, dmesg_has, hardware_corrupted

@@ -220,7 +220,8 @@ class Kernel:
 
     # the core's inode table kind (layout.h EMU_INODE_*) of each FileOps.name
     INODE_KIND = {"shmem": C.INODE_SHMEM, "kvm-gmem": C.INODE_GMEM,
-                  "hugetlbfs": C.INODE_HUGETLBFS, "kvm": C.INODE_KVM, "kvm-vm": C.INODE_KVM}
+                  "hugetlbfs": C.INODE_HUGETLBFS, "kvm": C.INODE_KVM, "kvm-vm": C.INODE_KVM,
+                  "ext2": C.INODE_EXT2}
 
     def inode_sync(self, inode: Inode) -> None:
         """Mirror an inode into the core's inode table."""

@@ -15,7 +15,7 @@ from .. import uapi as u
 from .mm import PAGE_SHIFT, PAGE_SIZE
 from .page_alloc import PG_hwpoison
 
-KINDS = {"kvm-gmem": "guest_memfd", "shmem": "shmem", "hugetlbfs": "hugetlbfs"}
+KINDS = {"kvm-gmem": "guest_memfd", "shmem": "shmem", "hugetlbfs": "hugetlbfs", "ext2": "ext2"}
 
 
 def vm_name(vm) -> str:

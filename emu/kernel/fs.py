@@ -27,6 +27,8 @@ class Inode:
     slot: int = -1                                        # row in the core's inode table
 
     huge_order: int = 0       # HugeTLB files: `pages` keeps one entry per folio (its base)
+    wb_err: int = 0           # mapping->wb_err (an errseq_t, lib/errseq.c)
+    as_eio: bool = False      # AS_EIO in mapping->flags
 
     def find(self, core, index: int) -> int | None:
         """filemap_get_folio + folio_page: the pfn of the page at index, or None.
@@ -48,8 +50,20 @@ class Inode:
 
 @dataclass(eq=False)
 class File:
+    """struct file: shared by dup and fork, so is its position (f_pos)."""
     inode: Inode
     refs: int = 1
+    flags: int = u.O_RDWR     # f_flags: the access mode, O_APPEND
+    pos: int = 0              # f_pos
+    wb_err: int = 0           # f_wb_err: the mapping's errseq as this file last saw it
+
+    @property
+    def readable(self) -> bool:           # FMODE_READ
+        return self.flags & u.O_ACCMODE in (u.O_RDONLY, u.O_RDWR)
+
+    @property
+    def writable(self) -> bool:           # FMODE_WRITE
+        return self.flags & u.O_ACCMODE in (u.O_WRONLY, u.O_RDWR)
 
     def get(self) -> File:
         self.refs += 1
@@ -74,6 +88,37 @@ class FileOps:
     # after earlier folios were copied (hugetlbfs_read_iter); otherwise the bytes
     # already read are returned (shmem_file_read_iter, filemap_read: retval ?: error)
     read_eio_at_folio_start = False
+    # f_op entries the VFS looks at before calling the file system (fs/read_write.c):
+    # read_iter/write_iter (FMODE_CAN_READ/WRITE: else -EINVAL), FMODE_PREAD (set by
+    # do_dentry_open and memfd_create, not by alloc_file_pseudo: else -ESPIPE), the
+    # llseek (None: no FMODE_LSEEK, -ESPIPE; see read_write.LLSEEK) and fsync (None:
+    # -EINVAL).  The defaults are an anonymous inode's (kvm_vm_fops: noop_llseek).
+    has_read = False
+    has_write = False
+    fmode_pread = False
+    llseek: str | None = "noop"
+    fsync: str | None = None
+    # fstat/fstatfs (fs/stat.c generic_fillattr, fs/statfs.c): anon_inode_fs_type
+    maxbytes = (1 << 63) - 1             # sb->s_maxbytes: MAX_LFS_FILESIZE
+    statfs_magic = 0x09041934            # ANON_INODE_FS_MAGIC
+    st_mode = 0o600                      # alloc_anon_inode: S_IRUSR | S_IWUSR, no type
+
+    def stat_blocks(self, k, inode: Inode) -> int:
+        """i_blocks (512-byte units): page cache filesystems count what they allocated."""
+        return 0
+
+    st_rdev = 0
+
+    def st_nlink(self, inode: Inode) -> int:
+        return 1
+
+    def blksize(self, inode: Inode) -> int:
+        """st_blksize: 1 << i_blkbits."""
+        return PAGE_SIZE
+
+    def do_fsync(self, k, file: File, start: int, end: int, datasync: bool) -> int:
+        """f_op->fsync when `fsync` is "fs"; "noop" is noop_fsync (0)."""
+        return 0
 
     def release(self, k, inode: Inode) -> None:
         inode.nlink -= 1
@@ -112,6 +157,11 @@ class FileOps:
 
     def remove_folio(self, k, inode: Inode, head: int) -> None:
         filemap_remove_folio(k, inode, head)
+
+    def read_folio(self, k, inode: Inode, index: int) -> int | None:
+        """A page not in the cache: a_ops->read_folio brings it in from the disk;
+        None for memory filesystems (a hole reads as zeros)."""
+        return None
 
     def page_poisoned(self, k, pfn: int) -> bool:
         """Is this 4K page of the page cache known to be poisoned (reads stop there)?"""
@@ -212,6 +262,8 @@ def filemap_read(k, inode: Inode, n: int, off: int) -> bytes:
         index, po = pos >> PAGE_SHIFT, pos & (PAGE_SIZE - 1)
         chunk = min(PAGE_SIZE - po, end - pos)
         pfn = inode.find(core, index)
+        if pfn is None:
+            pfn = inode.ops.read_folio(k, inode, index)
         if pfn is not None:
             if inode.ops.page_poisoned(k, pfn):
                 if out and not (inode.ops.read_eio_at_folio_start

@@ -16,6 +16,11 @@ from .page_alloc import PG_hwpoison, PG_lru, PG_unevictable, PG_uptodate
 class GuestMemfdOps(FileOps):
     name = "kvm-gmem"
     gmem = True
+    # kvm_gmem_fops (6.18): mmap, open, release, fallocate only; the kvm_guest_memory
+    # pseudo file system; alloc_anon_secure_inode's 0600, plus S_IFREG
+    llseek = None
+    statfs_magic = u.GUEST_MEMFD_MAGIC
+    st_mode = u.S_IFREG | 0o600
 
     # ---- helpers ----
     @staticmethod

@@ -68,6 +68,21 @@ class HugetlbfsOps(FileOps):
     # retval = -EIO over the bytes already copied (generic_file_read_iter would keep
     # them; Jane Chu's 2026 series switches hugetlbfs to it, after 6.18)
     read_eio_at_folio_start = True
+    # hugetlbfs_file_operations: read_iter but no write_iter, default_llseek, noop_fsync
+    has_read = fmode_pread = True
+    llseek = "default"
+    fsync = "noop"
+    statfs_magic = u.HUGETLBFS_MAGIC
+    st_mode = u.S_IFREG | 0o777
+
+    def st_nlink(self, inode: Inode) -> int:
+        return 0                            # hugetlb_file_setup: an unlinked file
+
+    def blksize(self, inode: Inode) -> int:
+        return 1 << self.shift(inode)       # i_blkbits = huge_page_shift
+
+    def stat_blocks(self, k, inode: Inode) -> int:
+        return inode.nrpages * 8            # hugetlb_add_to_page_cache: blocks_per_huge_page
 
     @staticmethod
     def hstate(inode: Inode) -> HState:

@@ -31,7 +31,14 @@ _MAP_STACK = ("kvm_vcpu_map", "handle_vmptrld", "vmx_handle_exit", "vcpu_enter_g
 
 
 class KvmDevOps(FileOps):
+    """/dev/kvm, a misc character device on devtmpfs (opened by do_dentry_open:
+    FMODE_PREAD); kvm_chardev_ops has noop_llseek and no read."""
+
     name = "kvm"
+    fmode_pread = True
+    statfs_magic = u.TMPFS_MAGIC
+    st_mode = u.S_IFCHR | 0o666
+    st_rdev = (232 & 0xFF) | (10 << 8)     # new_encode_dev(MKDEV(MISC_MAJOR, KVM_MINOR))
 
 
 class KvmVmOps(FileOps):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from .. import _core as C
 from .. import uapi as u
+from .filemap import mapping_set_error
 from .page_alloc import (
     PG_anon,
     PG_dirty,
@@ -99,8 +100,15 @@ def me_pagecache_clean(mf, ps, pfn):
 
 
 def me_pagecache_dirty(mf, ps, pfn):
-    """me_pagecache_dirty(): its mapping_set_error(mapping, -EIO) is reported by
-    fsync/msync, which the emulator has not; the rest is the clean case."""
+    """me_pagecache_dirty(): "IO error will be reported by write(), fsync(), etc.
+    who check the mapping": mapping_set_error(mapping, -EIO) (AS_EIO and the
+    errseq wb_err each open file reports once), then the clean case."""
+    k = mf.k
+    head = k.core.head(pfn)
+    if not k.core.flags(head) & PG_anon:
+        inode = k.inodes.get(k.core.mapping(head))
+        if inode is not None:
+            mapping_set_error(inode, -u.EIO)
     return me_pagecache_clean(mf, ps, pfn)
 
 

@@ -426,6 +426,9 @@ class MM:
                     self._wp_zero_page(vma, va)
                 elif vma.file is not None:
                     return self._cow_done(task, va, self._cow(task, vma, va, entry), gup)
+            elif write and not entry & C.PTE_RW and vma.file is not None \
+                    and vma.inode.ops.writeback:
+                self._wp_page_shared(vma, va, entry, level)
             return VM_FAULT_OK                  # else spurious: another thread fixed it
         if vma.file is None:
             self._do_anonymous_page(vma, va, write)
@@ -449,7 +452,8 @@ class MM:
             return self._sigbus(task, va, ret, PAGE_SHIFT, gup)
         if write and not vma.shared:                       # do_cow_fault
             return self._cow_done(task, va, self._cow_from(vma, va, pfn), gup)
-        self.set_pte(mm, va & ~(PAGE_SIZE - 1), pfn, vma.shared and vma.prot & u.PROT_WRITE, write)
+        self.set_pte(mm, va & ~(PAGE_SIZE - 1), pfn, vma.shared and vma.prot & u.PROT_WRITE
+                     and (write or not vma.inode.ops.writeback), write)
         if write:
             self.folio_mark_dirty(self.core.head(pfn))    # fault_dirty_shared_page
         if not write:
@@ -522,6 +526,16 @@ class MM:
         self.anon_rmap[pfn] = (vma.mm, va)
         vma.anon_vma = True
 
+    def _wp_page_shared(self, vma: Vma, va: int, entry: int, level: int) -> None:
+        """wp_page_shared: the first store to a page of a shared mapping the file
+        system tracks (vma_wants_writenotify: mapping_can_writeback) makes the entry
+        writable and dirty and dirties the folio (fault_dirty_shared_page)."""
+        if not vma.prot & u.PROT_WRITE:
+            return
+        va &= ~((PAGE_SIZE << 9 * (level - 1)) - 1)
+        self.core.pte_set(vma.mm.pgd, va, entry | C.PTE_RW | C.PTE_DIRTY | C.PTE_ACCESSED, level)
+        self.folio_mark_dirty(self.core.head((entry & C.PTE_PFN_MASK) >> PAGE_SHIFT))
+
     def _cow(self, task, vma: Vma, va: int, entry: int) -> int:
         src = (entry & C.PTE_PFN_MASK) >> PAGE_SHIFT
         return self._cow_from(vma, va, src, replace=True)
@@ -545,7 +559,8 @@ class MM:
             if pfn is None or core.flags(pfn) & PG_hwpoison or not inode.ops.map_ok(inode, index):
                 continue
             if core.pte_get(vma.mm.pgd, a) == 0:
-                self.set_pte(vma.mm, a, pfn, bool(vma.prot & u.PROT_WRITE), False)
+                self.set_pte(vma.mm, a, pfn, bool(vma.prot & u.PROT_WRITE)
+                             and not inode.ops.writeback, False)
 
     # ------------------------------------------------------------------ mmap family
     def mmap(self, proc, addr: int, length: int, prot: int, flags: int, file, offset: int) -> int:

@@ -15,6 +15,18 @@ class ShmemOps(FileOps):
     name = "shmem"
     shmem = True
     map_pages = True          # shmem_vm_ops.map_pages = filemap_map_pages
+    # shmem_file_operations; memfd_create sets FMODE_LSEEK | FMODE_PREAD | FMODE_PWRITE
+    has_read = has_write = fmode_pread = True
+    llseek = "shmem"
+    fsync = "noop"
+    statfs_magic = u.TMPFS_MAGIC
+    st_mode = u.S_IFREG | 0o777             # __shmem_file_setup: S_IFREG | S_IRWXUGO
+
+    def st_nlink(self, inode: Inode) -> int:
+        return 0                            # clear_nlink(): "It is unlinked"
+
+    def stat_blocks(self, k, inode: Inode) -> int:
+        return inode.nrpages * (PAGE_SIZE >> 9)     # shmem_recalc_inode: BLOCKS_PER_PAGE
 
     def _get_folio(self, k, inode: Inode, index: int) -> int:
         pfn = inode.pages.get(index)

@@ -7,7 +7,6 @@ before changing anything.
 from __future__ import annotations
 
 import base64
-import binascii
 
 from .. import _core as C
 from .. import uapi as u
@@ -168,46 +167,9 @@ def madvise_inject_error(k, t, start: int, end: int, advice: int) -> int:
     return 0
 
 
-def sys_pread(k, t, a):
-    f = t.process.fget(_int(a, "fd"))
-    data = f.inode.ops.read(k, f.inode, _int(a, "n"), _int(a, "offset", 0))
-    return base64.b64encode(data).decode()
-
-
-def sys_pwrite(k, t, a):
-    """write(2) at an offset.  The data comes with the request, or, with `addr` and
-    `count`, from this thread's memory: copied from user as the kernel does, so a
-    bad buffer is -EFAULT after what was copied before it (a short write)."""
-    f = t.process.fget(_int(a, "fd"))
-    user = "addr" in a
-    if user:
-        addr, count = _u64(a, "addr"), _int(a, "count")
-        if count < 0:
-            raise OSError(u.EINVAL, "pwrite: negative count")
-    else:
-        data = a.get("data")
-        if not isinstance(data, str):
-            raise OSError(u.EFAULT, "data")
-        try:
-            buf = base64.b64decode(data, validate=True)
-        except (binascii.Error, ValueError):
-            raise OSError(u.EFAULT, "data: not base64") from None
-        count = len(buf)
-    off = _int(a, "offset", 0)
-    if off < 0:
-        raise OSError(u.EINVAL, "pwrite: negative offset")
-    if off + count > MAX_LFS_FILESIZE:
-        raise OSError(u.EFBIG, "pwrite: beyond the maximum file size")
-    if user:
-        buf = copy_from_user(k, t, addr, min(count, MAX_RW_COUNT))
-        if not buf and count:
-            raise OSError(u.EFAULT, "pwrite: bad user buffer")
-    return f.inode.ops.write(k, f.inode, buf, off)
-
-
 # host_status's name for each kind in the core's inode table (layout.h EMU_INODE_*)
 INODE_KIND_NAME = {C.INODE_SHMEM: "shmem", C.INODE_GMEM: "guest_memfd",
-                   C.INODE_HUGETLBFS: "hugetlbfs", C.INODE_KVM: "kvm"}
+                   C.INODE_HUGETLBFS: "hugetlbfs", C.INODE_KVM: "kvm", C.INODE_EXT2: "ext2"}
 
 MAX_RW_COUNT = (1 << 31) - 4096        # rw_verify_area: INT_MAX & PAGE_MASK
 
@@ -220,6 +182,8 @@ def sys_fallocate(k, t, a):
     mode, off, length = _int(a, "mode"), _int(a, "offset"), _int(a, "length")
     if off < 0 or length <= 0:                          # vfs_fallocate, before any fs
         raise OSError(u.EINVAL, "fallocate: offset or length")
+    if not f.writable:                                  # vfs_fallocate: !FMODE_WRITE
+        raise OSError(u.EBADF, "fallocate: file not open for writing")
     if off + length > MAX_LFS_FILESIZE:
         raise OSError(u.EFBIG, "fallocate: beyond the maximum file size")
     f.inode.ops.fallocate(k, f.inode, mode, off, length)
@@ -233,6 +197,8 @@ def sys_ftruncate(k, t, a):
         raise OSError(u.EINVAL, "ftruncate: negative length")
     if length > MAX_LFS_FILESIZE:
         raise OSError(u.EFBIG, "ftruncate: beyond the maximum file size")
+    if not f.writable:                                  # do_ftruncate: !FMODE_WRITE
+        raise OSError(u.EINVAL, "ftruncate: file not open for writing")
     f.inode.ops.truncate(k, f.inode, length)
     return 0
 
@@ -420,7 +386,7 @@ def sys_getpid(k, t, a):
 
 SYSCALLS = {
     "prctl": sys_prctl, "memfd_create": sys_memfd_create, "mmap": sys_mmap,
-    "munmap": sys_munmap, "madvise": sys_madvise, "pread": sys_pread, "pwrite": sys_pwrite,
+    "munmap": sys_munmap, "madvise": sys_madvise,
     "fallocate": sys_fallocate, "ftruncate": sys_ftruncate, "close": sys_close,
     "pagemap": sys_pagemap, "fault": sys_fault, "mce": sys_mce, "open_kvm": sys_open_kvm,
     "create_vm": sys_create_vm, "create_guest_memfd": sys_create_guest_memfd,
@@ -432,7 +398,10 @@ SYSCALLS = {
     "check_extension": sys_check_extension, "get_mce_cap_supported": sys_get_mce_cap_supported,
     "mlock": sys_mlock, "mlock2": sys_mlock2, "munlock": sys_munlock,
 }
-SYSCALLS.update(ipc_shm.SYSCALLS)
+from . import ext2, read_write, stat, sync  # noqa: E402  (they import _int from here)
+
+SYSCALLS.update(read_write.SYSCALLS | ext2.SYSCALLS | sync.SYSCALLS | stat.SYSCALLS
+                | ipc_shm.SYSCALLS)
 
 
 # ------------------------------------------------------------------ host controls
