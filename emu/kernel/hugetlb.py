@@ -214,6 +214,23 @@ class HugeTLB:
         inode.huge_order = h.order
         return proc.fd_install(File(inode))
 
+    def file_setup(self, length: int, flags: int) -> File:
+        """hugetlb_file_setup(HUGETLB_ANON_FILE, ...) for MAP_ANONYMOUS|MAP_HUGETLB:
+        hstate_sizelog() of the MAP_HUGE_SHIFT bits (EINVAL for a size with no
+        hstate), i_size the length rounded up to the huge page size; the mapping
+        holds the only reference."""
+        hname = hstate_name((flags >> u.MAP_HUGE_SHIFT) & u.MAP_HUGE_MASK)
+        if hname is None:
+            raise OSError(u.EINVAL, "mmap: unsupported huge page size")
+        h = self.hstates.get(hname) or HState(hname, HSTATE_ORDER[hname])
+        inode = self.k.new_inode(HUGETLBFS_OPS, "anon_hugepage")
+        inode.private["hstate"] = h
+        inode.huge_order = h.order
+        hsize = 4096 << h.order
+        inode.size = (length + hsize - 1) // hsize * hsize
+        self.k.inode_sync(inode)
+        return File(inode)
+
     def dequeue(self, h: HState) -> int | None:
         """dequeue_hugetlb_folio_node_exact: a poisoned folio is never handed out."""
         core = self.k.core

@@ -564,6 +564,18 @@ class MM:
                 raise OSError(u.EEXIST, "mmap")
         fixed = flags & (u.MAP_FIXED | u.MAP_FIXED_NOREPLACE)
         self.k.vmas_available(1 + (self._splits(mm, addr, addr + length) if fixed else 0), "mmap")
+        if file is None and flags & u.MAP_HUGETLB:
+            # ksys_mmap_pgoff(): hugetlb_file_setup() of an anonymous hugetlbfs file
+            # of the size MAP_HUGE_SHIFT names, mapped as any hugetlbfs file
+            if self.k.hugetlb is None:                 # no pool: the reservation fails
+                raise OSError(u.ENOMEM, "mmap: no huge pages")
+            file = self.k.hugetlb.file_setup(length, flags)
+            try:
+                return self.mmap(proc, addr, length, prot, flags, file, offset)
+            finally:
+                file.put(self.k)
+        if file is not None and flags & u.MAP_HUGETLB and not file.inode.ops.huge:
+            raise OSError(u.EINVAL, "mmap: MAP_HUGETLB on a file that is not hugetlbfs")
         if file is None and shared:
             # mmap_region(): shared anonymous memory is shmem (shmem_zero_setup), its
             # pgoff ignored; the mapping holds the only reference to the file
