@@ -21,8 +21,11 @@ mce-test thugetlb (private mapping), tools/testing/selftests/mm/hugetlb-read-hwp
 """
 import errno
 import signal
+import struct
 
 import pytest
+from checks import Stop, record_sigbus
+from selftest_harness import Pipe
 
 import emu
 from emu import uapi as u
@@ -34,15 +37,24 @@ HUGE2M = u.MFD_HUGETLB | u.MFD_HUGE_2MB
 KPF_HUGE = 1 << u.KPF_HUGE
 KPF_ANON = 1 << u.KPF_ANON
 KPF_HWPOISON = 1 << u.KPF_HWPOISON
-# not implemented yet (issue 17 item 2): MAP_PRIVATE HugeTLB copy-on-write, private reservations
-TODO_PRIVATE = pytest.mark.xfail(strict=True, reason="MAP_PRIVATE HugeTLB COW not implemented yet")
+AR = u.BUS_MCEERR_AR
 
 
 def setup(host):
+    """Attach; the SIGBUS recorder stops an AR or BUS_ADRERR access (a handler that
+    returned would re-run it: the fault again, forever)."""
     me = emu.attach(host, name="t")
-    got = []
-    emu.sigaction(signal.SIGBUS, lambda s, i: got.append((i.si_code, i.si_addr, i.si_addr_lsb)))
-    return me, got
+    return me, record_sigbus((AR, u.BUS_ADRERR))
+
+
+def sigbus_of(got, fn):
+    """Run an access that must fault; return the SIGBUS records it raised."""
+    got.clear()
+    with pytest.raises(Stop):
+        fn()
+    out = list(got)
+    got.clear()
+    return out
 
 
 def hp(host):
@@ -50,7 +62,6 @@ def hp(host):
     return m["HugePages_Total"], m["HugePages_Free"], m["HugePages_Rsvd"]
 
 
-@TODO_PRIVATE
 def test_hugemmap_private_cow_does_not_reach_the_file(host_factory):
     """libhugetlbfs 'private' (LTP hugemmap): a private write is copied into a new
     huge page from the pool; the file and a shared mapping keep the old data."""
@@ -84,7 +95,6 @@ def test_hugemmap_private_cow_does_not_reach_the_file(host_factory):
     assert got == []
 
 
-@TODO_PRIVATE
 def test_hugemmap_private_hole_is_anonymous(host_factory):
     """hugetlb_no_page for a private mapping without a page-cache folio: a new
     anonymous huge page, never added to the file; an unfaulted private mapping gives
@@ -107,7 +117,6 @@ def test_hugemmap_private_hole_is_anonymous(host_factory):
     assert got == []
 
 
-@TODO_PRIVATE
 def test_hugemmap_private_reservation_enomem(host_factory):
     """hugetlb_reserve_pages: a private mapping larger than the free pool fails
     with ENOMEM at mmap, changing nothing; MAP_NORESERVE maps and faults SIGBUS."""
@@ -121,8 +130,8 @@ def test_hugemmap_private_reservation_enomem(host_factory):
     assert hp(host) == (2, 2, 0)
     a = me.mmap(0, 4 * HPAGE, RW, u.MAP_PRIVATE | u.MAP_NORESERVE, fd, 0)
     assert hp(host) == (2, 2, 0)
-    me.write_batch([a, a + HPAGE, a + 2 * HPAGE], 1, b"xyz")
-    assert got == [(u.BUS_ADRERR, a + 2 * HPAGE, 0)]
+    out = sigbus_of(got, lambda: me.write_batch([a, a + HPAGE, a + 2 * HPAGE], 1, b"xyz"))
+    assert out == [(u.BUS_ADRERR, a + 2 * HPAGE, 0)]
     assert hp(host) == (2, 0, 0)
 
 
@@ -146,7 +155,6 @@ def test_map_hugetlb_anonymous_shared(host_factory):
     assert got == []
 
 
-@TODO_PRIVATE
 def test_map_hugetlb_anonymous(host_factory):
     """selftests/mm/map_hugetlb.c: MAP_PRIVATE|MAP_ANONYMOUS|MAP_HUGETLB is a huge
     mapping (aligned, reserved, one huge page per fault, kpageflags HUGE|ANON)."""
@@ -193,7 +201,6 @@ def test_map_hugetlb_bad_sizes(host_factory):
     assert hp(host) == (2, 2, 0)
 
 
-@TODO_PRIVATE
 def test_thugetlb_private_poisoned_page_dissolved(host_factory):
     """mce-test thugetlb on a private mapping (me_huge_page without a mapping): the
     anonymous huge page is unmapped, freed and dissolved; the pool shrinks by one,
@@ -202,39 +209,149 @@ def test_thugetlb_private_poisoned_page_dissolved(host_factory):
     me, got = setup(host)
     fd = me.memfd_create("huge", HUGE2M)
     me.ftruncate(fd, HPAGE)
-    me.pwrite(fd, b"F" * 64, 0)
+    sh = me.mmap(0, HPAGE, RW, u.MAP_SHARED, fd, 0)  # hugetlbfs has no write(2)
+    me.write(sh, b"F" * 64)
     pv = me.mmap(0, HPAGE, RW, u.MAP_PRIVATE, fd, 0)
     me.write(pv, b"C")
     pfn = me.pagemap(pv).pfn
     assert hp(host) == (4, 2, 0)
 
-    me.madvise(pv + 3 * PAGE, PAGE, u.MADV_HWPOISON)
-    assert got == [(u.BUS_MCEERR_AR, pv + 3 * PAGE, 21)]
+    out = sigbus_of(got, lambda: me.madvise(pv + 3 * PAGE, PAGE, u.MADV_HWPOISON))
+    assert out == [(AR, pv + 3 * PAGE, 21)]
     assert any("recovery action for huge page: Recovered" in line for line in host.dmesg())
     assert hp(host) == (3, 2, 0)                     # dissolved: out of the pool
     assert host.kpageflags(pfn + 3) & KPF_HWPOISON
     assert not host.kpageflags(pfn) & KPF_HUGE
     assert me.pread(fd, 64, 0) == b"F" * 64          # the file's page is fine
     assert me.pagemap(pv).hwpoison or not me.pagemap(pv).present
-    me.read(pv, 1)                                   # the hwpoison entry again
-    assert got[-1] == (u.BUS_MCEERR_AR, pv, 21)
+    assert sigbus_of(got, lambda: me.read(pv, 1)) == [(AR, pv, 21)]   # the hwpoison entry
 
 
-@pytest.mark.skip(reason="hangs: the returning SIGBUS handler re-runs the BUS_ADRERR load")
 def test_hugemmap_beyond_eof(host_factory):
-    """hugetlbfs_file_mmap: a writable mapping (shared or private) extends i_size to
-    its end; a read-only one does not, and a fault past EOF is SIGBUS (BUS_ADRERR)."""
+    """libhugetlbfs map_high_truncate / LTP hugemmap beyond-EOF cases
+    (fs/hugetlbfs/inode.c hugetlbfs_file_mmap): a writable mapping (shared or
+    private) extends i_size to its end; a read-only one does not, and a fault past
+    EOF is SIGBUS (BUS_ADRERR, hugetlb_no_page's i_size check)."""
     host = host_factory(ram="256M", hugepages={"2M": 4})
     me, got = setup(host)
     fd = me.memfd_create("huge", HUGE2M)
     ro = me.mmap(0, HPAGE, u.PROT_READ, u.MAP_SHARED, fd, 0)
-    me.read(ro, 1)
-    assert got == [(u.BUS_ADRERR, ro, 0)]
+    assert sigbus_of(got, lambda: me.read(ro, 1)) == [(u.BUS_ADRERR, ro, 0)]
     pv = me.mmap(0, HPAGE, RW, u.MAP_PRIVATE, fd, 0)  # VM_WRITE: i_size = 2M
     assert me.read(ro, 1) == b"\0"
     me.write(pv, b"p")
-    assert me.read(ro, 1) == b"\0"
+    assert me.read(ro, 1) == b"\0"                   # private: not in the file
     rw = me.mmap(0, 2 * HPAGE, RW, u.MAP_SHARED, fd, 0)
     me.write(rw + HPAGE, b"q")
     assert me.pread(fd, 1, HPAGE) == b"q"
-    assert len(got) == 1
+    ro2 = me.mmap(0, 3 * HPAGE, u.PROT_READ, u.MAP_SHARED | u.MAP_NORESERVE, fd, 0)
+    assert sigbus_of(got, lambda: me.read(ro2 + 2 * HPAGE, 1)) == [(u.BUS_ADRERR, ro2 + 2 * HPAGE, 0)]
+    assert got == []
+
+
+def test_hugemmap_private_fork_cow(host_factory):
+    """libhugetlbfs fork-cow (copy_hugetlb_page_range, hugetlb_wp): after fork a
+    private huge page is shared read-only; the child's write copies it (the parent
+    keeps its data), and the parent's later write reuses its page, now its alone.
+    The child has no reservation (hugetlb_dup_vma_private): its copy comes from the
+    unreserved free pages."""
+    host = host_factory(ram="256M", hugepages={"2M": 4})
+    me, got = setup(host)
+    a = me.mmap(0, HPAGE, RW, u.MAP_PRIVATE | u.MAP_ANONYMOUS | u.MAP_HUGETLB, -1, 0)
+    me.write(a, b"parent")
+    pfn = me.pagemap(a).pfn
+    assert hp(host) == (4, 3, 0)
+    out, go = Pipe(), Pipe()
+
+    def child(task):
+        emu.sigaction(signal.SIGBUS, signal.SIG_DFL)
+        e = task.pagemap(a)
+        shared = e.pfn == pfn and not e.exclusive
+        seen = task.read(a, 6)
+        task.write(a, b"child!")
+        e = task.pagemap(a)
+        out.put(struct.pack("<QQ6s", shared, e.pfn, seen))
+        go.get(task)
+        out.put(task.read(a, 6))
+        return 0
+
+    ch = me.fork(child, name="cow-child")
+    shared, cpfn, seen = struct.unpack("<QQ6s", out.get_bytes(22))
+    assert shared and seen == b"parent"
+    assert cpfn != pfn and cpfn % 512 == 0
+    assert me.read(a, 6) == b"parent"
+    assert hp(host) == (4, 2, 0)
+    assert not me.pagemap(a).exclusive or me.pagemap(a).pfn == pfn
+    me.write(a, b"PARENT")                             # hugetlb_wp: mapcount 1, reused
+    assert me.pagemap(a).pfn == pfn and me.pagemap(a).exclusive
+    assert hp(host) == (4, 2, 0)
+    go.put(b"g")
+    assert out.get_bytes(6) == b"child!"
+    assert ch.join(30) == 0
+    assert hp(host) == (4, 3, 0)
+    me.munmap(a, HPAGE)
+    assert hp(host) == (4, 4, 0)
+    assert got == []
+
+
+def test_thugetlb_cow_shared_page_poisoned_before_write(host_factory):
+    """mce-test thugetlb with a fork-shared private huge page (me_huge_page without a
+    mapping): MADV_HWPOISON in the parent unmaps it from both processes (hwpoison
+    entries), the page is freed and dissolved (HugePages_Total - 1); the parent gets
+    BUS_MCEERR_AR at injection, the child on its next access (si_addr_lsb 21)."""
+    host = host_factory(ram="256M", hugepages={"2M": 4})
+    me, got = setup(host)
+    a = me.mmap(0, HPAGE, RW, u.MAP_PRIVATE | u.MAP_ANONYMOUS | u.MAP_HUGETLB, -1, 0)
+    me.write(a, b"x")
+    pfn = me.pagemap(a).pfn
+    out, go = Pipe(), Pipe()
+
+    def child(task):
+        rec = record_sigbus((AR,))
+        assert task.read(a, 1) == b"x"
+        out.put(b"r")
+        go.get(task)
+        try:
+            task.write(a + 5 * PAGE, b"y")
+        except Stop:
+            pass
+        out.put(struct.pack("<QQQ", *rec[0]) if len(rec) == 1 else b"\0" * 24)
+        return 0
+
+    ch = me.fork(child, name="thugetlb-child")
+    assert out.get_bytes(1) == b"r"
+    assert sigbus_of(got, lambda: me.madvise(a + 2 * PAGE, PAGE, u.MADV_HWPOISON)) \
+        == [(AR, a + 2 * PAGE, 21)]
+    assert any("%#x: recovery action for huge page: Recovered" % (pfn + 2) in line
+               for line in host.dmesg())
+    assert hp(host) == (3, 3, 0)
+    assert host.kpageflags(pfn + 2) & KPF_HWPOISON
+    go.put(b"g")
+    assert struct.unpack("<QQQ", out.get_bytes(24)) == (AR, a + 5 * PAGE, 21)
+    assert ch.join(30) == 0
+    assert sigbus_of(got, lambda: me.read(a, 1)) == [(AR, a, 21)]
+
+
+def test_hugemmap_private_fork_child_write_then_parent_poisoned(host_factory):
+    """After the child's COW the two copies are separate folios: poisoning the
+    parent's leaves the child's copy (and its data) alone."""
+    host = host_factory(ram="256M", hugepages={"2M": 4})
+    me, got = setup(host)
+    a = me.mmap(0, HPAGE, RW, u.MAP_PRIVATE | u.MAP_ANONYMOUS | u.MAP_HUGETLB, -1, 0)
+    me.write(a, b"p")
+    out, go = Pipe(), Pipe()
+
+    def child(task):
+        task.write(a, b"c")
+        out.put(b"w")
+        go.get(task)
+        out.put(task.read(a, 1))
+        return 0
+
+    ch = me.fork(child, name="cow-child")
+    assert out.get_bytes(1) == b"w"
+    assert sigbus_of(got, lambda: me.madvise(a, PAGE, u.MADV_HWPOISON)) == [(AR, a, 21)]
+    assert hp(host) == (3, 2, 0)
+    go.put(b"g")
+    assert out.get_bytes(1) == b"c"
+    assert ch.join(30) == 0

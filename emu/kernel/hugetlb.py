@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .. import uapi as u
+from . import hugetlb_fault
 from .fs import File, FileOps, Inode, filemap_read, filemap_remove_folio, truncate_inode_pages_range
 from .memory_failure import MF_MSG_ALREADY_POISONED, MF_MSG_FREE_HUGE, MF_MSG_UNMAP_FAILED
 from .mm import PAGE_SHIFT
@@ -186,6 +187,7 @@ class HugeTLB:
         self.groups: dict[int, dict] = {}           # old head -> {"order", "live", "raw"}
         self.temporary: set[int] = set()            # heads of folios that leave on free
         self.by_order = {h.order: h for h in hstates.values()}
+        self.anon_maps: dict[int, list] = {}         # anon head -> [(mm, va)] (hugetlb_fault.py)
         for h in hstates.values():
             for head in h.free:
                 k.core.set_folio(head, h.order, PG_hugetlb | PG_head, 0, 0, 0)
@@ -280,6 +282,7 @@ class HugeTLB:
         the raw pages (folio_clear_hugetlb_hwpoison), which stay retired, and the
         healthy subpages go back to the page allocator.  Otherwise back to the pool."""
         k, core = self.k, self.k.core
+        self.anon_maps.pop(head, None)
         order = core.order(head)
         h = self.by_order[order]
         tracked = {p for p in k.memory_failure.tracked if head <= p < head + (1 << order)}
@@ -486,9 +489,12 @@ class HugeTLB:
 
     # ------------------------------------------------------------ faults
     def fault(self, task, vma, va: int, write: bool) -> int:
-        """hugetlb_fault / hugetlb_no_page: map the whole huge folio with one entry."""
+        """hugetlb_fault / hugetlb_no_page: map the whole huge folio with one entry
+        (a private mapping: hugetlb_fault.py)."""
         from .mm import VM_FAULT_HWPOISON_LARGE, VM_FAULT_OK, VM_FAULT_SIGBUS
 
+        if not vma.shared:
+            return hugetlb_fault.hugetlb_fault(self.k, task, vma, va, write)
         inode = vma.inode
         h = inode.private["hstate"]
         hsize = 4096 << h.order
