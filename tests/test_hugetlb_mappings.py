@@ -355,3 +355,25 @@ def test_hugemmap_private_fork_child_write_then_parent_poisoned(host_factory):
     go.put(b"g")
     assert out.get_bytes(1) == b"c"
     assert ch.join(30) == 0
+
+
+def test_hugemmap_private_dontneed_restores_reservation(host_factory):
+    """LTP hugemmap (MADV_DONTNEED on a private huge mapping), mm/hugetlb.c
+    __unmap_hugepage_range: zapping the anonymous page of a private mapping gives
+    its reservation back (HugePages_Rsvd), and the refault zero-fills from it."""
+    host = host_factory(ram="256M", hugepages={"2M": 2})
+    me, got = setup(host)
+    a = me.mmap(0, HPAGE, RW, u.MAP_PRIVATE | u.MAP_ANONYMOUS | u.MAP_HUGETLB, -1, 0)
+    me.write(a, b"d")
+    assert hp(host) == (2, 1, 0)
+    me.madvise(a, HPAGE, u.MADV_DONTNEED)
+    assert hp(host) == (2, 2, 1)
+    b = me.mmap(0, HPAGE, RW, u.MAP_SHARED | u.MAP_ANONYMOUS | u.MAP_HUGETLB, -1, 0)
+    me.write(b, b"s")                                  # takes the one unreserved page
+    assert hp(host) == (2, 1, 1)
+    assert me.read(a, 1) == b"\0"                     # the reserved page, zeroed
+    assert hp(host) == (2, 0, 0)
+    me.munmap(a, HPAGE)
+    me.munmap(b, HPAGE)
+    assert hp(host) == (2, 2, 0)
+    assert got == []

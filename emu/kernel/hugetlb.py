@@ -188,6 +188,7 @@ class HugeTLB:
         self.temporary: set[int] = set()            # heads of folios that leave on free
         self.by_order = {h.order: h for h in hstates.values()}
         self.anon_maps: dict[int, list] = {}         # anon head -> [(mm, va)] (hugetlb_fault.py)
+        self.restore_reserve: set[int] = set()       # heads whose free restores a reservation
         for h in hstates.values():
             for head in h.free:
                 k.core.set_folio(head, h.order, PG_hugetlb | PG_head, 0, 0, 0)
@@ -285,6 +286,9 @@ class HugeTLB:
         self.anon_maps.pop(head, None)
         order = core.order(head)
         h = self.by_order[order]
+        if head in self.restore_reserve:       # folio_test_hugetlb_restore_reserve
+            self.restore_reserve.discard(head)
+            h.resv += 1
         tracked = {p for p in k.memory_failure.tracked if head <= p < head + (1 << order)}
         if tracked and not core.flags(head) & PG_hwpoison:
             k.memory_failure.mark_on_release(head, tracked)     # reported to HugeTLB now

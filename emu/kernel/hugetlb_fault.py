@@ -219,6 +219,22 @@ def copy_hugetlb_page_range(k, src, dst) -> None:
         k.synchronize_rcu()           # flush_tlb_mm: no CPU still stores through the old entry
 
 
+def restore_reserve_on_unmap(k, vma, va: int, e: int) -> None:
+    """__unmap_hugepage_range() (munmap, MADV_DONTNEED, truncation, exit): zapping an
+    anonymous folio of a private VMA owning a resv_map gives its index the reservation
+    back (vma_add_reservation); HugePages_Rsvd counts it when the folio is freed
+    (folio_set_hugetlb_restore_reserve, free_huge_folio)."""
+    if vma is None or vma.resv is None or not e & C.PTE_PRESENT:
+        return
+    head = (e & C.PTE_PFN_MASK) >> PAGE_SHIFT
+    base = vma.pgoff + ((va - vma.start) >> PAGE_SHIFT)
+    # only a folio this zap frees: a fork child still sharing one is left alone (see
+    # docs/deviations.md)
+    if k.core.flags(head) & PG_anon and k.core.mapcount(head) == 1 and base in vma.resv.consumed:
+        vma.resv.consumed.discard(base)
+        k.hugetlb.restore_reserve.add(head)
+
+
 def anon_rmap_walk(k, head: int) -> list[tuple]:
     """(mm, va, pfn, vma, level) for each entry mapping the anonymous huge folio, newest
     first; entries the page tables no longer hold are dropped."""

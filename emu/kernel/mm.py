@@ -265,6 +265,8 @@ class MM:
         n = 0
         for va, e, level in self.core.pt_scan(mm.pgd, start, end):
             if e & C.PTE_PRESENT or e & C.PTE_HWPOISON:
+                if level > 1:                     # __unmap_hugepage_range
+                    hugetlb_fault.restore_reserve_on_unmap(self.k, mm.find_vma(va), va, e)
                 self.zap_pte(mm, va, False, level)
                 n += 1
         if n:
