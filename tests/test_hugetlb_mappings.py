@@ -93,6 +93,7 @@ def test_hugemmap_private_cow_does_not_reach_the_file(host_factory):
     me.munmap(pv, HPAGE)
     assert hp(host) == (4, 3, 0)                     # the copy went back to the pool
     assert got == []
+    assert host.check_invariants() == []
 
 
 def test_hugemmap_private_hole_is_anonymous(host_factory):
@@ -115,6 +116,7 @@ def test_hugemmap_private_hole_is_anonymous(host_factory):
     t, f, r = hp(host)
     assert (t, r) == (4, 0) and f == 3               # the shared one holds a page now
     assert got == []
+    assert host.check_invariants() == []
 
 
 def test_hugemmap_private_reservation_enomem(host_factory):
@@ -133,6 +135,7 @@ def test_hugemmap_private_reservation_enomem(host_factory):
     out = sigbus_of(got, lambda: me.write_batch([a, a + HPAGE, a + 2 * HPAGE], 1, b"xyz"))
     assert out == [(u.BUS_ADRERR, a + 2 * HPAGE, 0)]
     assert hp(host) == (2, 0, 0)
+    assert host.check_invariants() == []
 
 
 def test_map_hugetlb_anonymous_shared(host_factory):
@@ -153,6 +156,7 @@ def test_map_hugetlb_anonymous_shared(host_factory):
     me.munmap(b, 2 * HPAGE)
     assert hp(host) == (4, 4, 0)                     # the file went with the mapping
     assert got == []
+    assert host.check_invariants() == []
 
 
 def test_map_hugetlb_anonymous(host_factory):
@@ -179,6 +183,7 @@ def test_map_hugetlb_anonymous(host_factory):
     me.munmap(b, HPAGE)
     assert hp(host) == (4, 4, 0)                     # the file went with the mapping
     assert got == []
+    assert host.check_invariants() == []
 
 
 def test_map_hugetlb_bad_sizes(host_factory):
@@ -199,6 +204,7 @@ def test_map_hugetlb_bad_sizes(host_factory):
         me.mmap(0, HPAGE, RW, u.MAP_SHARED | u.MAP_HUGETLB, fd, 0)
     assert ei.value.errno == errno.EINVAL
     assert hp(host) == (2, 2, 0)
+    assert host.check_invariants() == []
 
 
 def test_thugetlb_private_poisoned_page_dissolved(host_factory):
@@ -225,6 +231,7 @@ def test_thugetlb_private_poisoned_page_dissolved(host_factory):
     assert me.pread(fd, 64, 0) == b"F" * 64          # the file's page is fine
     assert me.pagemap(pv).hwpoison or not me.pagemap(pv).present
     assert sigbus_of(got, lambda: me.read(pv, 1)) == [(AR, pv, 21)]   # the hwpoison entry
+    assert host.check_invariants() == []
 
 
 def test_hugemmap_beyond_eof(host_factory):
@@ -247,6 +254,7 @@ def test_hugemmap_beyond_eof(host_factory):
     ro2 = me.mmap(0, 3 * HPAGE, u.PROT_READ, u.MAP_SHARED | u.MAP_NORESERVE, fd, 0)
     assert sigbus_of(got, lambda: me.read(ro2 + 2 * HPAGE, 1)) == [(u.BUS_ADRERR, ro2 + 2 * HPAGE, 0)]
     assert got == []
+    assert host.check_invariants() == []
 
 
 def test_hugemmap_private_fork_cow(host_factory):
@@ -292,6 +300,7 @@ def test_hugemmap_private_fork_cow(host_factory):
     me.munmap(a, HPAGE)
     assert hp(host) == (4, 4, 0)
     assert got == []
+    assert host.check_invariants() == []
 
 
 def test_thugetlb_cow_shared_page_poisoned_before_write(host_factory):
@@ -330,6 +339,7 @@ def test_thugetlb_cow_shared_page_poisoned_before_write(host_factory):
     assert struct.unpack("<QQQ", out.get_bytes(24)) == (AR, a + 5 * PAGE, 21)
     assert ch.join(30) == 0
     assert sigbus_of(got, lambda: me.read(a, 1)) == [(AR, a, 21)]
+    assert host.check_invariants() == []
 
 
 def test_hugemmap_private_fork_child_write_then_parent_poisoned(host_factory):
@@ -355,6 +365,7 @@ def test_hugemmap_private_fork_child_write_then_parent_poisoned(host_factory):
     go.put(b"g")
     assert out.get_bytes(1) == b"c"
     assert ch.join(30) == 0
+    assert host.check_invariants() == []
 
 
 def test_hugemmap_private_dontneed_restores_reservation(host_factory):
@@ -377,3 +388,31 @@ def test_hugemmap_private_dontneed_restores_reservation(host_factory):
     me.munmap(b, HPAGE)
     assert hp(host) == (2, 2, 0)
     assert got == []
+    assert host.check_invariants() == []
+
+
+def test_hugemmap_private_cow_of_a_page_with_a_latent_error(host_factory):
+    """mce-test thugetlb with a latent error in the file's page (mm/hugetlb.c
+    hugetlb_wp: copy_user_large_folio() is machine-check safe, failure is
+    VM_FAULT_HWPOISON_LARGE; arch/x86/mm/fault.c do_sigbus: BUS_MCEERR_AR at the
+    faulting address, lsb 21): the private write does not copy, the reservation
+    is restored (restore_reserve_on_error), and the memory_failure() the copy queued
+    poisons the page-cache huge page."""
+    host = host_factory(ram="256M", hugepages={"2M": 4})
+    me, got = setup(host)
+    fd = me.memfd_create("huge", HUGE2M)
+    me.ftruncate(fd, HPAGE)
+    sh = me.mmap(0, HPAGE, RW, u.MAP_SHARED, fd, 0)
+    me.write(sh, b"F")
+    head = me.pagemap(sh).pfn
+    me.munmap(sh, HPAGE)
+    pv = me.mmap(0, HPAGE, RW, u.MAP_PRIVATE, fd, 0)
+    assert hp(host) == (4, 3, 1)
+    host.hw_poison(head + 7)
+    assert sigbus_of(got, lambda: me.write(pv + 9 * PAGE + 3, b"w")) == [(AR, pv + 9 * PAGE + 3, 21)]
+    assert any("MCE: Killing" in line for line in host.dmesg())
+    assert any("%#x: recovery action for huge page" % (head + 7) in line for line in host.dmesg())
+    assert host.kpageflags(head + 7) & KPF_HWPOISON
+    assert hp(host) == (4, 3, 1)                     # no copy kept, reservation back
+    assert sigbus_of(got, lambda: me.read(pv, 1)) == [(AR, pv, 21)]
+    assert host.check_invariants() == []

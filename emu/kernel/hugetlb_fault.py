@@ -67,6 +67,13 @@ def vm_op_close(k, vma, lo: int, hi: int) -> None:
     r.consumed.difference_update(idx)
 
 
+def private_reserved(vma) -> int:
+    """The reservations a private VMA still holds (its indices no fault consumed)."""
+    nr = 1 << vma.resv.h.order
+    return sum(1 for i in range(vma.pgoff, vma.pgoff + ((vma.end - vma.start) >> PAGE_SHIFT), nr)
+               if i not in vma.resv.consumed)
+
+
 def _alloc(k, vma, base: int, avoid_reserve: bool) -> tuple[int | None, bool]:
     """alloc_hugetlb_folio(vma, addr, avoid_reserve): the VMA's reservation for base if
     it has one left, else a free page beyond all reservations.  (head, reservation
@@ -120,7 +127,8 @@ def hugetlb_fault(k, task, vma, va: int, write: bool) -> int:
 
 
 def hugetlb_no_page(k, vma, haddr: int, write: bool) -> int:
-    """A page-cache folio is mapped read-only (a write copies it at once: hugetlb_wp);
+    """A page-cache folio is mapped read-only (a write then copies it: hugetlb_wp, whose
+    failure leaves the read-only entry);
     past EOF with none is VM_FAULT_SIGBUS; else a new zeroed anonymous folio, mapped
     writable on a write (hugetlb_wp reuses an exclusive anon folio)."""
     from .mm import VM_FAULT_HWPOISON_LARGE, VM_FAULT_OK, VM_FAULT_SIGBUS
@@ -135,9 +143,9 @@ def hugetlb_no_page(k, vma, haddr: int, write: bool) -> int:
     if folio is not None:
         if core.flags(folio) & PG_hwpoison:
             return VM_FAULT_HWPOISON_LARGE
-        if write:
-            return _cow(k, vma, haddr, folio, base, False, False)
         k.mm.set_pte(vma.mm, haddr, folio, False, False, level)
+        if write:                          # "Optimization, do the COW without a second fault"
+            return hugetlb_wp(k, vma, haddr, folio)
         return VM_FAULT_OK
     if base << PAGE_SHIFT >= inode.size:
         return VM_FAULT_SIGBUS
@@ -168,12 +176,12 @@ def hugetlb_wp(k, vma, haddr: int, old: int) -> int:
     # cow_from_owner: the owner copying a folio fork shares allocates outside its
     # reservations (that index's was consumed by the folio being copied)
     owner = vma.resv is not None and bool(core.flags(old) & PG_anon)
-    return _cow(k, vma, haddr, old, base, True, owner)
+    return _cow(k, vma, haddr, old, base, owner)
 
 
-def _cow(k, vma, haddr: int, old: int, base: int, replace: bool, avoid_reserve: bool) -> int:
-    """Copy `old` into a new anonymous folio mapped writable at haddr (replacing the
-    read-only entry).  copy_user_large_folio() is machine-check safe: a latent error
+def _cow(k, vma, haddr: int, old: int, base: int, avoid_reserve: bool) -> int:
+    """Copy `old` into a new anonymous folio mapped writable at haddr in place of the
+    read-only entry.  copy_user_large_folio() is machine-check safe: a latent error
     leaves everything as it was and is VM_FAULT_HWPOISON_LARGE, memory_failure()
     queued for the bad page."""
     from .mm import VM_FAULT_HWPOISON_LARGE, VM_FAULT_OK, VM_FAULT_SIGBUS
@@ -189,8 +197,7 @@ def _cow(k, vma, haddr: int, old: int, base: int, replace: bool, avoid_reserve: 
             _restore_reserve(vma, base)
         k.mm.folio_put(new)
         return VM_FAULT_HWPOISON_LARGE
-    if replace:
-        k.mm.zap_pte(vma.mm, haddr, False, _level(h))
+    k.mm.zap_pte(vma.mm, haddr, False, _level(h))
     _map_anon(k, vma, haddr, new, True, _level(h))
     return VM_FAULT_OK
 
