@@ -13,11 +13,17 @@
   shrinks (HugePages_Total), the page cache is untouched.
 - Beyond EOF (fs/hugetlbfs/inode.c hugetlbfs_file_mmap: a VM_WRITE mapping extends
   i_size to its end; hugetlb_no_page: an index past i_size is VM_FAULT_SIGBUS).
+- fork (copy_hugetlb_page_range): a private huge page is shared write-protected;
+  hugetlb_wp copies for the first writer and reuses it for the last one.
+- __unmap_hugepage_range restores a zapped anonymous page's reservation; a COW copy
+  that hits a latent error is VM_FAULT_HWPOISON_LARGE (copy_user_large_folio).
 
-Upstream cases they enable: libhugetlbfs/LTP hugemmap "private" and "map_high_truncate"
-style tests, tools/testing/selftests/mm/hugepage-mmap.c / map_hugetlb.c,
-mce-test thugetlb (private mapping), tools/testing/selftests/mm/hugetlb-read-hwpoison.c
-(the file stays readable when a private copy is poisoned).
+Upstream cases they enable: libhugetlbfs/LTP hugemmap "private", "fork-cow" and
+"map_high_truncate" style tests, tools/testing/selftests/mm/map_hugetlb.c, mce-test
+thugetlb (-A anonymous and -p/-pc private file mappings, fork_private_nocow/_cow),
+tools/testing/selftests/mm/memory-failure.c anon_hugetlb,
+tools/testing/selftests/mm/hugetlb-read-hwpoison.c (the file stays readable when a
+private copy is poisoned).  The implementation is emu/kernel/hugetlb_fault.py.
 """
 import errno
 import signal

@@ -2,7 +2,8 @@
 
 This module reserves the pools and accounts them (/proc/meminfo).  Huge folios
 for hugetlbfs memfd and HugeTLB guest_memfd, and their hwpoison handling, build
-on it (see the HugeTLB issue).
+on it (see the HugeTLB issue).  MAP_PRIVATE mappings (faults, copy-on-write, fork,
+per-VMA reservations) are in hugetlb_fault.py.
 """
 from __future__ import annotations
 

@@ -606,19 +606,15 @@ class MM:
                 if offset % align or addr % align:
                     raise OSError(u.EINVAL, "mmap: hugetlb offset/address alignment")
                 length = (length + align - 1) & ~(align - 1)    # ksys_mmap_pgoff rounds up
-                if shared and not flags & MAP_NORESERVE:
-                    file.inode.ops.reserve(self.k, file.inode, offset, length)
-                elif not flags & MAP_NORESERVE:       # hugetlb_reserve_pages: the VMA's resv_map
-                    resv = hugetlb_fault.reserve_private(self.k, file.inode, offset, length)
-        try:
-            if flags & (u.MAP_FIXED | u.MAP_FIXED_NOREPLACE):
-                self.munmap(proc, addr, length)
-            else:
-                addr = mm.get_unmapped_area(length, align)
-        except OSError:
-            if resv is not None:
-                resv.h.resv -= length >> (PAGE_SHIFT + resv.h.order)
-            raise
+        if not flags & (u.MAP_FIXED | u.MAP_FIXED_NOREPLACE):
+            addr = mm.get_unmapped_area(length, align)
+        if file is not None and file.inode.ops.huge and not flags & MAP_NORESERVE:
+            if shared:                                # hugetlb_reserve_pages
+                file.inode.ops.reserve(self.k, file.inode, offset, length)
+            else:                                     # the same, into the VMA's resv_map
+                resv = hugetlb_fault.reserve_private(self.k, file.inode, offset, length)
+        if flags & (u.MAP_FIXED | u.MAP_FIXED_NOREPLACE):
+            self.munmap(proc, addr, length)
         vma = Vma(mm, addr, addr + length, prot, shared, file, offset >> PAGE_SHIFT, resv=resv)
         self.k.vma_link(vma)
         if file is not None:
@@ -706,9 +702,10 @@ class MM:
         """fork: page tables are copied only where vma_needs_copy() says, i.e. for VMAs
         with an anon_vma; the child faults in the rest (shared file mappings, HugeTLB
         shared mappings, private mappings never written, with their hwpoison
-        entries).  Where copied, shared mappings share frames, and private anonymous
-        pages are copied at fork time (the emulator does not do copy-on-write across
-        processes); a copy keeps the source frame's latent error, as the page Linux
+        entries).  HugeTLB VMAs go to copy_hugetlb_page_range (private ones are
+        write-protected and shared copy-on-write).  Elsewhere, shared mappings share
+        frames, and private anonymous 4K pages are copied at fork time (no 4K
+        copy-on-write across processes); a copy keeps the source frame's latent error, as the page Linux
         would share, so the child's first load still consumes it."""
         core = self.core
         for vma in src.vmas:
