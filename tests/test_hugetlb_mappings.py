@@ -422,3 +422,51 @@ def test_hugemmap_private_cow_of_a_page_with_a_latent_error(host_factory):
     assert hp(host) == (4, 3, 1)                     # no copy kept, reservation back
     assert sigbus_of(got, lambda: me.read(pv, 1)) == [(AR, pv, 21)]
     assert host.check_invariants() == []
+
+
+def test_hugemmap_private_populate_copies(host_factory):
+    """MAP_POPULATE of a writable private mapping faults with FOLL_WRITE
+    (populate_vma_page_range): each huge page is copied (hugetlb_no_page then
+    hugetlb_wp) and the file keeps its data; munmap returns the copies."""
+    host = host_factory(ram="256M", hugepages={"2M": 4})
+    me, got = setup(host)
+    fd = me.memfd_create("huge", HUGE2M)
+    me.ftruncate(fd, 2 * HPAGE)
+    sh = me.mmap(0, 2 * HPAGE, RW, u.MAP_SHARED | u.MAP_POPULATE, fd, 0)
+    me.write(sh + HPAGE, b"file")
+    assert hp(host) == (4, 2, 0)
+    pv = me.mmap(0, 2 * HPAGE, RW, u.MAP_PRIVATE | u.MAP_POPULATE, fd, 0)
+    assert hp(host) == (4, 0, 0)
+    assert me.pagemap(pv).present and not me.pagemap(pv).file
+    assert me.read(pv + HPAGE, 4) == b"file"
+    me.write(pv + HPAGE, b"priv")
+    assert me.read(sh + HPAGE, 4) == b"file"
+    me.munmap(pv, 2 * HPAGE)
+    assert hp(host) == (4, 2, 0)
+    assert got == []
+    assert host.check_invariants() == []
+
+
+def test_hugemmap_private_truncate_drops_the_copies(host_factory):
+    """libhugetlbfs truncate / map_high_truncate (fs/hugetlbfs/inode.c
+    hugetlb_vmdelete_list: truncation unmaps every VMA of the file, private copies
+    included; __unmap_hugepage_range gives the private reservation back): after
+    ftruncate(0) the private copy is gone, HugePages_Rsvd holds the mapping's
+    reservation again, and an access is SIGBUS (past EOF)."""
+    host = host_factory(ram="256M", hugepages={"2M": 4})
+    me, got = setup(host)
+    fd = me.memfd_create("huge", HUGE2M)
+    me.ftruncate(fd, HPAGE)
+    pv = me.mmap(0, HPAGE, RW, u.MAP_PRIVATE, fd, 0)
+    me.write(pv, b"copy")
+    assert hp(host) == (4, 3, 0)
+    me.ftruncate(fd, 0)
+    assert hp(host) == (4, 4, 1)
+    assert not me.pagemap(pv).present
+    assert sigbus_of(got, lambda: me.read(pv, 1)) == [(u.BUS_ADRERR, pv, 0)]
+    me.ftruncate(fd, HPAGE)
+    assert me.read(pv, 4) == bytes(4)                  # a new anonymous page, reserved
+    assert hp(host) == (4, 3, 0)
+    me.munmap(pv, HPAGE)
+    assert hp(host) == (4, 4, 0)
+    assert host.check_invariants() == []
