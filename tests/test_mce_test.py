@@ -11,8 +11,9 @@ port therefore runs under both: "pre-6.11" (the emulator's madvise_action_requir
 = False, what the programs assert) and "6.18" (what the kernel does now).
 
 SysV shm cases (tinjpage `ipv shared`, `shared memory hugepage`, thugetlb -S) are in
-tests/test_sysv_shm.py.  The cases that need what the emulator lacks (disk files,
-MAP_ANONYMOUS|MAP_HUGETLB, MAP_PRIVATE huge pages) are listed in docs/deviations.md, "Upstream test suites: cases not ported".
+tests/test_sysv_shm.py.  The cases not ported (disk files; thugetlb -A and -p/-pc, which
+MAP_ANONYMOUS|MAP_HUGETLB and MAP_PRIVATE huge pages now allow) are listed in
+docs/deviations.md, "Upstream test suites: cases not ported".
 """
 import signal
 import struct
