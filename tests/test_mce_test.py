@@ -158,8 +158,27 @@ class FileBackedHugepage(Case):
         self.me.close(self.fd)
 
 
+class AnonymousHugepage(Case):
+    """anonymous_hugepage(): alloc_anonymous_hugepage(HPS, private=1), i.e.
+    MAP_PRIVATE|MAP_ANONYMOUS|MAP_HUGETLB, prefaulted with page[0] = 'a'; the poisoned
+    anonymous huge page is dissolved (me_huge_page), the write after it meets the
+    huge hwpoison entry."""
+
+    huge = True
+    lsb = 21
+
+    def map(self):
+        self.page = self.me.mmap(0, HPAGE, RW, u.MAP_PRIVATE | u.MAP_ANONYMOUS | u.MAP_HUGETLB)
+        self.me.write(self.page, b"a")                      # prefault
+        return self.page
+
+    def after(self):
+        self.me.munmap(self.page, HPAGE)
+
+
 CASES = {"dirty_anonymous": DirtyAnonymous, "dirty_anonymous_unmap": DirtyAnonymousUnmap,
-         "mlocked_anonymous": MlockedAnonymous, "file_backed_hugepage": FileBackedHugepage}
+         "mlocked_anonymous": MlockedAnonymous, "file_backed_hugepage": FileBackedHugepage,
+         "anonymous_hugepage": AnonymousHugepage}
 INJECTORS = ["6.18", "pre-6.11", "mce-inject"]
 
 
