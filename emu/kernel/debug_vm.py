@@ -8,6 +8,7 @@ recomputed from the tables and compared with what meminfo reports.  It only read
 from __future__ import annotations
 
 from .. import _core as C
+from .hugetlb_fault import private_reserved
 from .mm import TASK_SIZE
 from .page_alloc import PG_buddy, PG_head, PG_hugetlb, PG_hwpoison, PG_reserved
 
@@ -194,9 +195,11 @@ def check_invariants(k) -> list[str]:
                 bad("hugetlb", "%s: HugePages_Rsvd %d with %d free" % (h.name, h.resv, len(h.free)))
             promised = sum(len(i.private.get("resv", ())) for i in k.inodes.values()
                            if i.private.get("hstate") is h)
-            if promised != h.resv:
-                bad("hugetlb", "%s: HugePages_Rsvd %d, files hold %d reservations"
-                    % (h.name, h.resv, promised))
+            private = sum(private_reserved(v) for v in k.vma_of.values()
+                          if v.resv is not None and v.resv.h is h)
+            if promised + private != h.resv:
+                bad("hugetlb", "%s: HugePages_Rsvd %d, files hold %d reservations, private "
+                    "mappings %d" % (h.name, h.resv, promised, private))
 
     # -- page tables: no entry maps a freed frame; mapcounts match the entries
     maps: dict[int, int] = {}

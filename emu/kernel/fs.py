@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from .. import _core as C
 from .. import uapi as u
+from . import hugetlb_fault
 from .mm import PAGE_SHIFT, PAGE_SIZE
 from .page_alloc import PG_dirty, PG_hwpoison
 
@@ -208,6 +209,8 @@ def unmap_mapping_range(k, inode: Inode, start: int, end: int | None, even_cows:
             continue
         for va, e, level in core.pt_scan(vma.mm.pgd, vma.addr_of(lo), vma.addr_of(hi)):
             if e & C.PTE_PRESENT or (e & C.PTE_HWPOISON and even_cows):
+                if level > 1:                     # hugetlb_vmdelete_list: __unmap_hugepage_range
+                    hugetlb_fault.restore_reserve_on_unmap(k, vma, va, e)
                 k.mm.zap_pte(vma.mm, va, False, level)
 
 

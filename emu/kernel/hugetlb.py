@@ -2,13 +2,15 @@
 
 This module reserves the pools and accounts them (/proc/meminfo).  Huge folios
 for hugetlbfs memfd and HugeTLB guest_memfd, and their hwpoison handling, build
-on it (see the HugeTLB issue).
+on it (see the HugeTLB issue).  MAP_PRIVATE mappings (faults, copy-on-write, fork,
+per-VMA reservations) are in hugetlb_fault.py.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from .. import uapi as u
+from . import hugetlb_fault
 from .fs import File, FileOps, Inode, filemap_read, filemap_remove_folio, truncate_inode_pages_range
 from .memory_failure import MF_MSG_ALREADY_POISONED, MF_MSG_FREE_HUGE, MF_MSG_UNMAP_FAILED
 from .mm import PAGE_SHIFT
@@ -201,6 +203,8 @@ class HugeTLB:
         self.groups: dict[int, dict] = {}           # old head -> {"order", "live", "raw"}
         self.temporary: set[int] = set()            # heads of folios that leave on free
         self.by_order = {h.order: h for h in hstates.values()}
+        self.anon_maps: dict[int, list] = {}         # anon head -> [(mm, va)] (hugetlb_fault.py)
+        self.restore_reserve: set[int] = set()       # heads whose free restores a reservation
         for h in hstates.values():
             for head in h.free:
                 k.core.set_folio(head, h.order, PG_hugetlb | PG_head, 0, 0, 0)
@@ -228,6 +232,23 @@ class HugeTLB:
         inode.private["hstate"] = h
         inode.huge_order = h.order
         return proc.fd_install(File(inode))
+
+    def file_setup(self, length: int, flags: int) -> File:
+        """hugetlb_file_setup(HUGETLB_ANON_FILE, ...) for MAP_ANONYMOUS|MAP_HUGETLB:
+        hstate_sizelog() of the MAP_HUGE_SHIFT bits (EINVAL for a size with no
+        hstate), i_size the length rounded up to the huge page size; the mapping
+        holds the only reference."""
+        hname = hstate_name((flags >> u.MAP_HUGE_SHIFT) & u.MAP_HUGE_MASK)
+        if hname is None:
+            raise OSError(u.EINVAL, "mmap: unsupported huge page size")
+        h = self.hstates.get(hname) or HState(hname, HSTATE_ORDER[hname])
+        inode = self.k.new_inode(HUGETLBFS_OPS, "anon_hugepage")
+        inode.private["hstate"] = h
+        inode.huge_order = h.order
+        hsize = 4096 << h.order
+        inode.size = (length + hsize - 1) // hsize * hsize
+        self.k.inode_sync(inode)
+        return File(inode)
 
     def dequeue(self, h: HState) -> int | None:
         """dequeue_hugetlb_folio_node_exact: a poisoned folio is never handed out."""
@@ -278,8 +299,12 @@ class HugeTLB:
         the raw pages (folio_clear_hugetlb_hwpoison), which stay retired, and the
         healthy subpages go back to the page allocator.  Otherwise back to the pool."""
         k, core = self.k, self.k.core
+        self.anon_maps.pop(head, None)
         order = core.order(head)
         h = self.by_order[order]
+        if head in self.restore_reserve:       # folio_test_hugetlb_restore_reserve
+            self.restore_reserve.discard(head)
+            h.resv += 1
         tracked = {p for p in k.memory_failure.tracked if head <= p < head + (1 << order)}
         if tracked and not core.flags(head) & PG_hwpoison:
             k.memory_failure.mark_on_release(head, tracked)     # reported to HugeTLB now
@@ -484,9 +509,12 @@ class HugeTLB:
 
     # ------------------------------------------------------------ faults
     def fault(self, task, vma, va: int, write: bool) -> int:
-        """hugetlb_fault / hugetlb_no_page: map the whole huge folio with one entry."""
+        """hugetlb_fault / hugetlb_no_page: map the whole huge folio with one entry
+        (a private mapping: hugetlb_fault.py)."""
         from .mm import VM_FAULT_HWPOISON_LARGE, VM_FAULT_OK, VM_FAULT_SIGBUS
 
+        if not vma.shared:
+            return hugetlb_fault.hugetlb_fault(self.k, task, vma, va, write)
         inode = vma.inode
         h = inode.private["hstate"]
         hsize = 4096 << h.order

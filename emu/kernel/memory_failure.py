@@ -120,7 +120,15 @@ def me_huge_page(mf, ps, pfn):
     head = k.core.head(pfn)
     inode = k.inodes.get(k.core.mapping(head))
     if inode is None:
-        return u.MF_FAILED
+        # no mapping (an anonymous MAP_PRIVATE huge page): the hwpoison entries keep
+        # it from being used again, so memory_failure's reference is put and a folio
+        # freed by it is dissolved for its healthy subpages (__page_handle_poison)
+        freed = k.core.refcount(head) == 1
+        k.mm.folio_put(head)
+        res = u.MF_RECOVERED if freed and not k.core.flags(head) & PG_hugetlb else u.MF_FAILED
+        if mf.has_extra_refcount(ps, pfn, False):
+            res = u.MF_FAILED
+        return res
     res = mf.truncate_error_folio(head, pfn, inode)
     if mf.has_extra_refcount(ps, pfn, True):
         res = u.MF_FAILED
@@ -250,7 +258,10 @@ class MemoryFailure(SoftOffline):
         k, core = self.k, self.k.core
         tokill: list[ToKill] = []
         shift = 12 + core.order(head)
-        if core.flags(head) & PG_anon:
+        if core.flags(head) & PG_anon and core.flags(head) & PG_hugetlb:
+            # anonymous huge folios, shared after fork: every mapping, at pfn's address
+            maps = [(mm.slot, va + ((pfn - head) << 12)) for mm, va, *_x in k.mm.rmap_walk(head)]
+        elif core.flags(head) & PG_anon:
             ent = k.mm.anon_rmap.get(head)
             maps = [] if ent is None else [(ent[0].slot, ent[1])]
         elif inode is None:

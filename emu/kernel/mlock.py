@@ -129,7 +129,7 @@ def _split(k, vma: Vma, lo: int, hi: int) -> Vma:
         if a < b:
             piece = Vma(vma.mm, a, b, vma.prot, vma.shared, vma.file,
                         vma.pgoff + ((a - vma.start) >> PAGE_SHIFT), anon_vma=vma.anon_vma,
-                        locked=vma.locked)
+                        locked=vma.locked, resv=vma.resv)
             k.vma_link(piece)
             if vma.file is not None:
                 vma.file.get()

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from .. import _core as C
 from .. import uapi as u
+from . import hugetlb_fault
 from .page_alloc import (
     ZERO_PFN,
     PG_anon,
@@ -66,6 +67,7 @@ class Vma:
     # page; fork copies the page tables of such VMAs only (vma_needs_copy)
     anon_vma: bool = False
     locked: int = 0                # VM_LOCKED | VM_LOCKONFAULT (emu.kernel.mlock)
+    resv: object = None            # a private HugeTLB VMA's resv_map (hugetlb_fault.ResvMap)
 
     @property
     def inode(self):
@@ -263,6 +265,8 @@ class MM:
         n = 0
         for va, e, level in self.core.pt_scan(mm.pgd, start, end):
             if e & C.PTE_PRESENT or e & C.PTE_HWPOISON:
+                if level > 1:                     # __unmap_hugepage_range
+                    hugetlb_fault.restore_reserve_on_unmap(self.k, mm.find_vma(va), va, e)
                 self.zap_pte(mm, va, False, level)
                 n += 1
         if n:
@@ -276,7 +280,9 @@ class MM:
         core = self.core
         out: list[tuple] = []
         fl = core.flags(head)
-        if fl & PG_anon and not fl & PG_hugetlb:
+        if fl & PG_anon and fl & PG_hugetlb:
+            return hugetlb_fault.anon_rmap_walk(self.k, head)
+        if fl & PG_anon:
             ent = self.anon_rmap.get(head)
             if ent is not None:
                 mm, va = ent
@@ -424,6 +430,8 @@ class MM:
             if write and not entry & C.PTE_RW and not vma.shared:
                 if entry & C.PTE_SPECIAL:           # do_wp_page on the zero page
                     self._wp_zero_page(vma, va)
+                elif vma.file is not None and vma.inode.ops.huge:
+                    return self._huge_fault(task, vma, va, write, gup)      # hugetlb_wp
                 elif vma.file is not None:
                     return self._cow_done(task, va, self._cow(task, vma, va, entry), gup)
             elif write and not entry & C.PTE_RW and vma.file is not None \
@@ -434,13 +442,7 @@ class MM:
             self._do_anonymous_page(vma, va, write)
             return VM_FAULT_OK
         if vma.inode.ops.huge:
-            ret = vma.inode.ops.huge_fault(self.k, task, vma, va, write)
-            if ret:                               # a split folio's page loses 4 KiB only
-                lsb = PAGE_SHIFT if ret & VM_FAULT_HWPOISON else vma.inode.ops.shift(vma.inode)
-                return self._sigbus(task, va, ret, lsb, gup)
-            if not vma.shared:                    # hugetlb_no_page: vmf_anon_prepare
-                vma.anon_vma = True
-            return VM_FAULT_OK
+            return self._huge_fault(task, vma, va, write, gup)
         index = vma.pgoff + ((va - vma.start) >> PAGE_SHIFT)
         ret, pfn = vma.inode.ops.fault(self.k, vma.inode, index)
         if ret == VM_FAULT_OK and self.core.flags(pfn) & PG_hwpoison \
@@ -459,6 +461,16 @@ class MM:
         if not write:
             self._fault_around(vma, va)
         return VM_FAULT_OK
+
+    def _huge_fault(self, task, vma: Vma, va: int, write: bool, gup: bool) -> int:
+        """hugetlb_fault (emu.kernel.hugetlb); a copy-on-write that consumed a latent
+        error runs the memory_failure() it queued after the SIGBUS, as _cow_done."""
+        ret = vma.inode.ops.huge_fault(self.k, task, vma, va, write)
+        if ret:                                   # a split folio's page loses 4 KiB only
+            lsb = PAGE_SHIFT if ret & VM_FAULT_HWPOISON else vma.inode.ops.shift(vma.inode)
+            ret = self._sigbus(task, va, ret, lsb, gup)
+            self.k.memory_failure.run_queued()
+        return ret
 
     def _sigbus(self, task, va: int, ret: int, lsb: int, gup: bool = False) -> int:
         if gup:
@@ -579,6 +591,18 @@ class MM:
                 raise OSError(u.EEXIST, "mmap")
         fixed = flags & (u.MAP_FIXED | u.MAP_FIXED_NOREPLACE)
         self.k.vmas_available(1 + (self._splits(mm, addr, addr + length) if fixed else 0), "mmap")
+        if file is None and flags & u.MAP_HUGETLB:
+            # ksys_mmap_pgoff(): hugetlb_file_setup() of an anonymous hugetlbfs file
+            # of the size MAP_HUGE_SHIFT names, mapped as any hugetlbfs file
+            if self.k.hugetlb is None:                 # no pool: the reservation fails
+                raise OSError(u.ENOMEM, "mmap: no huge pages")
+            file = self.k.hugetlb.file_setup(length, flags)
+            try:
+                return self.mmap(proc, addr, length, prot, flags, file, offset)
+            finally:
+                file.put(self.k)
+        if file is not None and flags & u.MAP_HUGETLB and not file.inode.ops.huge:
+            raise OSError(u.EINVAL, "mmap: MAP_HUGETLB on a file that is not hugetlbfs")
         if file is None and shared:
             # mmap_region(): shared anonymous memory is shmem (shmem_zero_setup), its
             # pgoff ignored; the mapping holds the only reference to the file
@@ -589,7 +613,7 @@ class MM:
                 return self.mmap(proc, addr, length, prot, flags, file, 0)
             finally:
                 file.put(self.k)
-        align = PAGE_SIZE
+        align, resv = PAGE_SIZE, None
         if file is not None:
             file.inode.ops.mmap_check(self.k, file, shared, prot)
             if file.inode.ops.huge:                  # hugetlb_get_unmapped_area
@@ -597,13 +621,16 @@ class MM:
                 if offset % align or addr % align:
                     raise OSError(u.EINVAL, "mmap: hugetlb offset/address alignment")
                 length = (length + align - 1) & ~(align - 1)    # ksys_mmap_pgoff rounds up
-                if shared and not flags & MAP_NORESERVE:
-                    file.inode.ops.reserve(self.k, file.inode, offset, length)
+        if not flags & (u.MAP_FIXED | u.MAP_FIXED_NOREPLACE):
+            addr = mm.get_unmapped_area(length, align)
+        if file is not None and file.inode.ops.huge and not flags & MAP_NORESERVE:
+            if shared:                                # hugetlb_reserve_pages
+                file.inode.ops.reserve(self.k, file.inode, offset, length)
+            else:                                     # the same, into the VMA's resv_map
+                resv = hugetlb_fault.reserve_private(self.k, file.inode, offset, length)
         if flags & (u.MAP_FIXED | u.MAP_FIXED_NOREPLACE):
             self.munmap(proc, addr, length)
-        else:
-            addr = mm.get_unmapped_area(length, align)
-        vma = Vma(mm, addr, addr + length, prot, shared, file, offset >> PAGE_SHIFT)
+        vma = Vma(mm, addr, addr + length, prot, shared, file, offset >> PAGE_SHIFT, resv=resv)
         self.k.vma_link(vma)
         if file is not None:
             file.get()
@@ -650,13 +677,15 @@ class MM:
 
     def _split_out(self, mm: Mm, vma: Vma, start: int, end: int) -> None:
         self.k.vma_unlink(vma)
+        if vma.resv is not None:                  # hugetlb_vm_op_close of the removed part
+            hugetlb_fault.vm_op_close(self.k, vma, max(start, vma.start), min(end, vma.end))
         if vma.file is not None:
             vma_interval_tree_remove(vma, vma.inode.i_mmap)
         for lo, hi in ((vma.start, min(start, vma.end)), (max(end, vma.start), vma.end)):
             if lo < hi:
                 piece = Vma(mm, lo, hi, vma.prot, vma.shared, vma.file,
                             vma.pgoff + ((lo - vma.start) >> PAGE_SHIFT), anon_vma=vma.anon_vma,
-                            locked=vma.locked)
+                            locked=vma.locked, resv=vma.resv)
                 self.k.vma_link(piece)
                 if vma.file is not None:
                     vma.file.get()
@@ -688,9 +717,10 @@ class MM:
         """fork: page tables are copied only where vma_needs_copy() says, i.e. for VMAs
         with an anon_vma; the child faults in the rest (shared file mappings, HugeTLB
         shared mappings, private mappings never written, with their hwpoison
-        entries).  Where copied, shared mappings share frames, and private anonymous
-        pages are copied at fork time (the emulator does not do copy-on-write across
-        processes); a copy keeps the source frame's latent error, as the page Linux
+        entries).  HugeTLB VMAs go to copy_hugetlb_page_range (private ones are
+        write-protected and shared copy-on-write).  Elsewhere, shared mappings share
+        frames, and private anonymous 4K pages are copied at fork time (no 4K
+        copy-on-write across processes); a copy keeps the source frame's latent error, as the page Linux
         would share, so the child's first load still consumes it."""
         core = self.core
         for vma in src.vmas:
@@ -703,14 +733,14 @@ class MM:
                 self.k.i_mmap_sync(vma.inode)
             if not vma.anon_vma:                          # vma_needs_copy() is false
                 continue
+            if vma.file is not None and vma.inode.ops.huge:
+                hugetlb_fault.copy_hugetlb_page_range(self.k, vma, nv)
+                continue
             for va, e, level in core.pt_scan(src.pgd, vma.start, vma.end):
                 if e & (C.PTE_HWPOISON | C.PTE_SPECIAL):
                     core.pte_set(dst.pgd, va, e, level)   # copy_nonpresent_pte; no page
                     continue
                 pfn = (e & C.PTE_PFN_MASK) >> PAGE_SHIFT
-                if level > 1:                            # a HugeTLB mapping: shared
-                    self.set_pte(dst, va, pfn, bool(e & C.PTE_RW), bool(e & C.PTE_DIRTY), level)
-                    continue
                 if core.flags(core.head(pfn)) & PG_anon:
                     new = self.folio_alloc(0, _ANON_FLAGS, 0, va >> PAGE_SHIFT)
                     core.phys_copy(new, pfn)
