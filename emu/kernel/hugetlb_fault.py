@@ -21,9 +21,8 @@ from dataclasses import dataclass, field
 
 from .. import _core as C
 from .. import uapi as u
-from .page_alloc import PG_anon, PG_head, PG_hugetlb, PG_hwpoison, PG_uptodate
+from .page_alloc import PAGE_SHIFT, PG_anon, PG_head, PG_hugetlb, PG_hwpoison, PG_uptodate
 
-PAGE_SHIFT = 12
 _ANON_HUGE = PG_hugetlb | PG_head | PG_uptodate | PG_anon
 _COW_STACK = ("copy_mc_enhanced_fast_string", "copy_mc_to_kernel", "copy_mc_user_highpage",
               "copy_subpage", "process_huge_page", "copy_user_large_folio", "hugetlb_wp",

@@ -1,5 +1,6 @@
-"""Address spaces: VMAs, page faults, zapping, reverse mapping, fork (mm/memory.c,
-mm/mmap.c, mm/rmap.c in miniature).
+"""Address spaces: VMAs, page faults, zapping, fork (mm/memory.c, mm/mmap.c in
+miniature).  Reverse mapping is rmap.py (mm/rmap.c), migration migrate.py
+(mm/migrate.c), HugeTLB faults hugetlb_fault.py: mixins and helpers of MM.
 
 Page tables live in the shared-memory core; the workers' MMU walks them.  Here
 the kernel fills them on faults and tears them down on munmap/madvise/unmap.
@@ -12,7 +13,10 @@ from dataclasses import dataclass, field
 from .. import _core as C
 from .. import uapi as u
 from . import hugetlb_fault
+from .migrate import Migrate
 from .page_alloc import (
+    PAGE_SHIFT,
+    PAGE_SIZE,
     ZERO_PFN,
     PG_anon,
     PG_dirty,
@@ -22,9 +26,8 @@ from .page_alloc import (
     PG_swapbacked,
     PG_uptodate,
 )
+from .rmap import Rmap
 
-PAGE_SHIFT = 12
-PAGE_SIZE = 4096
 TASK_SIZE = 1 << 47
 MMAP_BASE = 0x7F0000000000
 MAP_NORESERVE = 0x4000
@@ -39,9 +42,6 @@ VM_FAULT_SIGSEGV = 0x40
 
 _LEAF_PROT = C.PTE_PRESENT | C.PTE_USER
 _ANON_FLAGS = PG_anon | PG_lru | PG_swapbacked | PG_uptodate
-_MIGRATE_STACK = ("copy_mc_enhanced_fast_string", "copy_mc_to_kernel", "folio_mc_copy",
-                  "__migrate_folio", "move_to_new_folio", "migrate_pages_batch", "migrate_pages",
-                  "soft_offline_in_use_page")
 _COW_STACK = ("copy_mc_enhanced_fast_string", "copy_mc_to_kernel", "copy_mc_user_highpage",
               "handle_mm_fault", "do_user_addr_fault", "exc_page_fault")
 
@@ -160,7 +160,7 @@ def vma_interval_tree_remove(vma: Vma, root: list) -> None:
     root.remove(vma)
 
 
-class MM:
+class MM(Rmap, Migrate):
     """The memory-management part of the kernel: owns frames' lifetimes in mappings."""
 
     def __init__(self, k):
@@ -274,130 +274,6 @@ class MM:
         return n
 
     # ------------------------------------------------------------------ rmap
-    def rmap_walk(self, head: int) -> list[tuple]:
-        """(mm, va, pfn, vma, level) for every entry that maps a page of the folio
-        (one huge entry for a HugeTLB folio)."""
-        core = self.core
-        out: list[tuple] = []
-        fl = core.flags(head)
-        if fl & PG_anon and fl & PG_hugetlb:
-            return hugetlb_fault.anon_rmap_walk(self.k, head)
-        if fl & PG_anon:
-            ent = self.anon_rmap.get(head)
-            if ent is not None:
-                mm, va = ent
-                if core.pte_pfn(mm.pgd, va) == head:
-                    out.append((mm, va, head, mm.find_vma(va), 1))
-            return out
-        inode = self.k.inodes.get(core.mapping(head))
-        if inode is None:
-            return out
-        n, level = self._span(head, fl)
-        vma_of = self.k.vma_of
-        for s, va, pfn in core.rmap_file(inode.slot, head, core.index(head), n, level):
-            vma = vma_of[s]
-            out.append((vma.mm, va, pfn, vma, level))
-        return out
-
-    def _span(self, head: int, fl: int) -> tuple[int, int]:
-        """(pages, level) a folio is mapped with: page by page, or one HugeTLB entry."""
-        order = self.core.order(head)
-        return (1, 2 if order == 9 else 3) if fl & PG_hugetlb else (1 << order, 1)
-
-    def try_to_unmap(self, head: int, hwpoison: bool, sends: list | None = None) -> None:
-        """try_to_unmap(folio, TTU_HWPOISON?): poisoned subpages become hwpoison entries.
-
-        A file folio's rmap walk and zaps run in the core, in one call, after the MMU
-        notifiers of its mappings (try_to_unmap_one's invalidate_range_start).  With
-        `sends` (Signals.early_records, file folios only) that call also posts them,
-        right after the last zap; kill_procs then accounts for them (Signals.posted_early)."""
-        core, k = self.core, self.k
-        fl = core.flags(head)
-        inode = None if fl & PG_anon and not fl & PG_hugetlb else k.inodes.get(core.mapping(head))
-        if inode is None:
-            assert not sends, "the core sends only after a file folio's unmap"
-            for mm, va, pfn, _vma, level in self.rmap_walk(head):
-                poison = hwpoison and core.flags(pfn) & PG_hwpoison != 0
-                self.zap_pte(mm, va, poison, level)
-                k.trace("unmap", mm=mm.slot, addr=va, pfn=pfn, hwpoison=poison, level=level)
-            return
-        n, level = self._span(head, fl)
-        index, vma_of = core.index(head), k.vma_of
-        if k.kvm.vms:
-            for s, va, _pfn in core.rmap_file(inode.slot, head, index, n, level):
-                if vma_of[s].mm.kvm_users:
-                    k.kvm.mmu_notifier_invalidate(vma_of[s].mm, va, PAGE_SIZE << 9 * (level - 1))
-        zapped, done, sent = core.unmap_file(inode.slot, head, index, n, level, hwpoison, sends)
-        if sends:
-            k.signals.posted_early(sends, sent)
-        for s, va, pfn, poison, refs in zapped:
-            if refs <= 0:
-                self.folio_free(head)
-            k.trace("unmap", _ts=done, mm=vma_of[s].mm.slot, addr=va, pfn=pfn, hwpoison=poison,
-                    level=level)
-
-    def folio_mkclean(self, head: int) -> bool:
-        """Write-protect/clean every mapping; True if any PTE was dirty."""
-        dirty = False
-        for mm, va, _pfn, _vma, level in self.rmap_walk(head):
-            old = self.core.pte_clear_ad(mm.pgd, va, C.PTE_DIRTY, level)
-            dirty |= bool(old & C.PTE_DIRTY)
-        return dirty
-
-    def migrate_folio(self, old: int, new: int) -> int:
-        """migrate_pages() of one folio (order 0, or a HugeTLB folio mapped whole) to
-        the free folio at `new`: try_to_migrate (each mapping's MMU notifiers, so KVM
-        drops the stage-2 entries it made from it, then the PTE goes), copy, then
-        remove_migration_ptes (the same entries, now to `new`), and the page cache
-        (or the anon rmap) follows.  The old folio is left unreferenced, its
-        mappings gone, for the caller; 0.
-
-        The copy is folio_mc_copy() (__migrate_folio, hugetlbfs_migrate_folio): a
-        latent error in the source fails it with -EHWPOISON, returned after
-        remove_migration_ptes(src, src) put the old entries back; `new` is untouched
-        and memory_failure() of the bad page is queued (copy_mc_highpage())."""
-        core, k = self.core, self.k
-        flags, order = core.flags(old), core.order(old)
-        mapping, index = core.mapping(old), core.index(old)
-        saved = []
-        for mm, va, _p, _v, level in self.rmap_walk(old):
-            if mm.kvm_users:
-                k.kvm.mmu_notifier_invalidate(mm, va, PAGE_SIZE << 9 * (level - 1))
-            saved.append((mm, va, level, core.pte_xchg(mm.pgd, va, 0, level)))
-        # no CPU may still be copying through an old translation (host or stage-2)
-        k.synchronize_rcu()
-        if self.copy_mc_highpages(new, old, 1 << order, _MIGRATE_STACK) >= 0:
-            for mm, va, level, e in saved:               # migrate_folio_undo_src()
-                core.pte_set(mm.pgd, va, e, level)
-            return -u.EHWPOISON
-        inode = None if flags & PG_anon and not flags & PG_hugetlb else k.inodes.get(mapping)
-        core.set_folio(new, order, flags, len(saved) + (1 if inode is not None else 0), mapping,
-                       index, bool(flags & PG_hugetlb))
-        for mm, va, level, e in saved:
-            core.pte_set(mm.pgd, va, (e & ~C.PTE_PFN_MASK) | (new << PAGE_SHIFT), level)
-            core.map_add(new, 1)
-        if inode is not None:
-            inode.pages[index] = new
-        if old in self.anon_rmap:
-            self.anon_rmap[new] = self.anon_rmap.pop(old)
-        k.trace("migrate", pfn=old, new=new, order=order)
-        return 0
-
-    def copy_mc_highpages(self, dst: int, src: int, npages: int, stack: tuple[str, ...]) -> int:
-        """folio_mc_copy() / copy_mc_user_highpage(): copy page by page with
-        copy_mc_to_kernel(); a page with a latent error raises a recoverable #MC
-        (mce.kernel_copy_mc) and the copy stops there, memory_failure_queue(pfn, 0)
-        for it (the caller runs the queue).  Returns that pfn, or -1 when all was
-        copied."""
-        core = self.core
-        for i in range(npages):
-            if core.hwerr(src + i):
-                self.k.mce.kernel_copy_mc(self.k.current, src + i, stack)
-                self.k.memory_failure.queue(src + i)
-                return src + i
-        core.phys_copy(dst, src, npages)
-        return -1
-
     # ------------------------------------------------------------------ faults
     def handle_mm_fault(self, task, va: int, write: bool, gup: bool = False) -> int:
         """Resolve a fault for `task`; a user fault that fails is signalled as x86's

@@ -15,6 +15,9 @@ from collections import deque
 
 from .. import _core as C
 
+PAGE_SHIFT = 12            # arch/x86/include/asm/page_types.h
+PAGE_SIZE = 1 << PAGE_SHIFT
+
 # page flags (our bit numbers, the kernel's names)
 PG_locked = 1 << 0
 PG_referenced = 1 << 1
