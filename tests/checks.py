@@ -73,6 +73,18 @@ def record_sigbus(raise_on=()) -> list:
     return got
 
 
+def sigbus_of(got, fn) -> list:
+    """Run an access that must fault, under a record_sigbus() recorder that raises
+    Stop on it (a handler that returned would re-run the access: the fault again,
+    forever); return the SIGBUS records it raised."""
+    got.clear()
+    with pytest.raises(Stop):
+        fn()
+    out = list(got)
+    got.clear()
+    return out
+
+
 def wait_for(task, lst, n=1, timeout=WAIT):
     """Idle in the emulated task (its signals are delivered) until lst has n items."""
     end = time.monotonic() + timeout

@@ -13,7 +13,7 @@ import errno
 import time
 
 import pytest
-from checks import Event, Stop, dmesg_has, record_sigbus, wait_for
+from checks import Event, Stop, dmesg_has, record_sigbus, sigbus_of, wait_for
 
 import emu
 from emu import uapi as u
@@ -36,16 +36,6 @@ HUGE2M = u.MFD_HUGETLB | u.MFD_HUGE_2MB
 
 
 RAISE_ON = (AR, u.BUS_ADRERR)      # the SIGBUS recorders stop an AR or BUS_ADRERR access
-
-
-def sigbus_of(got, fn):
-    """Run an access that must fault; return the one SIGBUS it raised."""
-    got.clear()
-    with pytest.raises(Stop):
-        fn()
-    out = list(got)
-    got.clear()
-    return out
 
 
 def poll(fn, want, timeout=WAIT):

@@ -30,7 +30,7 @@ import signal
 import struct
 
 import pytest
-from checks import Stop, record_sigbus
+from checks import Stop, record_sigbus, sigbus_of
 from selftest_harness import Pipe
 
 import emu
@@ -51,16 +51,6 @@ def setup(host):
     returned would re-run it: the fault again, forever)."""
     me = emu.attach(host, name="t")
     return me, record_sigbus((AR, u.BUS_ADRERR))
-
-
-def sigbus_of(got, fn):
-    """Run an access that must fault; return the SIGBUS records it raised."""
-    got.clear()
-    with pytest.raises(Stop):
-        fn()
-    out = list(got)
-    got.clear()
-    return out
 
 
 def hp(host):
