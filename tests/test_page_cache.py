@@ -435,7 +435,7 @@ def test_tinjpage_file_clean(host_factory, case, mode, kernel):
     unmap munlocked it (folio_remove_rmap -> munlock_vma_folio, drained by
     try_to_unmap_one's mlock_drain_local and hwpoison_user_mappings' shake_folio),
     so identify_page_state's first look at the flags finds an LRU page, not a
-    "clean mlocked LRU page"; the page read again from the disk is mlocked again."""
+    "clean mlocked LRU page"."""
     h, pfns = _tinjpage_loop(host_factory, case, mode, kernel)
     assert len(pfns) == 2
     for pfn in pfns:
