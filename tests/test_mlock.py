@@ -2,8 +2,8 @@
 MAP_SHARED|MAP_ANONYMOUS across fork (mm/shmem.c shmem_zero_setup), as the
 memory-failure tests see them: the pages are faulted in (for a private writable
 mapping with write faults, so they are dirty), PG_mlocked and PG_unevictable
-(kpageflags KPF_MLOCKED, KPF_UNEVICTABLE), and memory_failure() names them by the
-error_states[] entries for mlocked pages ("dirty mlocked LRU page")."""
+(kpageflags KPF_MLOCKED, KPF_UNEVICTABLE); memory_failure()'s unmap munlocks them,
+so it names them by the plain LRU entries of error_states[] ("dirty LRU page")."""
 import signal
 import struct
 
@@ -32,9 +32,12 @@ def test_tinjpage_mlocked_anonymous_state(host_factory):
     then madvise(MADV_HWPOISON) and a write.  MAP_LOCKED populates the page at mmap
     (vm_mmap_pgoff -> mm_populate, FOLL_WRITE for a private writable VMA:
     populate_vma_page_range), so it is present, dirty, mlocked and unevictable
-    before any access, and memory_failure() reports "dirty mlocked LRU page:
-    Recovered" (error_states[], me_pagecache_dirty; an anonymous folio is
-    MF_RECOVERED in me_pagecache_clean)."""
+    before any access.  The hwpoison unmap munlocks it (try_to_unmap_one:
+    folio_remove_rmap_pte -> munlock_vma_folio, drained by mlock_drain_local and
+    hwpoison_user_mappings' `if (mlocked) shake_folio()`), so identify_page_state's
+    first look at the current flags finds "dirty LRU page: Recovered", not the
+    saved "dirty mlocked LRU page" (an anonymous folio is MF_RECOVERED in
+    me_pagecache_clean)."""
     h = host_factory()
     me, rec = attach(h, name="tinjpage")
     page = me.mmap(0, PAGE, RW, u.MAP_PRIVATE | u.MAP_ANONYMOUS | u.MAP_LOCKED)
@@ -44,7 +47,8 @@ def test_tinjpage_mlocked_anonymous_state(host_factory):
     assert fl & MLOCKED and fl & UNEVICTABLE
     assert _locked(h, me, page) == PAGE
     assert rec.run(me.madvise, page, PAGE, u.MADV_HWPOISON) == ("jump", (AR, page, 12))
-    assert dmesg_has(h, "%#x: recovery action for dirty mlocked LRU page: Recovered" % pm.pfn)
+    assert dmesg_has(h, "%#x: recovery action for dirty LRU page: Recovered" % pm.pfn)
+    assert not h.kpageflags(pm.pfn) & (MLOCKED | UNEVICTABLE)
     assert rec.run(me.write, page, b"\x02") == ("jump", (AR, page, 12))
 
 
@@ -191,8 +195,9 @@ def test_madvise_zap_of_locked_vma_is_einval(host_factory, advice):
 
 def test_shared_anonymous_locked_page(host_factory):
     """MAP_SHARED|MAP_ANONYMOUS|MAP_LOCKED: the shmem page is populated by a read
-    fault (FOLL_WRITE only for private writable VMAs), mlocked; written, it is a
-    "dirty mlocked LRU page" to memory_failure()."""
+    fault (FOLL_WRITE only for private writable VMAs), mlocked; written, then
+    poisoned, it is a "dirty LRU page" to memory_failure(): the hwpoison unmap
+    munlocked it (see test_tinjpage_mlocked_anonymous_state)."""
     h = host_factory(madvise_action_required=False)
     me, _rec = attach(h, name="mlock")
     a = me.mmap(0, PAGE, RW, u.MAP_SHARED | u.MAP_ANONYMOUS | u.MAP_LOCKED)
@@ -202,7 +207,8 @@ def test_shared_anonymous_locked_page(host_factory):
     assert fl & MLOCKED and fl & UNEVICTABLE and not fl & DIRTY
     me.write(a, b"x")
     me.madvise(a, PAGE, u.MADV_HWPOISON)
-    assert dmesg_has(h, "%#x: recovery action for dirty mlocked LRU page" % pm.pfn)
+    assert dmesg_has(h, "%#x: recovery action for dirty LRU page" % pm.pfn)
+    assert not h.kpageflags(pm.pfn) & (MLOCKED | UNEVICTABLE)
 
 
 def test_munmap_munlocks_page_cache_folio(host_factory):

@@ -15,11 +15,31 @@ pages, held against Linux 6.18:
   mapping's file.
 - mm/memory.c wp_page_shared (vma_wants_writenotify: mapping_can_writeback): a store
   through a shared mapping dirties the folio; writeback write-protects it again.
+
+Ports: selftests/mm/memory-failure.c clean_pagecache / dirty_pagecache, and mce-test
+tinjpage.c's disk file cases (`file clean`, `file dirty`, `file hole`, `file clean
+mlocked`, `file dirty mlocked`) in its late, early and suicide loops.  Not ported
+(`nonlinear`, the `--sniper` cases): docs/deviations.md, "Upstream test suites: cases
+not ported".
 """
+import signal
+
 import pytest
 from checks import dmesg_has
-from selftest_harness import AO, AR, KPF_HWPOISON, PAGE, QUIET, RW, WAIT, attach, hardware_corrupted
+from selftest_harness import (
+    AO,
+    AR,
+    KPF_HWPOISON,
+    PAGE,
+    QUIET,
+    RW,
+    WAIT,
+    Pipe,
+    attach,
+    hardware_corrupted,
+)
 
+import emu
 from emu import uapi as u
 
 pytestmark = pytest.mark.both_backends      # conftest: on the Cython core and the reference CPU
@@ -237,64 +257,118 @@ def test_selftest_memory_failure_pagecache(host, variant, dirty):
     assert rec.take() == []
 
 
-@pytest.mark.parametrize("kernel", ["6.18", "pre-6.11"])
-@pytest.mark.parametrize("mode", ["late", "early"])
-def test_tinjpage_file_clean(host_factory, mode, kernel):
-    """mce-test tinjpage.c `file clean` (do_file_clean(0)): open O_RDWR|O_TRUNC|O_CREAT,
-    write 4 bytes, MAP_SHARED RW, fsync, close; testmem(MREAD_OK), a read (the page is
-    read again from the disk), testmem(MWRITE_OK).  A clean page: no signal at all,
-    in either loop and on either kernel (hwpoison_user_mappings: no kill)."""
-    h = host_factory(madvise_action_required=kernel == "6.18")
-    me, rec = attach(h, "tinjpage")
-    h.sysctl("vm.memory_failure_early_kill", 1 if mode == "early" else 0)
-    fd = me.open("./~test0", u.O_RDWR | u.O_TRUNC | u.O_CREAT)
+# ------------------------------------------------------------------ mce-test tinjpage.c
+# The disk file cases of tinjpage.c (TMPDIR "./", an ext2 file here), as the program
+# runs them: once in the late kill loop (vm.memory_failure_early_kill=0, the
+# SA_SIGINFO handler), once in the "suicide version" (each case in a forked child
+# with SIGBUS at SIG_DFL; waitid must say CLD_EXITED for a survivable case, else
+# CLD_KILLED by SIGBUS) and once in the early kill loop (=1).  One flow per case,
+# played through tinjpage's poison()/recover()/testmem() of the loop (Tinjpage or
+# Suicide).  Like the other tinjpage ports (tests/test_mce_test.py), each runs with
+# madvise as before 6.11 (no MF_ACTION_REQUIRED: what tinjpage asserts) and as in 6.18.
+MREAD, MWRITE, MREAD_OK, MWRITE_OK = 0, 1, 2, 3          # enum rmode
+KPF_MLOCKED = 1 << u.KPF_MLOCKED
+
+
+class Tinjpage:
+    """poison()/recover() of the late or early kill loop, asserting what the handler
+    sees.  MREAD/MWRITE: pre-6.11 madvise: AO at injection in the early loop,
+    nothing in the late one; 6.18: AR at injection (MF_ACTION_REQUIRED: current)
+    in both; then AR at the access.  MREAD_OK/MWRITE_OK: no signal anywhere.
+    si_addr is the page, si_addr_lsb 12."""
+
+    def __init__(self, me, rec, kernel, early):
+        self.me, self.rec, self.kernel, self.early = me, rec, kernel, early
+
+    def poison(self, page, mode):
+        got = self.rec.run(self.me.madvise, page, PAGE, u.MADV_HWPOISON)
+        if mode in (MREAD_OK, MWRITE_OK) or (self.kernel != "6.18" and not self.early):
+            assert got == ("ok", None)
+        elif self.kernel == "6.18":
+            assert got == ("jump", (AR, page, 12))
+        else:
+            assert got == ("jump", (AO, page, 12))                 # "recovered"
+
+    def recover(self, page, mode):
+        if mode in (MREAD, MREAD_OK):
+            got = self.rec.run(self.me.read, page, 1)
+        else:
+            got = self.rec.run(self.me.write, page, b"\x02" if mode == MWRITE else b"\x04")
+        if mode in (MREAD_OK, MWRITE_OK):
+            assert got[0] == "ok"                                  # not "killed"
+        else:
+            assert got == ("jump", (AR, page, 12))
+
+    def testmem(self, page, mode):
+        self.poison(page, mode)
+        self.recover(page, mode)
+
+    def ok(self, fn, *args):
+        """An access tinjpage does outside recover(): no signal may come."""
+        how, res = self.rec.run(fn, *args)
+        assert how == "ok"
+        return res
+
+
+class Suicide(Tinjpage):
+    """The suicide loop's child: no handler, a SIGBUS kills.  progress marks how far
+    it got: i (injecting), I (injected), A (accessed)."""
+
+    def __init__(self, me, progress):
+        self.me, self.progress = me, progress
+
+    def poison(self, page, mode):
+        self.progress.put(b"i")
+        self.me.madvise(page, PAGE, u.MADV_HWPOISON)
+        self.progress.put(b"I")
+
+    def recover(self, page, mode):
+        if mode in (MREAD, MREAD_OK):
+            self.me.read(page, 1)
+        else:
+            self.me.write(page, b"\x02" if mode == MWRITE else b"\x04")
+        self.progress.put(b"A")
+
+    def ok(self, fn, *args):
+        return fn(*args)
+
+
+def do_file_clean(me, t, flags):
+    """do_file_clean(flags): open O_RDWR|O_TRUNC|O_CREAT 0664, write 4 bytes (of the
+    name), MAP_SHARED RW (|MAP_LOCKED: `file clean mlocked`), fsync, close;
+    testmem(MREAD_OK), a read ("reread page from disk"), testmem(MWRITE_OK).  A clean
+    page of a mapping that can write back: "dropped without side effects", no kill
+    (hwpoison_user_mappings), the data comes back from the disk."""
+    fd = me.open("./~test0", u.O_RDWR | u.O_TRUNC | u.O_CREAT, 0o664)
     me.write_fd(fd, b"./~t")
-    page = me.mmap(0, PAGE, RW, u.MAP_SHARED, fd, 0)
+    page = me.mmap(0, PAGE, RW, u.MAP_SHARED | flags, fd, 0)
     me.fsync(fd)
     me.close(fd)
-    assert rec.run(me.madvise, page, PAGE, u.MADV_HWPOISON) == ("ok", None)   # MREAD_OK
-    assert rec.run(me.read, page, 1) == ("ok", b".")
-    assert me.read(page, 4) == b"./~t"                                      # reread from disk
-    assert rec.run(me.madvise, page, PAGE, u.MADV_HWPOISON) == ("ok", None)   # MWRITE_OK
-    assert rec.run(me.write, page, b"\x04") == ("ok", None)
-    me.idle(QUIET)
-    assert rec.take() == []
+    t.testmem(page, MREAD_OK)
+    assert t.ok(me.read, page, 4) == b"./~t"                    # reread page from disk
+    t.testmem(page, MWRITE_OK)
 
 
-@pytest.mark.parametrize("kernel", ["6.18", "pre-6.11"])
-@pytest.mark.parametrize("mode", ["late", "early"])
-def test_tinjpage_file_dirty(host_factory, mode, kernel):
-    """mce-test tinjpage.c `file dirty` (do_file_dirty(0)): playfile (5 pages written,
-    not synced, lseek 0), MAP_SHARED|MAP_POPULATE PROT_READ; testmem(MREAD): pre-6.11
-    late: nothing at injection, AR at the read; early: AO at injection; 6.18: AR at
-    injection (MF_ACTION_REQUIRED).  expecterr(msync(MS_SYNC)): -EIO.  Reopened
-    O_RDONLY, populated and faulted mappings read fine (the page comes from the disk).
-    Reopened O_RDWR: read and write succeed and fsync is 0 (tinjpage's optionalerr:
-    "the earlier close has eaten the error": msync saw it)."""
-    h = host_factory(madvise_action_required=kernel == "6.18")
-    me, rec = attach(h, "tinjpage")
-    early = mode == "early"
-    h.sysctl("vm.memory_failure_early_kill", 1 if early else 0)
+def do_file_dirty(me, t, flags):
+    """do_file_dirty(flags): playfile (5 pages written, not synced, lseek 0),
+    MAP_SHARED|MAP_POPULATE PROT_READ (|MAP_LOCKED: `file dirty mlocked`);
+    testmem(MREAD); expecterr(msync(MS_SYNC)): -EIO.  Reopened O_RDONLY, populated
+    and faulted mappings read fine (recover MREAD_OK: the page comes from the
+    disk).  Reopened O_RDWR: read and write succeed and fsync is 0 (tinjpage's
+    optionalerr: "the earlier close has eaten the error": msync saw it)."""
     fn = "./~poison0"
     fd = me.open(fn, u.O_CREAT | u.O_RDWR | u.O_TRUNC, 0o600)
     me.write_fd(fd, bytes(i & 0xFF for i in range(5 * PAGE)))
     assert me.lseek(fd, 0, u.SEEK_SET) == 0
-    page = me.mmap(0, PAGE, u.PROT_READ, u.MAP_SHARED | u.MAP_POPULATE, fd, 0)
-    got = rec.run(me.madvise, page, PAGE, u.MADV_HWPOISON)
-    if kernel == "6.18":
-        assert got == ("jump", (AR, page, 12))
-    elif early:
-        assert got == ("jump", (AO, page, 12))
-    else:
-        assert got == ("ok", None)
-    assert rec.run(me.read, page, 1) == ("jump", (AR, page, 12))          # recover(MREAD)
+    page = me.mmap(0, PAGE, u.PROT_READ, u.MAP_SHARED | u.MAP_POPULATE | flags, fd, 0)
+    t.testmem(page, MREAD)
     assert _eio(me.msync, page, PAGE, u.MS_SYNC) == u.EIO               # expecterr
     me.close(fd)
     me.munmap(page, PAGE)
-    for flags in (u.MAP_SHARED | u.MAP_POPULATE, u.MAP_SHARED):          # populated, fault
+    for populate in (u.MAP_POPULATE, 0):                                # populated, fault
         fd = me.open(fn, u.O_RDONLY)
-        page = me.mmap(0, PAGE, u.PROT_READ, flags, fd, 0)
-        assert rec.run(me.read, page, 1)[0] == "ok"                      # MREAD_OK
+        page = me.mmap(0, PAGE, u.PROT_READ, u.MAP_SHARED | populate | flags, fd, 0)
+        t.recover(page, MREAD_OK)
         me.close(fd)
         me.munmap(page, PAGE)
     fd = me.open(fn, u.O_RDWR)
@@ -303,32 +377,131 @@ def test_tinjpage_file_dirty(host_factory, mode, kernel):
     me.fsync(fd)
     me.close(fd)
     me.unlink(fn)
-    assert rec.take() == []
 
 
-@pytest.mark.parametrize("kernel", ["6.18", "pre-6.11"])
-def test_tinjpage_file_hole(host_factory, kernel):
-    """mce-test tinjpage.c `file hole`: tempfd (created, unlinked), ftruncate(PS),
-    MAP_SHARED RW, *page = 1 (a page of a hole, dirtied through the mapping),
-    testmem(MREAD) (late loop: AR at injection on 6.18, else at the read); then
+def file_hole(me, t, flags=0):
+    """file_hole(): tempfd (created, unlinked), ftruncate(PS), MAP_SHARED RW,
+    *page = 1 (a page of a hole, dirtied through the mapping), testmem(MREAD); then
     fsync and msync, optional errors upstream ("hole error reporting doesn't work"):
-    on 6.18 fsync reports -EIO (me_pagecache_dirty's mapping_set_error) and msync,
-    through the same file, then sees nothing."""
-    h = host_factory(madvise_action_required=kernel == "6.18")
-    me, rec = attach(h, "tinjpage")
-    h.sysctl("vm.memory_failure_early_kill", 0)
+    fsync reports -EIO (me_pagecache_dirty's mapping_set_error) and msync, through
+    the same file, then sees nothing."""
     fd = me.open("./~poison0", u.O_CREAT | u.O_RDWR, 0o600)
     me.unlink("./~poison0")
     me.ftruncate(fd, PAGE)
     page = me.mmap(0, PAGE, RW, u.MAP_SHARED, fd, 0)
     me.write(page, b"\x01")
-    got = rec.run(me.madvise, page, PAGE, u.MADV_HWPOISON)
-    assert got == (("jump", (AR, page, 12)) if kernel == "6.18" else ("ok", None))
-    assert rec.run(me.read, page, 1) == ("jump", (AR, page, 12))
+    t.testmem(page, MREAD)
     assert _eio(me.fsync, fd) == u.EIO
     me.msync(page, PAGE, u.MS_SYNC)
     me.close(fd)
+
+
+# cases[]: the flow, its flags, survivable
+FILE_CASES = {"file clean": (do_file_clean, 0, True),
+              "file dirty": (do_file_dirty, 0, False),
+              "file hole": (file_hole, 0, False),
+              "file clean mlocked": (do_file_clean, u.MAP_LOCKED, True),
+              "file dirty mlocked": (do_file_dirty, u.MAP_LOCKED, False)}
+
+
+def _injected(h) -> list[int]:
+    """The pfns madvise(MADV_HWPOISON) poisoned, in order (madvise_inject_error's
+    "Injecting memory failure for pfn %#lx at process virtual address %#lx")."""
+    return [int(line.split(" for pfn ")[1].split()[0], 16) for line in h.dmesg()
+            if "Injecting memory failure for pfn " in line]
+
+
+def _tinjpage_loop(host_factory, case, mode, kernel):
+    """One case of the late or early kill loop: -> (host, pfns poisoned)."""
+    h = host_factory(madvise_action_required=kernel == "6.18")
+    me, rec = attach(h, "tinjpage")
+    h.sysctl("vm.memory_failure_early_kill", 1 if mode == "early" else 0)
+    flow, flags, _survivable = FILE_CASES[case]
+    t = Tinjpage(me, rec, kernel, mode == "early")
+    flow(me, t, flags)
+    me.idle(QUIET)
     assert rec.take() == []
+    return h, _injected(h)
+
+
+@pytest.mark.parametrize("kernel", ["6.18", "pre-6.11"])
+@pytest.mark.parametrize("mode", ["late", "early"])
+@pytest.mark.parametrize("case", ["file clean", "file clean mlocked"])
+def test_tinjpage_file_clean(host_factory, case, mode, kernel):
+    """mce-test tinjpage.c `file clean` and `file clean mlocked` (do_file_clean(0) /
+    (MAP_LOCKED)) in the late and early kill loops: no signal at all, on either
+    kernel.  Each poisoned page was "dropped without side effects" and is a "clean
+    LRU page: Recovered"; MAP_LOCKED populated and mlocked the page, the hwpoison
+    unmap munlocked it (folio_remove_rmap -> munlock_vma_folio, drained by
+    try_to_unmap_one's mlock_drain_local and hwpoison_user_mappings' shake_folio),
+    so identify_page_state's first look at the flags finds an LRU page, not a
+    "clean mlocked LRU page"."""
+    h, pfns = _tinjpage_loop(host_factory, case, mode, kernel)
+    assert len(pfns) == 2
+    for pfn in pfns:
+        assert dmesg_has(h, "Memory failure: %#x: corrupted page was clean: dropped without "
+                            "side effects" % pfn)
+        assert dmesg_has(h, "Memory failure: %#x: recovery action for clean LRU page: "
+                            "Recovered" % pfn)
+        assert not h.kpageflags(pfn) & KPF_MLOCKED
+    assert not dmesg_has(h, "mlocked LRU page")
+
+
+@pytest.mark.parametrize("kernel", ["6.18", "pre-6.11"])
+@pytest.mark.parametrize("mode", ["late", "early"])
+@pytest.mark.parametrize("case", ["file dirty", "file dirty mlocked"])
+def test_tinjpage_file_dirty(host_factory, case, mode, kernel):
+    """mce-test tinjpage.c `file dirty` and `file dirty mlocked` (do_file_dirty(0) /
+    (MAP_LOCKED)) in the late and early kill loops: testmem(MREAD): pre-6.11 late:
+    nothing at injection, AR at the read; early: AO at injection; 6.18: AR at
+    injection; then msync -EIO.  The page is a "dirty LRU page: Recovered" (the
+    mlocked one munlocked by its unmap, as in test_tinjpage_file_clean)."""
+    h, (pfn,) = _tinjpage_loop(host_factory, case, mode, kernel)
+    assert dmesg_has(h, "Memory failure: %#x: recovery action for dirty LRU page: Recovered" % pfn)
+    assert not h.kpageflags(pfn) & KPF_MLOCKED
+
+
+@pytest.mark.parametrize("kernel", ["6.18", "pre-6.11"])
+@pytest.mark.parametrize("mode", ["late", "early"])
+def test_tinjpage_file_hole(host_factory, mode, kernel):
+    """mce-test tinjpage.c `file hole` in the late and early kill loops: as `file
+    dirty` (AR at injection on 6.18; pre-6.11 AO at injection when early, nothing
+    when late; AR at the read), then fsync -EIO and msync 0 (file_hole)."""
+    h, (pfn,) = _tinjpage_loop(host_factory, "file hole", mode, kernel)
+    assert dmesg_has(h, "Memory failure: %#x: recovery action for dirty LRU page: Recovered" % pfn)
+
+
+def _suicide_child(task, case, progress):
+    """tinjpage.c "suicide version": signal(SIGBUS, SIG_DFL), the case, then
+    _exit(2) if it is survivable, else "didn't kill itself?" and _exit(1)."""
+    emu.sigaction(signal.SIGBUS, signal.SIG_DFL)
+    flow, flags, survivable = FILE_CASES[case]
+    flow(task, Suicide(task, progress), flags)
+    if survivable:
+        raise SystemExit(2)
+    return "didn't kill itself?"
+
+
+@pytest.mark.parametrize("kernel", ["6.18", "pre-6.11"])
+@pytest.mark.parametrize("case", list(FILE_CASES))
+def test_tinjpage_file_suicide(host_factory, case, kernel):
+    """mce-test tinjpage.c "suicide version" (after the late loop: early kill 0) of
+    `file clean`, `file dirty`, `file hole`, `file clean mlocked` and `file dirty
+    mlocked`: each in a forked child with SIGBUS at SIG_DFL.  The clean ones are
+    survivable (cases[].survivable = 1): no signal, the child exits 2 (CLD_EXITED).
+    The others must be CLD_KILLED by SIGBUS: pre-6.11 at the read after the
+    injection (testmem(MREAD)), 6.18 in madvise (the forced AR)."""
+    h = host_factory(madvise_action_required=kernel == "6.18")
+    me, _rec = attach(h, "tinjpage")
+    h.sysctl("vm.memory_failure_early_kill", 0)
+    progress = Pipe()
+    ch = me.fork(_suicide_child, case, progress, name="tinjpage-child")
+    code = ch.join(30)
+    out = progress.drain()
+    if FILE_CASES[case][2]:
+        assert (code, out) == (2, b"iIAiIA")
+    else:
+        assert (code, out) == (-signal.SIGBUS, b"i" if kernel == "6.18" else b"iI")
 
 
 def test_soft_offline_invalidates_a_clean_unmapped_page(host):

@@ -398,7 +398,16 @@ class MemoryFailure(SoftOffline):
                 self.log("%#x: corrupted page was clean: dropped without side effects", pfn)
         extra = self.host_unmap_range(inode, head) if gmem else None  # between unmap and kill
         records = None if extra else self.send_with_unmap(tokill, head, inode, flags)
+        locked = fl & PG_mlocked and any(v is not None and v.locked
+                                         for _m, _va, _p, v, _l in k.mm.rmap_walk(head))
         k.mm.try_to_unmap(head, ttu_hwpoison, records)
+        if locked:
+            # try_to_unmap_one: folio_remove_rmap_pte -> munlock_vma_folio for a VM_LOCKED
+            # VMA, drained there (mlock_drain_local) and by `if (mlocked) shake_folio()`:
+            # PG_mlocked is gone before identify_page_state looks at the flags
+            from .mlock import munlock_folio
+
+            munlock_folio(k, head)
         if extra:
             from .fs import unmap_mapping_range
 

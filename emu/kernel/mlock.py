@@ -3,7 +3,7 @@
 A locked VMA (VM_LOCKED) is faulted in by __mm_populate (write faults for a private
 writable VMA, populate_vma_page_range) unless VM_LOCKONFAULT; every folio it maps
 is PG_mlocked and PG_unevictable (mlock_folio / mlock_new_folio at fault), which
-memory_failure()'s error_states[] reports as "dirty/clean mlocked LRU page".
+memory_failure()'s unmap munlocks (so error_states[] sees a plain LRU page).
 Locks are not inherited by fork (dup_mmap clears VM_LOCKED_MASK).
 """
 from __future__ import annotations
