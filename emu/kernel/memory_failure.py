@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from .. import _core as C
 from .. import uapi as u
 from .filemap import mapping_set_error
+from .mlock import munlock_folio
 from .page_alloc import (
     PG_anon,
     PG_dirty,
@@ -405,8 +406,6 @@ class MemoryFailure(SoftOffline):
             # try_to_unmap_one: folio_remove_rmap_pte -> munlock_vma_folio for a VM_LOCKED
             # VMA, drained there (mlock_drain_local) and by `if (mlocked) shake_folio()`:
             # PG_mlocked is gone before identify_page_state looks at the flags
-            from .mlock import munlock_folio
-
             munlock_folio(k, head)
         if extra:
             from .fs import unmap_mapping_range
