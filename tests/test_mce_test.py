@@ -10,10 +10,12 @@ for an access fault and tprctl reports as "late mode set, but early kill".  Each
 port therefore runs under both: "pre-6.11" (the emulator's madvise_action_required
 = False, what the programs assert) and "6.18" (what the kernel does now).
 
-SysV shm cases (tinjpage `ipv shared`, `shared memory hugepage`, thugetlb -S) are in
-tests/test_sysv_shm.py, tinjpage's disk file cases in tests/test_page_cache.py.  The
-cases not ported (the rest of the disk file cases; thugetlb -A and -p/-pc, which
-MAP_ANONYMOUS|MAP_HUGETLB and MAP_PRIVATE huge pages now allow) are listed in
+Of run-huge-test.sh's 42 thugetlb cases, the 36 file (-f) and anonymous (-A) ones,
+shared (-F) and private (-Fp, -Fpc), are test_thugetlb; the SysV shm cases (tinjpage
+`ipv shared`, `shared memory hugepage`, the 6 thugetlb -S) are in tests/test_sysv_shm.py,
+tinjpage's disk file cases in tests/test_page_cache.py.  The cases not ported
+(tinjpage `nonlinear` and the `--sniper` ones) and the setups that differ (a memfd for a hugetlbfs
+file, the huge page pool, a pipe for thugetlb's semaphore) are listed in
 docs/deviations.md, "Upstream test suites: cases not ported".
 """
 import signal
@@ -132,7 +134,8 @@ class DirtyAnonymousUnmap(DirtyAnonymous):
 
 class MlockedAnonymous(Case):
     """mlocked_anonymous(): MAP_PRIVATE|MAP_ANONYMOUS|MAP_LOCKED (populated for write
-    and mlocked at mmap: memory_failure() sees a "dirty mlocked LRU page")."""
+    and mlocked at mmap; the hwpoison unmap munlocks it, so memory_failure() reports a
+    "dirty LRU page", as 6.18 does)."""
 
     def map(self):
         self.page = self.me.mmap(0, PAGE, RW, u.MAP_PRIVATE | u.MAP_ANONYMOUS | u.MAP_LOCKED)
@@ -451,29 +454,73 @@ def _hugepage_data(i):
         + bytes(ord("a") + (i + j) % 26 for j in range(HPAGE % 26))
 
 
-def _thugetlb_child(task, ready, madvised, progress):
-    """The fork child: put_semaphore (ready), wait until the parent's madvise is done
-    (or the parent died: the semaphore's SEM_UNDO, here EOF), exit 0."""
+def _thugetlb_child(task, ready, madvised, progress, cow_addr=None):
+    """The fork child: with -c, write_hugepage and read_hugepage first (its own copies
+    of the private huge pages), then put_semaphore (ready), wait until the parent's
+    madvise is done (or the parent died: the semaphore's SEM_UNDO, here EOF), exit 0."""
     madvised.close_write()
+    if cow_addr is not None:
+        _write_hugepage(task, cow_addr, 2, None)
+        _read_hugepage(task, cow_addr, 2, None)
     ready.put(b"r")
     madvised.get(task)
     progress.put(b"c")
     return 0
 
 
-def _thugetlb(task, corrupt_page, ptype, ready, madvised, progress):
-    """thugetlb -x -m 2 -o <corrupt_page> [-e|-a] -f <n> -F <hugetlbfs dir>."""
+def _alloc_file(task, size, private, progress):
+    """hugepage.h alloc_filebacked_hugepage(path, size, private, &fd): open(O_CREAT|O_RDWR)
+    of a new hugetlbfs file, mmap MAP_SHARED or MAP_PRIVATE; free_filebacked_hugepage:
+    munmap, close (and unlink)."""
+    fd = task.memfd_create("test1", u.MFD_HUGETLB)
+    addr = task.mmap(0, size, RW, u.MAP_PRIVATE if private else u.MAP_SHARED, fd, 0)
+
+    def free():
+        task.munmap(addr, size)
+        task.close(fd)
+    return addr, free
+
+
+def _alloc_anonymous(task, size, private, progress):
+    """hugepage.h alloc_anonymous_hugepage(size, private): MAP_ANONYMOUS|MAP_HUGETLB with
+    MAP_PRIVATE or MAP_SHARED; free_anonymous_hugepage: munmap."""
+    flags = u.MAP_ANONYMOUS | u.MAP_HUGETLB | (u.MAP_PRIVATE if private else u.MAP_SHARED)
+    addr = task.mmap(0, size, RW, flags, -1, 0)
+    return addr, lambda: task.munmap(addr, size)
+
+
+def _alloc_shm(task, size, private, progress):
+    """hugepage.h alloc_shm_hugepage(&key, size): shmget(key, size, SHM_HUGETLB|IPC_CREAT|
+    SHM_R|SHM_W), shmat(id, 0, 0); free_shm_hugepage: shmdt, IPC_RMID.  The id goes to
+    `progress` first ("<id> "): the test removes a segment a killed thugetlb left."""
+    sid = task.shmget(u.IPC_PRIVATE, size, u.SHM_HUGETLB | u.IPC_CREAT | u.SHM_R | u.SHM_W)
+    addr = task.shmat(sid, 0, 0)
+    progress.put(b"%d " % sid)
+
+    def free():
+        task.shmdt(addr)
+        task.shmctl(sid, u.IPC_RMID)
+    return addr, free
+
+
+THUGETLB_ALLOC = {"file": _alloc_file, "anonymous": _alloc_anonymous, "shm": _alloc_shm}
+
+
+def _thugetlb(task, corrupt_page, ptype, mapping, share, ready, madvised, progress):
+    """thugetlb -x -m 2 -o <corrupt_page> [-e|-a] <-f n|-A|-S> <-F|-Fp|-Fpc> <dir>
+    (run-huge-test.sh's exec_testcase): main() from the allocation to cleanout."""
     emu.sigaction(SIGBUS, signal.SIG_DFL)                # no handler in thugetlb
     file_size = 2
-    fd = task.memfd_create("test1", u.MFD_HUGETLB)
-    addr = task.mmap(0, file_size * HPAGE, RW, u.MAP_SHARED, fd, 0)
+    addr, free = THUGETLB_ALLOC[mapping](task, file_size * HPAGE, share != "fork_shared",
+                                         progress)
     expected = addr + corrupt_page // 512 * HPAGE if ptype == "late_avoid" else None
     _write_hugepage(task, addr, file_size, None)
     _read_hugepage(task, addr, file_size, None)
     if ptype == "early":
         task.prctl(u.PR_MCE_KILL, u.PR_MCE_KILL_SET, u.PR_MCE_KILL_EARLY)
-    child = task.fork(_thugetlb_child, ready, madvised, progress, name="thugetlb-child")
-    assert ready.get(task) == b"r"                       # wait for COW (none: fork_shared)
+    cow = addr if share == "fork_private_cow" else None
+    child = task.fork(_thugetlb_child, ready, madvised, progress, cow, name="thugetlb-child")
+    assert ready.get(task) == b"r"                       # wait for COW
     progress.put(b"m")
     task.madvise(addr + corrupt_page * PAGE, PAGE, u.MADV_HWPOISON)
     progress.put(b"M")
@@ -482,34 +529,32 @@ def _thugetlb(task, corrupt_page, ptype, ready, madvised, progress):
     _read_hugepage(task, addr, file_size, expected)
     progress.put(b"W")
     code = child.join(30)                                # wait(&i)
-    task.munmap(addr, file_size * HPAGE)
-    task.close(fd)
+    free()
     return code
 
 
-@pytest.mark.parametrize("kernel", list(MADVISE))
-@pytest.mark.parametrize("ptype", ["early", "late_touch", "late_avoid"])
-@pytest.mark.parametrize("target", ["head", "tail"])
-def test_thugetlb_file_fork_shared(host_factory, target, ptype, kernel):
-    """run-huge-test.sh `exec_testcase 2 1 <head|tail> <early|late_touch|late_avoid>
-    "file" "fork_shared"`: thugetlb maps 2 huge pages of a hugetlbfs file MAP_SHARED,
-    writes and checks them, forks a child (which inherits PR_MCE_KILL_EARLY), and
-    MADV_HWPOISONs page 512 (head) or 513 (tail) of the second huge page; SIGBUS is
-    at SIG_DFL.  The script checks nothing; what the kernel does:
-    pre-6.11: early: the parent dies of the AO in madvise and the child (early,
-    mapping the file) of its own AO; late_touch: the parent dies at the write to
-    the poisoned huge page (the whole 2 MB is gone), the child exits; late_avoid:
-    the parent skips that huge page, everything else reads back, both exit 0.
-    6.18: the parent dies of the forced AR in madvise in all three; the child dies
-    of an AO only when early."""
-    h = host_for(host_factory, kernel, huge=True)
-    me, _rec = attach(h, name="run-huge-test")
+def run_thugetlb(me, mapping, share, target, ptype) -> tuple:
+    """exec_testcase 2 1 <target> <ptype> <mapping> <share>: thugetlb in a child of
+    the script `me`; -> (its exit code, the child's status, the progress bytes)."""
     corrupt = 1 * 512 + (0 if target == "head" else 1)
     ready, madvised, progress = Pipe(), Pipe(), Pipe()
-    parent = me.fork(_thugetlb, corrupt, ptype, ready, madvised, progress, name="thugetlb")
+    parent = me.fork(_thugetlb, corrupt, ptype, mapping, share, ready, madvised, progress,
+                     name="thugetlb")
     madvised.close_write()                   # the parent and the child hold the others
     code = parent.join(60)
-    out = progress.drain()
+    return code, parent.result, progress.drain()
+
+
+def check_thugetlb(h, kernel, share, ptype, code, result, out) -> None:
+    """What the kernel does with thugetlb (the script checks nothing):
+    pre-6.11: early: thugetlb dies of the AO in madvise; late_touch: it dies at its
+    write to the poisoned huge page (the whole 2 MB is gone); late_avoid: it skips
+    that huge page, everything else reads back, it and its child exit 0.
+    6.18: thugetlb dies of the forced AR in madvise in all three.
+    The child (which inherits PR_MCE_KILL_EARLY) dies of an AO only when early and it
+    still maps the poisoned folio: always with fork_shared and fork_private_nocow
+    (the folio fork shares write-protected), never with fork_private_cow (its write
+    copied both huge pages before the injection)."""
     early = ptype == "early"
     if kernel == "6.18" or early:
         assert code == -SIGBUS
@@ -518,7 +563,46 @@ def test_thugetlb_file_fork_shared(host_factory, target, ptype, kernel):
         assert code == -SIGBUS
         assert out.replace(b"c", b"") == b"mM"
     else:
-        assert code == 0 and parent.result == 0        # the child's status too
+        assert code == 0 and result == 0                 # the child's status too
         assert out.replace(b"c", b"") == b"mMW"
-    assert (b"c" in out) == (not early)
-    assert dmesg_has(h, "Sending SIGBUS to thugetlb-child:") == early
+    child_killed = early and share != "fork_private_cow"
+    assert (b"c" in out) == (not child_killed)
+    assert dmesg_has(h, "Sending SIGBUS to thugetlb-child:") == child_killed
+    assert dmesg_has(h, ": recovery action for huge page: Recovered")
+
+
+THUGETLB_POOL = 6            # run-huge-test.sh: nr_hugepages 1000; -pc needs 2 + 2 + 1
+
+
+def _huge_pool(h) -> tuple:
+    m = h.meminfo()
+    return m["HugePages_Total"], m["HugePages_Free"], m["HugePages_Rsvd"]
+
+
+@pytest.mark.parametrize("kernel", list(MADVISE))
+@pytest.mark.parametrize("ptype", ["early", "late_touch", "late_avoid"])
+@pytest.mark.parametrize("target", ["head", "tail"])
+@pytest.mark.parametrize("share", ["fork_shared", "fork_private_nocow", "fork_private_cow"])
+@pytest.mark.parametrize("mapping", ["file", "anonymous"])
+def test_thugetlb(host_factory, mapping, share, target, ptype, kernel):
+    """run-huge-test.sh `exec_testcase 2 1 <head|tail> <early|late_touch|late_avoid>
+    <"file"|"anonymous"> <"fork_shared"|"fork_private_nocow"|"fork_private_cow">`:
+    thugetlb maps 2 huge pages (-f: a hugetlbfs file; -A: MAP_ANONYMOUS|MAP_HUGETLB;
+    -p: MAP_PRIVATE, else MAP_SHARED), writes and checks them, forks a child (-c: the
+    child writes and checks them too, copying them), and MADV_HWPOISONs page 512
+    (head) or 513 (tail), in the second huge page; SIGBUS is at SIG_DFL.  Outcomes:
+    check_thugetlb.  The page: a shared mapping's is a page-cache folio, kept poisoned
+    (me_huge_page: "The page is kept in page cache") when the file goes; a private
+    mapping's is an anonymous folio (hugetlb_no_page without a page-cache folio, also
+    for -f -p), unmapped from every process that maps it, freed and dissolved
+    (HugePages_Total - 1).  Either way every other huge page goes back to the pool."""
+    h = host_factory(ram="128M", hugepages={"2M": THUGETLB_POOL},
+                     madvise_action_required=MADVISE[kernel])
+    me = emu.attach(h, name="run-huge-test")
+    check_thugetlb(h, kernel, share, ptype, *run_thugetlb(me, mapping, share, target, ptype))
+    n = THUGETLB_POOL
+    if share == "fork_shared":
+        assert _huge_pool(h) == (n, n - 1, 0)
+    else:
+        assert _huge_pool(h) == (n - 1, n - 1, 0)
+    assert h.check_invariants() == []

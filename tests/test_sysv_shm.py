@@ -409,80 +409,33 @@ def test_tinjpage_shm_hugepage(host_factory, mode, kernel):
 
 
 # ------------------------------------------------------------------ thugetlb -S / run-huge-test.sh
-def _thugetlb_shm(task, corrupt_page, ptype, ready, madvised, progress):
-    """thugetlb -x -m 2 -o <corrupt_page> [-e|-a] -S -F <dir>: alloc_shm_hugepage
-    (shmget(0, 2 * HPS, SHM_HUGETLB|IPC_CREAT|SHM_R|SHM_W), shmat(id, 0, 0)), then as
-    the file case; cleanout: free_shm_hugepage (shmdt, IPC_RMID)."""
-    from test_mce_test import _read_hugepage, _thugetlb_child, _write_hugepage
-
-    emu.sigaction(SIGBUS, signal.SIG_DFL)                # no handler in thugetlb
-    file_size = 2
-    sid = task.shmget(u.IPC_PRIVATE, file_size * HPAGE,
-                      u.SHM_HUGETLB | u.IPC_CREAT | u.SHM_R | u.SHM_W)
-    addr = task.shmat(sid, 0, 0)
-    progress.put(b"%d " % sid)
-    expected = addr + corrupt_page // 512 * HPAGE if ptype == "late_avoid" else None
-    _write_hugepage(task, addr, file_size, None)
-    _read_hugepage(task, addr, file_size, None)
-    if ptype == "early":
-        task.prctl(u.PR_MCE_KILL, u.PR_MCE_KILL_SET, u.PR_MCE_KILL_EARLY)
-    child = task.fork(_thugetlb_child, ready, madvised, progress, name="thugetlb-child")
-    assert ready.get(task) == b"r"
-    progress.put(b"m")
-    task.madvise(addr + corrupt_page * PAGE, PAGE, u.MADV_HWPOISON)
-    progress.put(b"M")
-    madvised.put(b"x")
-    _write_hugepage(task, addr, file_size, expected)
-    _read_hugepage(task, addr, file_size, expected)
-    progress.put(b"W")
-    code = child.join(30)                                # wait(&i)
-    task.shmdt(addr)
-    task.shmctl(sid, u.IPC_RMID)
-    return code
-
-
 @pytest.mark.parametrize("kernel", ["pre-6.11", "6.18"])
 @pytest.mark.parametrize("ptype", ["early", "late_touch", "late_avoid"])
 @pytest.mark.parametrize("target", ["head", "tail"])
 def test_thugetlb_shm_fork_shared(host_factory, target, ptype, kernel):
     """run-huge-test.sh `exec_testcase 2 1 <head|tail> <early|late_touch|late_avoid>
-    "shm" "fork_shared"` (thugetlb -S -F): as the "file" case of test_mce_test, on a
-    SHM_HUGETLB segment.  pre-6.11: early: the parent dies of the AO in madvise, the
-    child (early, attached by fork) of its own; late_touch: the parent dies at its
-    write to the poisoned huge page; late_avoid: both exit 0.  6.18: the parent dies
-    of the forced AR in madvise.  A parent killed before its cleanout leaves the
-    segment behind (no IPC_RMID): it outlives both processes, and it is still there,
-    unattached, with its huge pages; one that finishes removes it."""
+    "shm" "fork_shared"` (thugetlb -S -F): test_mce_test's thugetlb port with
+    alloc_shm_hugepage (a SHM_HUGETLB segment, shmat) and the same outcomes
+    (check_thugetlb: with fork_shared the early child dies too).  A thugetlb killed
+    before its cleanout leaves the segment behind (no free_shm_hugepage's IPC_RMID):
+    it outlives both processes, and it is still there, unattached, with its huge
+    pages; one that finishes removes it."""
+    import errno
+
     from selftest_harness import MADVISE
+    from test_mce_test import check_thugetlb, run_thugetlb
 
     h = _host(host_factory, huge=True, madvise_action_required=MADVISE[kernel])
     me = emu.attach(h, name="run-huge-test")
-    corrupt = 1 * 512 + (0 if target == "head" else 1)
-    ready, madvised, progress = Pipe(), Pipe(), Pipe()
-    parent = me.fork(_thugetlb_shm, corrupt, ptype, ready, madvised, progress, name="thugetlb")
-    madvised.close_write()
-    code = parent.join(60)
-    sid, _, out = progress.drain().partition(b" ")
-    sid = int(sid)
-    early = ptype == "early"
-    if kernel == "6.18" or early:
-        assert code == -SIGBUS
-        assert out.replace(b"c", b"") == b"m"
-    elif ptype == "late_touch":
-        assert code == -SIGBUS
-        assert out.replace(b"c", b"") == b"mM"
-    else:
-        assert code == 0 and parent.result == 0
-        assert out.replace(b"c", b"") == b"mMW"
-    assert (b"c" in out) == (not early)
-    assert dmesg_has(h, "Sending SIGBUS to thugetlb-child:") == early
+    code, result, out = run_thugetlb(me, "shm", "fork_shared", target, ptype)
+    sid, _, out = out.partition(b" ")
+    check_thugetlb(h, kernel, "fork_shared", ptype, code, result, out)
     if code == -SIGBUS:                                  # killed: no free_shm_hugepage
-        st = me.shmctl(sid, u.IPC_STAT)
+        st = me.shmctl(int(sid), u.IPC_STAT)
         assert st["shm_nattch"] == 0 and st["shm_segsz"] == 2 * HPAGE
-        me.shmctl(sid, u.IPC_RMID)
+        me.shmctl(int(sid), u.IPC_RMID)
     else:
-        import errno
-        raises_errno(errno.EINVAL, me.shmctl, sid, u.IPC_STAT)
+        raises_errno(errno.EINVAL, me.shmctl, int(sid), u.IPC_STAT)
     # the good huge page is back; the poisoned one keeps me_huge_page()'s reference
     assert _huge(h) == {"HugePages_Total": 2, "HugePages_Free": 1, "HugePages_Rsvd": 0,
                         "HugePages_Surp": 0}
