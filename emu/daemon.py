@@ -421,7 +421,7 @@ class Supervisor:
                 t = c.task
                 if t is None or not t.alive:
                     raise OSError(u.ESRCH, "%s: this connection is not an attached thread" % name)
-                k.current = t
+                k.current, k.syscall = t, name
                 try:
                     try:
                         ret = fn(k, t, args)
@@ -429,7 +429,7 @@ class Supervisor:
                         if t.mce_kill_me is not None and k.panicked is None:
                             k.mce.task_work_run(t)    # exit_to_user_mode, whatever fn returned
                 finally:
-                    k.current = None
+                    k.current = k.syscall = None
                 sigs = t.reply_sigs
                 if sigs:
                     t.reply_sigs = []

@@ -91,6 +91,26 @@ def test_pread_consuming_a_latent_error_in_the_page_cache_panics(host):
         me.prctl(u.PR_MCE_KILL_GET)
 
 
+@pytest.mark.parametrize("call, entry", [("pread", "__x64_sys_pread64"),
+                                         ("read_fd", "__x64_sys_read")])
+def test_read_panic_call_trace_names_the_system_call(host, call, entry):
+    """The Call Trace of the copy_to_user() panic ends in the entry of the system call
+    the reader made: read(2) is __x64_sys_read, pread(2) __x64_sys_pread64
+    (SYSCALL_DEFINE3(read, ...), SYSCALL_DEFINE4(pread64, ...))."""
+    me = emu.attach(host, name="reader")
+    fd, _a, pfn = shmem_page(me)
+    host.hw_poison(pfn)
+    with pytest.raises(emu.KernelPanic):
+        if call == "pread":
+            me.pread(fd, 16, 0)
+        else:
+            me.read_fd(fd, 16)
+    d = host.dmesg()
+    assert lines_in_order(d, ["Call Trace:", "vfs_read", entry, "do_syscall_64"]), "\n".join(d)
+    other = {"__x64_sys_pread64", "__x64_sys_read"} - {entry}
+    assert not any(o in line for line in d for o in other)
+
+
 def test_pread_of_hugetlbfs_page_with_latent_error_panics(host_factory):
     """hugetlbfs_read_iter() copies with copy_folio_to_iter(): not MC-safe either."""
     host = host_factory(ram="256M", hugepages={"2M": 2})

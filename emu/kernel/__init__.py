@@ -51,6 +51,10 @@ class Panic(BaseException):
         self.reason = reason
 
 
+# system calls whose entry symbol is not __x64_sys_<name> (include/linux/syscalls.h)
+SYSCALL_SYMBOL = {"pread": "pread64", "pwrite": "pwrite64"}
+
+
 class Kernel:
     def __init__(self, core, nframes: int, policy="mf-delayed-fix", sysctl=None,
                  madvise_action_required: bool = True, hugepages=None, events: int = 65536):
@@ -66,6 +70,7 @@ class Kernel:
         self.events: collections.deque[tuple] = collections.deque(maxlen=events)   # limits.events
         self.event_seq = 0
         self.current: Task | None = None
+        self.syscall: str | None = None       # the system call current is in (its stacks)
         from .hugetlb import HugeTLB, reserve_boot_pages
 
         hstates, taken = reserve_boot_pages(nframes, hugepages or {})
@@ -91,6 +96,12 @@ class Kernel:
         self.oops_count = 0
         self.panicked: str | None = None          # panic()'s reason once it was called
         self.log("Linux version 6.18.0-gmem-emu (policy %s)" % self.policy.name)
+
+    def syscall_entry(self) -> str:
+        """The entry symbol of the system call current is in, for a Call Trace
+        (SYSCALL_DEFINE names: pread is pread64)."""
+        name = self.syscall or "ni_syscall"
+        return "__x64_sys_" + SYSCALL_SYMBOL.get(name, name)
 
     # ------------------------------------------------------------ logging and tracing
     def log(self, fmt: str, *args) -> None:

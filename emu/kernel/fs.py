@@ -280,7 +280,7 @@ def filemap_read(k, inode: Inode, n: int, off: int) -> bytes:
                 k.mce.kernel_load(k.current, pfn, (pfn << PAGE_SHIFT) | po, False,
                                   ("copy_user_generic", "_copy_to_iter",
                                    READ_ITER.get(inode.ops.name, "filemap_read"), "vfs_read",
-                                   "__x64_sys_pread64", "do_syscall_64"))
+                                   k.syscall_entry(), "do_syscall_64"))
             out += core.phys_read(pfn, po, chunk)
         else:
             out += bytes(chunk)

@@ -14,14 +14,16 @@ from __future__ import annotations
 from .. import _core as C
 from .mm import PAGE_SIZE
 
-_STACK = ("copy_user_generic", "_copy_from_iter", "generic_perform_write", "vfs_write",
-          "__x64_sys_pwrite64", "do_syscall_64")
+_STACK = ("copy_user_generic", "_copy_from_iter", "generic_perform_write", "vfs_write")
 
 
-def copy_from_user(k, t, addr: int, n: int, stack: tuple[str, ...] = _STACK) -> bytes:
+def copy_from_user(k, t, addr: int, n: int, stack: tuple[str, ...] | None = None) -> bytes:
     """The bytes of t's memory at [addr, addr + n), as far as they can be read: a
     short result means the copy stopped at a bad page (the caller returns what it
-    did, or -EFAULT).  `stack`: the kernel path, for the #MC's call trace."""
+    did, or -EFAULT).  `stack`: the kernel path, for the #MC's call trace (default:
+    write(2)'s, entered through the system call current is in)."""
+    if stack is None:
+        stack = _STACK + (k.syscall_entry(), "do_syscall_64")
     core, mm = k.core, t.process.mm
     out = bytearray()
     pos, end = addr, addr + n
