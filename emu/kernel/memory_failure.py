@@ -31,6 +31,7 @@ from .page_alloc import (
 )
 from .sched import PF_MCE_EARLY, PF_MCE_PROCESS
 from .soft_offline import MAGIC_HWPOISON, SoftOffline
+from .unpoison import Unpoison
 
 # enum mf_action_page_type -> action_page_types[]
 MF_MSG_KERNEL = "reserved kernel page"
@@ -168,7 +169,7 @@ ERROR_STATES = (
 )
 
 
-class MemoryFailure(SoftOffline):
+class MemoryFailure(SoftOffline, Unpoison):
     def __init__(self, k):
         self.k = k
         self.hw_memory_failure = False
@@ -584,54 +585,6 @@ class MemoryFailure(SoftOffline):
                 and core.mapping(head) == 0:
             return self.action_result(pfn, MF_MSG_TRUNCATED_LRU, u.MF_IGNORED)
         return self.identify_page_state(pfn, page_flags)
-
-    # ------------------------------------------------------------ unpoison_memory()
-    def unpoison_memory(self, pfn: int) -> int:
-        k, core = self.k, self.k.core
-
-        def info(msg):
-            k.log("Unpoison: " + msg % pfn)
-
-        if pfn < 0 or pfn >= core.nframes:           # !pfn_valid(pfn)
-            return -u.ENXIO
-        head = core.head(pfn)
-        if self.hw_memory_failure:
-            info("%#x: disabled after HW memory failure")
-            return -u.EOPNOTSUPP
-        if not core.flags(pfn) & PG_hwpoison:
-            info("%#x: page was already unpoisoned")
-            return -u.EBUSY
-        taken_off = core.frame(pfn)[7] == MAGIC_HWPOISON
-        if core.refcount(head) > 1:
-            info("%#x: someone grabs the hwpoison page")
-            return -u.EBUSY
-        if core.flags(head) & (PG_slab | PG_reserved):
-            return -u.EBUSY
-        if k.mm.folio_mapped(head):
-            info("%#x: someone maps the hwpoison page")
-            return -u.EBUSY
-        if core.mapping(head) and not core.flags(head) & PG_anon:
-            info("%#x: the hwpoison page has non-NULL mapping")
-            return -u.EBUSY
-        count = 1                                        # num_poisoned_pages_sub(pfn, 1)
-        if core.flags(head) & PG_hugetlb and k.hugetlb is not None:
-            # folio_free_raw_hwp(folio, false): each raw page leaves the count and the
-            # raw list is emptied (before the last put can free the folio); none on
-            # record (raw_hwp_unreliable) refuses, silently
-            count = len(k.hugetlb.raw_hwp.pop(head, ()))
-            if not count:
-                return -u.EBUSY
-        core.test_clear_flag(pfn, PG_hwpoison)
-        if taken_off:                                    # put_page_back_buddy
-            core.set_private(pfn, 0)
-            core.set_folio(pfn, 0, 0, 0, 0, 0)
-            k.buddy.put_back(pfn)
-        elif core.refcount(head) > 0:
-            k.mm.folio_put(head)
-        self.num_poisoned_pages -= count
-        info("%#x: software-unpoisoned page")
-        k.trace("unpoison", pfn=pfn)
-        return 0
 
     def mark_on_release(self, head: int, raw: set) -> None:
         """A folio leaves guest_memfd with failures only tracked so far: the flag is
