@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import array
+import contextlib
 import math
 import os
 import random
@@ -355,12 +356,12 @@ def _emu_round(me, nw: int, n: int) -> tuple:
     return _summary(out)
 
 
-def syscalls(quick: bool) -> dict:
+@contextlib.contextmanager
+def _echo_service():
+    """The baseline server (many clients), polling as the supervisor does: yields
+    its socket path; killed and removed after."""
     from emu import config as cfgmod
 
-    xs = [1, 4, 16, 64] if not quick else [1, 4, 16]
-    n = 400 if not quick else 150
-    repeats = 3 if not quick else 1
     poll = cfgmod.default()["supervisor"]["halt_poll_ns"]
     tmp = tempfile.mkdtemp(prefix="emu-scaling-")
     path = os.path.join(tmp, "echo.sock")
@@ -372,8 +373,21 @@ def syscalls(quick: bool) -> dict:
         finally:
             os._exit(1)
     os.read(r, 1)
+    try:
+        yield path
+    finally:
+        os.kill(epid, signal.SIGKILL)
+        os.waitpid(epid, 0)
+        os.unlink(path)
+        os.rmdir(tmp)
+
+
+def syscalls(quick: bool) -> dict:
+    xs = [1, 4, 16, 64] if not quick else [1, 4, 16]
+    n = 400 if not quick else 150
+    repeats = 3 if not quick else 1
     rows = []
-    with emu.start(ram="256M") as host:
+    with _echo_service() as path, emu.start(ram="256M") as host:
         me = emu.attach(host, name="bench")
         for x in xs:
             em, ec = [], []
@@ -385,10 +399,6 @@ def syscalls(quick: bool) -> dict:
                          "calls_s": med(em, 2), "echo_p50": med(ec, 0), "echo_p99": med(ec, 1),
                          "echo_calls_s": med(ec, 2)})
         me.exit()
-    os.kill(epid, signal.SIGKILL)
-    os.waitpid(epid, 0)
-    os.unlink(path)
-    os.rmdir(tmp)
     t = table("supervisor system call (getpid) vs concurrent workers, %d calls each, medians "
               "of %d rounds" % (n, repeats), "workers", rows,
               ["p50_us", "echo_p50", "p99_us", "echo_p99", "calls_s", "echo_calls_s"],
@@ -405,24 +415,11 @@ def _idle_proc(t, go_r, go_w):
 
 def tasks(quick: bool) -> dict:
     """One worker's system calls while other tasks exist (idle, attached)."""
-    from emu import config as cfgmod
-
     xs = [1, 64, 256, 768] if not quick else [1, 256]
     n = 4000 if not quick else 2000
-    poll = cfgmod.default()["supervisor"]["halt_poll_ns"]
-    tmp = tempfile.mkdtemp(prefix="emu-scaling-")
-    path = os.path.join(tmp, "echo.sock")
-    r, w = os.pipe()
-    epid = os.fork()
-    if epid == 0:
-        try:
-            _echo_server(path, w, poll, many=True)
-        finally:
-            os._exit(1)
-    os.read(r, 1)
     conf = _conf(tasks=1100, mms=1000)
     rows = []
-    with emu.start(ram="512M", config=conf) as host:
+    with _echo_service() as path, emu.start(ram="512M", config=conf) as host:
         me = emu.attach(host, name="bench")
         idle = []
         go_r, go_w = os.pipe()
@@ -444,10 +441,6 @@ def tasks(quick: bool) -> dict:
         os.close(go_r)
         me.exit()
     os.unlink(conf)
-    os.kill(epid, signal.SIGKILL)
-    os.waitpid(epid, 0)
-    os.unlink(path)
-    os.rmdir(tmp)
     return table("one worker's system call (getpid, %d calls) vs tasks attached (the rest "
                  "idle), calls/s and us" % n, "tasks", rows,
                  ["calls_s", "echo_calls_s", "p50_us", "echo_p50", "p99_us", "echo_p99"],
