@@ -7,9 +7,8 @@ samples at open (f_wb_err) and which fsync reports once per file.
 """
 from __future__ import annotations
 
-from .. import _core as C
 from .. import uapi as u
-from .page_alloc import PG_dirty, PG_hwpoison
+from .page_alloc import PAGE_SHIFT, PG_dirty, PG_hwpoison
 
 # lib/errseq.c: the low 12 bits are the errno, then the "seen" flag, then a counter
 MAX_ERRNO = 4095
@@ -57,19 +56,10 @@ def file_check_and_advance_wb_err(file) -> int:
 
 
 def folio_clear_dirty_for_io(k, head: int) -> bool:
-    """mm/page-writeback.c: write-protect and clean every PTE of the folio
-    (folio_mkclean: the next store faults and dirties the folio again), then test and
-    clear PG_dirty.  True if the folio (or a PTE) was dirty."""
-    core = k.core
-    dirty = False
-    for mm, va, _pfn, _vma, level in k.mm.rmap_walk(head):
-        old = core.pte_clear_ad(mm.pgd, va, C.PTE_DIRTY | C.PTE_RW, level)
-        dirty |= bool(old & C.PTE_DIRTY)
-        if old & C.PTE_RW and mm.kvm_users:
-            k.kvm.mmu_notifier_invalidate(mm, va, 4096)
-    if dirty:
-        k.synchronize_rcu()        # a store that saw the old entry has landed
-    return bool(core.test_clear_flag(head, PG_dirty)) or dirty
+    """mm/page-writeback.c: folio_mkclean (write-protect and clean every PTE), then
+    test and clear PG_dirty.  True if the folio (or a PTE) was dirty."""
+    dirty = k.mm.folio_mkclean(head)
+    return bool(k.core.test_clear_flag(head, PG_dirty)) or dirty
 
 
 def filemap_write_and_wait_range(k, inode, start: int, end: int) -> int:
@@ -79,7 +69,7 @@ def filemap_write_and_wait_range(k, inode, start: int, end: int) -> int:
     core = k.core
     if end < start:
         return 0
-    first, last = start >> 12, end >> 12
+    first, last = start >> PAGE_SHIFT, end >> PAGE_SHIFT
     for index in sorted(i for i in inode.pages if first <= i <= last):
         pfn = inode.pages.get(index)
         if pfn is None or core.flags(pfn) & PG_hwpoison:
@@ -100,14 +90,22 @@ def file_write_and_wait_range(k, file, start: int, end: int) -> int:
 
 def mapping_seek_hole_data(k, inode, start: int, end: int, whence: int) -> int:
     """mm/filemap.c mapping_seek_hole_data(): a page in the cache is data, a missing one
-    a hole; the end of the file is a hole.  -ENXIO for SEEK_DATA past the last data."""
+    a hole; the end of the file is a hole.  -ENXIO for SEEK_DATA past the last data.
+    Walks the cached pages, not the range: a sparse file may be huge."""
     if start >= end:
         return -u.ENXIO
-    pos = start
-    seek_data = whence == u.SEEK_DATA
-    while pos < end:
-        present = inode.find(k.core, pos >> 12) is not None
-        if present == seek_data:
-            return pos
-        pos = ((pos >> 12) + 1) << 12
-    return -u.ENXIO if seek_data else end
+    first, nr = start >> PAGE_SHIFT, 1 << inode.huge_order
+    cached = sorted(i for base in inode.pages if base + nr > first
+                    for i in range(max(base, first), base + nr)
+                    if inode.find(k.core, i) is not None)
+    if whence == u.SEEK_DATA:
+        if not cached:
+            return -u.ENXIO
+        pos = max(start, cached[0] << PAGE_SHIFT)
+        return pos if pos < end else -u.ENXIO
+    index = first                                  # SEEK_HOLE: the end of the first run
+    for i in cached:
+        if i != index:
+            break
+        index += 1
+    return min(max(start, index << PAGE_SHIFT), end)

@@ -78,9 +78,16 @@ class Rmap:
                     level=level)
 
     def folio_mkclean(self, head: int) -> bool:
-        """Write-protect/clean every mapping; True if any PTE was dirty."""
+        """page_mkclean_one() on every mapping: write-protect and clean the entry (the
+        next store faults and dirties the folio again), with the MMU notifiers of a
+        writable one; True if any entry was dirty."""
+        core, k = self.core, self.k
         dirty = False
         for mm, va, _pfn, _vma, level in self.rmap_walk(head):
-            old = self.core.pte_clear_ad(mm.pgd, va, C.PTE_DIRTY, level)
+            old = core.pte_clear_ad(mm.pgd, va, C.PTE_DIRTY | C.PTE_RW, level)
             dirty |= bool(old & C.PTE_DIRTY)
+            if old & C.PTE_RW and mm.kvm_users:
+                k.kvm.mmu_notifier_invalidate(mm, va, PAGE_SIZE << 9 * (level - 1))
+        if dirty:
+            k.synchronize_rcu()        # a store that saw the old entry has landed
         return dirty
