@@ -71,6 +71,7 @@ class Kernel:
         self.event_seq = 0
         self.current: Task | None = None
         self.syscall: str | None = None       # the system call current is in (its stacks)
+        self.ext2_files: dict = {}            # the root file system's one directory: path -> Inode
         from .hugetlb import HugeTLB, reserve_boot_pages
 
         hstates, taken = reserve_boot_pages(nframes, hugepages or {})

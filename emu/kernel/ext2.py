@@ -15,6 +15,7 @@ import posixpath
 from .. import uapi as u
 from .filemap import errseq_sample, file_write_and_wait_range
 from .fs import (
+    MAX_LFS_FILESIZE,
     File,
     FileOps,
     Inode,
@@ -26,13 +27,13 @@ from .fs import (
 )
 from .mm import PAGE_SHIFT, PAGE_SIZE, VM_FAULT_OK, VM_FAULT_SIGBUS
 from .page_alloc import PG_dirty, PG_lru, PG_uptodate
+from .sysargs import _int
 
 EXT2_BLOCK_SIZE = PAGE_SIZE
 PATH_MAX = 4096
 NAME_MAX = 255
 S_DEV = "emu0"                   # sb->s_id, in ext2_error()'s messages
 UMASK = 0o022                    # the emulated processes' umask
-MAX_LFS_FILESIZE = (1 << 63) - 1
 
 
 def ext2_max_size(bits: int) -> int:
@@ -204,13 +205,6 @@ def ext2_error(k, function: str, msg: str) -> None:
 
 
 # ------------------------------------------------------------------ the name space
-def _namespace(k) -> dict:
-    ns = getattr(k, "ext2_files", None)
-    if ns is None:
-        ns = k.ext2_files = {}
-    return ns
-
-
 def lookup_path(path) -> str:
     """getname + path_lookupat, for the one directory the emulator has: a path names
     a file of the root file system; "/" (and a trailing slash) is the directory."""
@@ -236,7 +230,7 @@ def do_sys_open(k, proc, path, flags: int, mode: int) -> int:
         raise OSError(u.EINVAL, "open: access mode 3")
     name = lookup_path(path)
     dir_ = name == "/" or path.endswith("/")
-    ns = _namespace(k)
+    ns = k.ext2_files
     inode = None if dir_ else ns.get(name)
     if dir_:
         if flags & u.O_CREAT or flags & u.O_ACCMODE != u.O_RDONLY or flags & u.O_TRUNC:
@@ -265,7 +259,7 @@ def do_unlinkat(k, path) -> int:
     name = lookup_path(path)
     if name == "/":
         raise OSError(u.EISDIR, "unlink: a directory")
-    ns = _namespace(k)
+    ns = k.ext2_files
     inode = ns.pop(name, None)
     if inode is None:
         raise OSError(u.ENOENT, "unlink: %s" % name)
@@ -275,14 +269,10 @@ def do_unlinkat(k, path) -> int:
 
 
 def sys_open(k, t, a):
-    from .syscalls import _int
-
     return do_sys_open(k, t.process, a.get("path"), _int(a, "flags", 0), _int(a, "mode", 0))
 
 
 def sys_creat(k, t, a):
-    from .syscalls import _int
-
     return do_sys_open(k, t.process, a.get("path"), u.O_CREAT | u.O_WRONLY | u.O_TRUNC,
                        _int(a, "mode", 0))
 

@@ -13,6 +13,10 @@ from . import hugetlb_fault
 from .mm import PAGE_SHIFT, PAGE_SIZE
 from .page_alloc import PG_dirty, PG_hwpoison
 
+# include/linux/fs.h
+MAX_LFS_FILESIZE = (1 << 63) - 1
+MAX_RW_COUNT = (1 << 31) - 4096        # rw_verify_area: INT_MAX & PAGE_MASK
+
 
 @dataclass(eq=False, slots=True)
 class Inode:

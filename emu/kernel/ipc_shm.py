@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from .. import uapi as u
 from .fs import File
 from .mm import PAGE_SHIFT, PAGE_SIZE
+from .sysargs import _int, _u64
 
 # include/uapi/linux/shm.h, ipc/util.h
 SHMMIN = 1
@@ -411,26 +412,18 @@ class IpcNamespace:
 
 # ------------------------------------------------------------------ system calls
 def sys_shmget(k, t, a):
-    from .syscalls import _int, _u64
-
     return k.ipc.shmget(t, _s32(_int(a, "key")), _u64(a, "size"), _s32(_int(a, "shmflg", 0)))
 
 
 def sys_shmat(k, t, a):
-    from .syscalls import _int, _u64
-
     return k.ipc.shmat(t, _s32(_int(a, "shmid")), _u64(a, "shmaddr", 0), _s32(_int(a, "shmflg", 0)))
 
 
 def sys_shmdt(k, t, a):
-    from .syscalls import _u64
-
     return k.ipc.shmdt(t, _u64(a, "shmaddr"))
 
 
 def sys_shmctl(k, t, a):
-    from .syscalls import _int
-
     return k.ipc.shmctl(t, _s32(_int(a, "shmid")), _s32(_int(a, "cmd")), a.get("buf"))
 
 

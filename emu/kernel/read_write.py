@@ -13,7 +13,8 @@ import binascii
 
 from .. import uapi as u
 from .filemap import mapping_seek_hole_data
-from .syscalls import MAX_LFS_FILESIZE, MAX_RW_COUNT, _int, _u64
+from .fs import MAX_LFS_FILESIZE, MAX_RW_COUNT
+from .sysargs import _int, _u64
 from .uaccess import copy_from_user
 
 

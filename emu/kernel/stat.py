@@ -2,7 +2,7 @@
 system's ->statfs) on every kind of file descriptor."""
 from __future__ import annotations
 
-from .syscalls import _int
+from .sysargs import _int
 
 NAME_MAX = 255
 EMU_DEV = {"ext2": 0x800001}      # st_dev: one block device for the disk file system

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .. import uapi as u
 from .mm import PAGE_SHIFT, PAGE_SIZE
-from .syscalls import _int, _u64
+from .sysargs import _int, _u64
 
 LLONG_MAX = (1 << 63) - 1
 

@@ -10,27 +10,12 @@ import base64
 
 from .. import _core as C
 from .. import uapi as u
-from . import ipc_shm, mlock, sched
+from . import ext2, ipc_shm, mlock, read_write, sched, stat, sync
+from .fs import MAX_LFS_FILESIZE, MAX_RW_COUNT
 from .mm import PAGE_SHIFT, PAGE_SIZE, TASK_SIZE
 from .shmem import memfd_create
+from .sysargs import _int, _u64
 from .uaccess import copy_from_user
-
-
-def _int(a: dict, key: str, default=None) -> int:
-    """A system-call argument: a 64-bit register, signed or unsigned."""
-    v = a.get(key, default)
-    if v is None or isinstance(v, bool) or not isinstance(v, int):
-        raise OSError(u.EINVAL, "%s: expected an integer" % key)
-    if not -(1 << 63) <= v < 1 << 64:
-        raise OSError(u.EINVAL, "%s: does not fit in 64 bits" % key)
-    return v
-
-
-def _u64(a: dict, key: str, default=None) -> int:
-    v = _int(a, key, default)
-    if v < 0 or v >= 1 << 64:
-        raise OSError(u.EINVAL, "%s: out of range" % key)
-    return v
 
 
 # ------------------------------------------------------------------ worker syscalls
@@ -171,10 +156,6 @@ def madvise_inject_error(k, t, start: int, end: int, advice: int) -> int:
 INODE_KIND_NAME = {C.INODE_SHMEM: "shmem", C.INODE_GMEM: "guest_memfd",
                    C.INODE_HUGETLBFS: "hugetlbfs", C.INODE_KVM: "kvm", C.INODE_EXT2: "ext2"}
 
-MAX_RW_COUNT = (1 << 31) - 4096        # rw_verify_area: INT_MAX & PAGE_MASK
-
-
-MAX_LFS_FILESIZE = (1 << 63) - 1
 
 
 def sys_fallocate(k, t, a):
@@ -398,8 +379,6 @@ SYSCALLS = {
     "check_extension": sys_check_extension, "get_mce_cap_supported": sys_get_mce_cap_supported,
     "mlock": sys_mlock, "mlock2": sys_mlock2, "munlock": sys_munlock,
 }
-from . import ext2, read_write, stat, sync  # noqa: E402  (they import _int from here)
-
 SYSCALLS.update(read_write.SYSCALLS | ext2.SYSCALLS | sync.SYSCALLS | stat.SYSCALLS
                 | ipc_shm.SYSCALLS)
 
