@@ -14,6 +14,7 @@ import binascii
 from .. import uapi as u
 from .filemap import mapping_seek_hole_data
 from .fs import MAX_LFS_FILESIZE, MAX_RW_COUNT
+from .sync import vfs_fsync_range
 from .sysargs import _int, _u64
 from .uaccess import copy_from_user
 
@@ -75,8 +76,6 @@ def vfs_write(k, t, f, a, pos: int) -> tuple[int, int]:
     if n > 0 and f.flags & u.O_DSYNC:
         # generic_write_sync(): O_DSYNC (and O_SYNC, which includes it) writes the
         # range back before returning; its error replaces the count
-        from .sync import vfs_fsync_range
-
         err = vfs_fsync_range(k, f, pos, pos + n - 1, f.flags & u.O_SYNC != u.O_SYNC)
         if err:
             raise OSError(-err, "write: O_SYNC writeback")
