@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from .. import _core as C
 from .. import uapi as u
+from .mm_types import VM_FAULT_HWPOISON_LARGE, VM_FAULT_OK, VM_FAULT_SIGBUS
 from .page_alloc import PAGE_SHIFT, PG_anon, PG_head, PG_hugetlb, PG_hwpoison, PG_uptodate
 
 _ANON_HUGE = PG_hugetlb | PG_head | PG_uptodate | PG_anon
@@ -113,10 +114,8 @@ def _new_anon_folio(k, h, head: int, haddr: int) -> None:
 def hugetlb_fault(k, task, vma, va: int, write: bool) -> int:
     """hugetlb_fault() of a private mapping: hugetlb_no_page for an empty entry,
     hugetlb_wp for a write to a read-only one.  Returns a VM_FAULT_* code."""
-    from .mm import VM_FAULT_OK
-
     h = vma.inode.private["hstate"]
-    haddr = va & ~((4096 << h.order) - 1)
+    haddr = va & ~((1 << (PAGE_SHIFT + h.order)) - 1)
     entry, _level_ = k.core.walk(vma.mm.pgd, haddr)
     if entry & C.PTE_PRESENT:
         if write and not entry & C.PTE_RW:
@@ -130,8 +129,6 @@ def hugetlb_no_page(k, vma, haddr: int, write: bool) -> int:
     failure leaves the read-only entry);
     past EOF with none is VM_FAULT_SIGBUS; else a new zeroed anonymous folio, mapped
     writable on a write (hugetlb_wp reuses an exclusive anon folio)."""
-    from .mm import VM_FAULT_HWPOISON_LARGE, VM_FAULT_OK, VM_FAULT_SIGBUS
-
     core, inode = k.core, vma.inode
     h = inode.private["hstate"]
     base = vma.pgoff + ((haddr - vma.start) >> PAGE_SHIFT)
@@ -163,8 +160,6 @@ def hugetlb_no_page(k, vma, haddr: int, write: bool) -> int:
 def hugetlb_wp(k, vma, haddr: int, old: int) -> int:
     """A write to a read-only private entry: an anonymous folio mapped only here is
     reused; anything else (a page-cache folio, a folio fork shares) is copied."""
-    from .mm import VM_FAULT_OK
-
     core = k.core
     h = vma.inode.private["hstate"]
     if core.flags(old) & PG_anon and core.mapcount(old) == 1:
@@ -183,8 +178,6 @@ def _cow(k, vma, haddr: int, old: int, base: int, avoid_reserve: bool) -> int:
     read-only entry.  copy_user_large_folio() is machine-check safe: a latent error
     leaves everything as it was and is VM_FAULT_HWPOISON_LARGE, memory_failure()
     queued for the bad page."""
-    from .mm import VM_FAULT_HWPOISON_LARGE, VM_FAULT_OK, VM_FAULT_SIGBUS
-
     h = vma.inode.private["hstate"]
     new, used = _alloc(k, vma, base, avoid_reserve)
     if new is None:

@@ -14,6 +14,13 @@ from .. import _core as C
 from .. import uapi as u
 from . import hugetlb_fault
 from .migrate import Migrate
+from .mm_types import (  # noqa: F401  (re-exported: the fault handlers' return codes)
+    VM_FAULT_HWPOISON,
+    VM_FAULT_HWPOISON_LARGE,
+    VM_FAULT_OK,
+    VM_FAULT_SIGBUS,
+    VM_FAULT_SIGSEGV,
+)
 from .page_alloc import (
     PAGE_SHIFT,
     PAGE_SIZE,
@@ -33,12 +40,6 @@ MMAP_BASE = 0x7F0000000000
 MAP_NORESERVE = 0x4000
 MMAP_MIN = 0x10000
 
-# vm_fault_t
-VM_FAULT_OK = 0
-VM_FAULT_SIGBUS = 0x2
-VM_FAULT_HWPOISON = 0x10
-VM_FAULT_HWPOISON_LARGE = 0x20
-VM_FAULT_SIGSEGV = 0x40
 
 _LEAF_PROT = C.PTE_PRESENT | C.PTE_USER
 _ANON_FLAGS = PG_anon | PG_lru | PG_swapbacked | PG_uptodate
